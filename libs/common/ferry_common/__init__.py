@@ -1,0 +1,1 @@
+"""Shared building blocks of Ferry: messages, the bus, errors, clocks and settings."""

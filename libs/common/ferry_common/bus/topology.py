@@ -1,0 +1,48 @@
+"""Names of exchanges, queues and routing keys: the one place they are spelled."""
+
+from __future__ import annotations
+
+EXCHANGE = "ferry"
+DEAD_LETTER_EXCHANGE = "ferry.dlx"
+DEAD_LETTER_QUEUE = "ferry.dead-letter"
+DELIVERY_LIMIT = 5
+
+MIGRATION_REQUESTED = "migration.requested"
+MIGRATION_CANCEL = "migration.cancel"
+SAGA_NOTIFY = "saga.notify"
+COORDINATOR_QUERY = "coordinator.query"
+COORDINATOR_QUEUE = "ferry.coordinator"
+TELEMETRY_SPANS = "telemetry.spans"
+
+REASON_HEADER = "x-ferry-reason"
+CODE_HEADER = "x-ferry-error-code"
+
+
+def migration_status(status: str) -> str:
+    return f"migration.{status}"
+
+
+def host_command(host: str, service: str) -> str:
+    """Routing key of the commands one service on one host takes."""
+    return f"host.{host}.{service}"
+
+
+def host_queue(host: str, service: str) -> str:
+    return f"ferry.{host}.{service}"
+
+
+def inventory(host: str) -> str:
+    return f"inventory.{host}"
+
+
+def vm_events(vm_id: str) -> str:
+    """Where producers publish a VM's service-plane events."""
+    return f"vm.{vm_id}.event"
+
+
+def reply_to(instance: str) -> str:
+    return f"reply.{instance}"
+
+
+def alarm(vm_id: str) -> str:
+    return f"alarm.{vm_id}"

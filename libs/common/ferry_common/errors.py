@@ -1,0 +1,77 @@
+"""The error taxonomy.
+
+Every error says whether retrying can help. The bus maps that straight onto
+acknowledgement: a retryable error is nacked and redelivered (up to the queue's
+delivery limit), a non-retryable one is dead-lettered with its reason and the
+sender is told. Tenacity predicates use :func:`is_retryable`.
+"""
+
+from __future__ import annotations
+
+
+class FerryError(Exception):
+    """Base of every error Ferry raises on purpose."""
+
+    code: str = "error"
+    retryable: bool = False
+
+    def __init__(self, reason: str, *, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
+class InvalidMessage(FerryError):
+    """The message cannot be decoded or fails validation; never retried."""
+
+    code = "invalid_message"
+
+
+class Unauthenticated(FerryError):
+    """Missing or wrong signature, replayed id, stale timestamp, or a sender not allowed."""
+
+    code = "unauthenticated"
+
+
+class UnknownMessageType(InvalidMessage):
+    code = "unknown_type"
+
+
+class Unroutable(FerryError):
+    """The broker returned a mandatory message: no queue is bound for its routing key."""
+
+    code = "unroutable"
+
+
+class Transient(FerryError):
+    """A passing fault (connection lost, broker busy); retrying is expected to help."""
+
+    code = "transient"
+    retryable = True
+
+
+class StepTimeout(FerryError):
+    """A saga step got no answer in time."""
+
+    code = "timeout"
+    retryable = True
+
+
+class RemoteError(FerryError):
+    """The service that handled a request answered with an error."""
+
+    def __init__(self, reason: str, *, code: str, retryable: bool = False) -> None:
+        super().__init__(reason, code=code)
+        self.retryable = retryable
+
+
+class Conflict(FerryError):
+    """The request contradicts the current state (for example a fenced owner)."""
+
+    code = "conflict"
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Tenacity predicate: retry only what says it may help."""
+    return isinstance(exc, FerryError) and exc.retryable

@@ -1,0 +1,293 @@
+"""Saga steps and their answers, named after the seed's messages.
+
+Every command carries the ``migration_id`` that makes it idempotent: a host service
+answers a replayed command for a step it already did with the same answer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Wire
+from .domain import Element, Embot, Event, ManagementGraph, Module, ModuleRef, VmSpec
+from .limits import MAX_ELEMENTS, MAX_EVENTS, MAX_MODULES, JsonObject, Name, Text
+
+
+class Step(Wire):
+    migration_id: Name
+    vm_id: Name
+
+
+# --- generic answers ---------------------------------------------------------------
+class Done(Wire):
+    """A step was carried out (or had already been)."""
+
+    detail: JsonObject = Field(default_factory=dict)
+
+
+class ErrorReply(Wire):
+    """The request could not be handled; says why and whether retrying may help."""
+
+    code: Name
+    reason: Text
+    retryable: bool = False
+
+
+# --- step 1: admission (target migration-policy) -----------------------------------
+class StartMigration(Step):
+    source_host: Name
+    target_host: Name
+    vm: VmSpec
+
+
+class MigrationPermitted(Wire):
+    reservation_id: Name
+
+
+class MigrationDenied(Wire):
+    code: Name
+    reason: Text
+
+
+class CommitReservation(Step):
+    """After completion the reservation becomes the VM's placement."""
+
+
+# --- step 2: freeze events (source sensor) -----------------------------------------
+class FreezeEvents(Step):
+    pass
+
+
+class EventsFrozen(Wire):
+    queued: int = 0
+
+
+# --- step 3: management state ------------------------------------------------------
+class ExportManagementState(Step):
+    """Source managed-object: serialize the VM element, dependents and embots; track dirt."""
+
+
+class ManagementStateExport(Wire):
+    graph: ManagementGraph
+
+
+class ManagementState(Step):
+    """Target managed-object: stage the graph; ``modules`` answers a ``ModulesRequired``."""
+
+    graph: ManagementGraph
+    modules: list[Module] = Field(default_factory=list, max_length=MAX_MODULES)
+
+
+class ModulesRequired(Wire):
+    """The target lacks these modules; the saga fetches them from the source and retries."""
+
+    missing: list[ModuleRef] = Field(max_length=MAX_MODULES)
+
+
+class FetchModules(Step):
+    refs: list[ModuleRef] = Field(max_length=MAX_MODULES)
+
+
+class ModulesFetched(Wire):
+    modules: list[Module] = Field(max_length=MAX_MODULES)
+
+
+class ManagementStateSuccess(Wire):
+    element_ids: list[Name] = Field(max_length=MAX_ELEMENTS)
+
+
+class ManagementStateFailed(Wire):
+    reason: Text
+
+
+class ManagedObjectInstantiationError(Wire):
+    reason: Text
+
+
+# --- step 4: management event state ------------------------------------------------
+class StageEvents(Step):
+    """Target sensor: start taking the VM's events, staged (queued, not dispatched)."""
+
+
+class ExportEventState(Step):
+    pass
+
+
+class EventStateExport(Wire):
+    events: list[Event] = Field(max_length=MAX_EVENTS)
+
+
+class ManagementEventState(Step):
+    events: list[Event] = Field(max_length=MAX_EVENTS)
+    element_ids: list[Name] = Field(max_length=MAX_ELEMENTS)
+
+
+class ManagementEventStateSuccess(Wire):
+    staged: int
+
+
+class ManagementEventStateFailed(Wire):
+    reason: Text
+
+
+# --- step 5: migrate the VM (hypervisor adapters) ----------------------------------
+class PrepareIncoming(Step):
+    vm: VmSpec
+    source_host: Name
+    params: JsonObject = Field(default_factory=dict)
+
+
+class IncomingPrepared(Wire):
+    uri: Text
+
+
+class PerformMigration(Step):
+    """Source adapter: start the live migration; answers at once, finishes later."""
+
+    uri: Text
+    target_host: Name
+    params: JsonObject = Field(default_factory=dict)
+
+
+class MigrationStarted(Wire):
+    already: bool = False
+
+
+class VmMigrationFinished(Step):
+    """Published by the source adapter on ``saga.notify`` when the hypervisor is done."""
+
+    outcome: Literal["completed", "failed", "cancelled"]
+    reason: Text | None = None
+    stats: JsonObject = Field(default_factory=dict)
+
+
+class FinishIncoming(Step):
+    """Target adapter: the guest must now run here."""
+
+
+class AbortIncoming(Step):
+    pass
+
+
+class CancelVmMigration(Step):
+    pass
+
+
+class ConfirmSource(Step):
+    """Source adapter: the guest runs on the target; end it here."""
+
+
+# --- step 6: dirty objects ---------------------------------------------------------
+class ExportDirtyObjects(Step):
+    final: bool = False
+
+
+class DirtyObjects(Wire):
+    elements: list[Element] = Field(default_factory=list, max_length=MAX_ELEMENTS)
+    embots: list[Embot] = Field(default_factory=list, max_length=MAX_ELEMENTS)
+    round: int = 0
+
+
+class MigrationState(Step):
+    elements: list[Element] = Field(default_factory=list, max_length=MAX_ELEMENTS)
+    embots: list[Embot] = Field(default_factory=list, max_length=MAX_ELEMENTS)
+    round: int = 0
+
+
+class MigrationStateSuccess(Wire):
+    applied: int
+
+
+# --- step 7 and 8 ------------------------------------------------------------------
+class MigrationComplete(Step):
+    epoch: int = 0
+
+
+class MigrationCompleteAck(Wire):
+    dispatched: int = 0
+
+
+class SourceTeardown(Step):
+    pass
+
+
+# --- compensation (the seed's two clean-up procedures) -----------------------------
+class CleanupTarget(Step):
+    pass
+
+
+class CleanupSource(Step):
+    pass
+
+
+# --- administration and inspection (CLI, demo, tests) ------------------------------
+class CreateVm(Wire):
+    vm: VmSpec
+
+
+class RegisterManagementGraph(Wire):
+    graph: ManagementGraph
+    modules: list[Module] = Field(default_factory=list, max_length=MAX_MODULES)
+
+
+class ActivateVmEvents(Wire):
+    vm_id: Name
+
+
+class InstallModules(Wire):
+    modules: list[Module] = Field(max_length=MAX_MODULES)
+
+
+class SetAttributes(Wire):
+    vm_id: Name
+    element_id: Name
+    attributes: JsonObject
+
+
+class DispatchEvents(Wire):
+    """Sensor to managed-object: events in time order, for an active VM."""
+
+    vm_id: Name
+    events: list[Event] = Field(max_length=MAX_EVENTS)
+
+
+class Inspect(Wire):
+    vm_id: Name | None = None
+
+
+class Inspection(Wire):
+    host: Name
+    service: Name
+    data: dict[str, object] = Field(default_factory=dict)
+
+
+class ListMigrations(Wire):
+    vm_id: Name | None = None
+    limit: int = Field(default=50, ge=1, le=1000)
+
+
+class MigrationList(Wire):
+    migrations: list[dict[str, object]]
+
+
+class GetTrace(Wire):
+    migration_id: Name
+
+
+class TraceSpans(Wire):
+    spans: list[dict[str, object]]
+
+
+class HealthCheck(Wire):
+    pass
+
+
+class Health(Wire):
+    service: Name
+    host: Name | None = None
+    ok: bool = True
+    detail: JsonObject = Field(default_factory=dict)
+
+

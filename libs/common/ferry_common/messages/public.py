@@ -1,0 +1,83 @@
+"""The public contract: what clients publish and what they can follow.
+
+Clients publish ``MigrateRequest`` on ``migration.requested`` and ``MigrationCancel`` on
+``migration.cancel``; outcomes come back as ``MigrationStatusEvent`` on ``migration.<status>``.
+Service-plane events go to ``vm.<vm_id>.event``. See ``docs/asyncapi.yaml``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Wire
+from .domain import Event, VmSpec
+from .limits import JsonObject, Name, Text
+
+Status = Literal[
+    "accepted",
+    "progress",
+    "completed",
+    "rejected",
+    "failed",
+    "rolled_back",
+]
+
+
+class MigrateRequest(Wire):
+    """Ask for a VM to move, with its management plane, to ``target_host``."""
+
+    vm_id: Name
+    target_host: Name
+    migration_id: Name | None = None
+    reason: Text | None = None
+    params: JsonObject = Field(default_factory=dict)
+
+
+class MigrationCancel(Wire):
+    """Ask for a running migration to stop and roll back (honoured until the VM switches over)."""
+
+    migration_id: Name
+    reason: Text = "cancelled by operator"
+
+
+class MigrationStatusEvent(Wire):
+    """Progress and outcome of one migration."""
+
+    migration_id: Name
+    vm_id: Name
+    status: Status
+    step: Name | None = None
+    source_host: Name | None = None
+    target_host: Name | None = None
+    reason: Text | None = None
+    code: Name | None = None
+    running_migration_id: Name | None = None
+    detail: JsonObject = Field(default_factory=dict)
+    at: float = 0.0
+
+
+class HostInventory(Wire):
+    """What a host runs and can take; published by each hypervisor adapter."""
+
+    host: Name
+    vms: list[VmSpec] = Field(default_factory=list, max_length=10_000)
+    capacity_mib: int = Field(ge=0)
+    driver: Name = "sim"
+
+
+class VmEvent(Event):
+    """A service-plane event as a producer publishes it on ``vm.<vm_id>.event``."""
+
+
+class Alarm(Wire):
+    """Raised by a policy; published on ``alarm.<vm_id>``."""
+
+    vm_id: Name
+    element_id: Name
+    embot_id: Name
+    policy: Name
+    host: Name
+    name: Name
+    detail: JsonObject = Field(default_factory=dict)

@@ -1,0 +1,63 @@
+"""Type names on the wire and the models that validate them."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import orjson
+from pydantic import ValidationError
+
+from ..errors import InvalidMessage, UnknownMessageType
+from . import commands, public
+from .base import Wire
+from .limits import MAX_BODY_BYTES
+
+T = TypeVar("T", bound=Wire)
+
+
+def _collect() -> dict[str, type[Wire]]:
+    found: dict[str, type[Wire]] = {}
+    for module in (public, commands):
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, Wire) and obj.__module__ == module.__name__:
+                found[name] = obj
+    return found
+
+
+REGISTRY: dict[str, type[Wire]] = _collect()
+
+
+def type_name(model: Wire | type[Wire]) -> str:
+    cls = model if isinstance(model, type) else type(model)
+    return cls.__name__
+
+
+def model_for(name: str) -> type[Wire]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownMessageType(f"unknown message type {name!r}") from None
+
+
+def encode(model: Wire) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json", exclude_defaults=False))
+
+
+def decode(body: bytes, model: type[T]) -> T:
+    """Parse and validate; every failure is an :class:`InvalidMessage` with a readable reason."""
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidMessage(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"body is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidMessage("body must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: {e['msg']}"
+            for e in exc.errors()[:5]
+        )
+        raise InvalidMessage(f"invalid {model.__name__}: {errors}") from None

@@ -1,0 +1,129 @@
+"""The saga store interface.
+
+The coordinator writes a saga's state and history here *before* it acts on a step,
+so that any replica can resume it after a crash. Writes are guarded twice: by the
+record's ``version`` (optimistic concurrency) and by the driving replica's lease
+(``owner``/``lease_until``), so one saga is driven by one replica at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+TERMINAL = frozenset({"completed", "rolled_back", "rejected"})
+
+
+@dataclass
+class HistoryEntry:
+    """One thing that happened in a saga; the list of them replays the saga."""
+
+    at: float
+    step: str
+    event: str  # started | succeeded | failed | timeout | compensated | retry | note
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "step": self.step, "event": self.event, "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> HistoryEntry:
+        return cls(float(raw["at"]), str(raw["step"]), str(raw["event"]), dict(raw.get("detail") or {}))
+
+
+@dataclass
+class SagaRecord:
+    """A migration saga as stored: where it is, what it knows, what happened."""
+
+    migration_id: str
+    vm_id: str
+    source_host: str
+    target_host: str
+    status: str = "running"  # running | compensating | completed | rolled_back | rejected
+    step: str = "admission"
+    data: dict[str, Any] = field(default_factory=dict)
+    history: list[HistoryEntry] = field(default_factory=list)
+    cancel_requested: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    owner: str | None = None
+    lease_until: float = 0.0
+    version: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "migration_id": self.migration_id,
+            "vm_id": self.vm_id,
+            "source_host": self.source_host,
+            "target_host": self.target_host,
+            "status": self.status,
+            "step": self.step,
+            "data": self.data,
+            "history": [h.to_dict() for h in self.history],
+            "cancel_requested": self.cancel_requested,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "owner": self.owner,
+            "lease_until": self.lease_until,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SagaRecord:
+        return cls(
+            migration_id=raw["migration_id"],
+            vm_id=raw["vm_id"],
+            source_host=raw["source_host"],
+            target_host=raw["target_host"],
+            status=raw.get("status", "running"),
+            step=raw.get("step", "admission"),
+            data=dict(raw.get("data") or {}),
+            history=[HistoryEntry.from_dict(h) for h in raw.get("history") or []],
+            cancel_requested=bool(raw.get("cancel_requested", False)),
+            created_at=float(raw.get("created_at", 0.0)),
+            updated_at=float(raw.get("updated_at", 0.0)),
+            owner=raw.get("owner"),
+            lease_until=float(raw.get("lease_until", 0.0)),
+            version=int(raw.get("version", 0)),
+        )
+
+
+class SagaStore(Protocol):
+    """Every backend implements this and passes ``tests/contract/store_suite.py`` unchanged."""
+
+    async def close(self) -> None: ...
+
+    async def create(self, record: SagaRecord) -> tuple[SagaRecord, bool]:
+        """Insert ``record`` unless a saga with its id, or a non-terminal saga for its VM, exists.
+
+        Returns ``(stored, created)``: the new record and True, or the existing one and False.
+        """
+
+    async def get(self, migration_id: str) -> SagaRecord | None: ...
+
+    async def save(self, record: SagaRecord, *, owner: str | None) -> SagaRecord:
+        """Write ``record`` if its ``version`` is current and ``owner`` holds its lease
+        (or nobody does); returns it with ``version`` incremented. Raises ``Conflict`` otherwise."""
+
+    async def list(self, *, vm_id: str | None = None, limit: int = 50) -> list[SagaRecord]:
+        """Newest first."""
+
+    async def active_for_vm(self, vm_id: str) -> SagaRecord | None: ...
+
+    async def claim(self, owner: str, *, now: float, lease_s: float, limit: int = 100) -> list[SagaRecord]:
+        """Take the lease of non-terminal sagas that nobody holds or whose lease expired."""
+
+    async def renew(self, migration_id: str, owner: str, *, until: float) -> bool:
+        """Extend ``owner``'s lease; False if it lost it."""
+
+    async def request_cancel(self, migration_id: str) -> SagaRecord | None:
+        """Mark the saga for cancellation (whichever replica drives it will see it)."""
+
+    async def add_spans(self, migration_id: str, spans: list[dict[str, Any]]) -> None:
+        """Keep finished spans of a migration's trace, for ``ferry trace``."""
+
+    async def spans(self, migration_id: str) -> list[dict[str, Any]]: ...

@@ -1,0 +1,120 @@
+"""What every hypervisor driver provides to the adapter service.
+
+The adapter owns the saga-facing protocol (idempotency, progress events, timeouts);
+a driver only talks to its hypervisor. Every method is safe to call again with the
+same arguments (the saga replays steps after crashes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from ferry_common.messages.domain import VmSpec
+
+VmState = Literal["running", "paused", "inmigrate", "postmigrate", "shutoff", "absent"]
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    """Per-migration knobs, from the VM's migration policy (documented in docs/migration-parameters.md).
+
+    ``completion_timeout_s`` is ``completion_timeout_per_gib_s`` times the memory size in GiB,
+    at least ``completion_timeout_min_s``; ``stall_timeout_s`` cancels a migration whose
+    remaining bytes have not reached a new low for that long.
+    """
+
+    downtime_limit_ms: int = 300
+    bandwidth_mibps: int = 0  # 0: the hypervisor's default
+    auto_converge: bool = False
+    completion_timeout_per_gib_s: float = 120.0
+    completion_timeout_min_s: float = 30.0
+    stall_timeout_s: float = 30.0
+    poll_interval_s: float = 0.05
+
+    def completion_timeout_s(self, memory_mib: int) -> float:
+        return max(self.completion_timeout_min_s, self.completion_timeout_per_gib_s * memory_mib / 1024)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MigrationParams:
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One sample of a running migration, as published on ``migration.progress``."""
+
+    status: str
+    total_bytes: int = 0
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    dirty_pages_rate: int = 0  # pages per second, 0 until the hypervisor reports it
+    passes: int = 0
+    # honest: the share of memory not still to send, so it goes backwards when pre-copy does
+    percent: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """How the hypervisor's migration ended, with its final figures."""
+
+    outcome: Literal["completed", "failed", "cancelled"]
+    reason: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)  # total_time_ms, downtime_ms, setup_time_ms, transferred_bytes
+
+
+ProgressCallback = Callable[[MigrationProgress], Awaitable[None]]
+
+
+class Driver(Protocol):
+    name: str
+    host: str
+
+    async def start(self) -> None:
+        """Connect to the hypervisor (called once when the adapter starts)."""
+
+    async def close(self) -> None:
+        """Release connections; running guests keep running."""
+
+    async def create(self, spec: VmSpec) -> None:
+        """Start a guest on this host."""
+
+    async def destroy(self, vm_id: str) -> None:
+        """Stop and forget a guest; absent is fine."""
+
+    async def list(self) -> list[VmSpec]:
+        """Guests that run on this host (not incoming ones)."""
+
+    async def state(self, vm_id: str) -> VmState: ...
+
+    async def prepare_incoming(self, spec: VmSpec, params: MigrationParams) -> str:
+        """Start a receiving guest and return the URI the source must migrate to."""
+
+    async def migrate(
+        self, vm_id: str, uri: str, params: MigrationParams, on_progress: ProgressCallback
+    ) -> MigrationResult:
+        """Live-migrate to ``uri`` and return when the hypervisor is done.
+
+        Enforces ``params``' completion and stall timeouts by cancelling the migration.
+        The source guest keeps running unless the outcome is ``completed``.
+        """
+
+    async def cancel_migration(self, vm_id: str) -> None:
+        """Cancel an outgoing migration; the source guest keeps running."""
+
+    async def finish_incoming(self, vm_id: str) -> bool:
+        """After a completed migration: True once the guest runs here."""
+
+    async def abort_incoming(self, vm_id: str) -> None:
+        """Tear down whatever :meth:`prepare_incoming` started; absent is fine."""
+
+    async def confirm_source(self, vm_id: str) -> None:
+        """After the guest runs on the target: end it here."""
