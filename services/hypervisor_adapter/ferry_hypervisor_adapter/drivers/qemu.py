@@ -1,0 +1,488 @@
+"""QEMU driven directly through QMP: one ``qemu-system-x86_64`` process per guest.
+
+Each guest gets a directory under ``run_dir`` holding its QMP socket, pidfile, serial log and
+``meta.json`` (the spec, the role and the incoming URI), so a restarted adapter finds its
+guests again. Processes are started with ``-daemonize`` and outlive the adapter.
+
+Roles: ``guest`` (created here, or an incoming guest after :meth:`finish_incoming`) and
+``incoming`` (started by :meth:`prepare_incoming`, listening for a migration stream).
+
+Guest parameters in ``VmSpec.params``: ``guest_dirty_mib`` and ``guest_rate_mibps`` go to
+the test guest's command line (see :mod:`.guest`); anything else is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ferry_common.messages.domain import VmSpec
+
+from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
+from .guest import STATUS_XP, GuestStatus, default_guest_image, guest_cmdline
+from .precopy import PrecopyWatch
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+# QEMU 7.2's own default for max-bandwidth; set explicitly so a previous cap does not linger
+QEMU_DEFAULT_BANDWIDTH = 128 * MIB
+_ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
+_UNIX_PATH_MAX = 107
+
+
+class QmpUnavailable(RuntimeError):
+    """The guest's QEMU process is gone or its QMP socket does not answer."""
+
+
+class QemuDriver:
+    """The :class:`~.base.Driver` protocol over QEMU processes and QMP.
+
+    Options: ``run_dir`` (state directory, default ``/tmp/ferry-qemu/<host>``; keep it short,
+    unix socket paths are limited to 107 bytes), ``guest_image`` (the ``-kernel`` ELF,
+    default: the repo's test guest, built on demand), ``qemu_binary``, ``accel`` (``tcg``;
+    ``kvm:tcg`` uses KVM when present), ``machine`` (``pc``; must resolve to the same type on
+    both hosts), ``listen_host`` (where incoming guests listen, ``127.0.0.1``),
+    ``finish_timeout_s`` (how long :meth:`finish_incoming` waits for ``running``).
+    """
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+        guest_image: str | os.PathLike[str] | None = None,
+        qemu_binary: str = "qemu-system-x86_64",
+        accel: str = "tcg",
+        machine: str = "pc",
+        listen_host: str = "127.0.0.1",
+        finish_timeout_s: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-qemu") / _safe(host)
+        self._guest_image = Path(guest_image) if guest_image else None
+        self.qemu_binary = qemu_binary
+        self.accel = accel
+        self.machine = machine
+        self.listen_host = listen_host
+        self.finish_timeout_s = finish_timeout_s
+        self._clients: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._cancel_requested: set[str] = set()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if shutil.which(self.qemu_binary) is None:
+            raise RuntimeError(f"{self.qemu_binary} not found (scripts/ensure-hypervisors.sh)")
+        await self._image()
+
+    async def close(self) -> None:
+        for client in list(self._clients.values()):
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+        self._clients.clear()
+
+    async def create(self, spec: VmSpec) -> None:
+        async with self._lock(spec.vm_id):
+            meta = self._meta(spec.vm_id)
+            if meta and self._alive(spec.vm_id):
+                if meta["role"] != "guest":
+                    raise RuntimeError(f"vm {spec.vm_id} is an incoming guest on {self.host}")
+                return
+            await self._launch(spec, role="guest")
+
+    async def destroy(self, vm_id: str) -> None:
+        async with self._lock(vm_id):
+            await self._kill(vm_id)
+
+    async def list(self) -> list[VmSpec]:
+        out = []
+        if not self.run_dir.exists():
+            return out
+        for meta_file in sorted(self.run_dir.glob("*/meta.json")):
+            meta = json.loads(meta_file.read_text())
+            if meta["role"] == "guest" and await self.state(meta["spec"]["vm_id"]) in (
+                "running",
+                "paused",
+            ):
+                out.append(VmSpec.model_validate(meta["spec"]))
+        return out
+
+    async def state(self, vm_id: str) -> VmState:
+        if not self._meta(vm_id) or not self._alive(vm_id):
+            return "absent"
+        try:
+            status = (await self._qmp(vm_id, "query-status"))["status"]
+        except QmpUnavailable:
+            return "absent"
+        return _vm_state(status)
+
+    # --- migration: target side -----------------------------------------------------------
+
+    async def prepare_incoming(self, spec: VmSpec, params: MigrationParams) -> str:
+        async with self._lock(spec.vm_id):
+            meta = self._meta(spec.vm_id)
+            if meta and self._alive(spec.vm_id):
+                if meta["role"] == "guest":
+                    raise RuntimeError(f"vm {spec.vm_id} already runs on {self.host}")
+                status = await self._status_or_none(spec.vm_id)
+                if status == "inmigrate" and meta.get("uri"):
+                    return str(meta["uri"])
+                # an incoming guest that is no longer waiting (a stream came and went)
+                await self._kill(spec.vm_id)
+            elif meta:
+                await self._kill(spec.vm_id)
+            await self._launch(spec, role="incoming")
+            # port 0: QEMU binds a free port itself, so there is no race with other listeners
+            await self._qmp(spec.vm_id, "migrate-incoming", {"uri": f"tcp:{self.listen_host}:0"})
+            info = await self._qmp(spec.vm_id, "query-migrate")
+            port = int(info["socket-address"][0]["port"])
+            uri = f"tcp:{self.listen_host}:{port}"
+            self._update_meta(spec.vm_id, uri=uri)
+            return uri
+
+    async def finish_incoming(self, vm_id: str) -> bool:
+        meta = self._meta(vm_id)
+        if not meta:
+            return False
+        deadline = time.monotonic() + self.finish_timeout_s
+        while True:
+            status = await self._status_or_none(vm_id)
+            # just after the source reports completed the target may still be loading state
+            if status != "inmigrate" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        if status == "running":
+            self._update_meta(vm_id, role="guest")
+            return True
+        return False
+
+    async def abort_incoming(self, vm_id: str) -> None:
+        async with self._lock(vm_id):
+            meta = self._meta(vm_id)
+            # a finished incoming guest is a guest of this host now: not ours to tear down
+            if meta and meta["role"] == "incoming":
+                await self._kill(vm_id)
+
+    # --- migration: source side -----------------------------------------------------------
+
+    async def migrate(
+        self, vm_id: str, uri: str, params: MigrationParams, on_progress: ProgressCallback
+    ) -> MigrationResult:
+        meta = self._meta(vm_id)
+        if not meta or meta["role"] != "guest" or not self._alive(vm_id):
+            return MigrationResult("failed", f"vm {vm_id} is not running on {self.host}")
+        spec = VmSpec.model_validate(meta["spec"])
+        try:
+            info = await self._qmp(vm_id, "query-migrate")
+            status = (await self._qmp(vm_id, "query-status"))["status"]
+            if info.get("status") == "completed" and status == "postmigrate":
+                return MigrationResult("completed", stats=_stats(info))  # a replayed call
+            if info.get("status") not in _ACTIVE:  # otherwise attach to the running one
+                if status != "running":
+                    return MigrationResult("failed", f"vm {vm_id} is {status}, not running")
+                await self._set_params(vm_id, params)
+                self._cancel_requested.discard(vm_id)
+                await self._qmp(vm_id, "migrate", {"uri": uri})
+            return await self._watch(vm_id, spec, params, on_progress)
+        except QmpUnavailable as exc:
+            return MigrationResult("failed", f"source QEMU gone: {exc}")
+
+    async def _set_params(self, vm_id: str, params: MigrationParams) -> None:
+        await self._qmp(
+            vm_id,
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "auto-converge", "state": params.auto_converge}]},
+        )
+        bandwidth = (
+            params.bandwidth_mibps * MIB if params.bandwidth_mibps else QEMU_DEFAULT_BANDWIDTH
+        )
+        await self._qmp(
+            vm_id,
+            "migrate-set-parameters",
+            {"downtime-limit": params.downtime_limit_ms, "max-bandwidth": bandwidth},
+        )
+
+    async def _watch(
+        self, vm_id: str, spec: VmSpec, params: MigrationParams, on_progress: ProgressCallback
+    ) -> MigrationResult:
+        watch = PrecopyWatch(params, spec.memory_mib)
+        last: dict[str, Any] = {}  # the last sample with figures: a cancelled migration has none
+        while True:
+            info = await self._qmp(vm_id, "query-migrate")
+            status = info.get("status", "none")
+            ram = info.get("ram", {})
+            if ram:
+                last = info
+            if status == "completed":
+                await on_progress(_progress(status, ram, done=True))
+                return MigrationResult("completed", stats=_stats(info))
+            if status == "failed":
+                return MigrationResult(
+                    "failed", info.get("error-desc", "migration failed"), _stats(info, last)
+                )
+            if status == "cancelled":
+                self._cancel_requested.discard(vm_id)
+                return MigrationResult("cancelled", "migration cancelled", _stats(info, last))
+            if status == "none":
+                return MigrationResult("failed", "no migration is running")
+            if status == "active" and ram:
+                sample = _progress(status, ram)
+                await on_progress(sample)
+                watch.observe(sample.remaining_bytes)
+            reason = None if vm_id in self._cancel_requested else watch.expired()
+            if reason:
+                log.info("vm %s: %s, cancelling the migration", vm_id, reason)
+                end = await self._cancel_and_wait(vm_id)
+                if end.get("status") == "completed":  # it made it before the cancel
+                    return MigrationResult("completed", stats=_stats(end))
+                return MigrationResult("failed", reason, _stats(end, last))
+            await asyncio.sleep(params.poll_interval_s)
+
+    async def _cancel_and_wait(self, vm_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        await self._qmp(vm_id, "migrate_cancel")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info: dict[str, Any] = await self._qmp(vm_id, "query-migrate")
+            if info.get("status") not in _ACTIVE or time.monotonic() > deadline:
+                return info
+            await asyncio.sleep(0.02)
+
+    async def cancel_migration(self, vm_id: str) -> None:
+        if not self._meta(vm_id) or not self._alive(vm_id):
+            return
+        try:
+            info = await self._qmp(vm_id, "query-migrate")
+            if info.get("status") in _ACTIVE:
+                self._cancel_requested.add(vm_id)
+                await self._qmp(vm_id, "migrate_cancel")
+            elif (await self._qmp(vm_id, "query-status"))["status"] == "postmigrate":
+                # cancelled after the switch-over: the source still holds the guest's state and
+                # resumes it; the saga aborts the target's copy (abort_incoming) alongside
+                await self._qmp(vm_id, "cont")
+        except QmpUnavailable:
+            return
+
+    async def confirm_source(self, vm_id: str) -> None:
+        async with self._lock(vm_id):
+            meta = self._meta(vm_id)
+            if not meta:
+                return
+            status = await self._status_or_none(vm_id)
+            if status is None or status in ("postmigrate", "paused"):
+                await self._kill(vm_id)
+            else:
+                log.warning("confirm_source(%s): guest is %s here, left alone", vm_id, status)
+
+    # --- extras for tests and benchmarks ----------------------------------------------------
+
+    async def guest_status(self, vm_id: str) -> GuestStatus:
+        """Read the test guest's status block (see :mod:`.guest`) through the monitor."""
+        text = await self._qmp(vm_id, "human-monitor-command", {"command-line": STATUS_XP})
+        return GuestStatus.from_xp(str(text))
+
+    async def qmp(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run a raw QMP command on a guest's process."""
+        return await self._qmp(vm_id, command, arguments)
+
+    def pid(self, vm_id: str) -> int | None:
+        """The guest's QEMU process id, if it runs."""
+        return self._pid(vm_id) if self._alive(vm_id) else None
+
+    # --- processes ------------------------------------------------------------------------
+
+    def _dir(self, vm_id: str) -> Path:
+        return self.run_dir / _safe(vm_id)
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def _meta(self, vm_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads((self._dir(vm_id) / "meta.json").read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _update_meta(self, vm_id: str, **changes: Any) -> None:
+        meta = self._meta(vm_id) or {}
+        meta.update(changes)
+        tmp = self._dir(vm_id) / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(self._dir(vm_id) / "meta.json")
+
+    async def _image(self) -> Path:
+        if self._guest_image is None:
+            self._guest_image = await asyncio.to_thread(default_guest_image)
+        if not self._guest_image.exists():
+            raise FileNotFoundError(f"guest image {self._guest_image} not found")
+        return self._guest_image
+
+    async def _launch(self, spec: VmSpec, role: str) -> None:
+        vm_dir = self._dir(spec.vm_id)
+        if vm_dir.exists():
+            shutil.rmtree(vm_dir)
+        vm_dir.mkdir(parents=True)
+        sock = vm_dir / "qmp.sock"
+        if len(str(sock)) > _UNIX_PATH_MAX:
+            raise ValueError(f"QMP socket path too long ({sock}); use a shorter run_dir")
+        argv = [
+            self.qemu_binary,
+            "-name", f"{spec.vm_id},process=ferry-{_safe(spec.vm_id)}",
+            "-machine", f"{self.machine},accel={self.accel}",
+            "-m", str(spec.memory_mib),
+            "-smp", str(spec.vcpus),
+            "-nodefaults", "-vga", "none", "-display", "none",
+            "-serial", f"file:{vm_dir / 'serial.log'}",
+            "-kernel", str(await self._image()),
+            "-append", guest_cmdline(spec.params),
+            "-qmp", f"unix:{sock},server=on,wait=off",
+            "-pidfile", str(vm_dir / "pid"),
+            "-daemonize",
+        ]  # fmt: skip
+        if role == "incoming":
+            argv += ["-incoming", "defer"]
+        self._update_meta(spec.vm_id, spec=spec.model_dump(mode="json"), role=role, uri=None)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            raise RuntimeError(
+                f"qemu failed to start {spec.vm_id}: {(err or out).decode().strip()}"
+            )
+
+    def _pid(self, vm_id: str) -> int | None:
+        try:
+            return int((self._dir(vm_id) / "pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _alive(self, vm_id: str) -> bool:
+        pid = self._pid(vm_id)
+        return pid is not None and _process_alive(pid)
+
+    async def _kill(self, vm_id: str) -> None:
+        client = self._clients.pop(vm_id, None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+        pid = self._pid(vm_id)
+        if pid is not None and _process_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(500):  # SIGKILL takes effect within milliseconds; 5 s at most
+                if not _process_alive(pid):
+                    break
+                await asyncio.sleep(0.01)
+        shutil.rmtree(self._dir(vm_id), ignore_errors=True)
+
+    # --- QMP ------------------------------------------------------------------------------
+
+    async def _client(self, vm_id: str) -> Any:
+        from qemu.qmp import QMPClient  # lazy: only the qemu driver needs it
+
+        client = self._clients.get(vm_id)
+        if client is not None and client.runstate.name == "RUNNING":
+            return client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+        if not self._alive(vm_id):
+            raise QmpUnavailable(f"no QEMU process for {vm_id}")
+        client = QMPClient(f"ferry-{self.host}-{vm_id}")
+        try:
+            await client.connect(str(self._dir(vm_id) / "qmp.sock"))
+        except Exception as exc:
+            raise QmpUnavailable(f"cannot connect to QMP of {vm_id}: {exc}") from exc
+        self._clients[vm_id] = client
+        return client
+
+    async def _qmp(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        from qemu.qmp import ExecuteError
+
+        client = await self._client(vm_id)
+        try:
+            return await client.execute(command, arguments)
+        except ExecuteError:
+            raise
+        except Exception as exc:  # the connection broke: the process died under us
+            self._clients.pop(vm_id, None)
+            raise QmpUnavailable(f"QMP {command} on {vm_id} failed: {exc!r}") from exc
+
+    async def _status_or_none(self, vm_id: str) -> str | None:
+        try:
+            return str((await self._qmp(vm_id, "query-status"))["status"])
+        except QmpUnavailable:
+            return None
+
+
+def _safe(name: str) -> str:
+    """A short file-name-safe form of a name, unique through a hash suffix."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:24]
+    return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # a daemonized QEMU is reparented to pid 1, which may never reap it: a zombie is dead
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _vm_state(status: str) -> VmState:
+    if status in ("running", "debug"):
+        return "running"
+    if status in ("inmigrate", "postmigrate"):
+        return status  # type: ignore[return-value]
+    if status in ("shutdown", "guest-panicked", "internal-error"):
+        return "shutoff"
+    return "paused"
+
+
+def _progress(status: str, ram: dict[str, Any], done: bool = False) -> MigrationProgress:
+    total = int(ram.get("total", 0))
+    remaining = 0 if done else int(ram.get("remaining", 0))
+    return MigrationProgress(
+        status=status,
+        total_bytes=total,
+        transferred_bytes=int(ram.get("transferred", 0)),
+        remaining_bytes=remaining,
+        dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+        passes=int(ram.get("dirty-sync-count", 0)),
+        percent=PrecopyWatch.percent(total, remaining),
+    )
+
+
+def _stats(info: dict[str, Any], last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Final figures from ``query-migrate``; ``last`` fills in what an ended migration drops."""
+    if "ram" not in info and last:
+        info = {**last, **info}
+    ram = info.get("ram", {})
+    stats: dict[str, Any] = {"transferred_bytes": int(ram.get("transferred", 0))}
+    for key, name in (
+        ("total-time", "total_time_ms"),
+        ("downtime", "downtime_ms"),
+        ("setup-time", "setup_time_ms"),
+    ):
+        if key in info:
+            stats[name] = float(info[key])
+    if "dirty-sync-count" in ram:
+        stats["passes"] = int(ram["dirty-sync-count"])
+    return stats
