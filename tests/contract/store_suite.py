@@ -109,6 +109,20 @@ class SagaStoreSuite:
         assert sum(created for _, created in results) == 1
         assert {rec.version for rec, _ in results} == {1}
 
+    async def test_a_terminal_record_goes_in_beside_an_active_saga(self, store: SagaStore) -> None:
+        # A rejection is recorded as a finished saga even while the VM has one running.
+        await store.create(saga("m-1", "vm-1"))
+        rejected, created = await store.create(
+            saga("m-2", "vm-1", created_at=200.0, status="rejected")
+        )
+        assert created is True
+        assert (rejected.migration_id, rejected.status) == ("m-2", "rejected")
+        active = await store.active_for_vm("vm-1")
+        assert active is not None and active.migration_id == "m-1"
+        # ...but a replay of its id is still answered with the stored one
+        again, created = await store.create(saga("m-2", "vm-9", status="rejected"))
+        assert created is False and again.vm_id == "vm-1"
+
     @pytest.mark.parametrize("status", sorted(TERMINAL))
     async def test_terminal_saga_frees_the_vm(self, store: SagaStore, status: str) -> None:
         rec, _ = await store.create(saga("m-1", "vm-1"))
