@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .bus.interfaces import Bus, Consumer, Delivery, Message, QueueSpec
+from .bus.matching import topic_matches
 from .bus.topology import EXCHANGE, reply_to as reply_key
 from .clock import Clock, SystemClock
 from .errors import FerryError, InvalidMessage, RemoteError, StepTimeout, Transient, UnknownMessageType
@@ -60,11 +61,14 @@ class Router:
     def add(self, model: type[M], handler: Callable[[M, Context], Awaitable[Wire | None]]) -> None:
         self.handlers[model.__name__] = (model, handler)
 
-    def route_key(self, routing_key: str, model: type[Wire]) -> None:
-        self.by_routing_key[routing_key] = model.__name__
+    def route_key(self, pattern: str, model: type[Wire]) -> None:
+        """Messages on ``pattern`` (a topic pattern) without a ``type`` are ``model``."""
+        self.by_routing_key[pattern] = model.__name__
 
     def resolve(self, message: Message) -> tuple[type[Wire], Handler]:
-        name = message.type or self.by_routing_key.get(message.routing_key, "")
+        name = message.type or next(
+            (n for p, n in self.by_routing_key.items() if topic_matches(p, message.routing_key)), ""
+        )
         if not name:
             raise InvalidMessage(f"message on {message.routing_key!r} has no type")
         if name not in self.handlers:

@@ -149,18 +149,22 @@ class PerformMigration(Step):
     uri: Text
     target_host: Name
     params: JsonObject = Field(default_factory=dict)
-
-
-class MigrationStarted(Wire):
-    already: bool = False
+    notify: Name | None = None  # routing key for VmMigrationFinished
 
 
 class VmMigrationFinished(Step):
-    """Published by the source adapter on ``saga.notify`` when the hypervisor is done."""
+    """Published by the source adapter to the saga's ``notify`` key when the hypervisor is done."""
 
     outcome: Literal["completed", "failed", "cancelled"]
     reason: Text | None = None
     stats: JsonObject = Field(default_factory=dict)
+
+
+class MigrationStarted(Wire):
+    """The migration runs (or ran): ``finished`` is set once the hypervisor is done."""
+
+    already: bool = False
+    finished: VmMigrationFinished | None = None
 
 
 class FinishIncoming(Step):
@@ -225,6 +229,10 @@ class CleanupSource(Step):
 # --- administration and inspection (CLI, demo, tests) ------------------------------
 class CreateVm(Wire):
     vm: VmSpec
+
+
+class DestroyVm(Wire):
+    vm_id: Name
 
 
 class RegisterManagementGraph(Wire):

@@ -20,6 +20,7 @@ from .limits import (
     Expression,
     JsonObject,
     Name,
+    Trigger,
 )
 
 
@@ -48,7 +49,7 @@ class Policy(Wire):
     """Data, not code: a trigger (event kinds), a CEL condition, and actions."""
 
     name: Name
-    trigger: list[Name] = Field(min_length=1, max_length=16)
+    trigger: list[Trigger] = Field(min_length=1, max_length=16)
     condition: Expression = "true"
     actions: list[Action] = Field(default_factory=list, max_length=MAX_ACTIONS)
 

@@ -22,6 +22,9 @@ MAX_EXPRESSION = 1024
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$")
 ]
+Trigger = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._:@/-]*)$")
+]
 Text = Annotated[str, StringConstraints(max_length=MAX_STRING)]
 Expression = Annotated[str, StringConstraints(min_length=1, max_length=MAX_EXPRESSION)]
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

@@ -98,7 +98,8 @@ class SagaStore(Protocol):
     async def close(self) -> None: ...
 
     async def create(self, record: SagaRecord) -> tuple[SagaRecord, bool]:
-        """Insert ``record`` unless a saga with its id, or a non-terminal saga for its VM, exists.
+        """Insert ``record`` unless a saga with its id exists or, when ``record`` is not terminal,
+        a non-terminal saga for its VM exists (a terminal record, a rejection, always goes in).
 
         Returns ``(stored, created)``: the new record and True, or the existing one and False.
         """

@@ -22,7 +22,7 @@ class MemorySagaStore:
         existing = self._rows.get(record.migration_id)
         if existing is not None:
             return copy.deepcopy(existing), False
-        active = await self.active_for_vm(record.vm_id)
+        active = None if record.terminal else await self.active_for_vm(record.vm_id)
         if active is not None:
             return active, False
         stored = copy.deepcopy(record)

@@ -1,0 +1,1 @@
+"""The ``ferry`` command and the pieces it assembles services from."""

@@ -1,0 +1,144 @@
+"""What a person (or a test) does with Ferry over the bus: migrate, cancel, look, feed events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ferry_common.bus.interfaces import QueueSpec
+from ferry_common.bus.topology import (
+    COORDINATOR_QUERY,
+    MIGRATION_CANCEL,
+    MIGRATION_REQUESTED,
+    host_command,
+    vm_events,
+)
+from ferry_common.endpoint import Context, Endpoint, Router
+from ferry_common.ids import new_id
+from ferry_common.messages.commands import (
+    ActivateVmEvents,
+    CreateVm,
+    GetTrace,
+    Inspect,
+    Inspection,
+    ListMigrations,
+    MigrationList,
+    RegisterManagementGraph,
+    SetAttributes,
+    TraceSpans,
+)
+from ferry_common.messages.domain import ManagementGraph, Module, VmSpec
+from ferry_common.messages.public import MigrateRequest, MigrationCancel, MigrationStatusEvent, VmEvent
+
+TERMINAL = ("completed", "rolled_back", "rejected")
+
+
+class FerryClient:
+    def __init__(self, endpoint: Endpoint, *, timeout: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._events: asyncio.Queue[MigrationStatusEvent] | None = None
+        self._history: list[MigrationStatusEvent] = []
+
+    async def watch(self) -> None:
+        """Start receiving ``migration.*`` events (call before migrating to miss nothing)."""
+        if self._events is not None:
+            return
+        self._events = asyncio.Queue()
+        router = Router()
+        router.route_key("migration.*", MigrationStatusEvent)
+
+        async def on_status(msg: MigrationStatusEvent, ctx: Context) -> None:
+            assert self._events is not None
+            self._history.append(msg)
+            self._events.put_nowait(msg)
+
+        router.add(MigrationStatusEvent, on_status)
+        spec = QueueSpec(f"watch.{self.endpoint.instance}", ("migration.#",), durable=False, prefetch=1024)
+        await self.endpoint.serve(spec, router)
+
+    async def migrate(self, vm_id: str, target_host: str, *, migration_id: str | None = None,
+                      params: dict[str, Any] | None = None) -> str:
+        mid = migration_id or new_id()
+        req = MigrateRequest(vm_id=vm_id, target_host=target_host, migration_id=mid, params=params or {})
+        await self.endpoint.send(MIGRATION_REQUESTED, req)
+        return mid
+
+    async def cancel(self, migration_id: str, reason: str = "cancelled by operator") -> None:
+        await self.endpoint.send(MIGRATION_CANCEL, MigrationCancel(migration_id=migration_id, reason=reason))
+
+    async def follow(self, migration_id: str, *, timeout: float = 600.0) -> AsyncIterator[MigrationStatusEvent]:
+        """Yield this migration's events until its outcome (requires :meth:`watch`)."""
+        assert self._events is not None, "call watch() first"
+        for past in list(self._history):
+            if past.migration_id == migration_id:
+                yield past
+                if past.status in TERMINAL:
+                    return
+        seen = {id(e) for e in self._history if e.migration_id == migration_id}
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError(f"migration {migration_id} did not end within {timeout:g}s")
+            event = await asyncio.wait_for(self._events.get(), left)
+            if event.migration_id != migration_id or id(event) in seen:
+                continue
+            yield event
+            if event.status in TERMINAL:
+                return
+
+    async def outcome(self, migration_id: str, *, timeout: float = 600.0) -> MigrationStatusEvent:
+        last = None
+        async for event in self.follow(migration_id, timeout=timeout):
+            last = event
+        assert last is not None
+        return last
+
+    async def create_vm(self, host: str, spec: VmSpec, graph: ManagementGraph, modules: list[Module]) -> None:
+        """Start the guest, register its management plane, and let its events flow."""
+        await self.endpoint.request(host_command(host, "hypervisor_adapter"), CreateVm(vm=spec), timeout=self.timeout)
+        await self.endpoint.request(
+            host_command(host, "managed_object"), RegisterManagementGraph(graph=graph, modules=modules), timeout=self.timeout
+        )
+        await self.endpoint.request(host_command(host, "sensor"), ActivateVmEvents(vm_id=spec.vm_id), timeout=self.timeout)
+
+    async def send_event(self, event: VmEvent) -> None:
+        await self.endpoint.send(vm_events(event.vm_id), event)
+
+    async def set_attributes(self, host: str, vm_id: str, element_id: str, attributes: dict[str, Any]) -> None:
+        await self.endpoint.request(
+            host_command(host, "managed_object"),
+            SetAttributes(vm_id=vm_id, element_id=element_id, attributes=attributes),
+            timeout=self.timeout,
+        )
+
+    async def inspect(self, host: str, vm_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Each service's view of ``vm_id`` (or of everything) on ``host``."""
+        out: dict[str, dict[str, Any]] = {}
+        for service in ("sensor", "managed_object", "migration_policy", "hypervisor_adapter"):
+            ans = await self.endpoint.request(host_command(host, service), Inspect(vm_id=vm_id), timeout=self.timeout)
+            assert isinstance(ans, Inspection)
+            out[service] = dict(ans.data)
+        return out
+
+    async def placement(self) -> dict[str, list[str]]:
+        ans = await self.endpoint.request(COORDINATOR_QUERY, Inspect(), timeout=self.timeout)
+        assert isinstance(ans, Inspection)
+        return dict(ans.data.get("placement", {}))  # type: ignore[arg-type]
+
+    async def migrations(self, vm_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        ans = await self.endpoint.request(COORDINATOR_QUERY, ListMigrations(vm_id=vm_id, limit=limit), timeout=self.timeout)
+        assert isinstance(ans, MigrationList)
+        return [dict(m) for m in ans.migrations]
+
+    async def trace(self, migration_id: str) -> list[dict[str, Any]]:
+        ans = await self.endpoint.request(COORDINATOR_QUERY, GetTrace(migration_id=migration_id), timeout=self.timeout)
+        assert isinstance(ans, TraceSpans)
+        return [dict(s) for s in ans.spans]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.endpoint.close()

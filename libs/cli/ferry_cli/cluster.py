@@ -1,0 +1,131 @@
+"""Assemble Ferry's services on a bus: one host's four services, or the coordinator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry_common.bus.interfaces import Bus
+from ferry_common.clock import Clock, SystemClock
+from ferry_common.endpoint import Endpoint
+from ferry_common.security import Authenticator
+from ferry_common.service import HostService
+from ferry_coordinator.service import CoordinatorService
+from ferry_coordinator.store import SagaStore
+from ferry_coordinator.timeouts import SagaTimeouts
+from ferry_hypervisor_adapter.drivers import Driver, load_driver
+from ferry_hypervisor_adapter.service import HypervisorAdapterService
+from ferry_managed_object.service import ManagedObjectService
+from ferry_migration_policy.service import MigrationPolicyService
+from ferry_sensor.service import SensorService
+
+HOST_SERVICES = ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")
+AuthFactory = Callable[[str], Authenticator | None]
+
+
+def _no_auth(identity: str) -> Authenticator | None:
+    return None
+
+
+@dataclass
+class HostOptions:
+    driver: str = "sim"
+    driver_options: dict[str, Any] = field(default_factory=dict)
+    allowed_sources: tuple[str, ...] = ("*",)
+    capacity_mib: int | None = None
+    inventory_interval_s: float = 5.0
+
+
+@dataclass
+class Host:
+    """The management plane of one host: its four services, each with its own endpoint."""
+
+    name: str
+    services: dict[str, HostService]
+
+    @property
+    def sensor(self) -> SensorService:
+        return self.services["sensor"]  # type: ignore[return-value]
+
+    @property
+    def managed_object(self) -> ManagedObjectService:
+        return self.services["managed_object"]  # type: ignore[return-value]
+
+    @property
+    def migration_policy(self) -> MigrationPolicyService:
+        return self.services["migration_policy"]  # type: ignore[return-value]
+
+    @property
+    def adapter(self) -> HypervisorAdapterService:
+        return self.services["hypervisor_adapter"]  # type: ignore[return-value]
+
+    async def start(self, only: tuple[str, ...] = HOST_SERVICES) -> None:
+        for name in only:
+            await self.services[name].start()
+
+    async def stop(self, only: tuple[str, ...] = HOST_SERVICES) -> None:
+        for name in reversed(only):
+            await self.services[name].stop()
+        for name in only:
+            await self.services[name].endpoint.close()
+
+
+def build_service(
+    name: str,
+    host: str,
+    bus: Bus,
+    *,
+    clock: Clock | None = None,
+    options: HostOptions | None = None,
+    auth: AuthFactory = _no_auth,
+    driver: Driver | None = None,
+) -> HostService:
+    """One host service, unstarted."""
+    clock = clock or SystemClock()
+    options = options or HostOptions()
+    identity = f"host/{host}/{name}"
+    endpoint = Endpoint(bus, identity, clock=clock, auth=auth(identity))
+    if name == "sensor":
+        return SensorService(host, endpoint)
+    if name == "managed_object":
+        return ManagedObjectService(host, endpoint)
+    if name == "migration_policy":
+        return MigrationPolicyService(
+            host, endpoint, allowed_sources=options.allowed_sources, capacity_mib=options.capacity_mib
+        )
+    if name == "hypervisor_adapter":
+        if driver is None:
+            opts = dict(options.driver_options)
+            if options.driver == "sim":
+                opts.setdefault("clock", clock)
+            driver = load_driver(options.driver, host, **opts)
+        return HypervisorAdapterService(host, endpoint, driver, inventory_interval_s=options.inventory_interval_s)
+    raise ValueError(f"unknown service {name!r} ({', '.join(HOST_SERVICES)})")
+
+
+def build_host(
+    name: str,
+    bus: Bus,
+    *,
+    clock: Clock | None = None,
+    options: HostOptions | None = None,
+    auth: AuthFactory = _no_auth,
+    driver: Driver | None = None,
+) -> Host:
+    services = {
+        s: build_service(s, name, bus, clock=clock, options=options, auth=auth, driver=driver) for s in HOST_SERVICES
+    }
+    return Host(name, services)
+
+
+def build_coordinator(
+    bus: Bus,
+    store: SagaStore,
+    *,
+    clock: Clock | None = None,
+    timeouts: SagaTimeouts | None = None,
+    auth: AuthFactory = _no_auth,
+) -> CoordinatorService:
+    endpoint = Endpoint(bus, "coordinator", clock=clock, auth=auth("coordinator"))
+    return CoordinatorService(endpoint, store, timeouts=timeouts)

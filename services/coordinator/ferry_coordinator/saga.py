@@ -1,0 +1,463 @@
+"""One migration, run as a saga: the protocol's steps 1-8 and the clean-up on both sides.
+
+The record is saved *before* each step acts, so whichever coordinator replica holds
+the saga's lease can resume it after a crash; every step is idempotent on the host
+side. Before the guest runs on the target a failure, timeout or cancel rolls back
+(target cleaned, source thawed); from then on recovery goes forward only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.trace import Status, StatusCode
+
+from ferry_common.bus.topology import host_command, migration_status
+from ferry_common.endpoint import Endpoint
+from ferry_common.errors import Conflict, FerryError, RemoteError, StepTimeout, Unroutable
+from ferry_common.messages.base import Wire
+from ferry_common.messages.commands import (
+    CleanupSource,
+    CleanupTarget,
+    CommitReservation,
+    DirtyObjects,
+    EventsFrozen,
+    EventStateExport,
+    ExportDirtyObjects,
+    ExportEventState,
+    ExportManagementState,
+    FetchModules,
+    FinishIncoming,
+    FreezeEvents,
+    IncomingPrepared,
+    ManagedObjectInstantiationError,
+    ManagementEventState,
+    ManagementEventStateFailed,
+    ManagementEventStateSuccess,
+    ManagementState,
+    ManagementStateExport,
+    ManagementStateFailed,
+    ManagementStateSuccess,
+    MigrationComplete,
+    MigrationCompleteAck,
+    MigrationDenied,
+    MigrationPermitted,
+    MigrationStarted,
+    MigrationState,
+    MigrationStateSuccess,
+    ModulesFetched,
+    ModulesRequired,
+    PerformMigration,
+    PrepareIncoming,
+    SourceTeardown,
+    StageEvents,
+    StartMigration,
+    VmMigrationFinished,
+)
+from ferry_common.messages.domain import Module, VmSpec
+from ferry_common.messages.public import MigrationStatusEvent, Status as PublicStatus
+from ferry_common.telemetry import tracer
+
+from .store import HistoryEntry, SagaRecord, SagaStore
+from .timeouts import SagaTimeouts
+
+log = logging.getLogger(__name__)
+
+STEPS = (
+    "admission",
+    "freeze_events",
+    "management_state",
+    "event_state",
+    "migrate_vm",
+    "switch_over",
+    "complete",
+    "teardown",
+)
+HOST_SERVICES = ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")
+
+
+class StepFailed(Exception):
+    """A step ended in a failure answer, a timeout or a cancel; ``code`` says which."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class LostLease(Exception):
+    """Another replica took this saga over; this one stops driving it."""
+
+
+@dataclass
+class SagaContext:
+    """What a saga needs from the coordinator that runs it."""
+
+    endpoint: Endpoint
+    store: SagaStore
+    timeouts: SagaTimeouts
+    owner: str
+    notify_key: str
+    wait_notification: Callable[[str, float], Awaitable[VmMigrationFinished | None]]
+    cancel_requested: Callable[[str], bool]
+    on_finished: Callable[[SagaRecord], Awaitable[None]]
+
+
+class MigrationSaga:
+    def __init__(self, ctx: SagaContext, record: SagaRecord) -> None:
+        self.ctx = ctx
+        self.rec = record
+        self.clock = ctx.endpoint.clock
+        self.t = ctx.timeouts
+        # kept in memory only: rebuilt by going back one step after a restart
+        self.element_ids: list[str] | None = None
+
+    @property
+    def mid(self) -> str:
+        return self.rec.migration_id
+
+    @property
+    def source(self) -> str:
+        return self.rec.source_host
+
+    @property
+    def target(self) -> str:
+        return self.rec.target_host
+
+    # ---- driving ----------------------------------------------------------------------
+    async def run(self) -> SagaRecord:
+        attrs = {
+            "ferry.migration_id": self.mid,
+            "ferry.vm_id": self.rec.vm_id,
+            "ferry.source_host": self.source,
+            "ferry.target_host": self.target,
+        }
+        with tracer.start_as_current_span(f"migration {self.mid}", attributes=attrs) as root:
+            try:
+                while not self.rec.terminal:
+                    if self.rec.status == "compensating":
+                        await self._compensate()
+                    else:
+                        await self._forward_step()
+            except LostLease:
+                root.add_event("lease lost", {"owner": self.ctx.owner})
+                return self.rec
+            root.set_attribute("ferry.outcome", self.rec.status)
+            if self.rec.status != "completed":
+                root.set_status(Status(StatusCode.ERROR, str(self.rec.data.get("reason", self.rec.status))))
+        await self.ctx.on_finished(self.rec)
+        return self.rec
+
+    async def _forward_step(self) -> None:
+        step = self.rec.step
+        switched = bool(self.rec.data.get("vm_switched"))
+        retries = int(self.rec.data.get("retries", {}).get(step, 0))
+        with tracer.start_as_current_span(
+            f"step {step}", attributes={"ferry.migration_id": self.mid, "ferry.step": step, "ferry.retry_count": retries}
+        ) as span:
+            try:
+                if not switched and (self.rec.cancel_requested or self.ctx.cancel_requested(self.mid)):
+                    raise StepFailed("cancelled", str(self.rec.data.get("cancel_reason") or "cancelled by operator"))
+                started = self.clock.monotonic()
+                await self._save(step, "started")
+                await self._status("progress", step=step)
+                nxt, data = await getattr(self, f"step_{step}")()
+                self.rec.data.update(data)
+                self.rec.data.setdefault("timings_ms", {})[step] = round((self.clock.monotonic() - started) * 1000, 3)
+                if nxt is None:
+                    self.rec.status = "completed"
+                    await self._save(step, "succeeded", {"outcome": "completed"})
+                    await self._status("completed", step=step, detail=self._summary())
+                else:
+                    self.rec.step = nxt
+                    await self._save(step, "succeeded")
+            except StepFailed as f:
+                span.set_status(Status(StatusCode.ERROR, f.reason))
+                span.set_attribute("ferry.outcome", f.code)
+                if f.code == "timeout":
+                    span.add_event("timeout", {"reason": f.reason})
+                if switched or self.rec.data.get("vm_switched"):
+                    await self._retry_forward(step, f)
+                elif step == "admission" and f.code in ("source_not_allowed", "insufficient_resources", "wrong_host"):
+                    # nothing was done yet: a denial is a rejection, not a rollback
+                    self.rec.status = "rejected"
+                    self.rec.data.update(reason=f.reason, code=f.code, failed_step=step)
+                    await self._save(step, "failed", {"code": f.code, "reason": f.reason})
+                    await self._status("rejected", step=step, reason=f.reason, code=f.code)
+                else:
+                    self.rec.status = "compensating"
+                    self.rec.data.update(reason=f.reason, code=f.code, failed_step=step)
+                    await self._save(step, "failed", {"code": f.code, "reason": f.reason})
+                    await self._status("failed", step=step, reason=f.reason, code=f.code)
+
+    async def _retry_forward(self, step: str, f: StepFailed) -> None:
+        retries = self.rec.data.setdefault("retries", {})
+        retries[step] = int(retries.get(step, 0)) + 1
+        await self._save(step, "retry", {"code": f.code, "reason": f.reason, "attempt": retries[step]})
+        delay = min(self.t.forward_retry_max_s, self.t.forward_retry_s * 2 ** min(retries[step] - 1, 6))
+        await self.clock.sleep(delay)
+
+    async def _compensate(self) -> None:
+        with tracer.start_as_current_span(
+            "compensate", attributes={"ferry.migration_id": self.mid, "ferry.step": "compensate"}
+        ) as span:
+            span.add_event("compensation", {"reason": str(self.rec.data.get("reason", ""))})
+            await self._save("compensate", "started")
+            target_ok = await self._cleanup_target()
+            await self._cleanup_source()
+            self.rec.status = "rolled_back"
+            self.rec.data["target_cleanup"] = "done" if target_ok else "queued"
+            await self._save("compensate", "compensated", {"target_cleanup": self.rec.data["target_cleanup"]})
+            await self._status(
+                "rolled_back",
+                step=str(self.rec.data.get("failed_step", "")),
+                reason=str(self.rec.data.get("reason", "")),
+                code=str(self.rec.data.get("code", "")),
+            )
+
+    async def _cleanup_target(self) -> bool:
+        """Tell each target service to drop what it staged; the commands wait in their durable
+        queues if a service is down, behind whatever this saga sent it earlier."""
+        msg = CleanupTarget(migration_id=self.mid, vm_id=self.rec.vm_id)
+        results = await asyncio.gather(
+            *(self._call(self.target, s, msg) for s in HOST_SERVICES), return_exceptions=True
+        )
+        failed = [(s, r) for s, r in zip(HOST_SERVICES, results, strict=True) if isinstance(r, BaseException)]
+        for service, err in failed:
+            log.warning("cleanup of %s on %s pending: %s", service, self.target, err)
+        return not failed
+
+    async def _cleanup_source(self) -> None:
+        """Source first stops the hypervisor, then unseals the plane, then thaws events."""
+        msg = CleanupSource(migration_id=self.mid, vm_id=self.rec.vm_id)
+        for service in ("hypervisor_adapter", "managed_object", "sensor"):
+            attempt = 0
+            while True:
+                try:
+                    await self._call(self.source, service, msg)
+                    break
+                except StepFailed as f:
+                    # the source must end as it was: keep trying, it is the VM's only home
+                    attempt += 1
+                    await self._save("compensate", "retry", {"service": service, "reason": f.reason, "attempt": attempt})
+                    await self.clock.sleep(min(self.t.forward_retry_max_s, self.t.forward_retry_s * attempt))
+
+    # ---- the steps --------------------------------------------------------------------
+    async def step_admission(self) -> tuple[str, dict[str, Any]]:
+        vm = VmSpec.model_validate(self.rec.data["vm"])
+        ans = await self._call(
+            self.target,
+            "migration_policy",
+            StartMigration(migration_id=self.mid, vm_id=vm.vm_id, source_host=self.source, target_host=self.target, vm=vm),
+        )
+        if isinstance(ans, MigrationDenied):
+            raise StepFailed(ans.code, ans.reason)
+        ans = _expect(ans, MigrationPermitted)
+        return "freeze_events", {"reservation_id": ans.reservation_id}
+
+    async def step_freeze_events(self) -> tuple[str, dict[str, Any]]:
+        ans = _expect(await self._call(self.source, "sensor", FreezeEvents(migration_id=self.mid, vm_id=self.rec.vm_id)), EventsFrozen)
+        return "management_state", {"queued_at_freeze": ans.queued}
+
+    async def step_management_state(self) -> tuple[str, dict[str, Any]]:
+        vm_id = self.rec.vm_id
+        exported = _expect(
+            await self._call(self.source, "managed_object", ExportManagementState(migration_id=self.mid, vm_id=vm_id)),
+            ManagementStateExport,
+        )
+        modules: list[Module] = []
+        fetched_rounds = 0
+        for _ in range(self.t.max_module_rounds):
+            ans = await self._call(
+                self.target,
+                "managed_object",
+                ManagementState(migration_id=self.mid, vm_id=vm_id, graph=exported.graph, modules=modules),
+            )
+            if isinstance(ans, ModulesRequired):
+                fetched_rounds += 1
+                got = _expect(
+                    await self._call(self.source, "managed_object", FetchModules(migration_id=self.mid, vm_id=vm_id, refs=ans.missing)),
+                    ModulesFetched,
+                )
+                have = {(m.name, m.version) for m in got.modules}
+                lacking = [r.key for r in ans.missing if (r.name, r.version) not in have]
+                if lacking:
+                    raise StepFailed("instantiation_error", f"modules unknown on both hosts: {', '.join(lacking)}")
+                modules = [*modules, *got.modules]
+                continue
+            if isinstance(ans, ManagementStateFailed):
+                raise StepFailed("management_state_failed", ans.reason)
+            if isinstance(ans, ManagedObjectInstantiationError):
+                raise StepFailed("instantiation_error", ans.reason)
+            ok = _expect(ans, ManagementStateSuccess)
+            self.element_ids = ok.element_ids
+            return "event_state", {"elements": len(ok.element_ids), "modules_fetched": [f"{m.name}@{m.version}" for m in modules]}
+        raise StepFailed("instantiation_error", "module dependencies nested too deep")
+
+    async def step_event_state(self) -> tuple[str, dict[str, Any]]:
+        if self.element_ids is None:
+            # resumed after a restart: the staged graph's ids come from replaying step 3
+            await self.step_management_state()
+        vm_id = self.rec.vm_id
+        await self._call(self.target, "sensor", StageEvents(migration_id=self.mid, vm_id=vm_id))
+        exported = _expect(
+            await self._call(self.source, "sensor", ExportEventState(migration_id=self.mid, vm_id=vm_id)), EventStateExport
+        )
+        ans = await self._call(
+            self.target,
+            "sensor",
+            ManagementEventState(migration_id=self.mid, vm_id=vm_id, events=exported.events, element_ids=self.element_ids or []),
+        )
+        if isinstance(ans, ManagementEventStateFailed):
+            raise StepFailed("event_state_failed", ans.reason)
+        if isinstance(ans, ManagedObjectInstantiationError):
+            raise StepFailed("instantiation_error", ans.reason)
+        ok = _expect(ans, ManagementEventStateSuccess)
+        return "migrate_vm", {"events_moved": ok.staged}
+
+    async def step_migrate_vm(self) -> tuple[str, dict[str, Any]]:
+        vm = VmSpec.model_validate(self.rec.data["vm"])
+        params = dict(self.rec.data.get("params", {}))
+        prepared = _expect(
+            await self._call(
+                self.target,
+                "hypervisor_adapter",
+                PrepareIncoming(migration_id=self.mid, vm_id=vm.vm_id, vm=vm, source_host=self.source, params=params),
+            ),
+            IncomingPrepared,
+        )
+        perform = PerformMigration(
+            migration_id=self.mid, vm_id=vm.vm_id, uri=prepared.uri, target_host=self.target, params=params, notify=self.ctx.notify_key
+        )
+        started = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted)
+        result = started.finished
+        begun = self.clock.monotonic()
+        last_poll = begun
+        rounds = applied = 0
+        while result is None:
+            result = await self.ctx.wait_notification(self.mid, self.t.dirty_round_s)
+            if result is not None:
+                break
+            now = self.clock.monotonic()
+            if self.rec.cancel_requested or self.ctx.cancel_requested(self.mid):
+                raise StepFailed("cancelled", str(self.rec.data.get("cancel_reason") or "cancelled by operator"))
+            if now - begun > self.t.vm_migration_s:
+                raise StepFailed("timeout", f"the VM migration did not finish within {self.t.vm_migration_s:g}s")
+            if rounds < self.t.max_dirty_rounds:
+                rounds += 1
+                applied += await self._dirty_round(final=False)
+            if now - last_poll >= self.t.status_poll_s:
+                last_poll = now
+                result = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted).finished
+        if result.outcome != "completed":
+            code = "cancelled" if result.outcome == "cancelled" else "vm_migration_failed"
+            raise StepFailed(code, result.reason or f"VM migration {result.outcome}")
+        return "switch_over", {"vm_stats": result.stats, "dirty_rounds": rounds, "dirty_applied": applied}
+
+    async def _dirty_round(self, *, final: bool) -> int:
+        vm_id = self.rec.vm_id
+        dirty = _expect(
+            await self._call(self.source, "managed_object", ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final)),
+            DirtyObjects,
+        )
+        if not dirty.elements and not dirty.embots:
+            return 0
+        ans = await self._call(
+            self.target,
+            "managed_object",
+            MigrationState(migration_id=self.mid, vm_id=vm_id, elements=dirty.elements, embots=dirty.embots, round=dirty.round),
+        )
+        if isinstance(ans, ManagementStateFailed):
+            raise StepFailed("migration_state_failed", ans.reason)
+        return _expect(ans, MigrationStateSuccess).applied
+
+    async def step_switch_over(self) -> tuple[str, dict[str, Any]]:
+        applied = await self._dirty_round(final=True)
+        await self._call(self.target, "hypervisor_adapter", FinishIncoming(migration_id=self.mid, vm_id=self.rec.vm_id))
+        # from here on the guest runs on the target: recovery only goes forward
+        self.rec.data["vm_switched"] = True
+        return "complete", {"final_dirty_applied": applied}
+
+    async def step_complete(self) -> tuple[str, dict[str, Any]]:
+        vm_id = self.rec.vm_id
+        epoch = int(self.rec.data.get("epoch", 0)) + 1
+        msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=epoch)
+        _expect(await self._call(self.target, "managed_object", msg), MigrationCompleteAck)
+        ack = _expect(await self._call(self.target, "sensor", msg), MigrationCompleteAck)
+        await self._call(self.target, "migration_policy", CommitReservation(migration_id=self.mid, vm_id=vm_id))
+        return "teardown", {"epoch": epoch, "events_dispatched_on_target": ack.dispatched}
+
+    async def step_teardown(self) -> tuple[None, dict[str, Any]]:
+        msg = SourceTeardown(migration_id=self.mid, vm_id=self.rec.vm_id)
+        await asyncio.gather(*(self._call(self.source, s, msg) for s in ("sensor", "managed_object", "hypervisor_adapter")))
+        return None, {}
+
+    # ---- plumbing -----------------------------------------------------------------------
+    async def _call(self, host: str, service: str, msg: Wire) -> Wire:
+        key = host_command(host, service)
+        last: StepFailed | None = None
+        for attempt in range(1, self.t.attempts + 1):
+            try:
+                return await self.ctx.endpoint.request(key, msg, timeout=self.t.reply_s)
+            except StepTimeout as exc:
+                last = StepFailed("timeout", f"{service} on {host}: {exc.reason}")
+            except Unroutable:
+                raise StepFailed("unreachable", f"{service} on {host} is not connected") from None
+            except RemoteError as exc:
+                if not exc.retryable:
+                    raise StepFailed(exc.code, f"{service} on {host}: {exc.reason}") from None
+                last = StepFailed(exc.code, f"{service} on {host}: {exc.reason}")
+            except FerryError as exc:
+                if not exc.retryable:
+                    raise StepFailed(exc.code, exc.reason) from None
+                last = StepFailed(exc.code, exc.reason)
+            if attempt < self.t.attempts:
+                await self._save(self.rec.step, "retry", {"service": service, "reason": last.reason, "attempt": attempt})
+                await self.clock.sleep(min(0.05 * attempt, 1.0))
+        assert last is not None
+        raise last
+
+    async def _save(self, step: str, event: str, detail: dict[str, Any] | None = None) -> None:
+        now = self.clock.now()
+        self.rec.history.append(HistoryEntry(now, step, event, detail or {}))
+        self.rec.updated_at = now
+        try:
+            self.rec = await self.ctx.store.save(self.rec, owner=self.ctx.owner)
+        except Conflict as exc:
+            raise LostLease(str(exc)) from None
+
+    async def _status(self, status: PublicStatus, *, step: str | None = None, reason: str | None = None,
+                      code: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        event = MigrationStatusEvent(
+            migration_id=self.mid,
+            vm_id=self.rec.vm_id,
+            status=status,
+            step=step or None,
+            source_host=self.source,
+            target_host=self.target,
+            reason=reason or None,
+            code=code or None,
+            detail=detail or {},
+            at=self.clock.now(),
+        )
+        try:
+            await self.ctx.endpoint.send(migration_status(status), event)
+        except Unroutable:
+            pass  # nobody follows this migration: its record still says it all
+        except FerryError as exc:
+            log.warning("status %s of %s not published: %s", status, self.mid, exc.reason)
+
+    def _summary(self) -> dict[str, Any]:
+        d = self.rec.data
+        keys = ("elements", "events_moved", "events_dispatched_on_target", "dirty_rounds", "vm_stats", "timings_ms", "epoch")
+        return {k: d[k] for k in keys if k in d}
+
+
+def _expect(answer: Wire, model: type[Any]) -> Any:
+    if not isinstance(answer, model):
+        raise StepFailed("protocol_error", f"expected {model.__name__}, got {type(answer).__name__}")
+    return answer

@@ -1,0 +1,275 @@
+"""The coordinator service: takes MigrateRequests and cancels, runs sagas, answers queries.
+
+Replicas share the durable queue ``ferry.coordinator`` (competing consumers) and the
+saga store; a saga is driven by the replica that holds its lease, and any replica
+takes over sagas whose lease ran out. Each replica has its own reply queue, its own
+notification key for hypervisor results, and its own copy of the host inventory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from ferry_common.bus.interfaces import Consumer, QueueSpec
+from ferry_common.bus.topology import (
+    COORDINATOR_QUERY,
+    COORDINATOR_QUEUE,
+    MIGRATION_CANCEL,
+    MIGRATION_REQUESTED,
+    migration_status,
+)
+from ferry_common.endpoint import Context, Endpoint, Router
+from ferry_common.errors import Conflict, FerryError, InvalidMessage, Unroutable
+from ferry_common.ids import new_id
+from ferry_common.messages.commands import (
+    Done,
+    GetTrace,
+    Inspect,
+    Inspection,
+    ListMigrations,
+    MigrationList,
+    TraceSpans,
+    VmMigrationFinished,
+)
+from ferry_common.messages.public import HostInventory, MigrateRequest, MigrationCancel, MigrationStatusEvent
+
+from .hosts import HostRegistry
+from .saga import MigrationSaga, SagaContext
+from .store import SagaRecord, SagaStore
+from .timeouts import SagaTimeouts
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorService:
+    service = "coordinator"
+
+    def __init__(self, endpoint: Endpoint, store: SagaStore, *, timeouts: SagaTimeouts | None = None) -> None:
+        self.endpoint = endpoint
+        self.store = store
+        self.timeouts = timeouts or SagaTimeouts()
+        self.owner = endpoint.instance
+        self.hosts = HostRegistry()
+        self.running: dict[str, asyncio.Task[SagaRecord]] = {}
+        self.cancels: dict[str, str] = {}
+        self._notifications: dict[str, asyncio.Queue[VmMigrationFinished]] = {}
+        self._consumers: list[Consumer] = []
+        self._lease_task: asyncio.Task[None] | None = None
+        self.finished: list[SagaRecord] = []
+        self.notify_key = f"saga.notify.{self.owner}"
+
+        self.router = Router()
+        self.router.route_key(MIGRATION_REQUESTED, MigrateRequest)
+        self.router.route_key(MIGRATION_CANCEL, MigrationCancel)
+        self.router.add(MigrateRequest, self.on_migrate_request)
+        self.router.add(MigrationCancel, self.on_cancel)
+        self.router.add(ListMigrations, self.on_list)
+        self.router.add(GetTrace, self.on_trace)
+        self.router.add(Inspect, self.on_inspect)
+        self.private = Router()
+        self.private.route_key("inventory.*", HostInventory)
+        self.private.add(HostInventory, self.on_inventory)
+        self.private.add(VmMigrationFinished, self.on_vm_finished)
+
+    async def start(self) -> None:
+        shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY), prefetch=128)
+        private = QueueSpec(f"coordinator.{self.owner}", ("inventory.*", self.notify_key), durable=False, prefetch=256)
+        # private first: inventory must be known before requests are judged
+        self._consumers.append(await self.endpoint.serve(private, self.private))
+        self._consumers.append(await self.endpoint.serve(shared, self.router))
+        self._lease_task = asyncio.create_task(self._lease_loop())
+
+    async def stop(self) -> None:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+        for c in self._consumers:
+            await c.cancel()
+        self._consumers.clear()
+        for t in self.running.values():
+            t.cancel()
+        for t in list(self.running.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self.running.clear()
+
+    # ---- requests -------------------------------------------------------------------
+    async def on_migrate_request(self, msg: MigrateRequest, ctx: Context) -> Done | None:
+        mid = msg.migration_id or new_id()
+        now = self.endpoint.clock.now()
+        existing = await self.store.get(mid)
+        if existing is not None:
+            return Done(detail={"migration_id": mid, "status": existing.status, "duplicate": True})
+        located = self.hosts.locate(msg.vm_id)
+        source = located[0] if located else ""
+        record = SagaRecord(
+            migration_id=mid,
+            vm_id=msg.vm_id,
+            source_host=source or "?",
+            target_host=msg.target_host,
+            created_at=now,
+            updated_at=now,
+            owner=self.owner,
+            lease_until=now + self.timeouts.lease_s,
+            data={"params": dict(msg.params), "requested_by": ctx.sender, "reason_requested": msg.reason},
+        )
+        verdict = self._judge(msg, located)
+        if verdict is not None:
+            code, reason = verdict
+            record.status, record.step = "rejected", "request"
+            record.data.update(code=code, reason=reason)
+            stored, created = await self.store.create(record)
+            if created:
+                await self._announce(stored, "rejected", reason=reason, code=code)
+            return Done(detail={"migration_id": mid, "status": "rejected", "code": code, "reason": reason})
+        assert located is not None
+        record.data["vm"] = located[1].model_dump(mode="json")
+        params = dict(located[1].params.get("migration", {})) if isinstance(located[1].params.get("migration"), dict) else {}
+        record.data["params"] = {**params, **msg.params}
+        stored, created = await self.store.create(record)
+        if not created:
+            if stored.migration_id == mid:
+                return Done(detail={"migration_id": mid, "status": stored.status, "duplicate": True})
+            reason = f"vm {msg.vm_id} is already migrating ({stored.migration_id})"
+            rejected = SagaRecord(
+                migration_id=mid, vm_id=msg.vm_id, source_host=source, target_host=msg.target_host,
+                status="rejected", step="request", created_at=now, updated_at=now,
+                data={"code": "already_migrating", "reason": reason, "running_migration_id": stored.migration_id},
+            )
+            await self.store.create(rejected)  # terminal: does not block the running saga
+            await self._announce(rejected, "rejected", reason=reason, code="already_migrating",
+                                 running=stored.migration_id)
+            return Done(detail={"migration_id": mid, "status": "rejected", "code": "already_migrating",
+                                "running_migration_id": stored.migration_id})
+        await self._announce(stored, "accepted")
+        self._drive(stored)
+        return Done(detail={"migration_id": mid, "status": "accepted"})
+
+    def _judge(self, msg: MigrateRequest, located: Any) -> tuple[str, str] | None:
+        if not self.hosts.known(msg.target_host):
+            return "unknown_host", f"target host {msg.target_host!r} is unknown"
+        if located is None:
+            return "unknown_vm", f"vm {msg.vm_id!r} runs on no known host"
+        if located[0] == msg.target_host:
+            return "same_host", f"vm {msg.vm_id!r} already runs on {msg.target_host!r}"
+        return None
+
+    async def on_cancel(self, msg: MigrationCancel, ctx: Context) -> Done:
+        rec = await self.store.request_cancel(msg.migration_id)
+        if rec is None:
+            raise InvalidMessage(f"no migration {msg.migration_id!r}")
+        if rec.terminal:
+            raise Conflict(f"migration {msg.migration_id} already ended {rec.status}")
+        if rec.data.get("vm_switched"):
+            raise Conflict(f"migration {msg.migration_id} is past the switch-over; it completes")
+        self.cancels[msg.migration_id] = msg.reason
+        return Done(detail={"migration_id": msg.migration_id, "cancel": "requested"})
+
+    async def on_list(self, msg: ListMigrations, ctx: Context) -> MigrationList:
+        rows = await self.store.list(vm_id=msg.vm_id, limit=msg.limit)
+        return MigrationList(migrations=[r.to_dict() for r in rows])
+
+    async def on_trace(self, msg: GetTrace, ctx: Context) -> TraceSpans:
+        return TraceSpans(spans=await self.store.spans(msg.migration_id))
+
+    async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
+        return Inspection(host="-", service=self.service, data={"placement": self.hosts.placement(), "running": sorted(self.running)})
+
+    # ---- private ----------------------------------------------------------------------
+    async def on_inventory(self, msg: HostInventory, ctx: Context) -> None:
+        self.hosts.update(msg, self.endpoint.clock.monotonic())
+        return None
+
+    async def on_vm_finished(self, msg: VmMigrationFinished, ctx: Context) -> None:
+        self._queue(msg.migration_id).put_nowait(msg)
+        return None
+
+    def _queue(self, mid: str) -> asyncio.Queue[VmMigrationFinished]:
+        return self._notifications.setdefault(mid, asyncio.Queue())
+
+    async def _wait_notification(self, mid: str, timeout: float) -> VmMigrationFinished | None:
+        q = self._queue(mid)
+        if not q.empty():
+            return q.get_nowait()
+        getter = asyncio.ensure_future(q.get())
+        sleeper = asyncio.ensure_future(self.endpoint.clock.sleep(timeout))
+        try:
+            done, _ = await asyncio.wait({getter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter in done and not getter.cancelled() else None
+
+    # ---- sagas ------------------------------------------------------------------------
+    def _drive(self, rec: SagaRecord) -> None:
+        if rec.migration_id in self.running:
+            return
+        ctx = SagaContext(
+            endpoint=self.endpoint,
+            store=self.store,
+            timeouts=self.timeouts,
+            owner=self.owner,
+            notify_key=self.notify_key,
+            wait_notification=self._wait_notification,
+            cancel_requested=lambda m: m in self.cancels,
+            on_finished=self._on_finished,
+        )
+        task = asyncio.create_task(MigrationSaga(ctx, rec).run(), name=f"saga:{rec.migration_id}")
+        self.running[rec.migration_id] = task
+
+        def done(t: asyncio.Task[SagaRecord]) -> None:
+            self.running.pop(rec.migration_id, None)
+            self._notifications.pop(rec.migration_id, None)
+            self.cancels.pop(rec.migration_id, None)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("saga %s crashed", rec.migration_id, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def _on_finished(self, rec: SagaRecord) -> None:
+        self.finished.append(rec)
+        if rec.status == "completed":
+            self.hosts.record_move(rec.vm_id, rec.target_host, self.endpoint.clock.monotonic())
+
+    async def _lease_loop(self) -> None:
+        """Renew what this replica drives; take over sagas whose driver went away."""
+        while True:
+            try:
+                now = self.endpoint.clock.now()  # leases compare across machines: wall clock
+                for mid in list(self.running):
+                    await self.store.renew(mid, self.owner, until=now + self.timeouts.lease_s)
+                for rec in await self.store.claim(self.owner, now=now, lease_s=self.timeouts.lease_s):
+                    if rec.migration_id not in self.running:
+                        log.info("resuming saga %s at %s (%s)", rec.migration_id, rec.step, rec.status)
+                        self._drive(rec)
+            except FerryError as exc:
+                log.warning("lease loop: %s", exc.reason)
+            except Exception:
+                log.exception("lease loop failed")
+            await self.endpoint.clock.sleep(self.timeouts.lease_s / 3)
+
+    async def _announce(self, rec: SagaRecord, status: str, *, reason: str | None = None,
+                        code: str | None = None, running: str | None = None) -> None:
+        event = MigrationStatusEvent(
+            migration_id=rec.migration_id,
+            vm_id=rec.vm_id,
+            status=status,  # type: ignore[arg-type]
+            source_host=rec.source_host or None,
+            target_host=rec.target_host,
+            reason=reason,
+            code=code,
+            running_migration_id=running,
+            at=self.endpoint.clock.now(),
+        )
+        with contextlib.suppress(Unroutable):
+            await self.endpoint.send(migration_status(status), event)
+
+    async def wait_idle(self) -> None:
+        """Wait until no saga runs here (tests, demo)."""
+        while self.running:
+            await asyncio.gather(*self.running.values(), return_exceptions=True)

@@ -1,0 +1,232 @@
+"""The hypervisor-adapter service: the saga's hands on the hypervisor.
+
+A live migration takes seconds to minutes, longer than any handler may hold a
+delivery: ``PerformMigration`` is answered at once and the migration runs in a task
+that publishes ``migration.progress`` and, at the end, ``VmMigrationFinished`` to the
+saga's notify key. A replayed ``PerformMigration`` never starts a second migration:
+it answers with how the first one stands, so a coordinator that lost the
+notification (or restarted) learns the outcome by asking again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry_common.bus.topology import host_command, inventory, migration_status
+from ferry_common.endpoint import Context, Endpoint
+from ferry_common.errors import Conflict, FerryError, InvalidMessage
+from ferry_common.messages.base import Wire
+from ferry_common.messages.commands import (
+    CleanupSource,
+    CleanupTarget,
+    CreateVm,
+    DestroyVm,
+    Done,
+    FinishIncoming,
+    IncomingPrepared,
+    Inspect,
+    Inspection,
+    MigrationStarted,
+    PerformMigration,
+    PrepareIncoming,
+    SourceTeardown,
+    VmMigrationFinished,
+)
+from ferry_common.messages.public import HostInventory, MigrationStatusEvent
+from ferry_common.service import HostService
+
+from .drivers import Driver, MigrationParams, MigrationProgress, MigrationResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outgoing:
+    migration_id: str
+    vm_id: str
+    target_host: str
+    notify: str | None
+    task: asyncio.Task[None] | None = None
+    result: VmMigrationFinished | None = None
+    progress: list[dict[str, Any]] = field(default_factory=list)
+
+
+class HypervisorAdapterService(HostService):
+    service = "hypervisor_adapter"
+
+    def __init__(self, host: str, endpoint: Endpoint, driver: Driver, *, inventory_interval_s: float = 5.0) -> None:
+        super().__init__(host, endpoint)
+        self.driver = driver
+        self.inventory_interval_s = inventory_interval_s
+        self.outgoing: dict[str, Outgoing] = {}
+        self.incoming: dict[str, str] = {}  # migration id -> vm id
+        self._inventory_task: asyncio.Task[None] | None = None
+        r = self.router
+        r.add(CreateVm, self.on_create)
+        r.add(DestroyVm, self.on_destroy)
+        r.add(Inspect, self.on_inspect)
+        r.add(PerformMigration, self.on_perform)  # idempotent by its own record
+        self.step(PrepareIncoming, self.on_prepare)
+        r.add(FinishIncoming, self.on_finish_incoming)
+        self.step(SourceTeardown, self.on_teardown)
+        self.step(CleanupTarget, self.on_cleanup_target)
+        self.step(CleanupSource, self.on_cleanup_source)
+
+    async def start(self) -> None:
+        await self.driver.start()
+        await super().start()
+        self._inventory_task = asyncio.create_task(self._inventory_loop())
+
+    async def stop(self) -> None:
+        if self._inventory_task is not None:
+            self._inventory_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inventory_task
+        for o in self.outgoing.values():
+            if o.task is not None and not o.task.done():
+                o.task.cancel()
+        await super().stop()
+        await self.driver.close()
+
+    async def publish_inventory(self) -> None:
+        inv = HostInventory(
+            host=self.host,
+            vms=await self.driver.list(),
+            capacity_mib=int(getattr(self.driver, "capacity_mib", 0) or 0),
+            driver=self.driver.name,
+        )
+        with contextlib.suppress(FerryError):  # nobody listening yet is fine
+            await self.endpoint.send(inventory(self.host), inv)
+
+    async def _inventory_loop(self) -> None:
+        while True:
+            try:
+                await self.publish_inventory()
+            except Exception:
+                log.exception("inventory of %s not published", self.host)
+            await self.endpoint.clock.sleep(self.inventory_interval_s)
+
+    # ---- administration -----------------------------------------------------------
+    async def on_create(self, msg: CreateVm, ctx: Context) -> Done:
+        if await self.driver.state(msg.vm.vm_id) != "absent":
+            raise Conflict(f"vm {msg.vm.vm_id!r} already exists on {self.host!r}")
+        try:
+            await self.driver.create(msg.vm)
+        except FerryError:
+            raise
+        except Exception as exc:
+            raise InvalidMessage(f"cannot create vm {msg.vm.vm_id!r}: {exc}") from exc
+        await self.publish_inventory()
+        return Done()
+
+    async def on_destroy(self, msg: DestroyVm, ctx: Context) -> Done:
+        await self.driver.destroy(msg.vm_id)
+        await self.publish_inventory()
+        return Done()
+
+    # ---- step 5, target side ----------------------------------------------------------
+    async def on_prepare(self, msg: PrepareIncoming, ctx: Context) -> Wire:
+        params = MigrationParams.from_dict(dict(msg.params))
+        try:
+            uri = await self.driver.prepare_incoming(msg.vm, params)
+        except Exception as exc:
+            raise FerryError(f"cannot prepare incoming vm {msg.vm_id!r}: {exc}", code="incoming_failed") from exc
+        self.incoming[msg.migration_id] = msg.vm_id
+        return IncomingPrepared(uri=uri)
+
+    async def on_finish_incoming(self, msg: FinishIncoming, ctx: Context) -> Done:
+        if not await self.driver.finish_incoming(msg.vm_id):
+            raise FerryError(f"vm {msg.vm_id!r} does not run on {self.host!r} after migration", code="not_running")
+        self.incoming.pop(msg.migration_id, None)
+        await self.publish_inventory()
+        return Done()
+
+    async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
+        if msg.migration_id in self.incoming or await self.driver.state(msg.vm_id) == "inmigrate":
+            await self.driver.abort_incoming(msg.vm_id)
+            self.incoming.pop(msg.migration_id, None)
+        return Done()
+
+    # ---- step 5, source side ----------------------------------------------------------
+    async def on_perform(self, msg: PerformMigration, ctx: Context) -> Wire:
+        out = self.outgoing.get(msg.migration_id)
+        if out is not None:
+            out.notify = msg.notify or out.notify
+            return MigrationStarted(already=True, finished=out.result)
+        state = await self.driver.state(msg.vm_id)
+        if state != "running":
+            raise Conflict(f"vm {msg.vm_id!r} is {state} on {self.host!r}, cannot migrate")
+        out = Outgoing(msg.migration_id, msg.vm_id, msg.target_host, msg.notify)
+        self.outgoing[msg.migration_id] = out
+        params = MigrationParams.from_dict(dict(msg.params))
+        out.task = asyncio.create_task(self._migrate(out, msg.uri, params))
+        return MigrationStarted()
+
+    async def _migrate(self, out: Outgoing, uri: str, params: MigrationParams) -> None:
+        async def on_progress(p: MigrationProgress) -> None:
+            out.progress.append(p.to_dict())
+            event = MigrationStatusEvent(
+                migration_id=out.migration_id,
+                vm_id=out.vm_id,
+                status="progress",
+                step="migrate_vm",
+                source_host=self.host,
+                target_host=out.target_host,
+                detail=p.to_dict(),
+                at=self.endpoint.clock.now(),
+            )
+            with contextlib.suppress(FerryError):
+                await self.endpoint.send(migration_status("progress"), event)
+
+        try:
+            result = await self.driver.migrate(out.vm_id, uri, params, on_progress)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("migration %s failed in the driver", out.migration_id)
+            result = MigrationResult("failed", f"driver error: {exc}")
+        out.result = VmMigrationFinished(
+            migration_id=out.migration_id,
+            vm_id=out.vm_id,
+            outcome=result.outcome,
+            reason=result.reason,
+            stats=result.stats,
+        )
+        if out.notify:
+            try:
+                await self.endpoint.send(out.notify, out.result)
+            except FerryError as exc:
+                # the saga asks again with PerformMigration and gets the result then
+                log.info("finish of %s not delivered: %s", out.migration_id, exc.reason)
+
+    async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Done:
+        out = self.outgoing.get(msg.migration_id)
+        await self.driver.cancel_migration(msg.vm_id)
+        if out is not None and out.task is not None and not out.task.done():
+            # the driver ends a cancelled migration within a poll interval; don't wait forever
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(out.task), 30)
+        state = await self.driver.state(msg.vm_id)
+        return Done(detail={"source_state": state})
+
+    async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:
+        await self.driver.confirm_source(msg.vm_id)
+        self.outgoing.pop(msg.migration_id, None)
+        await self.publish_inventory()
+        return Done()
+
+    # ---- inspection -------------------------------------------------------------------
+    async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
+        vms = {v.vm_id: await self.driver.state(v.vm_id) for v in await self.driver.list()}
+        if msg.vm_id is not None:
+            vms = {msg.vm_id: await self.driver.state(msg.vm_id)}
+        data: dict[str, Any] = {
+            "vms": vms,
+            "incoming": dict(self.incoming),
+            "outgoing": {k: (v.result.outcome if v.result else "running") for k, v in self.outgoing.items()},
+        }
+        return Inspection(host=self.host, service=self.service, data=data)

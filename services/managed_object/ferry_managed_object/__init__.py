@@ -1,0 +1,1 @@
+"""The managed-object service: elements, embots and their policies, modules, and their state."""

@@ -1,0 +1,157 @@
+"""The management plane of one VM on one host, and the checks a received graph must pass."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ferry_common.messages.domain import Element, Embot, ManagementGraph
+
+from .modules import ModuleRegistry
+from .policy import PolicyEngine, PolicyError
+
+Status = Literal["active", "exporting", "sealed", "staged"]
+RECENT_IDS = 4096
+MAX_DEPTH = 64
+
+
+class GraphError(Exception):
+    """The graph cannot be rebuilt (a Management State Failed)."""
+
+
+class TypeResolutionError(Exception):
+    """A type cannot be resolved (a Managed Object Instantiation Error)."""
+
+
+@dataclass
+class VmPlane:
+    vm_id: str
+    status: Status
+    elements: dict[str, Element]
+    embots: dict[str, Embot]
+    state: dict[str, dict[str, object]]  # embot id -> live policy state
+    manifest: list = field(default_factory=list)
+    migration_id: str | None = None
+    epoch: int = 0
+    recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    dirty_elements: set[str] = field(default_factory=set)
+    dirty_embots: set[str] = field(default_factory=set)
+    by_element: dict[str, list[str]] = field(default_factory=dict)
+    dirty_round: int = 0
+
+    @classmethod
+    def from_graph(cls, graph: ManagementGraph, status: Status, migration_id: str | None = None) -> VmPlane:
+        plane = cls(
+            vm_id=graph.vm_id,
+            status=status,
+            elements={e.id: e for e in graph.elements},
+            embots={b.id: b for b in graph.embots},
+            state={b.id: dict(b.state) for b in graph.embots},
+            manifest=list(graph.manifest),
+            migration_id=migration_id,
+            recent=OrderedDict.fromkeys(graph.recent_event_ids),
+        )
+        plane.reindex()
+        return plane
+
+    def reindex(self) -> None:
+        self.by_element = {}
+        for b in self.embots.values():
+            for eid in b.elements:
+                self.by_element.setdefault(eid, []).append(b.id)
+
+    def embot(self, embot_id: str) -> Embot:
+        b = self.embots[embot_id]
+        return b.model_copy(update={"state": self.state[embot_id]})
+
+    def graph(self) -> ManagementGraph:
+        return ManagementGraph(
+            vm_id=self.vm_id,
+            elements=list(self.elements.values()),
+            embots=[self.embot(i) for i in self.embots],
+            manifest=self.manifest,
+            recent_event_ids=list(self.recent)[-RECENT_IDS:],
+        )
+
+    def first_time(self, event_id: str) -> bool:
+        if event_id in self.recent:
+            return False
+        self.recent[event_id] = None
+        if len(self.recent) > RECENT_IDS * 4:
+            for _ in range(RECENT_IDS):
+                self.recent.popitem(last=False)
+        return True
+
+    def mark_element(self, element_id: str) -> None:
+        if self.status == "exporting":
+            self.dirty_elements.add(element_id)
+
+    def mark_embot(self, embot_id: str) -> None:
+        if self.status == "exporting":
+            self.dirty_embots.add(embot_id)
+
+
+def check_graph(graph: ManagementGraph, modules: ModuleRegistry, engine: PolicyEngine) -> None:
+    """Rebuild-time checks: types resolve, dependencies exist and are acyclic, policies compile."""
+    elements = {e.id: e for e in graph.elements}
+    if len(elements) != len(graph.elements):
+        raise GraphError("duplicate element ids")
+    if graph.vm_id not in elements:
+        raise GraphError(f"the VM element {graph.vm_id!r} is missing")
+    manifest = {r.key for r in graph.manifest}
+    for e in graph.elements:
+        if e.vm_id != graph.vm_id:
+            raise GraphError(f"element {e.id!r} belongs to vm {e.vm_id!r}")
+        if e.module not in manifest:
+            raise TypeResolutionError(f"element {e.id!r}: module {e.module} is not in the manifest")
+        module = modules.get(e.module)
+        if module is None or e.type not in module.element_types:
+            raise TypeResolutionError(f"element {e.id!r}: type {e.type!r} is not defined by {e.module}")
+        for d in e.depends_on:
+            if d not in elements:
+                raise GraphError(f"element {e.id!r} depends on unknown element {d!r}")
+    _check_acyclic(elements)
+    for b in graph.embots:
+        if b.module not in manifest:
+            raise TypeResolutionError(f"embot {b.id!r}: module {b.module} is not in the manifest")
+        for eid in b.elements:
+            if eid not in elements:
+                raise GraphError(f"embot {b.id!r} manages unknown element {eid!r}")
+        for p in b.policies:
+            try:
+                engine.check(p)
+            except PolicyError as exc:
+                raise GraphError(f"embot {b.id!r} policy {p.name!r}: {exc}") from None
+
+
+def _check_acyclic(elements: dict[str, Element]) -> None:
+    depth: dict[str, int] = {}
+    for start in elements:
+        if start in depth:
+            continue
+        # iterative DFS so a hostile chain cannot exhaust the stack
+        stack: list[tuple[str, int]] = [(start, 0)]
+        on_path: list[str] = []
+        in_path: set[str] = set()
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                if node in in_path:
+                    raise GraphError(f"dependency cycle through {node!r}")
+                on_path.append(node)
+                in_path.add(node)
+                if len(on_path) > MAX_DEPTH:
+                    raise GraphError(f"dependencies nested deeper than {MAX_DEPTH}")
+            deps = elements[node].depends_on
+            if i < len(deps):
+                stack.append((node, i + 1))
+                child = deps[i]
+                if child in in_path:
+                    raise GraphError(f"dependency cycle through {child!r}")
+                if child not in depth:
+                    stack.append((child, 0))
+            else:
+                depth[node] = 1 + max((depth.get(c, 0) for c in deps), default=0)
+                on_path.pop()
+                in_path.discard(node)

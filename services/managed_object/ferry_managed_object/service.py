@@ -1,0 +1,318 @@
+"""The managed-object service: the registry of a host's managed elements and embots.
+
+It runs the embots' policies on the events the sensor dispatches, serializes a VM's
+plane for migration, tracks what changes while the VM migrates (dirty elements and
+embots), and stages, checks and activates a plane that arrives from another host.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ferry_common.bus.topology import MIGRATION_REQUESTED, alarm, vm_events
+from ferry_common.endpoint import Context, Endpoint
+from ferry_common.errors import Conflict, FerryError, InvalidMessage
+from ferry_common.ids import new_id
+from ferry_common.messages.base import Wire
+from ferry_common.messages.commands import (
+    CleanupSource,
+    CleanupTarget,
+    DirtyObjects,
+    DispatchEvents,
+    Done,
+    ExportDirtyObjects,
+    ExportManagementState,
+    FetchModules,
+    Inspect,
+    Inspection,
+    InstallModules,
+    ManagedObjectInstantiationError,
+    ManagementState,
+    ManagementStateExport,
+    ManagementStateFailed,
+    ManagementStateSuccess,
+    MigrationComplete,
+    MigrationCompleteAck,
+    MigrationState,
+    MigrationStateSuccess,
+    ModulesFetched,
+    ModulesRequired,
+    RegisterManagementGraph,
+    SetAttributes,
+    SourceTeardown,
+)
+from ferry_common.messages.domain import Event
+from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
+from ferry_common.service import HostService
+
+from .modules import ModuleError, ModuleRegistry
+from .plane import GraphError, TypeResolutionError, VmPlane, check_graph
+from .policy import Effect, PolicyEngine, PolicyError
+
+log = logging.getLogger(__name__)
+
+
+class ManagedObjectService(HostService):
+    service = "managed_object"
+
+    def __init__(self, host: str, endpoint: Endpoint) -> None:
+        super().__init__(host, endpoint)
+        self.modules = ModuleRegistry()
+        self.engine = PolicyEngine()
+        self.planes: dict[str, VmPlane] = {}
+        # what was dispatched here, per VM, kept after the VM leaves: the audit trail
+        self.ledger: dict[str, list[str]] = {}
+        self.policy_errors = 0
+        r = self.router
+        r.add(RegisterManagementGraph, self.on_register)
+        r.add(InstallModules, self.on_install)
+        r.add(DispatchEvents, self.on_dispatch)
+        r.add(SetAttributes, self.on_set_attributes)
+        r.add(Inspect, self.on_inspect)
+        r.add(FetchModules, self.on_fetch_modules)
+        r.add(ExportManagementState, self.on_export)
+        r.add(ManagementState, self.on_state)  # not memoised: ModulesRequired is answered again
+        r.add(ExportDirtyObjects, self.on_export_dirty)
+        self.step(MigrationState, self.on_migration_state)
+        self.step(MigrationComplete, self.on_complete)
+        self.step(SourceTeardown, self.on_teardown)
+        self.step(CleanupTarget, self.on_cleanup_target)
+        self.step(CleanupSource, self.on_cleanup_source)
+
+    # ---- administration -----------------------------------------------------------
+    async def on_install(self, msg: InstallModules, ctx: Context) -> Done:
+        try:
+            refs = [self.modules.install(m) for m in msg.modules]
+        except ModuleError as exc:
+            raise InvalidMessage(str(exc)) from None
+        return Done(detail={"installed": [r.key for r in refs]})
+
+    async def on_register(self, msg: RegisterManagementGraph, ctx: Context) -> Done:
+        graph = msg.graph
+        if graph.vm_id in self.planes:
+            raise Conflict(f"vm {graph.vm_id!r} already has a management plane on {self.host!r}")
+        try:
+            for m in msg.modules:
+                self.modules.install(m)
+            resolution = self.modules.resolve(graph.manifest)
+            if resolution.missing:
+                raise TypeResolutionError("unknown modules: " + ", ".join(r.key for r in resolution.missing))
+            check_graph(graph, self.modules, self.engine)
+        except (ModuleError, GraphError, TypeResolutionError) as exc:
+            raise InvalidMessage(str(exc)) from None
+        self.planes[graph.vm_id] = VmPlane.from_graph(graph, "active")
+        self.ledger.setdefault(graph.vm_id, [])
+        return Done(detail={"elements": len(graph.elements), "embots": len(graph.embots)})
+
+    async def on_set_attributes(self, msg: SetAttributes, ctx: Context) -> Done:
+        plane = self._plane(msg.vm_id)
+        if plane.status not in ("active", "exporting"):
+            raise Conflict(f"vm {msg.vm_id!r} is {plane.status} on {self.host!r}")
+        element = plane.elements.get(msg.element_id)
+        if element is None:
+            raise InvalidMessage(f"vm {msg.vm_id!r} has no element {msg.element_id!r}")
+        plane.elements[msg.element_id] = element.model_copy(update={"attributes": {**element.attributes, **msg.attributes}})
+        plane.mark_element(msg.element_id)
+        return Done()
+
+    # ---- dispatch: the embots at work ---------------------------------------------
+    async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> None:
+        plane = self._plane(msg.vm_id)
+        if plane.status != "active":
+            # fencing: only the active plane may act on events
+            raise Conflict(f"vm {msg.vm_id!r} is {plane.status} on {self.host!r}: not dispatching")
+        ledger = self.ledger.setdefault(msg.vm_id, [])
+        effects: list[tuple[str, str, str, Effect]] = []
+        for event in msg.events:
+            if not plane.first_time(event.id):
+                continue  # a redelivered dispatch: each event acts once
+            ledger.append(event.id)
+            effects.extend(self._apply(plane, event))
+        for element_id, embot_id, policy, effect in effects:
+            await self._effect(plane, element_id, embot_id, policy, effect)
+        return None
+
+    def _apply(self, plane: VmPlane, event: Event) -> list[tuple[str, str, str, Effect]]:
+        element = plane.elements.get(event.element_id)
+        if element is None:
+            return []
+        ev = {"id": event.id, "kind": event.kind, "ts": event.ts, "element_id": event.element_id, "data": event.data}
+        el = {"id": element.id, "type": element.type, "attributes": element.attributes}
+        out = []
+        for embot_id in plane.by_element.get(event.element_id, ()):
+            state = plane.state[embot_id]
+            for policy in plane.embots[embot_id].policies:
+                try:
+                    for effect in self.engine.run(policy, ev, el, state):
+                        out.append((element.id, embot_id, policy.name, effect))
+                except PolicyError as exc:
+                    self.policy_errors += 1
+                    state["policy_errors"] = int(state.get("policy_errors", 0)) + 1  # type: ignore[call-overload]
+                    log.debug("policy %s of %s: %s", policy.name, embot_id, exc)
+            plane.mark_embot(embot_id)
+        return out
+
+    async def _effect(self, plane: VmPlane, element_id: str, embot_id: str, policy: str, effect: Effect) -> None:
+        state = plane.state[embot_id]
+        alarms = state.setdefault("alarms", {})
+        assert isinstance(alarms, dict)
+        try:
+            if effect.kind == "alarm":
+                name = effect.key or policy
+                if name in alarms:
+                    return  # already raised: an alarm is a state, not a stream
+                alarms[name] = {"element": element_id, "detail": effect.value}
+                a = Alarm(vm_id=plane.vm_id, element_id=element_id, embot_id=embot_id, policy=policy,
+                          host=self.host, name=name, detail=effect.value if isinstance(effect.value, dict) else {"value": effect.value})
+                await self.endpoint.send(alarm(plane.vm_id), a)
+            elif effect.kind == "clear_alarm":
+                alarms.pop(effect.key or policy, None)
+            elif effect.kind == "emit":
+                data = effect.value if isinstance(effect.value, dict) else {"value": effect.value}
+                ev = VmEvent(id=new_id(), vm_id=plane.vm_id, element_id=element_id, kind=effect.key or "emitted",
+                             ts=self.endpoint.clock.now(), data=data)
+                await self.endpoint.send(vm_events(plane.vm_id), ev)
+            elif effect.kind == "migrate" and effect.target_host:
+                req = MigrateRequest(vm_id=plane.vm_id, target_host=effect.target_host, reason=f"policy {policy} of {embot_id}")
+                await self.endpoint.send(MIGRATION_REQUESTED, req)
+        except FerryError as exc:
+            if exc.retryable:
+                raise
+            # nobody listens for this alarm or event: the state change above still stands
+            log.info("effect %s of %s not delivered: %s", effect.kind, policy, exc.reason)
+
+    # ---- migration, source side -----------------------------------------------------
+    async def on_fetch_modules(self, msg: FetchModules, ctx: Context) -> ModulesFetched:
+        found = [m for m in (self.modules.find(r) for r in msg.refs) if m is not None]
+        return ModulesFetched(modules=found)
+
+    async def on_export(self, msg: ExportManagementState, ctx: Context) -> Wire:
+        plane = self._plane(msg.vm_id)
+        if plane.status == "active":
+            plane.status, plane.migration_id = "exporting", msg.migration_id
+            plane.dirty_elements.clear()
+            plane.dirty_embots.clear()
+        elif plane.migration_id != msg.migration_id or plane.status != "exporting":
+            raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
+        # a replayed export sends the current state; dirt since the first export is in it
+        plane.dirty_elements.clear()
+        plane.dirty_embots.clear()
+        return ManagementStateExport(graph=plane.graph())
+
+    async def on_export_dirty(self, msg: ExportDirtyObjects, ctx: Context) -> Wire:
+        plane = self._plane(msg.vm_id)
+        if plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
+            raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
+        elements = [plane.elements[i] for i in sorted(plane.dirty_elements) if i in plane.elements]
+        embots = [plane.embot(i) for i in sorted(plane.dirty_embots) if i in plane.embots]
+        # the seed resets dirty bits as it serializes; a lost answer is covered by the final round
+        plane.dirty_elements.clear()
+        plane.dirty_embots.clear()
+        plane.dirty_round += 1
+        if msg.final:
+            plane.status = "sealed"
+        return DirtyObjects(elements=elements, embots=embots, round=plane.dirty_round)
+
+    async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:
+        plane = self.planes.get(msg.vm_id)
+        if plane is not None and plane.migration_id == msg.migration_id and plane.status in ("exporting", "sealed"):
+            del self.planes[msg.vm_id]
+        return Done()
+
+    async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Done:
+        plane = self.planes.get(msg.vm_id)
+        if plane is not None and plane.migration_id == msg.migration_id and plane.status in ("exporting", "sealed"):
+            plane.status, plane.migration_id = "active", None
+            plane.dirty_elements.clear()
+            plane.dirty_embots.clear()
+        return Done()
+
+    # ---- migration, target side -----------------------------------------------------
+    async def on_state(self, msg: ManagementState, ctx: Context) -> Wire:
+        existing = self.planes.get(msg.vm_id)
+        if existing is not None:
+            if existing.status == "staged" and existing.migration_id == msg.migration_id:
+                return ManagementStateSuccess(element_ids=list(existing.elements))
+            raise Conflict(f"vm {msg.vm_id!r} already has a {existing.status} plane on {self.host!r}")
+        graph = msg.graph
+        if graph.vm_id != msg.vm_id:
+            return ManagementStateFailed(reason=f"graph is for vm {graph.vm_id!r}, not {msg.vm_id!r}")
+        try:
+            wanted = {r.key: r for r in graph.manifest}
+            for known in self.modules.resolve(graph.manifest).resolved.values():
+                wanted.update({d.key: d for d in known.depends})
+            for m in msg.modules:
+                ref = wanted.get(f"{m.name}@{m.version}")
+                if ref is None:
+                    return ManagedObjectInstantiationError(reason=f"module {m.name}@{m.version} was not asked for")
+                self.modules.install(m, expected=ref)
+            resolution = self.modules.resolve(graph.manifest)
+            if resolution.missing:
+                return ModulesRequired(missing=resolution.missing)
+            check_graph(graph, self.modules, self.engine)
+        except (ModuleError, TypeResolutionError) as exc:
+            return ManagedObjectInstantiationError(reason=str(exc))
+        except GraphError as exc:
+            return ManagementStateFailed(reason=str(exc))
+        self.planes[msg.vm_id] = VmPlane.from_graph(graph, "staged", msg.migration_id)
+        return ManagementStateSuccess(element_ids=list(self.planes[msg.vm_id].elements))
+
+    async def on_migration_state(self, msg: MigrationState, ctx: Context) -> Wire:
+        plane = self._staged(msg.vm_id, msg.migration_id)
+        for e in msg.elements:
+            if e.id not in plane.elements or e.vm_id != msg.vm_id:
+                return ManagementStateFailed(reason=f"dirty element {e.id!r} was never staged")
+        for b in msg.embots:
+            if b.id not in plane.embots:
+                return ManagementStateFailed(reason=f"dirty embot {b.id!r} was never staged")
+        for e in msg.elements:
+            plane.elements[e.id] = e
+        for b in msg.embots:
+            plane.embots[b.id] = b
+            plane.state[b.id] = dict(b.state)
+        plane.reindex()
+        return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
+
+    async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
+        plane = self._staged(msg.vm_id, msg.migration_id)
+        plane.status, plane.migration_id, plane.epoch = "active", None, msg.epoch
+        self.ledger.setdefault(msg.vm_id, [])
+        return MigrationCompleteAck()
+
+    async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
+        plane = self.planes.get(msg.vm_id)
+        if plane is not None and plane.status == "staged" and plane.migration_id == msg.migration_id:
+            del self.planes[msg.vm_id]
+        return Done()
+
+    # ---- inspection -------------------------------------------------------------------
+    async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
+        return Inspection(host=self.host, service=self.service, data=self.inspect(msg.vm_id))
+
+    def inspect(self, vm_id: str | None) -> dict[str, Any]:
+        planes = {}
+        for p in self.planes.values():
+            if vm_id is not None and p.vm_id != vm_id:
+                continue
+            planes[p.vm_id] = {
+                "status": p.status,
+                "migration_id": p.migration_id,
+                "epoch": p.epoch,
+                "elements": {e.id: e.model_dump(mode="json") for e in p.elements.values()},
+                "embots": {b: p.state[b] for b in p.embots},
+            }
+        ledger = {k: v for k, v in self.ledger.items() if vm_id is None or k == vm_id}
+        return {"planes": planes, "ledger": ledger, "modules": [r.key for r in self.modules.refs()]}
+
+    def _plane(self, vm_id: str) -> VmPlane:
+        plane = self.planes.get(vm_id)
+        if plane is None:
+            raise Conflict(f"vm {vm_id!r} has no management plane on {self.host!r}")
+        return plane
+
+    def _staged(self, vm_id: str, migration_id: str) -> VmPlane:
+        plane = self._plane(vm_id)
+        if plane.migration_id != migration_id or plane.status != "staged":
+            raise Conflict(f"vm {vm_id!r} is {plane.status} here, not staged for {migration_id}")
+        return plane

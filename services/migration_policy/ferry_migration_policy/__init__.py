@@ -1,0 +1,1 @@
+"""The migration-policy service: admission of incoming migrations and resource reservations."""

@@ -1,0 +1,58 @@
+"""Per-VM event queues: one queue per element, merged in time order (VM element first on ties)."""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ferry_common.messages.domain import Event
+
+Mode = Literal["active", "frozen", "staged"]
+SEEN_WINDOW = 250_000
+
+
+def order_key(event: Event) -> tuple[float, int, str]:
+    # the seed merges the VM element's queue first, then the dependents'
+    return (event.ts, 0 if event.element_id == event.vm_id else 1, event.id)
+
+
+@dataclass
+class VmEvents:
+    """What the sensor holds for one VM."""
+
+    vm_id: str
+    mode: Mode
+    migration_id: str | None = None
+    queues: dict[str, list[Event]] = field(default_factory=dict)
+    seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    frozen_at: float | None = None
+
+    def first_time(self, event_id: str) -> bool:
+        """False for an id seen lately (a duplicate delivery); remembers a bounded window."""
+        if event_id in self.seen:
+            return False
+        self.seen[event_id] = None
+        if len(self.seen) > SEEN_WINDOW:
+            self.seen.popitem(last=False)
+        return True
+
+    def add(self, event: Event) -> bool:
+        """Queue ``event``; False if it was already here."""
+        if not self.first_time(event.id):
+            return False
+        self.queues.setdefault(event.element_id, []).append(event)
+        return True
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def merged(self) -> list[Event]:
+        """Every queued event, in time order; each element's queue is sorted first."""
+        runs = [sorted(q, key=order_key) for q in self.queues.values()]
+        return list(heapq.merge(*runs, key=order_key))
+
+    def clear(self) -> None:
+        self.queues.clear()

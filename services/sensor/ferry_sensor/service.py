@@ -1,0 +1,225 @@
+"""The sensor: events in, time-ordered dispatch out, queued while the VM migrates.
+
+Events reach a host on ``vm.<vm_id>.event``: the sensor binds that key for every VM
+whose events it takes. On the source the VM's events are *frozen* (queued) from step
+2; the target binds the key at step 4 and *stages* what arrives, so every event from
+then on reaches both hosts and none falls between them. At step 7 the target merges
+the source's queue with its own, drops duplicates by id and dispatches in time order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ferry_common.bus.topology import host_command, vm_events
+from ferry_common.endpoint import Context, Endpoint
+from ferry_common.errors import Conflict, InvalidMessage
+from ferry_common.messages.base import Wire
+from ferry_common.messages.commands import (
+    ActivateVmEvents,
+    CleanupSource,
+    CleanupTarget,
+    DispatchEvents,
+    Done,
+    EventsFrozen,
+    EventStateExport,
+    ExportEventState,
+    FreezeEvents,
+    Inspect,
+    Inspection,
+    ManagedObjectInstantiationError,
+    ManagementEventState,
+    ManagementEventStateSuccess,
+    MigrationComplete,
+    MigrationCompleteAck,
+    SourceTeardown,
+    StageEvents,
+)
+from ferry_common.messages.domain import Event
+from ferry_common.messages.public import VmEvent
+from ferry_common.service import HostService
+
+from .queues import VmEvents
+
+log = logging.getLogger(__name__)
+DISPATCH_BATCH = 2000
+
+
+class SensorService(HostService):
+    service = "sensor"
+
+    def __init__(self, host: str, endpoint: Endpoint) -> None:
+        super().__init__(host, endpoint)
+        self.vms: dict[str, VmEvents] = {}
+        self.moved: dict[str, str] = {}  # vm_id -> migration that took it away
+        self.dispatched = 0
+        self.duplicates = 0
+        self._pending: dict[str, list[Event]] = {}
+        self._flush: asyncio.Future[None] | None = None
+        self._send_lock = asyncio.Lock()
+        r = self.router
+        r.route_key("vm.*.event", VmEvent)
+        r.add(VmEvent, self.on_event)
+        r.add(ActivateVmEvents, self.on_activate)
+        r.add(Inspect, self.on_inspect)
+        self.step(FreezeEvents, self.on_freeze)
+        r.add(ExportEventState, self.on_export)
+        self.step(StageEvents, self.on_stage)
+        self.step(ManagementEventState, self.on_event_state)
+        self.step(MigrationComplete, self.on_complete)
+        self.step(SourceTeardown, self.on_teardown)
+        self.step(CleanupTarget, self.on_cleanup_target)
+        self.step(CleanupSource, self.on_cleanup_source)
+
+    def bindings(self) -> tuple[str, ...]:
+        return (host_command(self.host, self.service), *(vm_events(v) for v in self.vms))
+
+    # ---- events -------------------------------------------------------------------
+    async def on_event(self, msg: VmEvent, ctx: Context) -> None:
+        # everything up to the first await runs in delivery order: keep state changes here
+        event = Event.model_validate(msg.model_dump())
+        vm = self.vms.get(event.vm_id)
+        if vm is None:
+            if event.vm_id in self.moved:
+                # the key was bound here and on the target at once: the target has this event
+                self.duplicates += 1
+                return None
+            raise InvalidMessage(f"vm {event.vm_id!r} is not on host {self.host!r}")
+        if vm.mode != "active":
+            if not vm.add(event):
+                self.duplicates += 1
+            return None
+        if not vm.first_time(event.id):
+            self.duplicates += 1
+            return None
+        await self._dispatch([event])
+        return None
+
+    async def _dispatch(self, events: list[Event]) -> None:
+        """Dispatch in the order of calls, batching what arrives together; returns once sent.
+
+        The events join the pending batch before the first await, so a backlog handed
+        over at step 7 goes out ahead of live events that arrive while it is sent.
+        """
+        if not events:
+            return
+        self._pending.setdefault(events[0].vm_id, []).extend(events)
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.create_future()
+            loop.call_soon(lambda: asyncio.ensure_future(self._flush_now()))
+        await asyncio.shield(self._flush)
+
+    async def _flush_now(self) -> None:
+        fut, self._flush = self._flush, None
+        pending, self._pending = self._pending, {}
+        assert fut is not None
+        try:
+            async with self._send_lock:  # flushes go out one after another, in order
+                for vm_id, events in pending.items():
+                    await self._send(vm_id, events)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            return
+        fut.set_result(None)
+
+    async def _send(self, vm_id: str, events: list[Event]) -> None:
+        for i in range(0, len(events), DISPATCH_BATCH):
+            chunk = events[i : i + DISPATCH_BATCH]
+            await self.endpoint.send(host_command(self.host, "managed_object"), DispatchEvents(vm_id=vm_id, events=chunk))
+            self.dispatched += len(chunk)
+
+    # ---- commands -----------------------------------------------------------------
+    async def on_activate(self, msg: ActivateVmEvents, ctx: Context) -> Done:
+        if msg.vm_id not in self.vms:
+            self.vms[msg.vm_id] = VmEvents(msg.vm_id, "active")
+            self.moved.pop(msg.vm_id, None)
+            await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
+        return Done()
+
+    async def on_freeze(self, msg: FreezeEvents, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is None:
+            raise Conflict(f"vm {msg.vm_id!r} takes no events on {self.host!r}")
+        if vm.mode == "active":
+            vm.mode, vm.migration_id, vm.frozen_at = "frozen", msg.migration_id, self.endpoint.clock.monotonic()
+        elif vm.migration_id != msg.migration_id:
+            raise Conflict(f"vm {msg.vm_id!r} is {vm.mode} for migration {vm.migration_id}")
+        return EventsFrozen(queued=vm.queued)
+
+    async def on_export(self, msg: ExportEventState, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is None or vm.migration_id != msg.migration_id or vm.mode != "frozen":
+            raise Conflict(f"vm {msg.vm_id!r} is not frozen for migration {msg.migration_id}")
+        return EventStateExport(events=vm.merged())
+
+    async def on_stage(self, msg: StageEvents, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is None:
+            self.vms[msg.vm_id] = VmEvents(msg.vm_id, "staged", msg.migration_id)
+            self.moved.pop(msg.vm_id, None)
+            await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
+        elif vm.mode != "staged" or vm.migration_id != msg.migration_id:
+            raise Conflict(f"vm {msg.vm_id!r} is already {vm.mode} here")
+        return Done()
+
+    async def on_event_state(self, msg: ManagementEventState, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is None or vm.mode != "staged" or vm.migration_id != msg.migration_id:
+            raise Conflict(f"vm {msg.vm_id!r} is not staged for migration {msg.migration_id}")
+        known = set(msg.element_ids)
+        strangers = sorted({e.element_id for e in msg.events if e.element_id not in known or e.vm_id != msg.vm_id})
+        if strangers:
+            return ManagedObjectInstantiationError(reason=f"events for elements not migrated: {', '.join(strangers[:5])}")
+        added = sum(1 for e in msg.events if vm.add(e))
+        return ManagementEventStateSuccess(staged=added)
+
+    async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is None or vm.migration_id != msg.migration_id:
+            raise Conflict(f"vm {msg.vm_id!r} is not staged for migration {msg.migration_id}")
+        events = vm.merged()
+        vm.mode, vm.migration_id = "active", None
+        vm.clear()
+        await self._dispatch(events)
+        return MigrationCompleteAck(dispatched=len(events))
+
+    async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is not None and vm.migration_id == msg.migration_id:
+            del self.vms[msg.vm_id]
+            self.moved[msg.vm_id] = msg.migration_id
+            await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
+        return Done()
+
+    async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is not None and vm.mode == "staged" and vm.migration_id == msg.migration_id:
+            del self.vms[msg.vm_id]
+            await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
+            return Done(detail={"purged": vm.queued})
+        return Done()
+
+    async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Wire:
+        vm = self.vms.get(msg.vm_id)
+        if vm is None or vm.mode != "frozen" or vm.migration_id != msg.migration_id:
+            return Done()
+        events = vm.merged()
+        vm.mode, vm.migration_id = "active", None
+        vm.clear()
+        # thawed: what queued up is dispatched here, in its original order, not dropped
+        await self._dispatch(events)
+        return Done(detail={"thawed": len(events)})
+
+    async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
+        return Inspection(host=self.host, service=self.service, data=self.inspect(msg.vm_id))
+
+    def inspect(self, vm_id: str | None) -> dict[str, Any]:
+        vms = {
+            v.vm_id: {"mode": v.mode, "migration_id": v.migration_id, "queued": v.queued}
+            for v in self.vms.values()
+            if vm_id is None or v.vm_id == vm_id
+        }
+        return {"vms": vms, "dispatched": self.dispatched, "duplicates": self.duplicates}

@@ -1,0 +1,220 @@
+"""A Ferry cluster for tests: coordinator and hosts on one bus, and the invariant checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry_cli.client import FerryClient
+from ferry_cli.cluster import Host, HostOptions, build_coordinator, build_host
+from ferry_cli.sample import MODULES, graph, vm_spec
+from ferry_common.bus.amqp import AmqpBus
+from ferry_common.bus.interfaces import Bus
+from ferry_common.bus.memory import MemoryBus
+from ferry_common.clock import Clock, SystemClock
+from ferry_common.endpoint import Endpoint
+from ferry_common.messages.domain import Event, ManagementGraph, Module
+from ferry_common.messages.public import VmEvent
+from ferry_coordinator.service import CoordinatorService
+from ferry_coordinator.store import MemorySagaStore, SagaStore
+from ferry_coordinator.timeouts import SagaTimeouts
+
+AMQP_BASE = os.environ.get("FERRY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+FAST = SagaTimeouts(reply_s=1.0, attempts=2, status_poll_s=0.5, forward_retry_s=0.05, forward_retry_max_s=0.5, lease_s=5.0)
+
+
+def make_vhost() -> str:
+    """A private RabbitMQ vhost, so runs and leftovers of earlier runs never meet."""
+    name = f"ferry-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True, capture_output=True)
+    return name
+
+
+def drop_vhost(name: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True)
+
+
+def amqp_url(vhost: str) -> str:
+    return AMQP_BASE.rstrip("/") + "/" + vhost
+
+
+async def new_bus(kind: str, vhost: str | None = None, shared: MemoryBus | None = None) -> Bus:
+    if kind == "memory":
+        return shared or MemoryBus()
+    assert vhost is not None
+    bus = AmqpBus(amqp_url(vhost), name=f"test-{uuid.uuid4().hex[:6]}")
+    await bus.connect()
+    return bus
+
+
+@dataclass
+class Cluster:
+    kind: str
+    buses: list[Bus]
+    coordinator: CoordinatorService
+    hosts: dict[str, Host]
+    client: FerryClient
+    store: SagaStore
+    clock: Clock
+    sent: dict[str, list[Event]] = field(default_factory=dict)
+    vhost: str | None = None
+    _ts: float = 0.0
+
+    def host(self, name: str) -> Host:
+        return self.hosts[name]
+
+    async def create_vm(self, host: str, vm_id: str, *, memory_mib: int = 1024, modules: list[Module] | None = None,
+                        g: ManagementGraph | None = None, **params: Any) -> None:
+        spec = vm_spec(vm_id, memory_mib=memory_mib, **params)
+        await self.client.create_vm(host, spec, g or graph(vm_id), MODULES if modules is None else modules)
+        await self.wait_placement(vm_id, host)
+
+    async def wait_placement(self, vm_id: str, host: str, timeout: float = 10.0) -> None:
+        async def placed() -> bool:
+            loc = self.coordinator.hosts.locate(vm_id)
+            return loc is not None and loc[0] == host
+        await until(placed, timeout, f"coordinator to see {vm_id} on {host}")
+
+    async def send_events(self, vm_id: str, n: int, **kw: Any) -> list[Event]:
+        from ferry_cli.sample import event
+        out = []
+        start = len(self.sent.get(vm_id, []))
+        for i in range(start, start + n):
+            self._ts += 1.0
+            ev = event(vm_id, i, 1_000_000.0 + self._ts, **kw)
+            await self.client.send_event(VmEvent.model_validate(ev.model_dump()))
+            out.append(ev)
+        self.sent.setdefault(vm_id, []).extend(out)
+        return out
+
+    async def migrate(self, vm_id: str, target: str, *, timeout: float = 60.0, **kw: Any) -> Any:
+        mid = await self.client.migrate(vm_id, target, **kw)
+        return await self.client.outcome(mid, timeout=timeout)
+
+    async def settle(self, vm_id: str, timeout: float = 10.0) -> None:
+        """Wait until every sent event has been dispatched somewhere (or time runs out)."""
+        want = {e.id for e in self.sent.get(vm_id, [])}
+
+        async def done() -> bool:
+            got: set[str] = set()
+            for h in self.hosts.values():
+                got.update(h.managed_object.ledger.get(vm_id, []))
+            return want <= got
+        await until(done, timeout, f"all events of {vm_id} to be dispatched", raise_=False)
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.coordinator.stop()
+        await self.coordinator.endpoint.close()
+        for h in self.hosts.values():
+            await h.stop()
+        seen: set[int] = set()
+        for b in self.buses:
+            if id(b) not in seen:
+                seen.add(id(b))
+                await b.close()
+        if self.vhost:
+            drop_vhost(self.vhost)
+
+
+async def until(check: Any, timeout: float, what: str, *, raise_: bool = True) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.01)
+    if raise_:
+        raise AssertionError(f"timed out waiting for {what}")
+    return False
+
+
+async def make_cluster(
+    kind: str,
+    hosts: tuple[str, ...] = ("host-a", "host-b", "host-c"),
+    *,
+    timeouts: SagaTimeouts = FAST,
+    options: dict[str, HostOptions] | None = None,
+    store: SagaStore | None = None,
+    clock: Clock | None = None,
+) -> Cluster:
+    clock = clock or SystemClock()
+    vhost = make_vhost() if kind == "rabbitmq" else None
+    shared = MemoryBus() if kind == "memory" else None
+    buses: list[Bus] = []
+
+    async def bus() -> Bus:
+        b = await new_bus(kind, vhost, shared)
+        buses.append(b)
+        return b
+
+    store = store or MemorySagaStore()
+    coordinator = build_coordinator(await bus(), store, clock=clock, timeouts=timeouts)
+    await coordinator.start()
+    built: dict[str, Host] = {}
+    for name in hosts:
+        opts = (options or {}).get(name, HostOptions(inventory_interval_s=0.5))
+        h = build_host(name, await bus(), clock=clock, options=opts)
+        await h.start()
+        built[name] = h
+    client = FerryClient(Endpoint(await bus(), "client/test", clock=clock), timeout=5.0)
+    await client.watch()
+    cluster = Cluster(kind, buses, coordinator, built, client, store, clock, vhost=vhost)
+
+    async def known() -> bool:
+        return all(coordinator.hosts.known(h) for h in hosts)
+    await until(known, 10.0, "hosts to report their inventory")
+    return cluster
+
+
+async def check_invariants(c: Cluster, vm_id: str, where: str) -> dict[str, Any]:
+    """Exactly one active plane, where the VM runs; nothing staged; every event once, in order."""
+    problems: list[str] = []
+    active = []
+    for name, h in c.hosts.items():
+        plane = h.managed_object.planes.get(vm_id)
+        vm_state = await h.adapter.driver.state(vm_id)
+        if plane is not None and plane.status == "active":
+            active.append(name)
+        elif plane is not None:
+            problems.append(f"{name}: plane left {plane.status}")
+        sensor_vm = h.sensor.vms.get(vm_id)
+        if sensor_vm is not None and (sensor_vm.mode != "active" or sensor_vm.queued):
+            problems.append(f"{name}: sensor {sensor_vm.mode} with {sensor_vm.queued} queued")
+        if name != where and sensor_vm is not None:
+            problems.append(f"{name}: sensor still takes events of {vm_id}")
+        if any(r.vm_id == vm_id for r in h.migration_policy.reservations.values()):
+            problems.append(f"{name}: reservation left")
+        if name == where and vm_state != "running":
+            problems.append(f"{name}: VM is {vm_state}, not running")
+        if name != where and vm_state not in ("absent",):
+            problems.append(f"{name}: VM is {vm_state} here too")
+    if active != [where]:
+        problems.append(f"active planes on {active}, expected only on {where}")
+    await c.settle(vm_id)
+    sent = c.sent.get(vm_id, [])
+    dispatched: list[str] = []
+    for h in c.hosts.values():
+        dispatched.extend(h.managed_object.ledger.get(vm_id, []))
+    sent_ids = [e.id for e in sent]
+    if sorted(dispatched) != sorted(sent_ids):
+        lost = set(sent_ids) - set(dispatched)
+        dup = len(dispatched) - len(set(dispatched))
+        problems.append(f"events: {len(lost)} lost, {dup} duplicated, {len(set(dispatched) - set(sent_ids))} unknown")
+    ts = {e.id: e.ts for e in sent}
+    order = [ts[i] for i in dispatched if i in ts]
+    # the ledger is per host; across hosts the source's part precedes the target's
+    per_host_ok = all(
+        [ts[i] for i in h.managed_object.ledger.get(vm_id, []) if i in ts]
+        == sorted(ts[i] for i in h.managed_object.ledger.get(vm_id, []) if i in ts)
+        for h in c.hosts.values()
+    )
+    if not per_host_ok:
+        problems.append("events dispatched out of time order")
+    assert not problems, "; ".join(problems)
+    return {"active": where, "dispatched": len(order)}
