@@ -281,11 +281,13 @@ class SagaStoreSuite:
             await store.save(held, owner="replica-a")
         assert await store.renew("m-1", "replica-a", until=2000.0) is False
 
-    async def test_claim_again_by_the_holder(self, store: SagaStore) -> None:
+    async def test_the_holder_renews_rather_than_claims(self, store: SagaStore) -> None:
+        # claiming its own live saga again would bump the version under the driving task
         await store.create(saga())
         await store.claim("replica-a", now=1000.0, lease_s=30.0)
-        [again] = await store.claim("replica-a", now=1010.0, lease_s=30.0)
-        assert (again.owner, again.lease_until) == ("replica-a", 1040.0)
+        assert await store.claim("replica-a", now=1010.0, lease_s=30.0) == []
+        [again] = await store.claim("replica-a", now=1031.0, lease_s=30.0)
+        assert (again.owner, again.lease_until) == ("replica-a", 1061.0)
 
     async def test_claim_skips_terminal_sagas(self, store: SagaStore) -> None:
         for i, status in enumerate(sorted(TERMINAL)):

@@ -6,10 +6,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ferry_common.messages.domain import Element, Embot, ManagementGraph
+from ferry_common.messages.domain import Element, Embot, Event, ManagementGraph
 
 from .modules import ModuleRegistry
-from .policy import PolicyEngine, PolicyError
+from .policy import Effect, PolicyEngine, PolicyError
 
 Status = Literal["active", "exporting", "sealed", "staged"]
 RECENT_IDS = 4096
@@ -90,6 +90,52 @@ class VmPlane:
     def mark_embot(self, embot_id: str) -> None:
         if self.status == "exporting":
             self.dirty_embots.add(embot_id)
+
+
+Fired = tuple[str, str, str, Effect]  # element id, embot id, policy name, effect
+
+
+def apply_event(engine: PolicyEngine, plane: VmPlane, event: Event) -> list[Fired]:
+    """Run every policy that watches ``event``'s element; state changes happen here, in place.
+
+    Alarms are state too (an alarm raised is remembered, raised once); the effects
+    returned are what must leave the host: alarm notices, emitted events, migrate requests.
+    """
+    element = plane.elements.get(event.element_id)
+    if element is None:
+        return []
+    ev = {"id": event.id, "kind": event.kind, "ts": event.ts, "element_id": event.element_id, "data": event.data}
+    el = {"id": element.id, "type": element.type, "attributes": element.attributes}
+    out: list[Fired] = []
+    for embot_id in plane.by_element.get(event.element_id, ()):
+        state = plane.state[embot_id]
+        for policy in plane.embots[embot_id].policies:
+            try:
+                effects = engine.run(policy, ev, el, state)
+            except PolicyError:
+                state["policy_errors"] = int(state.get("policy_errors", 0)) + 1  # type: ignore[call-overload]
+                continue
+            for effect in effects:
+                if _apply_alarm(state, policy.name, element.id, effect):
+                    out.append((element.id, embot_id, policy.name, effect))
+        plane.mark_embot(embot_id)
+    return out
+
+
+def _apply_alarm(state: dict[str, object], policy: str, element_id: str, effect: Effect) -> bool:
+    """Update the alarm state; False when there is nothing more to do for ``effect``."""
+    if effect.kind not in ("alarm", "clear_alarm"):
+        return True
+    alarms = state.setdefault("alarms", {})
+    assert isinstance(alarms, dict)
+    name = effect.key or policy
+    if effect.kind == "clear_alarm":
+        alarms.pop(name, None)
+        return False
+    if name in alarms:
+        return False  # already raised: an alarm is a state, not a stream
+    alarms[name] = {"element": element_id, "detail": effect.value}
+    return True
 
 
 def check_graph(graph: ManagementGraph, modules: ModuleRegistry, engine: PolicyEngine) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import celpy
 from celpy import celtypes
-
 from ferry_common.messages.domain import Action, Policy
 
 

@@ -42,13 +42,12 @@ from ferry_common.messages.commands import (
     SetAttributes,
     SourceTeardown,
 )
-from ferry_common.messages.domain import Event
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
 from ferry_common.service import HostService
 
 from .modules import ModuleError, ModuleRegistry
-from .plane import GraphError, TypeResolutionError, VmPlane, check_graph
-from .policy import Effect, PolicyEngine, PolicyError
+from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_graph
+from .policy import Effect, PolicyEngine
 
 log = logging.getLogger(__name__)
 
@@ -128,46 +127,18 @@ class ManagedObjectService(HostService):
             if not plane.first_time(event.id):
                 continue  # a redelivered dispatch: each event acts once
             ledger.append(event.id)
-            effects.extend(self._apply(plane, event))
+            effects.extend(apply_event(self.engine, plane, event))
         for element_id, embot_id, policy, effect in effects:
             await self._effect(plane, element_id, embot_id, policy, effect)
         return None
 
-    def _apply(self, plane: VmPlane, event: Event) -> list[tuple[str, str, str, Effect]]:
-        element = plane.elements.get(event.element_id)
-        if element is None:
-            return []
-        ev = {"id": event.id, "kind": event.kind, "ts": event.ts, "element_id": event.element_id, "data": event.data}
-        el = {"id": element.id, "type": element.type, "attributes": element.attributes}
-        out = []
-        for embot_id in plane.by_element.get(event.element_id, ()):
-            state = plane.state[embot_id]
-            for policy in plane.embots[embot_id].policies:
-                try:
-                    for effect in self.engine.run(policy, ev, el, state):
-                        out.append((element.id, embot_id, policy.name, effect))
-                except PolicyError as exc:
-                    self.policy_errors += 1
-                    state["policy_errors"] = int(state.get("policy_errors", 0)) + 1  # type: ignore[call-overload]
-                    log.debug("policy %s of %s: %s", policy.name, embot_id, exc)
-            plane.mark_embot(embot_id)
-        return out
-
     async def _effect(self, plane: VmPlane, element_id: str, embot_id: str, policy: str, effect: Effect) -> None:
-        state = plane.state[embot_id]
-        alarms = state.setdefault("alarms", {})
-        assert isinstance(alarms, dict)
         try:
             if effect.kind == "alarm":
                 name = effect.key or policy
-                if name in alarms:
-                    return  # already raised: an alarm is a state, not a stream
-                alarms[name] = {"element": element_id, "detail": effect.value}
                 a = Alarm(vm_id=plane.vm_id, element_id=element_id, embot_id=embot_id, policy=policy,
                           host=self.host, name=name, detail=effect.value if isinstance(effect.value, dict) else {"value": effect.value})
                 await self.endpoint.send(alarm(plane.vm_id), a)
-            elif effect.kind == "clear_alarm":
-                alarms.pop(effect.key or policy, None)
             elif effect.kind == "emit":
                 data = effect.value if isinstance(effect.value, dict) else {"value": effect.value}
                 ev = VmEvent(id=new_id(), vm_id=plane.vm_id, element_id=element_id, kind=effect.key or "emitted",

@@ -11,12 +11,12 @@ async def open_store(url: str) -> SagaStore:
     if url.startswith("memory:"):
         return MemorySagaStore()
     if url.startswith("sqlite:"):
-        from .sqlite import SqliteSagaStore  # type: ignore[import-not-found]
+        from .sqlite import SqliteSagaStore
 
         store: SagaStore = await SqliteSagaStore.open(url)
         return store
     if url.startswith(("postgres://", "postgresql://")):
-        from .postgres import PostgresSagaStore  # type: ignore[import-not-found]
+        from .postgres import PostgresSagaStore
 
         store = await PostgresSagaStore.open(url)
         return store

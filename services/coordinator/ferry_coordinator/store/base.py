@@ -8,6 +8,7 @@ record's ``version`` (optimistic concurrency) and by the driving replica's lease
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,13 +111,16 @@ class SagaStore(Protocol):
         """Write ``record`` if its ``version`` is current and ``owner`` holds its lease
         (or nobody does); returns it with ``version`` incremented. Raises ``Conflict`` otherwise."""
 
-    async def list(self, *, vm_id: str | None = None, limit: int = 50) -> list[SagaRecord]:
+    async def list(self, *, vm_id: str | None = None, limit: int = 50) -> builtins.list[SagaRecord]:
         """Newest first."""
 
     async def active_for_vm(self, vm_id: str) -> SagaRecord | None: ...
 
-    async def claim(self, owner: str, *, now: float, lease_s: float, limit: int = 100) -> list[SagaRecord]:
-        """Take the lease of non-terminal sagas that nobody holds or whose lease expired."""
+    async def claim(self, owner: str, *, now: float, lease_s: float, limit: int = 100) -> builtins.list[SagaRecord]:
+        """Take the lease of non-terminal sagas that nobody holds or whose lease expired.
+
+        A holder keeps a live lease with :meth:`renew`; claiming bumps the version.
+        """
 
     async def renew(self, migration_id: str, owner: str, *, until: float) -> bool:
         """Extend ``owner``'s lease; False if it lost it."""
@@ -124,7 +128,7 @@ class SagaStore(Protocol):
     async def request_cancel(self, migration_id: str) -> SagaRecord | None:
         """Mark the saga for cancellation (whichever replica drives it will see it)."""
 
-    async def add_spans(self, migration_id: str, spans: list[dict[str, Any]]) -> None:
+    async def add_spans(self, migration_id: str, spans: builtins.list[dict[str, Any]]) -> None:
         """Keep finished spans of a migration's trace, for ``ferry trace``."""
 
-    async def spans(self, migration_id: str) -> list[dict[str, Any]]: ...
+    async def spans(self, migration_id: str) -> builtins.list[dict[str, Any]]: ...

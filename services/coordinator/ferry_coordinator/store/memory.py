@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
 from typing import Any
 
@@ -49,7 +50,7 @@ class MemorySagaStore:
         self._rows[record.migration_id] = stored
         return copy.deepcopy(stored)
 
-    async def list(self, *, vm_id: str | None = None, limit: int = 50) -> list[SagaRecord]:
+    async def list(self, *, vm_id: str | None = None, limit: int = 50) -> builtins.list[SagaRecord]:
         rows = [r for r in self._rows.values() if vm_id is None or r.vm_id == vm_id]
         rows.sort(key=lambda r: (r.created_at, r.migration_id), reverse=True)
         return [copy.deepcopy(r) for r in rows[:limit]]
@@ -60,12 +61,12 @@ class MemorySagaStore:
                 return copy.deepcopy(r)
         return None
 
-    async def claim(self, owner: str, *, now: float, lease_s: float, limit: int = 100) -> list[SagaRecord]:
-        out = []
+    async def claim(self, owner: str, *, now: float, lease_s: float, limit: int = 100) -> builtins.list[SagaRecord]:
+        out: builtins.list[SagaRecord] = []
         for r in self._rows.values():
             if r.terminal or len(out) >= limit:
                 continue
-            if r.owner is None or r.owner == owner or r.lease_until < now:
+            if r.owner is None or r.lease_until < now:
                 r.owner, r.lease_until = owner, now + lease_s
                 r.version += 1
                 out.append(copy.deepcopy(r))
@@ -86,8 +87,8 @@ class MemorySagaStore:
             r.cancel_requested = True  # no version bump: the driver's next save merges the flag
         return copy.deepcopy(r)
 
-    async def add_spans(self, migration_id: str, spans: list[dict[str, Any]]) -> None:
+    async def add_spans(self, migration_id: str, spans: builtins.list[dict[str, Any]]) -> None:
         self._spans.setdefault(migration_id, []).extend(copy.deepcopy(spans))
 
-    async def spans(self, migration_id: str) -> list[dict[str, Any]]:
+    async def spans(self, migration_id: str) -> builtins.list[dict[str, Any]]:
         return copy.deepcopy(self._spans.get(migration_id, []))

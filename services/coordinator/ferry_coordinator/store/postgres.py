@@ -271,7 +271,7 @@ class PostgresSagaStore:
             "WITH picked AS ("
             "  SELECT id FROM ferry_sagas "
             f"  WHERE status NOT IN {_TERMINAL_SQL} "
-            "   AND (owner IS NULL OR owner = $1 OR lease_until < $2) "
+            "   AND (owner IS NULL OR lease_until < $2) "
             "  ORDER BY created_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
             "UPDATE ferry_sagas s SET owner = $1, lease_until = $2 + $3, version = s.version + 1 "
             f"FROM picked WHERE s.id = picked.id RETURNING "

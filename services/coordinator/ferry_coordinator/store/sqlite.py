@@ -275,10 +275,10 @@ class SqliteSagaStore:
                 "UPDATE ferry_sagas SET owner = ?, lease_until = ?, version = version + 1 "
                 "WHERE id IN (SELECT id FROM ferry_sagas "
                 f"  WHERE status NOT IN {_TERMINAL_SQL} "
-                "   AND (owner IS NULL OR owner = ? OR lease_until < ?) "
+                "   AND (owner IS NULL OR lease_until < ?) "
                 "   ORDER BY created_at, id LIMIT ?) "
                 f"RETURNING {_COLUMNS}",
-                (owner, now + lease_s, owner, now, limit),
+                (owner, now + lease_s, now, limit),
             )
         records = [_row_to_record(r) for r in rows]
         records.sort(key=lambda r: (r.created_at, r.migration_id))  # RETURNING has no order
