@@ -73,6 +73,8 @@ _IDENTITY = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,127}){0,7}"
 )
 
+_EVERYONE = ["client/*", "host/*", "coordinator"]
+
 #: The policy used when a key directory has no ``permissions.json``.
 DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     # the public contract: only configured clients start or stop migrations
@@ -81,8 +83,15 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     # read-only queries the CLI makes
     "ListMigrations": ["client/*"],
     "GetTrace": ["client/*"],
-    "Inspect": ["client/*", "coordinator"],
-    "HealthCheck": ["client/*", "host/*", "coordinator"],
+    "Inspect": _EVERYONE,
+    "HealthCheck": _EVERYONE,
+    # provisioning and event injection the CLI does (ferry_cli.client): every client is an
+    # operator by default; narrow these to e.g. "client/ops-*" in permissions.json
+    "CreateVm": _EVERYONE,
+    "RegisterManagementGraph": _EVERYONE,
+    "ActivateVmEvents": _EVERYONE,
+    "SetAttributes": _EVERYONE,
+    "VmEvent": _EVERYONE,
     # everything else is service-to-service traffic
     "*": ["host/*", "coordinator"],
 }
