@@ -1,0 +1,447 @@
+"""libvirt: guests are transient domains of one libvirt daemon per host, migrated peer-to-peer.
+
+In peer-to-peer mode the source daemon connects to the target daemon and drives every phase
+itself, so the target side has little to do up front: :meth:`LibvirtDriver.prepare_incoming`
+checks the guest does not already run here, picks a free TCP port for the migration stream
+and returns a URI that encodes both what the source needs::
+
+    ferry-libvirt:?dconnuri=<target daemon URI, as the source daemon reaches it>&miguri=tcp://127.0.0.1:PORT
+
+The source passes ``dconnuri`` to ``migrateToURI3`` and ``miguri`` as the migration URI, with
+the listen address pinned to the host of ``miguri`` (otherwise QEMU on the target listens on
+every interface). On the target the incoming domain appears only once the stream starts.
+
+A completed peer-to-peer migration ends the source domain: unlike QEMU, there is no paused
+copy to resume, so a cancel after completion does nothing and recovery can only go forward.
+
+libvirt calls block, so each runs in a worker thread; ``libvirt`` is imported lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
+
+from ferry_common.messages.domain import VmSpec
+
+from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
+from .guest import STATUS_ADDR, GuestStatus, default_guest_image, guest_cmdline
+from .precopy import PrecopyWatch
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+URI_SCHEME = "ferry-libvirt"
+METADATA_NS = "https://ferry.invalid/xmlns/vm/1"
+# libvirt's default bandwidth for QEMU is effectively unlimited; a cap of 0 keeps that
+_UNLIMITED = 0
+
+# libvirt constants, copied so that this module imports without libvirt installed
+_RUNNING, _PAUSED, _SHUTDOWN, _SHUTOFF, _CRASHED, _PMSUSPENDED = 1, 3, 4, 5, 6, 7
+_PAUSED_MIGRATION, _PAUSED_STARTING_UP = 2, 11
+_JOB_NONE = 0
+_OP_MIGRATION_IN = 4
+
+
+def _lv() -> Any:
+    import libvirt  # lazy: only this driver needs the bindings
+
+    return libvirt
+
+
+def encode_uri(dconnuri: str, miguri: str) -> str:
+    """The URI :meth:`LibvirtDriver.prepare_incoming` hands to the source."""
+    return f"{URI_SCHEME}:?dconnuri={quote(dconnuri, safe='')}&miguri={quote(miguri, safe='')}"
+
+
+def decode_uri(uri: str) -> tuple[str, str]:
+    """``(dconnuri, miguri)`` from :func:`encode_uri`'s output."""
+    parts = urlsplit(uri)
+    query = parse_qs(parts.query)
+    if parts.scheme != URI_SCHEME or "dconnuri" not in query or "miguri" not in query:
+        raise ValueError(f"not a {URI_SCHEME} URI: {uri!r}")
+    return query["dconnuri"][0], query["miguri"][0]
+
+
+def domain_name(vm_id: str) -> str:
+    """libvirt forbids '/' in names; other characters of a Ferry name are fine."""
+    return vm_id.replace("/", "_")
+
+
+class LibvirtDriver:
+    """The :class:`~.base.Driver` protocol over a libvirt daemon.
+
+    Options: ``uri`` (this host's daemon, e.g. ``qemu:///system`` or
+    ``qemu+unix:///system?socket=...``), ``peer_uri`` (how *other* hosts' daemons reach this
+    one, for peer-to-peer migration; default ``uri``), ``migration_host`` (address the
+    incoming QEMU listens on, ``127.0.0.1``), ``run_dir`` (marker files of incoming guests,
+    default ``/tmp/ferry-libvirt-driver/<host>``), ``guest_image`` (the ``-kernel`` ELF; must
+    exist at the same path on every host), ``emulator``, ``machine`` (``pc``),
+    ``domain_type`` (``qemu`` = TCG; ``kvm`` where available), ``finish_timeout_s``.
+    """
+
+    name = "libvirt"
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        uri: str = "qemu:///system",
+        peer_uri: str | None = None,
+        migration_host: str = "127.0.0.1",
+        run_dir: str | os.PathLike[str] | None = None,
+        guest_image: str | os.PathLike[str] | None = None,
+        emulator: str = "/usr/bin/qemu-system-x86_64",
+        machine: str = "pc",
+        domain_type: str = "qemu",
+        finish_timeout_s: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.uri = uri
+        self.peer_uri = peer_uri or uri
+        self.migration_host = migration_host
+        safe_host = re.sub(r"[^A-Za-z0-9._-]", "_", host)
+        self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-libvirt-driver") / safe_host
+        self._guest_image = Path(guest_image) if guest_image else None
+        self.emulator = emulator
+        self.machine = machine
+        self.domain_type = domain_type
+        self.finish_timeout_s = finish_timeout_s
+        self._conn: Any = None
+        self._cancel_requested: set[str] = set()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        lv = _lv()
+        # libvirt prints every error to stderr by default; they reach us as exceptions anyway
+        lv.registerErrorHandler(lambda _ctx, _err: None, None)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._conn = await asyncio.to_thread(lv.open, self.uri)
+        if self._guest_image is None:
+            self._guest_image = await asyncio.to_thread(default_guest_image)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(conn.close)
+
+    async def create(self, spec: VmSpec) -> None:
+        dom = await self._lookup(spec.vm_id)
+        if dom is not None and await asyncio.to_thread(dom.isActive):
+            return
+        await asyncio.to_thread(self._connection().createXML, self._domain_xml(spec), 0)
+
+    async def destroy(self, vm_id: str) -> None:
+        self._marker(vm_id).unlink(missing_ok=True)
+        dom = await self._lookup(vm_id)
+        if dom is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(dom.destroy)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(dom.undefine)
+
+    async def list(self) -> list[VmSpec]:
+        lv = _lv()
+        domains = await asyncio.to_thread(
+            self._connection().listAllDomains, lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        )
+        out = []
+        for dom in domains:
+            spec = await asyncio.to_thread(self._spec_of, dom)
+            if spec is not None and await self.state(spec.vm_id) in ("running", "paused"):
+                out.append(spec)
+        return out
+
+    async def state(self, vm_id: str) -> VmState:
+        dom = await self._lookup(vm_id)
+        if dom is None:
+            return "absent"
+        try:
+            state, reason = await asyncio.to_thread(dom.state)
+            if state == _RUNNING:
+                return "running"
+            if state in (_SHUTDOWN, _SHUTOFF, _CRASHED):
+                return "shutoff"
+            if state == _PAUSED and reason in (_PAUSED_MIGRATION, _PAUSED_STARTING_UP):
+                job = await asyncio.to_thread(dom.jobStats)
+                if job.get("type", _JOB_NONE) != _JOB_NONE:
+                    return (
+                        "inmigrate" if job.get("operation") == _OP_MIGRATION_IN else "postmigrate"
+                    )
+            return "paused"
+        except _lv().libvirtError:
+            return "absent"  # it went away between the lookup and the question
+
+    # --- migration: target side -----------------------------------------------------------
+
+    async def prepare_incoming(self, spec: VmSpec, params: MigrationParams) -> str:
+        marker = self._marker(spec.vm_id)
+        if marker.exists():
+            return marker.read_text()
+        if await self.state(spec.vm_id) in ("running", "paused"):
+            raise RuntimeError(f"vm {spec.vm_id} already runs on {self.host}")
+        uri = encode_uri(
+            self.peer_uri, f"tcp://{self.migration_host}:{_free_port(self.migration_host)}"
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(uri)
+        tmp.replace(marker)
+        return uri
+
+    async def finish_incoming(self, vm_id: str) -> bool:
+        deadline = time.monotonic() + self.finish_timeout_s
+        while True:
+            state = await self.state(vm_id)
+            # libvirt resumes the target in the Finish phase, a moment after the source returns
+            if state not in ("inmigrate", "absent") or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        if state == "running":
+            self._marker(vm_id).unlink(missing_ok=True)
+            return True
+        return False
+
+    async def abort_incoming(self, vm_id: str) -> None:
+        marker = self._marker(vm_id)
+        if not marker.exists():
+            return
+        # a running domain here is the only copy left (p2p ended the source): never destroy it
+        if await self.state(vm_id) in ("inmigrate", "paused", "shutoff"):
+            dom = await self._lookup(vm_id)
+            if dom is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(dom.destroy)
+        marker.unlink(missing_ok=True)
+
+    # --- migration: source side -----------------------------------------------------------
+
+    async def migrate(
+        self, vm_id: str, uri: str, params: MigrationParams, on_progress: ProgressCallback
+    ) -> MigrationResult:
+        lv = _lv()
+        dconnuri, miguri = decode_uri(uri)
+        dom = await self._lookup(vm_id)
+        if dom is None:
+            # a replayed call after success: the guest runs on the target, not here
+            if await _runs_at(dconnuri, vm_id):
+                return MigrationResult(
+                    "completed", stats=await _completed_stats(dconnuri, vm_id, {})
+                )
+            return MigrationResult("failed", f"vm {vm_id} is not on {self.host}")
+        if await self.state(vm_id) != "running":
+            return MigrationResult("failed", f"vm {vm_id} is not running on {self.host}")
+        spec = await asyncio.to_thread(self._spec_of, dom)
+        memory_mib = spec.memory_mib if spec else (await asyncio.to_thread(dom.maxMemory)) // 1024
+
+        await asyncio.to_thread(dom.migrateSetMaxDowntime, params.downtime_limit_ms, 0)
+        flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
+        if params.auto_converge:
+            flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
+        call = {
+            lv.VIR_MIGRATE_PARAM_URI: miguri,
+            lv.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: urlsplit(miguri).hostname or self.migration_host,
+            lv.VIR_MIGRATE_PARAM_BANDWIDTH: params.bandwidth_mibps or _UNLIMITED,
+        }
+        self._cancel_requested.discard(vm_id)
+        watch = PrecopyWatch(params, memory_mib)
+        job = asyncio.create_task(asyncio.to_thread(dom.migrateToURI3, dconnuri, call, flags))
+        last: dict[str, Any] = {}
+        reason: str | None = None
+        while not job.done():
+            stats = await _job_stats(dom)
+            if stats.get("memory_total"):
+                last = stats
+                sample = _progress("active", stats)
+                await on_progress(sample)
+                watch.observe(sample.remaining_bytes)
+            if reason is None and vm_id not in self._cancel_requested:
+                reason = watch.expired()
+                if reason:
+                    log.info("vm %s: %s, aborting the migration job", vm_id, reason)
+                    with contextlib.suppress(lv.libvirtError):
+                        await asyncio.to_thread(dom.abortJob)
+            await asyncio.wait({job}, timeout=params.poll_interval_s)
+        try:
+            job.result()
+        except lv.libvirtError as exc:
+            if vm_id in self._cancel_requested:
+                self._cancel_requested.discard(vm_id)
+                return MigrationResult("cancelled", "migration cancelled", _stats(last))
+            return MigrationResult("failed", reason or str(exc), _stats(last))
+        stats = await _completed_stats(dconnuri, vm_id, last)
+        stats.setdefault("total_time_ms", round((time.monotonic() - watch.started) * 1000, 3))
+        await on_progress(_progress("completed", {**last, "memory_remaining": 0}))
+        return MigrationResult("completed", stats=stats)
+
+    async def cancel_migration(self, vm_id: str) -> None:
+        dom = await self._lookup(vm_id)
+        if dom is None:
+            return  # gone: either never here or already migrated (nothing left to resume)
+        job = await _job_stats(dom)
+        if job.get("type", _JOB_NONE) != _JOB_NONE:
+            self._cancel_requested.add(vm_id)
+            with contextlib.suppress(_lv().libvirtError):
+                await asyncio.to_thread(dom.abortJob)
+
+    async def confirm_source(self, vm_id: str) -> None:
+        state = await self.state(vm_id)
+        if state == "absent":
+            return  # the usual case: p2p ends a transient source domain itself
+        if state in ("postmigrate", "paused", "shutoff"):
+            await self.destroy(vm_id)
+        else:
+            log.warning("confirm_source(%s): guest is %s here, left alone", vm_id, state)
+
+    # --- extras for tests and benchmarks ----------------------------------------------------
+
+    async def guest_status(self, vm_id: str) -> GuestStatus:
+        """Read the test guest's status block (see :mod:`.guest`) from guest-physical memory."""
+        lv = _lv()
+        dom = await self._lookup(vm_id)
+        if dom is None:
+            raise LookupError(f"no domain {vm_id} on {self.host}")
+        raw = await asyncio.to_thread(dom.memoryPeek, STATUS_ADDR, 16, lv.VIR_MEMORY_PHYSICAL)
+        return GuestStatus.from_bytes(bytes(raw))
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            raise RuntimeError("LibvirtDriver.start() was not called")
+        return self._conn
+
+    def _marker(self, vm_id: str) -> Path:
+        return self.run_dir / f"{domain_name(vm_id)}.incoming"
+
+    async def _lookup(self, vm_id: str) -> Any:
+        try:
+            return await asyncio.to_thread(self._connection().lookupByName, domain_name(vm_id))
+        except _lv().libvirtError:
+            return None
+
+    def _spec_of(self, dom: Any) -> VmSpec | None:
+        lv = _lv()
+        try:
+            raw = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+        except lv.libvirtError:
+            return None  # not a Ferry guest
+        text = ElementTree.fromstring(raw).text
+        return VmSpec.model_validate(json.loads(text)) if text else None
+
+    def _domain_xml(self, spec: VmSpec) -> str:
+        if self._guest_image is None:
+            raise RuntimeError("LibvirtDriver.start() was not called")
+        meta = escape(json.dumps(spec.model_dump(mode="json")))
+        return f"""<domain type='{self.domain_type}'>
+  <name>{escape(domain_name(spec.vm_id))}</name>
+  <metadata><ferry:vm xmlns:ferry='{METADATA_NS}'>{meta}</ferry:vm></metadata>
+  <memory unit='MiB'>{spec.memory_mib}</memory>
+  <vcpu>{spec.vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='{escape(self.machine)}'>hvm</type>
+    <kernel>{escape(str(self._guest_image))}</kernel>
+    <cmdline>{escape(guest_cmdline(spec.params))}</cmdline>
+  </os>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{escape(self.emulator)}</emulator>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+async def _job_stats(dom: Any) -> dict[str, Any]:
+    try:
+        return dict(await asyncio.to_thread(dom.jobStats))
+    except _lv().libvirtError:
+        return {}  # the domain left (migration finished) between two polls
+
+
+async def _runs_at(dconnuri: str, vm_id: str) -> bool:
+    def check() -> bool:
+        lv = _lv()
+        conn = lv.open(dconnuri)
+        try:
+            return bool(conn.lookupByName(domain_name(vm_id)).isActive())
+        except lv.libvirtError:
+            return False
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(check)
+
+
+async def _completed_stats(dconnuri: str, vm_id: str, last: dict[str, Any]) -> dict[str, Any]:
+    """The finished job's figures: p2p removes the source domain, the target keeps them."""
+
+    def fetch() -> dict[str, Any]:
+        lv = _lv()
+        try:
+            conn = lv.open(dconnuri)
+        except lv.libvirtError:
+            return {}
+        try:
+            dom = conn.lookupByName(domain_name(vm_id))
+            return dict(dom.jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED))
+        except lv.libvirtError:
+            return {}
+        finally:
+            conn.close()
+
+    done = await asyncio.to_thread(fetch)
+    return _stats(done, completed=True) if done else _stats(last)
+
+
+def _progress(status: str, stats: dict[str, Any]) -> MigrationProgress:
+    total = int(stats.get("memory_total", 0))
+    remaining = int(stats.get("memory_remaining", 0))
+    return MigrationProgress(
+        status=status,
+        total_bytes=total,
+        transferred_bytes=int(stats.get("memory_processed", 0)),
+        remaining_bytes=remaining,
+        dirty_pages_rate=int(stats.get("memory_dirty_rate", 0)),
+        passes=int(stats.get("memory_iteration", 0)),
+        percent=PrecopyWatch.percent(total, remaining),
+    )
+
+
+def _stats(job: dict[str, Any], completed: bool = False) -> dict[str, Any]:
+    """Figures of a job; only a completed job's ``downtime`` is measured (before: the limit)."""
+    stats: dict[str, Any] = {"transferred_bytes": int(job.get("memory_processed", 0))}
+    for key, name in (
+        ("time_elapsed", "total_time_ms"),
+        ("downtime", "downtime_ms"),
+        ("setup_time", "setup_time_ms"),
+    ):
+        if key in job and (completed or key != "downtime"):
+            stats[name] = float(job[key])
+    if "memory_iteration" in job:
+        stats["passes"] = int(job["memory_iteration"])
+    return stats
+
+
+def _free_port(host: str) -> int:
+    """A port nobody listens on now; the target's QEMU binds it moments later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
