@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, get_args
 
 from ferry_common.bus.interfaces import QueueSpec
 from ferry_common.bus.topology import (
@@ -13,6 +13,7 @@ from ferry_common.bus.topology import (
     MIGRATION_CANCEL,
     MIGRATION_REQUESTED,
     host_command,
+    migration_status,
     vm_events,
 )
 from ferry_common.endpoint import Context, Endpoint, Router
@@ -30,9 +31,10 @@ from ferry_common.messages.commands import (
     TraceSpans,
 )
 from ferry_common.messages.domain import ManagementGraph, Module, VmSpec
-from ferry_common.messages.public import MigrateRequest, MigrationCancel, MigrationStatusEvent, VmEvent
+from ferry_common.messages.public import MigrateRequest, MigrationCancel, MigrationStatusEvent, Status, VmEvent
 
 TERMINAL = ("completed", "rolled_back", "rejected")
+STATUSES = get_args(Status)
 
 
 class FerryClient:
@@ -56,7 +58,8 @@ class FerryClient:
             self._events.put_nowait(msg)
 
         router.add(MigrationStatusEvent, on_status)
-        spec = QueueSpec(f"watch.{self.endpoint.instance}", ("migration.#",), durable=False, prefetch=1024)
+        keys = tuple(migration_status(s) for s in STATUSES)
+        spec = QueueSpec(f"watch.{self.endpoint.instance}", keys, durable=False, prefetch=1024)
         await self.endpoint.serve(spec, router)
 
     async def migrate(self, vm_id: str, target_host: str, *, migration_id: str | None = None,

@@ -211,6 +211,11 @@ class HypervisorAdapterService(HostService):
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(out.task), 30)
         state = await self.driver.state(msg.vm_id)
+        if state == "postmigrate":
+            # the hypervisor finished just as the saga gave up: the guest resumes here and
+            # the target's copy is torn down by the target's own clean-up
+            await self.driver.cancel_migration(msg.vm_id)
+            state = await self.driver.state(msg.vm_id)
         return Done(detail={"source_state": state})
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:

@@ -53,7 +53,9 @@ class SensorService(HostService):
     def __init__(self, host: str, endpoint: Endpoint) -> None:
         super().__init__(host, endpoint)
         self.vms: dict[str, VmEvents] = {}
-        self.moved: dict[str, str] = {}  # vm_id -> migration that took it away
+        # vm_id -> migration that took it away (or whose staging was undone): events still
+        # in our queue for it were published while the other host was bound too
+        self.released: dict[str, str] = {}
         self.dispatched = 0
         self.duplicates = 0
         self._pending: dict[str, list[Event]] = {}
@@ -82,7 +84,7 @@ class SensorService(HostService):
         event = Event.model_validate(msg.model_dump())
         vm = self.vms.get(event.vm_id)
         if vm is None:
-            if event.vm_id in self.moved:
+            if event.vm_id in self.released:
                 # the key was bound here and on the target at once: the target has this event
                 self.duplicates += 1
                 return None
@@ -135,7 +137,7 @@ class SensorService(HostService):
     async def on_activate(self, msg: ActivateVmEvents, ctx: Context) -> Done:
         if msg.vm_id not in self.vms:
             self.vms[msg.vm_id] = VmEvents(msg.vm_id, "active")
-            self.moved.pop(msg.vm_id, None)
+            self.released.pop(msg.vm_id, None)
             await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         return Done()
 
@@ -159,7 +161,7 @@ class SensorService(HostService):
         vm = self.vms.get(msg.vm_id)
         if vm is None:
             self.vms[msg.vm_id] = VmEvents(msg.vm_id, "staged", msg.migration_id)
-            self.moved.pop(msg.vm_id, None)
+            self.released.pop(msg.vm_id, None)
             await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         elif vm.mode != "staged" or vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is already {vm.mode} here")
@@ -190,7 +192,7 @@ class SensorService(HostService):
         vm = self.vms.get(msg.vm_id)
         if vm is not None and vm.migration_id == msg.migration_id:
             del self.vms[msg.vm_id]
-            self.moved[msg.vm_id] = msg.migration_id
+            self.released[msg.vm_id] = msg.migration_id
             await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
         return Done()
 
@@ -198,6 +200,7 @@ class SensorService(HostService):
         vm = self.vms.get(msg.vm_id)
         if vm is not None and vm.mode == "staged" and vm.migration_id == msg.migration_id:
             del self.vms[msg.vm_id]
+            self.released[msg.vm_id] = msg.migration_id
             await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
             return Done(detail={"purged": vm.queued})
         return Done()

@@ -1,0 +1,60 @@
+# Ferry: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-qemu soak clean
+
+help:
+	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,hypervisors,otlp]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install Ferry with its dev tools
+
+demo: $(STAMP) ## Run the demo on the embedded in-process bus (nothing else needed)
+	$(VENV)/bin/ferry demo
+
+test: $(STAMP) ## Everything: unit, contract, integration (real RabbitMQ, PostgreSQL), QEMU, libvirt, deploy
+	bash scripts/ensure-services.sh
+	bash scripts/ensure-hypervisors.sh
+	$(PY) -m pip install -q -r requirements-deploy.txt
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP) ## Only what runs on the in-process bus
+	FERRY_ONLY_MEMORY=1 $(PY) -m pytest -q -m "not rabbitmq and not postgres and not qemu and not libvirt" tests/unit tests/contract tests/integration
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check libs services tests bench
+	$(VENV)/bin/mypy libs/common/ferry_common libs/cli/ferry_cli services
+
+bench: bench-control bench-scale bench-sensor ## All benchmarks of the control plane
+
+bench-control: $(STAMP) ## Concurrent migrations per second against the real RabbitMQ
+	bash scripts/ensure-services.sh
+	$(PY) bench/control_plane.py
+
+bench-scale: $(STAMP) ## 10k elements and 100k queued events: management-plane time
+	$(PY) bench/scale.py
+
+bench-sensor: $(STAMP) ## Sensor intake and dispatch rate
+	$(PY) bench/sensor.py
+
+bench-qemu: $(STAMP) ## Bare QMP migration vs the full saga with real QEMU
+	bash scripts/ensure-services.sh
+	bash scripts/ensure-hypervisors.sh
+	$(PY) bench/qemu_bare_vs_saga.py
+
+soak: $(STAMP) ## The fault-injection suite in its long mode
+	bash scripts/ensure-services.sh
+	FERRY_SOAK=1 $(PY) -m pytest -q tests/faults
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+include deploy/validate.mk

@@ -1,0 +1,90 @@
+"""Long-running processes: ``ferry up`` and ``ferry service`` against RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from ferry_common.bus.amqp import AmqpBus
+from ferry_common.health import HealthServer
+from ferry_common.settings import Settings
+from ferry_common.signing import auth_factory_from_env
+from ferry_coordinator.store import open_store
+
+from .cluster import HOST_SERVICES, HostOptions, build_coordinator, build_service
+
+log = logging.getLogger(__name__)
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _options(settings: Settings) -> HostOptions:
+    return HostOptions(
+        driver=settings.driver,
+        allowed_sources=settings.allowed_sources,
+        capacity_mib=settings.capacity_mib,
+    )
+
+
+async def run_service(settings: Settings, name: str, host: str | None) -> int:
+    """One service (or ``host``: the four of one host) until SIGTERM."""
+    host = host or settings.host
+    names = HOST_SERVICES if name == "host" else (name,)
+    return await _run(settings, [(n, host) for n in names if n != "coordinator"], coordinator=name == "coordinator")
+
+
+async def run_up(settings: Settings, hosts: list[str], *, coordinator: bool = True) -> int:
+    """A coordinator and every host service of ``hosts`` in this process (development)."""
+    return await _run(settings, [(n, h) for h in hosts for n in HOST_SERVICES], coordinator=coordinator)
+
+
+async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinator: bool) -> int:
+    auth = auth_factory_from_env()
+    bus = AmqpBus(settings.amqp_url, name="ferry-" + ("coordinator" if coordinator else services[0][1]))
+    await bus.connect()
+    started: list[Any] = []
+    health = HealthServer(settings.health_port)
+    health.add_check("amqp", lambda: _bus_ok(bus))
+    store = None
+    try:
+        await health.start()
+        if coordinator:
+            store = await open_store(settings.store_url)
+            c = build_coordinator(bus, store, auth=auth)
+            await c.start()
+            started.append(c)
+            print(f"coordinator up (store {settings.store_url.split('@')[-1]})", flush=True)
+        for name, host in services:
+            s = build_service(name, host, bus, options=_options(settings), auth=auth)
+            await s.start()
+            started.append(s)
+            print(f"{name} up on {host}", flush=True)
+        health.set_ready(True)
+        await _wait_for_signal()
+    finally:
+        health.set_ready(False)
+        for s in reversed(started):
+            with contextlib.suppress(Exception):
+                await s.stop()
+        await bus.close()
+        if store is not None:
+            await store.close()
+        await health.close()
+    return 0
+
+
+async def _bus_ok(bus: AmqpBus) -> bool | str:
+    conn = bus._conn
+    if conn is None or conn.is_closed:
+        return "not connected to RabbitMQ"
+    return True
