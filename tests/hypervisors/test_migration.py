@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
 
@@ -15,7 +16,7 @@ from .conftest import Pair
 
 # a guest that rewrites 64 MiB flat out never converges under a 32 MiB/s cap
 STUCK = {"dirty_mib": 64, "rate_mibps": 0}
-CAPPED = {"downtime_limit_ms": 50, "bandwidth_mibps": 32}
+CAPPED: dict[str, Any] = {"downtime_limit_ms": 50, "bandwidth_mibps": 32}
 
 
 class Recorder:

@@ -110,7 +110,7 @@ class QemuDriver:
             await self._kill(vm_id)
 
     async def list(self) -> list[VmSpec]:
-        out = []
+        out: list[VmSpec] = []
         if not self.run_dir.exists():
             return out
         for meta_file in sorted(self.run_dir.glob("*/meta.json")):
