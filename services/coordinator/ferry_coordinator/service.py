@@ -177,7 +177,7 @@ class CoordinatorService:
         return TraceSpans(spans=await self.store.spans(msg.migration_id))
 
     async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
-        return Inspection(host="-", service=self.service, data={"placement": self.hosts.placement(), "running": sorted(self.running)})
+        return Inspection(host=self.owner, service=self.service, data={"placement": self.hosts.placement(), "running": sorted(self.running)})
 
     # ---- private ----------------------------------------------------------------------
     async def on_inventory(self, msg: HostInventory, ctx: Context) -> None:
