@@ -218,3 +218,22 @@ async def check_invariants(c: Cluster, vm_id: str, where: str) -> dict[str, Any]
         problems.append("events dispatched out of time order")
     assert not problems, "; ".join(problems)
     return {"active": where, "dispatched": len(order)}
+
+
+def inject_answer(host: Host, service: str, message_type: str, answer: Any) -> None:
+    """Make ``service`` on ``host`` answer ``message_type`` with ``answer`` (a failure answer)."""
+    svc = host.services[service]
+    model, _ = svc.router.handlers[message_type]
+
+    async def fail(msg: Any, ctx: Any) -> Any:
+        return answer
+
+    svc.router.handlers[message_type] = (model, fail)
+
+
+async def inspect_problems(c: Cluster, vm_id: str, where: str) -> list[str]:
+    from ferry_cli.verify import inspect_all, problems
+
+    await c.settle(vm_id)
+    seen = await inspect_all(c.client, list(c.hosts), vm_id)
+    return problems(seen, vm_id, where, c.sent.get(vm_id, []))

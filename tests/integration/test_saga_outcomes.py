@@ -1,11 +1,20 @@
 """Every outcome of the saga, on the in-process bus and on the real RabbitMQ, with the
-final state checked on every host."""
+final state checked on every host: exactly one active management plane, where the VM
+runs; nothing staged, frozen or reserved; every event dispatched exactly once, in order."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from tests.harness import Cluster, check_invariants, make_cluster
+from ferry_cli.cluster import HostOptions
+from ferry_common.messages.commands import (
+    ManagedObjectInstantiationError,
+    ManagementEventStateFailed,
+    ManagementStateFailed,
+)
+from tests.harness import Cluster, inject_answer, inspect_problems, make_cluster
 
 
 def high_samples(c: Cluster, vm_id: str) -> int:
@@ -14,11 +23,23 @@ def high_samples(c: Cluster, vm_id: str) -> int:
 
 @pytest.fixture
 async def cluster(bus_kind: str):
-    c = await make_cluster(bus_kind)
+    c = await make_cluster(
+        bus_kind,
+        options={
+            "host-a": HostOptions(inventory_interval_s=0.5),
+            "host-b": HostOptions(inventory_interval_s=0.5),
+            "host-c": HostOptions(inventory_interval_s=0.5, allowed_sources=("host-b",), capacity_mib=4096),
+        },
+    )
     yield c
     await c.close()
 
 
+async def assert_clean(c: Cluster, vm_id: str, where: str) -> None:
+    assert await inspect_problems(c, vm_id, where) == []
+
+
+# ---- completed ---------------------------------------------------------------------------
 async def test_completed_migration_moves_plane_state_and_events(cluster: Cluster) -> None:
     await cluster.create_vm("host-a", "vm1")
     await cluster.send_events("vm1", 12)
@@ -28,8 +49,183 @@ async def test_completed_migration_moves_plane_state_and_events(cluster: Cluster
     outcome = await cluster.migrate("vm1", "host-b")
     assert outcome.status == "completed", outcome
     await cluster.send_events("vm1", 6)
-    await check_invariants(cluster, "vm1", "host-b")
+    await assert_clean(cluster, "vm1", "host-b")
     after = cluster.host("host-b").managed_object.planes["vm1"].state["vm1.load"]
     # the policy's counter carried on where it stopped on the source
     assert after["high_samples"] == high_samples(cluster, "vm1") == 5
     assert "sustained-load" in after["alarms"]
+
+
+async def test_events_queued_during_migration_are_dispatched_on_target_once_in_order(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)  # ~0.5 s
+    await cluster.send_events("vm1", 5)
+    await cluster.settle("vm1")
+    mid = await cluster.client.migrate("vm1", "host-b")
+    for _ in range(10):  # events keep arriving while the VM moves
+        await cluster.send_events("vm1", 5)
+        await asyncio.sleep(0.05)
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert outcome.status == "completed"
+    await assert_clean(cluster, "vm1", "host-b")
+    on_target = cluster.host("host-b").managed_object.ledger["vm1"]
+    assert len(on_target) >= 40  # the queued ones went to the target, none stayed behind
+    ts = {e.id: e.ts for e in cluster.sent["vm1"]}
+    assert [ts[i] for i in on_target] == sorted(ts[i] for i in on_target)
+
+
+async def test_target_fetches_missing_modules_recursively(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1")
+    assert cluster.host("host-b").managed_object.modules.refs() == []
+    outcome = await cluster.migrate("vm1", "host-b")
+    assert outcome.status == "completed"
+    rec = await cluster.store.get(outcome.migration_id)
+    assert rec is not None
+    # ferry.metrics is named by no element: it came in as ferry.load's dependency, a round later
+    assert rec.data["modules_fetched"][-1] == "ferry.metrics@2.1"
+    assert {r.key for r in cluster.host("host-b").managed_object.modules.refs()} == {
+        "ferry.core@1.0", "ferry.metrics@2.1", "ferry.load@1.3"}
+
+
+async def test_the_same_migration_id_twice_starts_one_migration(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1")
+    await cluster.client.migrate("vm1", "host-b", migration_id="m-twice")
+    await cluster.client.migrate("vm1", "host-b", migration_id="m-twice")
+    outcome = await cluster.client.outcome("m-twice", timeout=30)
+    assert outcome.status == "completed"
+    rows = await cluster.client.migrations("vm1")
+    assert [r["migration_id"] for r in rows] == ["m-twice"]
+    await assert_clean(cluster, "vm1", "host-b")
+
+
+# ---- rejected at once ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("vm", "target", "code"),
+    [("nope", "host-b", "unknown_vm"), ("vm1", "host-z", "unknown_host"), ("vm1", "host-a", "same_host")],
+)
+async def test_rejected(cluster: Cluster, vm: str, target: str, code: str) -> None:
+    await cluster.create_vm("host-a", "vm1")
+    outcome = await cluster.migrate(vm, target)
+    assert (outcome.status, outcome.code) == ("rejected", code)
+    assert outcome.reason
+    await assert_clean(cluster, "vm1", "host-a")
+
+
+async def test_rejected_when_already_migrating_names_the_running_migration(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=1024, sim_bandwidth_mibps=1024)  # ~1 s
+    first = await cluster.client.migrate("vm1", "host-b")
+    second = await cluster.migrate("vm1", "host-b")
+    assert (second.status, second.code, second.running_migration_id) == ("rejected", "already_migrating", first)
+    assert (await cluster.client.outcome(first, timeout=30)).status == "completed"
+    await assert_clean(cluster, "vm1", "host-b")
+
+
+@pytest.mark.parametrize(("memory", "code"), [(1024, "source_not_allowed"), (8192, "insufficient_resources")])
+async def test_denied_by_admission(cluster: Cluster, memory: int, code: str) -> None:
+    # host-c takes VMs only from host-b, and has 4 GiB
+    source = "host-a" if code == "source_not_allowed" else "host-b"
+    await cluster.create_vm(source, "vm1", memory_mib=memory)
+    await cluster.send_events("vm1", 5)
+    outcome = await cluster.migrate("vm1", "host-c")
+    assert (outcome.status, outcome.code) == ("rejected", code)
+    await assert_clean(cluster, "vm1", source)
+
+
+# ---- failure answers: rolled back ----------------------------------------------------------
+FAILURES = [
+    ("managed_object", "ManagementState", ManagementStateFailed(reason="cannot deserialize"), "management_state_failed"),
+    ("managed_object", "ManagementState", ManagedObjectInstantiationError(reason="no such type"), "instantiation_error"),
+    ("sensor", "ManagementEventState", ManagementEventStateFailed(reason="bad queue"), "event_state_failed"),
+    ("sensor", "ManagementEventState", ManagedObjectInstantiationError(reason="no element"), "instantiation_error"),
+    ("managed_object", "MigrationState", ManagementStateFailed(reason="dirty object rejected"), "migration_state_failed"),
+]
+
+
+@pytest.mark.parametrize(("service", "mtype", "answer", "code"), FAILURES, ids=[f[1] + ":" + f[3] for f in FAILURES])
+async def test_failure_answer_rolls_back(cluster: Cluster, service: str, mtype: str, answer: object, code: str) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)
+    await cluster.send_events("vm1", 8)
+    inject_answer(cluster.host("host-b"), service, mtype, answer)
+    mid = await cluster.client.migrate("vm1", "host-b")
+    if mtype == "MigrationState":  # step 6 only runs with something dirty
+        await asyncio.sleep(0.2)
+        await cluster.client.set_attributes("host-a", "vm1", "vm1.nic0", {"mtu": 9000})
+    await cluster.send_events("vm1", 8)
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert (outcome.status, outcome.code) == ("rolled_back", code), outcome
+    await cluster.send_events("vm1", 4)
+    await assert_clean(cluster, "vm1", "host-a")
+    state = cluster.host("host-a").managed_object.planes["vm1"].state["vm1.load"]
+    assert state["high_samples"] == high_samples(cluster, "vm1")
+
+
+async def test_vm_migration_failure_rolls_back(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="migrate")
+    await cluster.send_events("vm1", 8)
+    outcome = await cluster.migrate("vm1", "host-b")
+    assert (outcome.status, outcome.code) == ("rolled_back", "vm_migration_failed")
+    await assert_clean(cluster, "vm1", "host-a")
+
+
+async def test_target_that_cannot_start_the_guest_rolls_back(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="incoming")
+    outcome = await cluster.migrate("vm1", "host-b")
+    assert (outcome.status, outcome.code) == ("rolled_back", "incoming_failed")
+    await assert_clean(cluster, "vm1", "host-a")
+
+
+async def test_guest_not_running_on_target_after_migration_rolls_back(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="finish")
+    await cluster.send_events("vm1", 8)
+    outcome = await cluster.migrate("vm1", "host-b")
+    assert (outcome.status, outcome.code) == ("rolled_back", "not_running")
+    await assert_clean(cluster, "vm1", "host-a")
+
+
+async def test_operator_cancel_rolls_back(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=4096, sim_bandwidth_mibps=1024)  # ~4 s
+    await cluster.send_events("vm1", 8)
+    mid = await cluster.client.migrate("vm1", "host-b")
+    async for event in cluster.client.follow(mid, timeout=30):
+        if event.step == "migrate_vm":
+            break
+    await cluster.send_events("vm1", 8)
+    await cluster.client.cancel(mid, "changed my mind")
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert (outcome.status, outcome.code) == ("rolled_back", "cancelled")
+    await assert_clean(cluster, "vm1", "host-a")
+
+
+# ---- timeouts at every wait: the target service is stopped ---------------------------------
+WAITS = [
+    ("host-b", "migration_policy", "admission"),
+    ("host-b", "managed_object", "management_state"),
+    ("host-b", "sensor", "event_state"),
+    ("host-b", "hypervisor_adapter", "migrate_vm"),
+]
+
+
+@pytest.mark.parametrize(("host", "service", "step"), WAITS, ids=[w[2] for w in WAITS])
+async def test_timeout_at_each_wait_rolls_back(cluster: Cluster, host: str, service: str, step: str) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=256)
+    await cluster.send_events("vm1", 8)
+    await cluster.host(host).stop((service,))
+    outcome = await cluster.migrate("vm1", "host-b")
+    assert (outcome.status, outcome.code, outcome.step) == ("rolled_back", "timeout", step), outcome
+    await cluster.send_events("vm1", 4)
+    # the stopped service comes back and works through what queued up for it, clean-up last
+    await cluster.host(host).services[service].start()
+    await asyncio.sleep(0.3)
+    await assert_clean(cluster, "vm1", "host-a")
+
+
+async def test_source_sensor_stopped_at_freeze_rolls_back_once_it_returns(cluster: Cluster) -> None:
+    await cluster.create_vm("host-a", "vm1", memory_mib=256)
+    await cluster.send_events("vm1", 8)
+    await cluster.settle("vm1")
+    await cluster.host("host-a").stop(("sensor",))
+    mid = await cluster.client.migrate("vm1", "host-b")
+    await asyncio.sleep(3.0)  # freeze times out; the source clean-up waits for the sensor
+    await cluster.host("host-a").services["sensor"].start()
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert (outcome.status, outcome.code, outcome.step) == ("rolled_back", "timeout", "freeze_events")
+    await assert_clean(cluster, "vm1", "host-a")

@@ -109,7 +109,7 @@ class CoordinatorService:
         record = SagaRecord(
             migration_id=mid,
             vm_id=msg.vm_id,
-            source_host=source or "?",
+            source_host=source,
             target_host=msg.target_host,
             created_at=now,
             updated_at=now,

@@ -148,6 +148,10 @@ class HypervisorAdapterService(HostService):
     async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
         if msg.migration_id in self.incoming or await self.driver.state(msg.vm_id) == "inmigrate":
             await self.driver.abort_incoming(msg.vm_id)
+            if msg.migration_id in self.incoming and await self.driver.state(msg.vm_id) != "absent":
+                # the hypervisor finished just as the saga rolled back: this copy was never
+                # confirmed (FinishIncoming), and the source resumes, so this one must go
+                await self.driver.destroy(msg.vm_id)
             self.incoming.pop(msg.migration_id, None)
         return Done()
 
