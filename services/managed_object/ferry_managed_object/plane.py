@@ -199,5 +199,7 @@ def _check_acyclic(elements: dict[str, Element]) -> None:
                     stack.append((child, 0))
             else:
                 depth[node] = 1 + max((depth.get(c, 0) for c in deps), default=0)
+                if depth[node] > MAX_DEPTH:  # a chain met part by part, from its shallow end
+                    raise GraphError(f"dependencies nested deeper than {MAX_DEPTH}")
                 on_path.pop()
                 in_path.discard(node)
