@@ -49,6 +49,7 @@ class Context:
 
 
 Handler = Callable[[Any, Context], Awaitable[Wire | None]]
+Refused = Callable[[Message, FerryError], Awaitable[None]]
 
 
 @dataclass
@@ -57,6 +58,9 @@ class Router:
 
     handlers: dict[str, tuple[type[Wire], Handler]] = field(default_factory=dict)
     by_routing_key: dict[str, str] = field(default_factory=dict)
+    # called after a message was dead-lettered as refused (not retried), e.g. to tell a
+    # client without a reply queue, through another channel, what was wrong
+    refused: Refused | None = None
 
     def add(self, model: type[M], handler: Callable[[M, Context], Awaitable[Wire | None]]) -> None:
         self.handlers[model.__name__] = (model, handler)
@@ -219,15 +223,19 @@ class Endpoint:
                     self.stats["retried"] += 1
                     span.add_event("retry", {"reason": exc.reason})
                     await delivery.nack(requeue=True)
-                else:
-                    await self._dead_letter(delivery, exc.reason, exc.code)
+                elif await self._dead_letter(delivery, exc.reason, exc.code) and router.refused is not None:
+                    try:
+                        await router.refused(msg, exc)
+                    except Exception:  # telling is best effort: the message is dead-lettered
+                        log.exception("refusal of %s not announced", msg.type or msg.routing_key)
             except Exception as exc:  # a bug must not crash the service or lose the message
                 log.exception("handler failed on %s", msg.type or msg.routing_key)
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, repr(exc)))
                 await self._dead_letter(delivery, f"internal error: {exc!r}", "internal")
 
-    async def _dead_letter(self, delivery: Delivery, reason: str, code: str) -> None:
+    async def _dead_letter(self, delivery: Delivery, reason: str, code: str) -> bool:
+        """Dead-letter and tell the requester; False if it went back to the queue instead."""
         msg = delivery.message
         if code == "unauthenticated":
             self.stats["unauthenticated"] += 1
@@ -240,8 +248,9 @@ class Endpoint:
         except FerryError:
             # the dead-letter copy did not get out: let the broker redeliver the original
             await delivery.nack(requeue=True)
-            return
+            return False
         await delivery.ack()
+        return True
 
     async def _reply(self, request: Message, model: Wire) -> None:
         try:
