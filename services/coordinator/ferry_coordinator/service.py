@@ -13,7 +13,8 @@ import contextlib
 import logging
 from typing import Any
 
-from ferry_common.bus.interfaces import Consumer, QueueSpec
+import orjson
+from ferry_common.bus.interfaces import Consumer, Message, QueueSpec
 from ferry_common.bus.topology import (
     COORDINATOR_QUERY,
     COORDINATOR_QUEUE,
@@ -34,7 +35,9 @@ from ferry_common.messages.commands import (
     TraceSpans,
     VmMigrationFinished,
 )
+from ferry_common.messages.limits import MAX_BODY_BYTES, MAX_STRING, Name
 from ferry_common.messages.public import HostInventory, MigrateRequest, MigrationCancel, MigrationStatusEvent
+from pydantic import TypeAdapter, ValidationError
 
 from .hosts import HostRegistry
 from .saga import MigrationSaga, SagaContext
@@ -42,6 +45,7 @@ from .store import SagaRecord, SagaStore
 from .timeouts import SagaTimeouts
 
 log = logging.getLogger(__name__)
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
 
 
 class CoordinatorService:
@@ -69,6 +73,7 @@ class CoordinatorService:
         self.router.add(ListMigrations, self.on_list)
         self.router.add(GetTrace, self.on_trace)
         self.router.add(Inspect, self.on_inspect)
+        self.router.refused = self.on_refused
         self.private = Router()
         self.private.route_key("inventory.*", HostInventory)
         self.private.add(HostInventory, self.on_inventory)
@@ -148,6 +153,30 @@ class CoordinatorService:
         await self._announce(stored, "accepted")
         self._drive(stored)
         return Done(detail={"migration_id": mid, "status": "accepted"})
+
+    async def on_refused(self, msg: Message, exc: FerryError) -> None:
+        """An invalid MigrateRequest was dead-lettered: if it names a migration or a VM, publish
+        ``migration.rejected`` with code ``invalid_request``, so a client without a reply queue
+        learns what was wrong. A migration id that is already taken is left alone."""
+        if msg.routing_key != MIGRATION_REQUESTED or not isinstance(exc, InvalidMessage):
+            return
+        salvaged = _salvage_ids(msg.body)
+        if salvaged is None:
+            return
+        mid, vm_id = salvaged
+        if mid is not None and await self.store.get(mid) is not None:
+            return
+        event = MigrationStatusEvent(
+            migration_id=mid or new_id(),
+            vm_id=vm_id or "unknown",
+            status="rejected",
+            step="request",
+            reason=exc.reason[:MAX_STRING],
+            code="invalid_request",
+            at=self.endpoint.clock.now(),
+        )
+        with contextlib.suppress(Unroutable):
+            await self.endpoint.send(migration_status("rejected"), event)
 
     def _judge(self, msg: MigrateRequest, located: Any) -> tuple[str, str] | None:
         if not self.hosts.known(msg.target_host):
@@ -273,3 +302,23 @@ class CoordinatorService:
         """Wait until no saga runs here (tests, demo)."""
         while self.running:
             await asyncio.gather(*self.running.values(), return_exceptions=True)
+
+
+def _salvage_ids(body: bytes) -> tuple[str | None, str | None] | None:
+    """``migration_id`` and ``vm_id`` of a request that did not validate, where they are valid."""
+    if len(body) > MAX_BODY_BYTES:
+        return None
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    found: list[str | None] = []
+    for key in ("migration_id", "vm_id"):
+        try:
+            found.append(_NAME.validate_python(raw.get(key)))
+        except ValidationError:
+            found.append(None)
+    mid, vm_id = found
+    return (mid, vm_id) if mid or vm_id else None
