@@ -117,6 +117,8 @@ class MemoryBus:
         self.published = 0
         self.closed = False
         self.fail_publish: BaseException | None = None  # fault injection for tests
+        # routing key -> queues it reaches; every change of queues or bindings clears it
+        self._routes: dict[str, list[_Queue]] = {}
 
     async def connect(self) -> None:
         self.closed = False
@@ -135,7 +137,7 @@ class MemoryBus:
         self._check()
         if self.fail_publish is not None:
             raise self.fail_publish
-        targets = [q for q in self.queues.values() if any(topic_matches(b, message.routing_key) for b in q.bindings)]
+        targets = self._route(message.routing_key)
         if not targets:
             raise Unroutable(f"no queue bound for routing key {message.routing_key!r}")
         self.published += 1
@@ -143,6 +145,19 @@ class MemoryBus:
             q.ready.append((message, 0))
             q.wakeup.set()
         await asyncio.sleep(0)
+
+    def _route(self, key: str) -> list[_Queue]:
+        """The queues ``key`` reaches, in declaration order; cached until the bindings change."""
+        targets = self._routes.get(key)
+        if targets is None:
+            targets = [q for q in self.queues.values() if any(topic_matches(b, key) for b in q.bindings)]
+            if len(self._routes) >= 65536:
+                self._routes.clear()
+            self._routes[key] = targets
+        return targets
+
+    def _rebound(self) -> None:
+        self._routes.clear()
 
     async def dead_letter(self, message: Message, reason: str, code: str) -> None:
         self._check()
@@ -164,6 +179,7 @@ class MemoryBus:
         if q is None:
             q = self.queues[spec.name] = _Queue(spec)
         q.bindings.update(spec.bindings)
+        self._rebound()
         if q.consumer is not None:
             await q.consumer.cancel()
         q.consumer = _MemoryConsumer(self, q, handler)
@@ -173,16 +189,19 @@ class MemoryBus:
         """Declare a queue without consuming (for tests that look at what arrives)."""
         q = self.queues.setdefault(spec.name, _Queue(spec))
         q.bindings.update(spec.bindings)
+        self._rebound()
 
     async def bind(self, queue: str, routing_key: str) -> None:
         self._check()
         self.queues[queue].bindings.add(routing_key)
+        self._rebound()
 
     async def unbind(self, queue: str, routing_key: str) -> None:
         self._check()
         q = self.queues.get(queue)
         if q is not None:
             q.bindings.discard(routing_key)
+            self._rebound()
 
     async def purge(self, queue: str) -> int:
         q = self.queues.get(queue)
@@ -197,8 +216,10 @@ class MemoryBus:
 
     async def delete_queue(self, name: str) -> None:
         q = self.queues.pop(name, None)
+        self._rebound()
         if q is not None and q.consumer is not None:
             await q.consumer.cancel()
 
     def ensure_dead_letter_queue(self) -> None:
         self.queues.setdefault(DEAD_LETTER_QUEUE, _Queue(QueueSpec(DEAD_LETTER_QUEUE)))
+        self._rebound()
