@@ -342,21 +342,43 @@ class MigrationSaga:
             result = await self.ctx.wait_notification(self.mid, self.t.dirty_round_s)
             if result is not None:
                 break
-            now = self.clock.monotonic()
-            if self.rec.cancel_requested or self.ctx.cancel_requested(self.mid):
-                raise StepFailed("cancelled", str(self.rec.data.get("cancel_reason") or "cancelled by operator"))
-            if now - begun > self.t.vm_migration_s:
-                raise StepFailed("timeout", f"the VM migration did not finish within {self.t.vm_migration_s:g}s")
-            if rounds < self.t.max_dirty_rounds:
-                rounds += 1
-                applied += await self._dirty_round(final=False)
-            if now - last_poll >= self.t.status_poll_s:
-                last_poll = now
-                result = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted).finished
+            try:
+                now = self.clock.monotonic()
+                if self.rec.cancel_requested or self.ctx.cancel_requested(self.mid):
+                    raise StepFailed("cancelled", str(self.rec.data.get("cancel_reason") or "cancelled by operator"))
+                if now - begun > self.t.vm_migration_s:
+                    raise StepFailed("timeout", f"the VM migration did not finish within {self.t.vm_migration_s:g}s")
+                if rounds < self.t.max_dirty_rounds:
+                    rounds += 1
+                    applied += await self._dirty_round(final=False)
+                if now - last_poll >= self.t.status_poll_s:
+                    last_poll = now
+                    result = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted).finished
+            except StepFailed:
+                if started.source_resumable:
+                    raise  # the rollback resumes the source even if the hypervisor just finished
+                result = await self._stop_unresumable(perform)
+                if result is None or result.outcome != "completed":
+                    raise
+                log.info("migration %s: the hypervisor completed before it could be stopped; going forward", self.mid)
         if result.outcome != "completed":
             code = "cancelled" if result.outcome == "cancelled" else "vm_migration_failed"
             raise StepFailed(code, result.reason or f"VM migration {result.outcome}")
+        if not started.source_resumable:
+            # the hypervisor ended the source on completion (libvirt peer-to-peer): the guest
+            # runs on the target only, so this is the switch-over and recovery goes forward
+            self.rec.data["vm_switched"] = True
         return "switch_over", {"vm_stats": result.stats, "dirty_rounds": rounds, "dirty_applied": applied}
+
+    async def _stop_unresumable(self, perform: PerformMigration) -> VmMigrationFinished | None:
+        """Stop a migration whose source cannot be resumed after completion, and say how it ended.
+
+        Before rolling back, the hypervisor must have stopped: if it completed meanwhile, the
+        source is gone and the only copy runs on the target, so the saga must go forward.
+        """
+        await self._call(self.source, "hypervisor_adapter", CleanupSource(migration_id=self.mid, vm_id=self.rec.vm_id))
+        again = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted)
+        return again.finished  # type: ignore[no-any-return]
 
     async def _dirty_round(self, *, final: bool) -> int:
         vm_id = self.rec.vm_id

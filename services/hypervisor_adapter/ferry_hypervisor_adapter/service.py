@@ -42,6 +42,7 @@ from ferry_common.service import HostService
 from .drivers import Driver, MigrationParams, MigrationProgress, MigrationResult
 
 log = logging.getLogger(__name__)
+ADOPTED_KEPT = 256  # adopted incoming guests remembered for a late CleanupTarget
 
 
 @dataclass
@@ -64,6 +65,9 @@ class HypervisorAdapterService(HostService):
         self.inventory_interval_s = inventory_interval_s
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, str] = {}  # migration id -> vm id
+        # incoming guests adopted by FinishIncoming whose migration may still roll back (the
+        # saga did not see the answer): CleanupTarget must destroy them too
+        self.adopted: dict[str, str] = {}
         self._inventory_task: asyncio.Task[None] | None = None
         r = self.router
         r.add(CreateVm, self.on_create)
@@ -111,6 +115,11 @@ class HypervisorAdapterService(HostService):
             await self.endpoint.clock.sleep(self.inventory_interval_s)
 
     # ---- administration -----------------------------------------------------------
+    @property
+    def source_resumable(self) -> bool:
+        """Whether the driver can resume a source after the hypervisor completed (see Driver)."""
+        return bool(getattr(self.driver, "can_resume_source_after_completion", True))
+
     async def on_create(self, msg: CreateVm, ctx: Context) -> Done:
         if await self.driver.state(msg.vm.vm_id) != "absent":
             raise Conflict(f"vm {msg.vm.vm_id!r} already exists on {self.host!r}")
@@ -141,17 +150,31 @@ class HypervisorAdapterService(HostService):
     async def on_finish_incoming(self, msg: FinishIncoming, ctx: Context) -> Done:
         if not await self.driver.finish_incoming(msg.vm_id):
             raise FerryError(f"vm {msg.vm_id!r} does not run on {self.host!r} after migration", code="not_running")
+        self.adopted[msg.migration_id] = msg.vm_id
+        while len(self.adopted) > ADOPTED_KEPT:
+            self.adopted.pop(next(iter(self.adopted)))
         self.incoming.pop(msg.migration_id, None)
         await self.publish_inventory()
         return Done()
 
     async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
-        if msg.migration_id in self.incoming or await self.driver.state(msg.vm_id) == "inmigrate":
+        adopted = msg.migration_id in self.adopted
+        ours = adopted or msg.migration_id in self.incoming
+        if ours or await self.driver.state(msg.vm_id) == "inmigrate":
+            if not self.source_resumable and await self.driver.state(msg.vm_id) == "running":
+                # the hypervisor completed and ended the source (libvirt peer-to-peer): this is
+                # the only copy left. The saga goes forward in that case; never destroy it here
+                log.warning("cleanup of %s: vm %s runs here and its source is gone; kept",
+                            msg.migration_id, msg.vm_id)
+                return Done(detail={"kept": "running"})
             await self.driver.abort_incoming(msg.vm_id)
-            if msg.migration_id in self.incoming and await self.driver.state(msg.vm_id) != "absent":
-                # the hypervisor finished just as the saga rolled back: this copy was never
-                # confirmed (FinishIncoming), and the source resumes, so this one must go
+            if ours and await self.driver.state(msg.vm_id) != "absent":
+                # the hypervisor finished just as the saga rolled back: whether FinishIncoming
+                # adopted this copy or not, the saga never saw it confirmed and the source
+                # resumes its paused original, so this one must go (never both running)
                 await self.driver.destroy(msg.vm_id)
+            if self.adopted.pop(msg.migration_id, None) is not None:
+                await self.publish_inventory()
             self.incoming.pop(msg.migration_id, None)
         return Done()
 
@@ -160,7 +183,7 @@ class HypervisorAdapterService(HostService):
         out = self.outgoing.get(msg.migration_id)
         if out is not None:
             out.notify = msg.notify or out.notify
-            return MigrationStarted(already=True, finished=out.result)
+            return MigrationStarted(already=True, finished=out.result, source_resumable=self.source_resumable)
         state = await self.driver.state(msg.vm_id)
         if state != "running":
             raise Conflict(f"vm {msg.vm_id!r} is {state} on {self.host!r}, cannot migrate")
@@ -168,7 +191,7 @@ class HypervisorAdapterService(HostService):
         self.outgoing[msg.migration_id] = out
         params = MigrationParams.from_dict(dict(msg.params))
         out.task = asyncio.create_task(self._migrate(out, msg.uri, params))
-        return MigrationStarted()
+        return MigrationStarted(source_resumable=self.source_resumable)
 
     async def _migrate(self, out: Outgoing, uri: str, params: MigrationParams) -> None:
         async def on_progress(p: MigrationProgress) -> None:

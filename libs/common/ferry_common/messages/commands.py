@@ -165,6 +165,9 @@ class MigrationStarted(Wire):
 
     already: bool = False
     finished: VmMigrationFinished | None = None
+    # False when the source hypervisor ends the guest on completion (libvirt p2p): the saga
+    # then treats the hypervisor's completion as the switch-over and goes forward only
+    source_resumable: bool = True
 
 
 class FinishIncoming(Step):

@@ -77,6 +77,10 @@ ProgressCallback = Callable[[MigrationProgress], Awaitable[None]]
 class Driver(Protocol):
     name: str
     host: str
+    # True when a completed migration leaves the source paused with the guest's whole state, so
+    # a rollback after the hypervisor finished can still resume it there (QEMU, sim). False when
+    # completion ends the source (libvirt peer-to-peer): from then on recovery goes forward only.
+    can_resume_source_after_completion: bool
 
     async def start(self) -> None:
         """Connect to the hypervisor (called once when the adapter starts)."""

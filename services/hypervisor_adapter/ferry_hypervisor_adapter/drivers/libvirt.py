@@ -92,6 +92,7 @@ class LibvirtDriver:
     """
 
     name = "libvirt"
+    can_resume_source_after_completion = False
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ class QemuDriver:
     """
 
     name = "qemu"
+    can_resume_source_after_completion = True
 
     def __init__(
         self,

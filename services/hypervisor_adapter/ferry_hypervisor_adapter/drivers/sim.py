@@ -32,6 +32,7 @@ class SimVm:
 
 class SimDriver:
     name = "sim"
+    can_resume_source_after_completion = True
 
     def __init__(self, host: str, *, clock: Clock | None = None, capacity_mib: int = 65536) -> None:
         self.host = host
