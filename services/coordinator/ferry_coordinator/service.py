@@ -20,6 +20,7 @@ from ferry_common.bus.topology import (
     COORDINATOR_QUEUE,
     MIGRATION_CANCEL,
     MIGRATION_REQUESTED,
+    TELEMETRY_SPANS,
     migration_status,
 )
 from ferry_common.endpoint import Context, Endpoint, Router
@@ -37,8 +38,10 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.limits import MAX_BODY_BYTES, MAX_STRING, Name
 from ferry_common.messages.public import HostInventory, MigrateRequest, MigrationCancel, MigrationStatusEvent
+from ferry_common.messages.telemetry import SpanBatch
 from pydantic import TypeAdapter, ValidationError
 
+from . import observe
 from .hosts import HostRegistry
 from .saga import MigrationSaga, SagaContext
 from .store import SagaRecord, SagaStore
@@ -72,6 +75,7 @@ class CoordinatorService:
         self.router.add(MigrationCancel, self.on_cancel)
         self.router.add(ListMigrations, self.on_list)
         self.router.add(GetTrace, self.on_trace)
+        self.router.add(SpanBatch, self.on_spans)
         self.router.add(Inspect, self.on_inspect)
         self.router.refused = self.on_refused
         self.private = Router()
@@ -80,7 +84,7 @@ class CoordinatorService:
         self.private.add(VmMigrationFinished, self.on_vm_finished)
 
     async def start(self) -> None:
-        shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY), prefetch=128)
+        shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY, TELEMETRY_SPANS), prefetch=128)
         private = QueueSpec(f"coordinator.{self.owner}", ("inventory.*", self.notify_key), durable=False, prefetch=256)
         # private first: inventory must be known before requests are judged
         self._consumers.append(await self.endpoint.serve(private, self.private))
@@ -205,6 +209,15 @@ class CoordinatorService:
     async def on_trace(self, msg: GetTrace, ctx: Context) -> TraceSpans:
         return TraceSpans(spans=await self.store.spans(msg.migration_id))
 
+    async def on_spans(self, msg: SpanBatch, ctx: Context) -> None:
+        """Keep the spans services shipped (``telemetry.spans``) by migration, for ``ferry trace``."""
+        by_migration: dict[str, list[dict[str, Any]]] = {}
+        for span in msg.spans:
+            by_migration.setdefault(span.migration_id, []).append(span.model_dump(mode="json"))
+        for mid, spans in by_migration.items():
+            await self.store.add_spans(mid, spans)
+        return None
+
     async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
         return Inspection(host=self.owner, service=self.service, data={"placement": self.hosts.placement(), "running": sorted(self.running)})
 
@@ -262,6 +275,7 @@ class CoordinatorService:
 
     async def _on_finished(self, rec: SagaRecord) -> None:
         self.finished.append(rec)
+        observe.migration_finished(rec)
         if rec.status == "completed":
             self.hosts.record_move(rec.vm_id, rec.target_host, self.endpoint.clock.monotonic())
 
@@ -284,6 +298,8 @@ class CoordinatorService:
 
     async def _announce(self, rec: SagaRecord, status: str, *, reason: str | None = None,
                         code: str | None = None, running: str | None = None) -> None:
+        if status == "rejected":
+            observe.migration_rejected()
         event = MigrationStatusEvent(
             migration_id=rec.migration_id,
             vm_id=rec.vm_id,

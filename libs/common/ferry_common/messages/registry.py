@@ -8,7 +8,7 @@ import orjson
 from pydantic import ValidationError
 
 from ..errors import InvalidMessage, UnknownMessageType
-from . import commands, public
+from . import commands, public, telemetry
 from .base import Wire
 from .limits import MAX_BODY_BYTES
 
@@ -17,7 +17,7 @@ T = TypeVar("T", bound=Wire)
 
 def _collect() -> dict[str, type[Wire]]:
     found: dict[str, type[Wire]] = {}
-    for module in (public, commands):
+    for module in (public, commands, telemetry):
         for name, obj in vars(module).items():
             if isinstance(obj, type) and issubclass(obj, Wire) and obj.__module__ == module.__name__:
                 found[name] = obj
