@@ -1,0 +1,131 @@
+"""The full migration saga over the real RabbitMQ with the QEMU driver on both hosts.
+
+The coordinator and two hosts run in this process; each host's adapter drives its own QEMU
+processes (separate run directories), so the guest really moves between two QEMU processes
+while its management plane moves between the two hosts' services and events keep arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry_common.errors import FerryError
+from ferry_common.messages.commands import FinishIncoming
+from tests.harness import Cluster
+
+from .conftest import _importable
+from .saga_support import (
+    CAPPED,
+    DIRTY_GUEST,
+    STUCK_GUEST,
+    assert_completed,
+    assert_rolled_back,
+    host_options,
+    require,
+    saga_cluster,
+    start_guest,
+    wait_progress,
+)
+
+pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq]
+
+
+@pytest.fixture
+async def cluster(guest_image: Path, rabbitmq_available: None) -> AsyncIterator[Cluster]:
+    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
+    require("qemu.qmp (pip)", _importable("qemu.qmp"))
+    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))  # short: QMP socket paths
+    opts = host_options(
+        "qemu",
+        {
+            "host-a": {"run_dir": str(base / "a"), "guest_image": str(guest_image)},
+            "host-b": {"run_dir": str(base / "b"), "guest_image": str(guest_image)},
+        },
+    )
+    async with saga_cluster(opts) as c:
+        yield c
+    shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_completed_saga_moves_dirtying_guest_plane_and_events(cluster: Cluster) -> None:
+    g = await start_guest(cluster, DIRTY_GUEST)
+    await asyncio.sleep(0.5)  # the guest has written its whole region once
+    g.start_stream()
+    mid = await cluster.client.migrate(g.vm_id, "host-b")
+    outcome = await cluster.client.outcome(mid, timeout=60)
+    await g.stop_stream()
+
+    async def source_gone() -> bool:
+        # the source QEMU sat in postmigrate (vCPU stopped) until teardown quit it
+        return bool(await g.driver("host-a").state(g.vm_id) == "absent")
+
+    await assert_completed(cluster, g, mid, outcome, source_gone)
+    rec = await cluster.store.get(mid)
+    assert rec is not None and rec.data["events_dispatched_on_target"] >= 0
+
+
+async def test_non_converging_guest_rolls_back_on_completion_timeout(cluster: Cluster) -> None:
+    g = await start_guest(cluster, STUCK_GUEST)
+    g.start_stream(every_s=0.05)
+    mid = await cluster.client.migrate(g.vm_id, "host-b", params=CAPPED)
+    outcome = await cluster.client.outcome(mid, timeout=60)
+    await g.stop_stream()
+    assert "completion timeout" in (outcome.reason or ""), outcome
+    await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
+
+
+async def test_operator_cancel_mid_migration_rolls_back(cluster: Cluster) -> None:
+    g = await start_guest(cluster, STUCK_GUEST)
+    g.start_stream(every_s=0.05)
+    mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
+    await wait_progress(cluster, mid)
+    await cluster.client.cancel(mid)
+    outcome = await cluster.client.outcome(mid, timeout=60)
+    await g.stop_stream()
+    await assert_rolled_back(cluster, g, outcome, code="cancelled")
+
+
+async def test_target_qemu_killed_mid_migration_rolls_back(cluster: Cluster) -> None:
+    g = await start_guest(cluster, STUCK_GUEST)
+    g.start_stream(every_s=0.05)
+    mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
+    await wait_progress(cluster, mid)
+    pid = g.driver("host-b").pid(g.vm_id)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    outcome = await cluster.client.outcome(mid, timeout=60)
+    await g.stop_stream()
+    await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
+
+
+async def test_failure_after_hypervisor_completed_destroys_target_and_resumes_source(cluster: Cluster) -> None:
+    """The race: QEMU finished (source postmigrate, target running and even adopted by
+    FinishIncoming), then the saga fails and rolls back: the target copy must go and the
+    source resume, never both running and never neither."""
+    g = await start_guest(cluster, DIRTY_GUEST)
+    adapter = cluster.host("host-b").adapter
+    model, real = adapter.router.handlers["FinishIncoming"]
+    seen: dict[str, Any] = {}
+
+    async def finish_then_fail(msg: FinishIncoming, ctx: Any) -> Any:
+        await real(msg, ctx)  # the guest runs here now, adopted as a guest of host-b
+        seen["target"] = await adapter.driver.state(msg.vm_id)
+        seen["source"] = await g.driver("host-a").state(msg.vm_id)
+        raise FerryError("injected: the reply never made it", code="injected_failure")
+
+    adapter.router.handlers["FinishIncoming"] = (model, finish_then_fail)
+    g.start_stream(every_s=0.05)
+    mid = await cluster.client.migrate(g.vm_id, "host-b")
+    outcome = await cluster.client.outcome(mid, timeout=60)
+    await g.stop_stream()
+    assert seen == {"target": "running", "source": "postmigrate"}, seen
+    await assert_rolled_back(cluster, g, outcome, code="injected_failure")
