@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+from ferry_common.errors import InvalidMessage
 from ferry_common.messages.domain import VmSpec
 
 VmState = Literal["running", "paused", "inmigrate", "postmigrate", "shutoff", "absent"]
@@ -38,11 +39,41 @@ class MigrationParams:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> MigrationParams:
-        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        """The knobs in ``raw`` (other keys are ignored); ``InvalidMessage`` for a bad value.
+
+        The values come from a public MigrateRequest: a zero poll interval or an endless
+        timeout would keep a driver spinning, a string would fail deep in a migration task.
+        """
+        known: dict[str, Any] = {}
+        for key, (kind, lo, hi) in _PARAM_BOUNDS.items():
+            if key not in raw:
+                continue
+            value = raw[key]
+            if kind is bool:
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and lo <= value <= hi
+                ok = ok and (kind is float or float(value).is_integer())
+            if not ok:
+                raise InvalidMessage(f"migration parameter {key}={value!r}: expected {kind.__name__} in [{lo:g}, {hi:g}]")
+            known[key] = kind(value)
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+DAY_S = 86400.0
+# what from_dict accepts: (type, lowest, highest)
+_PARAM_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "downtime_limit_ms": (int, 0, 3_600_000),
+    "bandwidth_mibps": (int, 0, 10_000_000),
+    "auto_converge": (bool, 0, 1),
+    "completion_timeout_per_gib_s": (float, 0.0, DAY_S),
+    "completion_timeout_min_s": (float, 0.001, 7 * DAY_S),
+    "stall_timeout_s": (float, 0.001, DAY_S),
+    "poll_interval_s": (float, 0.001, 60.0),
+}
 
 
 @dataclass(frozen=True)
