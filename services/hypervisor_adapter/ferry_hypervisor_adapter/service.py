@@ -187,9 +187,9 @@ class HypervisorAdapterService(HostService):
         state = await self.driver.state(msg.vm_id)
         if state != "running":
             raise Conflict(f"vm {msg.vm_id!r} is {state} on {self.host!r}, cannot migrate")
+        params = MigrationParams.from_dict(dict(msg.params))  # bad values refused before anything is recorded
         out = Outgoing(msg.migration_id, msg.vm_id, msg.target_host, msg.notify)
         self.outgoing[msg.migration_id] = out
-        params = MigrationParams.from_dict(dict(msg.params))
         out.task = asyncio.create_task(self._migrate(out, msg.uri, params))
         return MigrationStarted(source_resumable=self.source_resumable)
 
