@@ -16,7 +16,6 @@ from ferry_common.ids import new_id
 from ferry_common.messages import decode, model_for
 from ferry_common.messages.commands import ErrorReply, Inspect, Inspection
 from ferry_common.security import NoAuth
-
 from tests.harness import Cluster, make_cluster
 
 T = TypeVar("T")

@@ -21,11 +21,12 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from ferry_common.bus.interfaces import Message
 from ferry_common.messages import REGISTRY, decode
 from ferry_common.messages.limits import MAX_BODY_BYTES
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from .rig import HOST_SERVICES, Outcome, Rig, Target, check_outcome, rig_fixture
 from .strategies import SOAK, garbage, model_payload, mutated

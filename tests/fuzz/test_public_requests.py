@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+
 from ferry_common.bus.interfaces import Message, QueueSpec
 from ferry_common.bus.memory import MemoryBus
 from ferry_common.bus.topology import CODE_HEADER, MIGRATION_REQUESTED, REASON_HEADER
@@ -21,8 +22,7 @@ from ferry_common.ids import new_id
 from ferry_common.messages import decode
 from ferry_common.messages.commands import ErrorReply
 from ferry_common.messages.public import MigrationStatusEvent
-
-from tests.harness import Cluster, make_cluster, until
+from tests.harness import Cluster, check_invariants, make_cluster, until
 
 GOOD = {"vm_id": "vm1", "target_host": "host-b"}
 
@@ -131,3 +131,23 @@ async def test_valid_requests_still_work_after_garbage(cluster: Cluster) -> None
         await publish(cluster, raw)
     outcome = await cluster.migrate("vm1", "host-b", timeout=30.0)
     assert outcome.status == "completed", outcome
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"poll_interval_s": 0},  # the driver would spin until its completion timeout
+        {"poll_interval_s": -1, "completion_timeout_min_s": 1e300, "stall_timeout_s": 1e300},
+        {"bandwidth_mibps": "fast"},
+        {"downtime_limit_ms": -5},
+        {"auto_converge": "yes"},
+    ],
+)
+async def test_hostile_migration_parameters_roll_back_at_once(cluster: Cluster, params: dict[str, Any]) -> None:
+    """Parameters are a public input: a bad one fails the VM step with a reason, the VM stays put."""
+    await cluster.send_events("vm1", 3)
+    outcome = await cluster.migrate("vm1", "host-b", params=params, timeout=20.0)
+    assert outcome.status == "rolled_back", outcome
+    assert outcome.code == "invalid_message" and "migration parameter" in (outcome.reason or ""), outcome
+    await check_invariants(cluster, "vm1", "host-a")
+    assert not cluster.host("host-a").adapter.outgoing  # nothing was started on the source

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+
 from ferry_cli.sample import CORE, LOAD, METRICS, MODULES
 from ferry_common.bus.memory import MemoryBus
 from ferry_common.bus.topology import host_command
@@ -36,7 +37,6 @@ from ferry_common.messages.domain import (
     Policy,
 )
 from ferry_common.messages.limits import MAX_ELEMENTS
-
 from tests.harness import Cluster, check_invariants, make_cluster
 
 TARGET = "host-b"
