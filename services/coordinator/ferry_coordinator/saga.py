@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ferry_common.bus.topology import host_command, migration_status
@@ -60,7 +61,7 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.domain import Module, VmSpec
 from ferry_common.messages.public import MigrationStatusEvent, Status as PublicStatus
-from ferry_common.telemetry import tracer
+from ferry_common.telemetry import migration_span, trace_ids, tracer
 
 from .store import HistoryEntry, SagaRecord, SagaStore
 from .timeouts import SagaTimeouts
@@ -135,8 +136,14 @@ class MigrationSaga:
             "ferry.vm_id": self.rec.vm_id,
             "ferry.source_host": self.source,
             "ferry.target_host": self.target,
+            "ferry.service": self.ctx.endpoint.identity,
         }
-        with tracer.start_as_current_span(f"migration {self.mid}", attributes=attrs) as root:
+        # a new trace per migration (linked to the request); a resumed saga continues it
+        resume = (self.rec.data.get("trace_id"), self.rec.data.get("trace_span_id"))
+        with migration_span(self.mid, attrs, resume=resume if all(resume) else None) as root:
+            ids = trace_ids(root)
+            if ids is not None and "trace_id" not in self.rec.data:
+                self.rec.data["trace_id"], self.rec.data["trace_span_id"] = ids  # saved with the next step
             try:
                 while not self.rec.terminal:
                     if self.rec.status == "compensating":
@@ -147,6 +154,7 @@ class MigrationSaga:
                 root.add_event("lease lost", {"owner": self.ctx.owner})
                 return self.rec
             root.set_attribute("ferry.outcome", self.rec.status)
+            root.set_attribute("ferry.retry_count", sum(int(n) for n in self.rec.data.get("retries", {}).values()))
             if self.rec.status != "completed":
                 root.set_status(Status(StatusCode.ERROR, str(self.rec.data.get("reason", self.rec.status))))
         await self.ctx.on_finished(self.rec)
@@ -167,6 +175,7 @@ class MigrationSaga:
                 await self._status("progress", step=step)
                 nxt, data = await getattr(self, f"step_{step}")()
                 self.rec.data.update(data)
+                span.set_attribute("ferry.outcome", "succeeded")
                 self.rec.data.setdefault("timings_ms", {})[step] = round((self.clock.monotonic() - started) * 1000, 3)
                 if nxt is None:
                     self.rec.status = "completed"
@@ -427,6 +436,7 @@ class MigrationSaga:
                 return await self.ctx.endpoint.request(key, msg, timeout=self.t.reply_s)
             except StepTimeout as exc:
                 last = StepFailed("timeout", f"{service} on {host}: {exc.reason}")
+                trace.get_current_span().add_event("timeout", {"service": service, "host": host, "attempt": attempt})
             except Unroutable:
                 raise StepFailed("unreachable", f"{service} on {host} is not connected") from None
             except RemoteError as exc:
