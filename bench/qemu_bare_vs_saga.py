@@ -42,6 +42,8 @@ TIMING_KEYS = (
     "setup_time_ms",
     "transferred_bytes",
     "passes",
+    "blackout_ms",
+    "migrate_vm_ms",
 )
 
 Runner = Callable[[dict[str, int], int, MigrationParams], Awaitable[dict[str, Any]]]
@@ -101,7 +103,153 @@ async def bare_series(
     return {"reps": reps, "median": medians, "runs": runs}
 
 
-RUNNERS: dict[str, Runner] = {"bare": bare_migration}
+
+# --- part (b): the same migration as a Ferry saga -------------------------------------------
+
+SAGA_CONFIG: dict[str, int] = {"events": 5000}  # events published during the migration (--events)
+REPO = Path(__file__).resolve().parents[1]
+SAGA_EXTRA_ELEMENTS = 40
+
+
+class _StepClock:
+    """Wraps two sensor handlers to time the management plane's blackout.
+
+    Blackout: from the source sensor freezing the VM's events (step 2, ``FreezeEvents``)
+    until the target sensor has handed the queued backlog to dispatch (step 7,
+    ``MigrationComplete``). Everything runs in one process, so one monotonic clock serves.
+    """
+
+    def __init__(self) -> None:
+        self.frozen_at: float | None = None
+        self.resumed_at: float | None = None
+
+    def wrap(self, service: Any, message: str, attr: str) -> None:
+        model, handler = service.router.handlers[message]
+
+        async def timed(msg: Any, ctx: Any) -> Any:
+            answer = await handler(msg, ctx)
+            setattr(self, attr, time.perf_counter())
+            return answer
+
+        service.router.handlers[message] = (model, timed)
+
+    @property
+    def blackout_ms(self) -> float:
+        assert self.frozen_at is not None and self.resumed_at is not None
+        return (self.resumed_at - self.frozen_at) * 1000
+
+
+async def _publish_events(url: str, vm_id: str, count: int) -> None:
+    """Publish ``count`` events of ``vm_id`` from this (separate) process, as a producer would."""
+    from ferry_cli.sample import event
+    from ferry_common.bus.amqp import AmqpBus
+    from ferry_common.bus.topology import vm_events
+    from ferry_common.endpoint import Endpoint
+    from ferry_common.messages.public import VmEvent
+
+    bus = AmqpBus(url, name="bench-producer")
+    await bus.connect()
+    endpoint = Endpoint(bus, "client/bench-producer")
+    base = 2_000_000.0
+    for i in range(count):
+        ev = event(vm_id, 100_000 + i, base + i)
+        await endpoint.send(vm_events(vm_id), VmEvent.model_validate(ev.model_dump()))
+    await endpoint.close()
+    await bus.close()
+
+
+async def saga_migration(
+    guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None
+) -> dict[str, Any]:
+    """One migration of the same guest as a full Ferry saga over the real RabbitMQ.
+
+    The coordinator and both hosts' four services run in this process, each on its own AMQP
+    connection to a private vhost; the adapters use :class:`QemuDriver`. The VM carries a
+    management graph of ``SAGA_EXTRA_ELEMENTS`` + 8 elements (modules fetched from the
+    source), and a separate producer process publishes ``SAGA_CONFIG["events"]`` events from the moment
+    the migration is requested, so thousands queue while the VM's events are frozen.
+
+    ``wall_ms`` runs from the MigrateRequest until the client sees ``completed``; the QEMU
+    figures are the saga's record (``data["vm_stats"]``).
+    """
+    import sys
+
+    sys.path.insert(0, str(REPO))  # for tests.harness
+    from ferry_cli.cluster import HostOptions
+    from ferry_cli.sample import graph
+    from tests.harness import amqp_url, make_cluster
+
+    params = params or MigrationParams()
+    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    image = str(build_guest())
+    options = {
+        h: HostOptions(
+            driver="qemu",
+            driver_options={"run_dir": str(base / h[-1]), "guest_image": image},
+            capacity_mib=8192,
+            inventory_interval_s=1.0,
+        )
+        for h in ("host-a", "host-b")
+    }
+    cluster = await make_cluster("rabbitmq", ("host-a", "host-b"), options=options, timeouts=SAGA_TIMEOUTS)
+    vm_id = f"s-{uuid.uuid4().hex[:8]}"
+    try:
+        await cluster.create_vm("host-a", vm_id, memory_mib=memory_mib, g=graph(vm_id, extra_elements=SAGA_EXTRA_ELEMENTS), **guest)
+        await cluster.send_events(vm_id, 50)
+        await cluster.settle(vm_id)
+        await asyncio.sleep(1.0)  # boot, and let a dirtying guest touch its whole region
+        clock = _StepClock()
+        clock.wrap(cluster.host("host-a").sensor, "FreezeEvents", "frozen_at")
+        clock.wrap(cluster.host("host-b").sensor, "MigrationComplete", "resumed_at")
+        producer = None
+        events = SAGA_CONFIG["events"]
+        if events:
+            assert cluster.vhost is not None
+            producer = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--publish", amqp_url(cluster.vhost), vm_id, str(events)
+            )
+        started = time.perf_counter()
+        mid = await cluster.client.migrate(vm_id, "host-b", params=params.to_dict())
+        outcome = await cluster.client.outcome(mid, timeout=120)
+        wall_ms = (time.perf_counter() - started) * 1000
+        if producer is not None:
+            await producer.wait()
+        rec = await cluster.store.get(mid)
+        if outcome.status != "completed" or rec is None:
+            raise RuntimeError(f"bench saga did not complete: {outcome}")
+        await cluster.settle(vm_id, timeout=30)
+        dispatched = sum(len(h.managed_object.ledger.get(vm_id, [])) for h in cluster.hosts.values())
+        steps = dict(rec.data.get("timings_ms", {}))
+        return {
+            "wall_ms": round(wall_ms, 3),
+            **rec.data["vm_stats"],
+            "blackout_ms": round(clock.blackout_ms, 3),
+            "migrate_vm_ms": steps.get("migrate_vm", 0.0),
+            "steps_ms": steps,
+            "events_moved": rec.data.get("events_moved", 0),
+            "events_dispatched_on_target": rec.data.get("events_dispatched_on_target", 0),
+            "events_dispatched": dispatched,
+            "events_sent": 50 + events,
+            "dirty_rounds": rec.data.get("dirty_rounds", 0),
+        }
+    finally:
+        for h in cluster.hosts.values():
+            await h.adapter.driver.destroy(vm_id)
+        await cluster.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _saga_timeouts() -> Any:
+    from ferry_coordinator.timeouts import SagaTimeouts
+
+    # generous for TCG; dirty_round_s and status_poll_s at their defaults
+    return SagaTimeouts(reply_s=10.0, attempts=2, forward_retry_s=0.05, forward_retry_max_s=0.5, lease_s=15.0)
+
+
+SAGA_TIMEOUTS = _saga_timeouts()
+
+
+RUNNERS: dict[str, Runner] = {"bare": bare_migration, "saga": saga_migration}
 
 
 async def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -116,7 +264,10 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--runners", default=",".join(RUNNERS), help="comma-separated: " + ",".join(RUNNERS)
     )
     parser.add_argument("--json", action="store_true", help="print the full results as JSON")
+    parser.add_argument("--events", type=int, default=SAGA_CONFIG["events"], help="saga: events published during the migration")
+    parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
+    SAGA_CONFIG["events"] = args.events
     build_guest()
     guests = {
         "idle": GUESTS["idle"],
@@ -135,8 +286,50 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key, series in report.items():
             med = series["median"]
             print(f"{key:<16}" + "".join(f"{med.get(k, float('nan')):>18.1f}" for k in TIMING_KEYS))
+    report["comparison"] = compare(report)
+    if not args.json:
+        for guest_name, row in report["comparison"].items():
+            print(f"{guest_name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    if args.out:
+        await asyncio.to_thread(Path(args.out).write_text, json.dumps(report, indent=2))
     return report
 
 
+def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per guest: saga vs bare wall medians (ratio, overhead), blackout vs the VM's migration,
+    and the median of each saga step's duration."""
+    out: dict[str, dict[str, Any]] = {}
+    for guest_name in GUESTS:
+        bare, saga = report.get(f"bare/{guest_name}"), report.get(f"saga/{guest_name}")
+        if not bare or not saga:
+            continue
+        a, b = bare["median"]["wall_ms"], saga["median"]["wall_ms"]
+        runs = saga["runs"]
+        steps = {k: round(statistics.median(r["steps_ms"].get(k, 0.0) for r in runs), 1) for k in runs[0]["steps_ms"]}
+        out[guest_name] = {
+            "bare_wall_ms": round(a, 1),
+            "saga_wall_ms": round(b, 1),
+            "ratio": round(b / a, 2),
+            "overhead_ms": round(b - a, 1),
+            "blackout_ms": round(saga["median"]["blackout_ms"], 1),
+            "blackout_minus_bare_wall_ms": round(saga["median"]["blackout_ms"] - a, 1),
+            "blackout_minus_migrate_vm_step_ms": round(
+                statistics.median(r["blackout_ms"] - r["migrate_vm_ms"] for r in runs), 1
+            ),
+            "saga_qemu_total_ms": saga["median"].get("total_time_ms"),
+            "bare_qemu_total_ms": bare["median"].get("total_time_ms"),
+            "steps_ms": steps,
+            "events_sent": runs[0]["events_sent"],
+            "events_moved_median": statistics.median(r["events_moved"] for r in runs),
+            "events_dispatched_ok": all(r["events_dispatched"] == r["events_sent"] for r in runs),
+        }
+    return out
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    import sys
+
+    if len(sys.argv) == 5 and sys.argv[1] == "--publish":  # the saga runner's producer process
+        asyncio.run(_publish_events(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    else:
+        asyncio.run(main())

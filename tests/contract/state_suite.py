@@ -21,6 +21,13 @@ class StateStoreSuite:
         raise NotImplementedError("override state in the backend's test class")
         yield  # pragma: no cover - makes this an async generator like the overrides
 
+    async def test_clear_forgets_one_namespace(self, state: StateStore) -> None:
+        await state.put_many("q.vm1", [(f"{i:012d}", i) for i in range(100)])
+        await state.put("q.vm2", "k", 1)
+        await state.clear("q.vm1")
+        assert await state.items("q.vm1") == []
+        assert await state.items("q.vm2") == [("k", 1)]
+
     async def test_missing_key_is_none(self, state: StateStore) -> None:
         assert await state.get("ns", "nope") is None
         assert await state.items("empty") == []

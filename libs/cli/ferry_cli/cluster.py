@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from ferry_common.clock import Clock, SystemClock
 from ferry_common.endpoint import Endpoint
 from ferry_common.security import Authenticator
 from ferry_common.service import HostService
+from ferry_common.state import SqliteStateStore, StateStore
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import SagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
@@ -80,19 +82,20 @@ def build_service(
     options: HostOptions | None = None,
     auth: AuthFactory = _no_auth,
     driver: Driver | None = None,
+    state: StateStore | None = None,
 ) -> HostService:
-    """One host service, unstarted."""
+    """One host service, unstarted; ``state`` is where it keeps what survives a restart."""
     clock = clock or SystemClock()
     options = options or HostOptions()
     identity = f"host/{host}/{name}"
     endpoint = Endpoint(bus, identity, clock=clock, auth=auth(identity))
     if name == "sensor":
-        return SensorService(host, endpoint)
+        return SensorService(host, endpoint, state)
     if name == "managed_object":
-        return ManagedObjectService(host, endpoint)
+        return ManagedObjectService(host, endpoint, state)
     if name == "migration_policy":
         return MigrationPolicyService(
-            host, endpoint, allowed_sources=options.allowed_sources, capacity_mib=options.capacity_mib
+            host, endpoint, state, allowed_sources=options.allowed_sources, capacity_mib=options.capacity_mib
         )
     if name == "hypervisor_adapter":
         if driver is None:
@@ -100,7 +103,7 @@ def build_service(
             if options.driver == "sim":
                 opts.setdefault("clock", clock)
             driver = load_driver(options.driver, host, **opts)
-        return HypervisorAdapterService(host, endpoint, driver, inventory_interval_s=options.inventory_interval_s)
+        return HypervisorAdapterService(host, endpoint, driver, state, inventory_interval_s=options.inventory_interval_s)
     raise ValueError(f"unknown service {name!r} ({', '.join(HOST_SERVICES)})")
 
 
@@ -112,11 +115,25 @@ def build_host(
     options: HostOptions | None = None,
     auth: AuthFactory = _no_auth,
     driver: Driver | None = None,
+    states: dict[str, StateStore] | None = None,
 ) -> Host:
     services = {
-        s: build_service(s, name, bus, clock=clock, options=options, auth=auth, driver=driver) for s in HOST_SERVICES
+        s: build_service(
+            s, name, bus, clock=clock, options=options, auth=auth, driver=driver, state=(states or {}).get(s)
+        )
+        for s in HOST_SERVICES
     }
     return Host(name, services)
+
+
+async def open_states(
+    state_dir: str | None, host: str, only: tuple[str, ...] = HOST_SERVICES
+) -> dict[str, StateStore]:
+    """One SQLite state file per service under ``state_dir/host`` (in memory without a dir)."""
+    if not state_dir:
+        return {}
+    os.makedirs(os.path.join(state_dir, host), exist_ok=True)
+    return {s: await SqliteStateStore.open(os.path.join(state_dir, host, f"{s}.db")) for s in only}
 
 
 def build_coordinator(

@@ -14,7 +14,7 @@ from ferry_common.settings import Settings
 from ferry_common.signing import auth_factory_from_env
 from ferry_coordinator.store import open_store
 
-from .cluster import HOST_SERVICES, HostOptions, build_coordinator, build_service
+from .cluster import HOST_SERVICES, HostOptions, build_coordinator, build_service, open_states
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
             started.append(c)
             print(f"coordinator up (store {settings.store_url.split('@')[-1]})", flush=True)
         for name, host in services:
-            s = build_service(name, host, bus, options=_options(settings), auth=auth)
+            states = await open_states(settings.state_dir, host, (name,))
+            s = build_service(name, host, bus, options=_options(settings), auth=auth, state=states.get(name))
             await s.start()
             started.append(s)
             print(f"{name} up on {host}", flush=True)

@@ -6,11 +6,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import orjson
+
 from .bus.interfaces import Consumer, QueueSpec
 from .bus.topology import host_command, host_queue
 from .endpoint import Context, Endpoint, Router
 from .messages import decode, encode, model_for, type_name
 from .messages.base import Wire
+from .state import MemoryStateStore, StateStore
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Wire)
@@ -18,10 +21,18 @@ StepHandler = Callable[[M, Context], Awaitable[Wire | None]]
 
 
 class StepMemo:
-    """Answers already given, by (message type, migration id), so a replayed step gets the same answer."""
+    """Answers already given, by (message type, migration id), so a replayed step gets the
+    same answer, also after the service restarted (they are kept in its state store)."""
 
-    def __init__(self) -> None:
+    NS = "memo"
+
+    def __init__(self, state: StateStore) -> None:
+        self._state = state
         self._answers: dict[str, tuple[str, bytes]] = {}
+
+    async def load(self) -> None:
+        for key, value in await self._state.items(self.NS):
+            self._answers[key] = (value["type"], orjson.dumps(value["body"]))
 
     def get(self, key: str) -> Wire | None:
         found = self._answers.get(key)
@@ -29,12 +40,11 @@ class StepMemo:
             return None
         return decode(found[1], model_for(found[0]))
 
-    def put(self, key: str, answer: Wire) -> None:
-        self._answers[key] = (type_name(answer), encode(answer))
-
-    def forget(self, migration_id: str) -> None:
-        for k in [k for k in self._answers if k.endswith(f":{migration_id}")]:
-            del self._answers[k]
+    async def put(self, key: str, answer: Wire) -> None:
+        body = encode(answer)
+        # durable before the request is acknowledged: a replay after a crash finds it
+        await self._state.put(self.NS, key, {"type": type_name(answer), "body": orjson.loads(body)})
+        self._answers[key] = (type_name(answer), body)
 
 
 class HostService:
@@ -42,12 +52,14 @@ class HostService:
 
     service = "service"
 
-    def __init__(self, host: str, endpoint: Endpoint) -> None:
+    def __init__(self, host: str, endpoint: Endpoint, state: StateStore | None = None) -> None:
         self.host = host
         self.endpoint = endpoint
+        self.state: StateStore = state or MemoryStateStore()
         self.router = Router()
-        self.memo = StepMemo()
+        self.memo = StepMemo(self.state)
         self._consumer: Consumer | None = None
+        self._restored = False
         self.prefetch = 256
 
     @property
@@ -67,12 +79,19 @@ class HostService:
                 return done
             answer = await handler(msg, ctx)
             if answer is not None:
-                self.memo.put(key, answer)
+                await self.memo.put(key, answer)
             return answer
 
         self.router.add(model, once)
 
+    async def restore(self) -> None:
+        """Reload what the service keeps across restarts (called once, before consuming)."""
+
     async def start(self) -> None:
+        if not self._restored:
+            await self.memo.load()
+            await self.restore()
+            self._restored = True
         spec = QueueSpec(self.queue, self.bindings(), durable=True, prefetch=self.prefetch)
         self._consumer = await self.endpoint.serve(spec, self.router)
         log.info("%s on %s is serving %s", self.service, self.host, self.queue)

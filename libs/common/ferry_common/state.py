@@ -55,6 +55,9 @@ class StateStore(Protocol):
     async def items(self, ns: str) -> list[tuple[str, Any]]:
         """Every ``(key, value)`` of ``ns``, sorted by key."""
 
+    async def clear(self, ns: str) -> None:
+        """Forget the whole namespace (a drained queue) in one go."""
+
     async def close(self) -> None: ...
 
 
@@ -82,6 +85,9 @@ class MemoryStateStore:
 
     async def items(self, ns: str) -> list[tuple[str, Any]]:
         return [(k, orjson.loads(v)) for k, v in sorted(self._data.get(ns, {}).items())]
+
+    async def clear(self, ns: str) -> None:
+        self._data.pop(ns, None)
 
     async def close(self) -> None:
         return None
@@ -188,6 +194,10 @@ class SqliteStateStore:
             ) as cur:
                 rows = await cur.fetchall()
         return [(key, orjson.loads(value)) for key, value in rows]
+
+    async def clear(self, ns: str) -> None:
+        async with self._lock:
+            await self._conn.execute("DELETE FROM ferry_state WHERE ns = ?", (ns,))
 
     async def close(self) -> None:
         async with self._lock:

@@ -116,6 +116,9 @@ class MigrationSaga:
         self.t = ctx.timeouts
         # kept in memory only: rebuilt by going back one step after a restart
         self.element_ids: list[str] | None = None
+        # a saga picked up mid-way (after a coordinator crash) may have lost a dirty round's
+        # answer: its final round resends everything changed since step 3
+        self.resumed = any(h.event == "started" for h in record.history)
 
     @property
     def mid(self) -> str:
@@ -391,10 +394,8 @@ class MigrationSaga:
 
     async def _dirty_round(self, *, final: bool) -> int:
         vm_id = self.rec.vm_id
-        dirty = _expect(
-            await self._call(self.source, "managed_object", ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final)),
-            DirtyObjects,
-        )
+        export = ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final, since_export=final and self.resumed)
+        dirty = _expect(await self._call(self.source, "managed_object", export), DirtyObjects)
         if not dirty.elements and not dirty.embots:
             return 0
         ans = await self._call(

@@ -38,6 +38,10 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.public import HostInventory, MigrationStatusEvent
 from ferry_common.service import HostService
+from ferry_common.state import StateStore
+from ferry_common.telemetry import tracer
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from .drivers import Driver, MigrationParams, MigrationProgress, MigrationResult
 
@@ -59,8 +63,16 @@ class Outgoing:
 class HypervisorAdapterService(HostService):
     service = "hypervisor_adapter"
 
-    def __init__(self, host: str, endpoint: Endpoint, driver: Driver, *, inventory_interval_s: float = 5.0) -> None:
-        super().__init__(host, endpoint)
+    def __init__(
+        self,
+        host: str,
+        endpoint: Endpoint,
+        driver: Driver,
+        state: StateStore | None = None,
+        *,
+        inventory_interval_s: float = 5.0,
+    ) -> None:
+        super().__init__(host, endpoint, state)
         self.driver = driver
         self.inventory_interval_s = inventory_interval_s
         self.outgoing: dict[str, Outgoing] = {}
@@ -79,6 +91,33 @@ class HypervisorAdapterService(HostService):
         self.step(SourceTeardown, self.on_teardown)
         self.step(CleanupTarget, self.on_cleanup_target)
         self.step(CleanupSource, self.on_cleanup_source)
+
+    async def restore(self) -> None:
+        self.incoming = dict(await self.state.items("incoming"))
+        for mid, raw in await self.state.items("outgoing"):
+            out = Outgoing(mid, raw["vm_id"], raw["target_host"], raw.get("notify"))
+            if raw.get("result"):
+                out.result = VmMigrationFinished.model_validate(raw["result"])
+            else:
+                # the migration's follower died with us: make sure the hypervisor stops too,
+                # and answer the saga's next PerformMigration with what became of it
+                state = await self.driver.state(out.vm_id)
+                if state == "postmigrate":
+                    outcome, reason = "completed", None
+                else:
+                    await self.driver.cancel_migration(out.vm_id)
+                    outcome, reason = "failed", "the hypervisor adapter restarted during the migration"
+                out.result = VmMigrationFinished(migration_id=mid, vm_id=out.vm_id, outcome=outcome, reason=reason)
+                await self._save_outgoing(out)
+            self.outgoing[mid] = out
+
+    async def _save_outgoing(self, out: Outgoing) -> None:
+        await self.state.put("outgoing", out.migration_id, {
+            "vm_id": out.vm_id,
+            "target_host": out.target_host,
+            "notify": out.notify,
+            "result": out.result.model_dump(mode="json") if out.result else None,
+        })
 
     async def start(self) -> None:
         await self.driver.start()
@@ -145,6 +184,7 @@ class HypervisorAdapterService(HostService):
         except Exception as exc:
             raise FerryError(f"cannot prepare incoming vm {msg.vm_id!r}: {exc}", code="incoming_failed") from exc
         self.incoming[msg.migration_id] = msg.vm_id
+        await self.state.put("incoming", msg.migration_id, msg.vm_id)
         return IncomingPrepared(uri=uri)
 
     async def on_finish_incoming(self, msg: FinishIncoming, ctx: Context) -> Done:
@@ -154,6 +194,7 @@ class HypervisorAdapterService(HostService):
         while len(self.adopted) > ADOPTED_KEPT:
             self.adopted.pop(next(iter(self.adopted)))
         self.incoming.pop(msg.migration_id, None)
+        await self.state.delete("incoming", msg.migration_id)
         await self.publish_inventory()
         return Done()
 
@@ -176,13 +217,16 @@ class HypervisorAdapterService(HostService):
             if self.adopted.pop(msg.migration_id, None) is not None:
                 await self.publish_inventory()
             self.incoming.pop(msg.migration_id, None)
+            await self.state.delete("incoming", msg.migration_id)
         return Done()
 
     # ---- step 5, source side ----------------------------------------------------------
     async def on_perform(self, msg: PerformMigration, ctx: Context) -> Wire:
         out = self.outgoing.get(msg.migration_id)
         if out is not None:
-            out.notify = msg.notify or out.notify
+            if msg.notify and msg.notify != out.notify:
+                out.notify = msg.notify
+                await self._save_outgoing(out)
             return MigrationStarted(already=True, finished=out.result, source_resumable=self.source_resumable)
         state = await self.driver.state(msg.vm_id)
         if state != "running":
@@ -190,12 +234,26 @@ class HypervisorAdapterService(HostService):
         params = MigrationParams.from_dict(dict(msg.params))  # bad values refused before anything is recorded
         out = Outgoing(msg.migration_id, msg.vm_id, msg.target_host, msg.notify)
         self.outgoing[msg.migration_id] = out
+        await self._save_outgoing(out)
         out.task = asyncio.create_task(self._migrate(out, msg.uri, params))
         return MigrationStarted(source_resumable=self.source_resumable)
 
     async def _migrate(self, out: Outgoing, uri: str, params: MigrationParams) -> None:
+        # the task inherited the PerformMigration handler's context: this span, and the
+        # progress and finish messages sent under it, stay in the migration's trace
+        attrs = {"ferry.migration_id": out.migration_id, "ferry.vm_id": out.vm_id, "ferry.source_host": self.host,
+                 "ferry.target_host": out.target_host, "ferry.service": self.endpoint.identity}
+        with tracer.start_as_current_span(f"hypervisor migrate {out.vm_id}", attributes=attrs) as span:
+            await self._run_migration(out, uri, params)
+            if out.result is not None:
+                span.set_attribute("ferry.outcome", out.result.outcome)
+                if out.result.outcome != "completed":
+                    span.set_status(Status(StatusCode.ERROR, out.result.reason or out.result.outcome))
+
+    async def _run_migration(self, out: Outgoing, uri: str, params: MigrationParams) -> None:
         async def on_progress(p: MigrationProgress) -> None:
             out.progress.append(p.to_dict())
+            trace.get_current_span().add_event("progress", p.to_dict())
             event = MigrationStatusEvent(
                 migration_id=out.migration_id,
                 vm_id=out.vm_id,
@@ -223,6 +281,7 @@ class HypervisorAdapterService(HostService):
             reason=result.reason,
             stats=result.stats,
         )
+        await self._save_outgoing(out)
         if out.notify:
             try:
                 await self.endpoint.send(out.notify, out.result)
@@ -248,6 +307,7 @@ class HypervisorAdapterService(HostService):
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:
         await self.driver.confirm_source(msg.vm_id)
         self.outgoing.pop(msg.migration_id, None)
+        await self.state.delete("outgoing", msg.migration_id)
         await self.publish_inventory()
         return Done()
 

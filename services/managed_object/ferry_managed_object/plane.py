@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from ferry_common.messages.domain import Element, Embot, Event, ManagementGraph
+from ferry_common.messages.domain import Element, Embot, Event, ManagementGraph, ModuleRef
 
 from .modules import ModuleRegistry
 from .policy import Effect, PolicyEngine, PolicyError
@@ -37,6 +37,10 @@ class VmPlane:
     recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
     dirty_elements: set[str] = field(default_factory=set)
     dirty_embots: set[str] = field(default_factory=set)
+    # everything changed since the first export: a resumed saga resends it all at the end,
+    # in case a dirty round's answer was lost with the coordinator that asked for it
+    changed_elements: set[str] = field(default_factory=set)
+    changed_embots: set[str] = field(default_factory=set)
     by_element: dict[str, list[str]] = field(default_factory=dict)
     dirty_round: int = 0
 
@@ -86,10 +90,45 @@ class VmPlane:
     def mark_element(self, element_id: str) -> None:
         if self.status == "exporting":
             self.dirty_elements.add(element_id)
+            self.changed_elements.add(element_id)
 
     def mark_embot(self, embot_id: str) -> None:
         if self.status == "exporting":
             self.dirty_embots.add(embot_id)
+            self.changed_embots.add(embot_id)
+
+    def meta(self) -> dict[str, object]:
+        """What is kept besides the elements and embots themselves."""
+        return {
+            "status": self.status,
+            "migration_id": self.migration_id,
+            "epoch": self.epoch,
+            "manifest": [r.model_dump(mode="json") for r in self.manifest],
+            "dirty_elements": sorted(self.dirty_elements),
+            "dirty_embots": sorted(self.dirty_embots),
+            "changed_elements": sorted(self.changed_elements),
+            "changed_embots": sorted(self.changed_embots),
+            "dirty_round": self.dirty_round,
+        }
+
+    @classmethod
+    def restore(cls, vm_id: str, meta: dict[str, Any], elements: list[Element], embots: list[Embot],
+                recent: list[str]) -> VmPlane:
+        plane = cls.from_graph(
+            ManagementGraph(vm_id=vm_id, elements=elements, embots=embots,
+                            manifest=[ModuleRef.model_validate(r) for r in meta["manifest"]],
+                            recent_event_ids=recent[-RECENT_IDS:]),
+            meta["status"],
+            meta.get("migration_id"),
+        )
+        plane.recent = OrderedDict.fromkeys(recent)
+        plane.epoch = int(meta.get("epoch", 0))
+        plane.dirty_elements = set(meta.get("dirty_elements", []))
+        plane.dirty_embots = set(meta.get("dirty_embots", []))
+        plane.changed_elements = set(meta.get("changed_elements", []))
+        plane.changed_embots = set(meta.get("changed_embots", []))
+        plane.dirty_round = int(meta.get("dirty_round", 0))
+        return plane
 
 
 Fired = tuple[str, str, str, Effect]  # element id, embot id, policy name, effect

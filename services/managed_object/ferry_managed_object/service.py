@@ -42,8 +42,10 @@ from ferry_common.messages.commands import (
     SetAttributes,
     SourceTeardown,
 )
+from ferry_common.messages.domain import Element, Embot, Module
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
 from ferry_common.service import HostService
+from ferry_common.state import StateStore
 
 from .modules import ModuleError, ModuleRegistry
 from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_graph
@@ -55,8 +57,8 @@ log = logging.getLogger(__name__)
 class ManagedObjectService(HostService):
     service = "managed_object"
 
-    def __init__(self, host: str, endpoint: Endpoint) -> None:
-        super().__init__(host, endpoint)
+    def __init__(self, host: str, endpoint: Endpoint, state: StateStore | None = None) -> None:
+        super().__init__(host, endpoint, state)
         self.modules = ModuleRegistry()
         self.engine = PolicyEngine()
         self.planes: dict[str, VmPlane] = {}
@@ -79,12 +81,49 @@ class ManagedObjectService(HostService):
         self.step(CleanupTarget, self.on_cleanup_target)
         self.step(CleanupSource, self.on_cleanup_source)
 
+    # ---- durable state: planes, modules, the dedup window and the ledger ----------------
+    async def restore(self) -> None:
+        for _, raw in await self.state.items("modules"):
+            self.modules.install(Module.model_validate(raw))
+        for vm_id, meta in await self.state.items("plane"):
+            elements = [Element.model_validate(v) for _, v in await self.state.items(f"el.{vm_id}")]
+            embots = [Embot.model_validate(v) for _, v in await self.state.items(f"eb.{vm_id}")]
+            recent = await self.state.get("recent", vm_id) or []
+            self.planes[vm_id] = VmPlane.restore(vm_id, meta, elements, embots, recent)
+        for key in {k for k, _ in await self.state.items("ledgers")}:
+            self.ledger[key] = [v for _, v in await self.state.items(f"ledger.{key}")]
+
+    async def _save_modules(self, modules: list[Module]) -> None:
+        await self.state.put_many("modules", [(f"{m.name}@{m.version}", m.model_dump(mode="json")) for m in modules])
+
+    async def _save_meta(self, plane: VmPlane) -> None:
+        await self.state.put("plane", plane.vm_id, plane.meta())
+
+    async def _save_plane(self, plane: VmPlane) -> None:
+        vm = plane.vm_id
+        await self.state.clear(f"el.{vm}")
+        await self.state.clear(f"eb.{vm}")
+        await self.state.put_many(f"el.{vm}", [(e.id, e.model_dump(mode="json")) for e in plane.elements.values()])
+        await self._save_embots(plane, list(plane.embots))
+        await self.state.put("recent", vm, list(plane.recent))
+        await self._save_meta(plane)
+
+    async def _save_embots(self, plane: VmPlane, ids: list[str]) -> None:
+        await self.state.put_many(f"eb.{plane.vm_id}", [(i, plane.embot(i).model_dump(mode="json")) for i in ids])
+
+    async def _drop_plane(self, vm_id: str) -> None:
+        await self.state.delete("plane", vm_id)
+        await self.state.clear(f"el.{vm_id}")
+        await self.state.clear(f"eb.{vm_id}")
+        await self.state.delete("recent", vm_id)
+
     # ---- administration -----------------------------------------------------------
     async def on_install(self, msg: InstallModules, ctx: Context) -> Done:
         try:
             refs = [self.modules.install(m) for m in msg.modules]
         except ModuleError as exc:
             raise InvalidMessage(str(exc)) from None
+        await self._save_modules(msg.modules)
         return Done(detail={"installed": [r.key for r in refs]})
 
     async def on_register(self, msg: RegisterManagementGraph, ctx: Context) -> Done:
@@ -102,6 +141,8 @@ class ManagedObjectService(HostService):
             raise InvalidMessage(str(exc)) from None
         self.planes[graph.vm_id] = VmPlane.from_graph(graph, "active")
         self.ledger.setdefault(graph.vm_id, [])
+        await self._save_modules(msg.modules)
+        await self._save_plane(self.planes[graph.vm_id])
         return Done(detail={"elements": len(graph.elements), "embots": len(graph.embots)})
 
     async def on_set_attributes(self, msg: SetAttributes, ctx: Context) -> Done:
@@ -111,8 +152,11 @@ class ManagedObjectService(HostService):
         element = plane.elements.get(msg.element_id)
         if element is None:
             raise InvalidMessage(f"vm {msg.vm_id!r} has no element {msg.element_id!r}")
-        plane.elements[msg.element_id] = element.model_copy(update={"attributes": {**element.attributes, **msg.attributes}})
+        updated = element.model_copy(update={"attributes": {**element.attributes, **msg.attributes}})
+        plane.elements[msg.element_id] = updated
         plane.mark_element(msg.element_id)
+        await self.state.put(f"el.{msg.vm_id}", updated.id, updated.model_dump(mode="json"))
+        await self._save_meta(plane)
         return Done()
 
     # ---- dispatch: the embots at work ---------------------------------------------
@@ -123,11 +167,22 @@ class ManagedObjectService(HostService):
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} on {self.host!r}: not dispatching")
         ledger = self.ledger.setdefault(msg.vm_id, [])
         effects: list[tuple[str, str, str, Effect]] = []
+        applied: list[str] = []
+        touched: set[str] = set()
         for event in msg.events:
             if not plane.first_time(event.id):
                 continue  # a redelivered dispatch: each event acts once
-            ledger.append(event.id)
+            applied.append(event.id)
+            touched.update(plane.by_element.get(event.element_id, ()))
             effects.extend(apply_event(self.engine, plane, event))
+        if applied:
+            # the policies' state, the dedup window and the ledger, durable before the ack
+            start = len(ledger)
+            ledger.extend(applied)
+            await self._save_embots(plane, sorted(touched))
+            await self.state.put("recent", plane.vm_id, list(plane.recent))
+            await self.state.put("ledgers", plane.vm_id, True)
+            await self.state.put_many(f"ledger.{plane.vm_id}", [(f"{start + i:012d}", e) for i, e in enumerate(applied)])
         for element_id, embot_id, policy, effect in effects:
             await self._effect(plane, element_id, embot_id, policy, effect)
         return None
@@ -162,33 +217,38 @@ class ManagedObjectService(HostService):
         plane = self._plane(msg.vm_id)
         if plane.status == "active":
             plane.status, plane.migration_id = "exporting", msg.migration_id
-            plane.dirty_elements.clear()
-            plane.dirty_embots.clear()
+            plane.changed_elements.clear()
+            plane.changed_embots.clear()
         elif plane.migration_id != msg.migration_id or plane.status != "exporting":
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
         # a replayed export sends the current state; dirt since the first export is in it
         plane.dirty_elements.clear()
         plane.dirty_embots.clear()
+        await self._save_meta(plane)
         return ManagementStateExport(graph=plane.graph())
 
     async def on_export_dirty(self, msg: ExportDirtyObjects, ctx: Context) -> Wire:
         plane = self._plane(msg.vm_id)
         if plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
-        elements = [plane.elements[i] for i in sorted(plane.dirty_elements) if i in plane.elements]
-        embots = [plane.embot(i) for i in sorted(plane.dirty_embots) if i in plane.embots]
+        element_ids = plane.changed_elements if msg.since_export else plane.dirty_elements
+        embot_ids = plane.changed_embots if msg.since_export else plane.dirty_embots
+        elements = [plane.elements[i] for i in sorted(element_ids) if i in plane.elements]
+        embots = [plane.embot(i) for i in sorted(embot_ids) if i in plane.embots]
         # the seed resets dirty bits as it serializes; a lost answer is covered by the final round
         plane.dirty_elements.clear()
         plane.dirty_embots.clear()
         plane.dirty_round += 1
         if msg.final:
             plane.status = "sealed"
+        await self._save_meta(plane)
         return DirtyObjects(elements=elements, embots=embots, round=plane.dirty_round)
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:
         plane = self.planes.get(msg.vm_id)
         if plane is not None and plane.migration_id == msg.migration_id and plane.status in ("exporting", "sealed"):
             del self.planes[msg.vm_id]
+            await self._drop_plane(msg.vm_id)
         return Done()
 
     async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Done:
@@ -197,6 +257,7 @@ class ManagedObjectService(HostService):
             plane.status, plane.migration_id = "active", None
             plane.dirty_elements.clear()
             plane.dirty_embots.clear()
+            await self._save_meta(plane)
         return Done()
 
     # ---- migration, target side -----------------------------------------------------
@@ -218,6 +279,7 @@ class ManagedObjectService(HostService):
                 if ref is None:
                     return ManagedObjectInstantiationError(reason=f"module {m.name}@{m.version} was not asked for")
                 self.modules.install(m, expected=ref)
+            await self._save_modules(list(msg.modules))
             resolution = self.modules.resolve(graph.manifest)
             if resolution.missing:
                 return ModulesRequired(missing=resolution.missing)
@@ -227,6 +289,7 @@ class ManagedObjectService(HostService):
         except GraphError as exc:
             return ManagementStateFailed(reason=str(exc))
         self.planes[msg.vm_id] = VmPlane.from_graph(graph, "staged", msg.migration_id)
+        await self._save_plane(self.planes[msg.vm_id])
         return ManagementStateSuccess(element_ids=list(self.planes[msg.vm_id].elements))
 
     async def on_migration_state(self, msg: MigrationState, ctx: Context) -> Wire:
@@ -243,18 +306,22 @@ class ManagedObjectService(HostService):
             plane.embots[b.id] = b
             plane.state[b.id] = dict(b.state)
         plane.reindex()
+        await self.state.put_many(f"el.{msg.vm_id}", [(e.id, e.model_dump(mode="json")) for e in msg.elements])
+        await self._save_embots(plane, [b.id for b in msg.embots])
         return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
         plane = self._staged(msg.vm_id, msg.migration_id)
         plane.status, plane.migration_id, plane.epoch = "active", None, msg.epoch
         self.ledger.setdefault(msg.vm_id, [])
+        await self._save_meta(plane)
         return MigrationCompleteAck()
 
     async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
         plane = self.planes.get(msg.vm_id)
         if plane is not None and plane.status == "staged" and plane.migration_id == msg.migration_id:
             del self.planes[msg.vm_id]
+            await self._drop_plane(msg.vm_id)
         return Done()
 
     # ---- inspection -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.public import HostInventory
 from ferry_common.service import HostService
+from ferry_common.state import StateStore
 
 
 @dataclass
@@ -43,11 +44,12 @@ class MigrationPolicyService(HostService):
         self,
         host: str,
         endpoint: Endpoint,
+        state: StateStore | None = None,
         *,
         allowed_sources: tuple[str, ...] = ("*",),
         capacity_mib: int | None = None,
     ) -> None:
-        super().__init__(host, endpoint)
+        super().__init__(host, endpoint, state)
         self.allowed_sources = allowed_sources
         self.capacity_mib = capacity_mib
         self.reservations: dict[str, Reservation] = {}
@@ -62,6 +64,10 @@ class MigrationPolicyService(HostService):
 
     def bindings(self) -> tuple[str, ...]:
         return (host_command(self.host, self.service), inventory(self.host))
+
+    async def restore(self) -> None:
+        for mid, raw in await self.state.items("reservations"):
+            self.reservations[mid] = Reservation(**raw)
 
     async def on_inventory(self, msg: HostInventory, ctx: Context) -> None:
         if msg.host == self.host:
@@ -91,16 +97,19 @@ class MigrationPolicyService(HostService):
                 code="insufficient_resources",
                 reason=f"{msg.vm.memory_mib} MiB needed, {max(free, 0)} MiB free on {self.host}",
             )
-        self.reservations[msg.migration_id] = Reservation(msg.migration_id, msg.vm_id, msg.vm.memory_mib, msg.source_host)
+        self.reservations[msg.migration_id] = r = Reservation(msg.migration_id, msg.vm_id, msg.vm.memory_mib, msg.source_host)
+        await self.state.put("reservations", r.migration_id, vars(r))
         return MigrationPermitted(reservation_id=msg.migration_id)
 
     async def on_commit(self, msg: CommitReservation, ctx: Context) -> Done:
         # the VM now shows in the inventory; the reservation has done its job
         self.reservations.pop(msg.migration_id, None)
+        await self.state.delete("reservations", msg.migration_id)
         return Done()
 
     async def on_cleanup(self, msg: CleanupTarget, ctx: Context) -> Done:
         released = self.reservations.pop(msg.migration_id, None)
+        await self.state.delete("reservations", msg.migration_id)
         return Done(detail={"released": released is not None})
 
     async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:

@@ -28,6 +28,10 @@ class VmEvents:
     queues: dict[str, list[Event]] = field(default_factory=dict)
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     frozen_at: float | None = None
+    seq: int = 0  # key of the next queued event in the state store
+
+    def meta(self) -> dict[str, object]:
+        return {"mode": self.mode, "migration_id": self.migration_id}
 
     def first_time(self, event_id: str) -> bool:
         """False for an id seen lately (a duplicate delivery); remembers a bounded window."""
@@ -43,7 +47,12 @@ class VmEvents:
         if not self.first_time(event.id):
             return False
         self.queues.setdefault(event.element_id, []).append(event)
+        self.seq += 1
         return True
+
+    def store_key(self) -> str:
+        """Key of the event :meth:`add` just queued."""
+        return f"{self.seq:012d}"
 
     @property
     def queued(self) -> int:

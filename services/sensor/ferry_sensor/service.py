@@ -40,6 +40,7 @@ from ferry_common.messages.commands import (
 from ferry_common.messages.domain import Event
 from ferry_common.messages.public import VmEvent
 from ferry_common.service import HostService
+from ferry_common.state import StateStore
 
 from .queues import VmEvents
 
@@ -50,8 +51,8 @@ DISPATCH_BATCH = 2000
 class SensorService(HostService):
     service = "sensor"
 
-    def __init__(self, host: str, endpoint: Endpoint) -> None:
-        super().__init__(host, endpoint)
+    def __init__(self, host: str, endpoint: Endpoint, state: StateStore | None = None) -> None:
+        super().__init__(host, endpoint, state)
         self.vms: dict[str, VmEvents] = {}
         # vm_id -> migration that took it away (or whose staging was undone): events still
         # in our queue for it were published while the other host was bound too
@@ -78,6 +79,30 @@ class SensorService(HostService):
     def bindings(self) -> tuple[str, ...]:
         return (host_command(self.host, self.service), *(vm_events(v) for v in self.vms))
 
+    # ---- durable state: what the sensor must not lose across its own restart --------------
+    async def restore(self) -> None:
+        for vm_id, meta in await self.state.items("vm"):
+            vm = VmEvents(vm_id, meta["mode"], meta.get("migration_id"))
+            stored = await self.state.items(_queue_ns(vm_id))
+            for _, raw in stored:
+                vm.add(Event.model_validate(raw))
+            vm.seq = max((int(k) for k, _ in stored), default=0)  # new keys go after the old
+            self.vms[vm_id] = vm
+        self.released = dict(await self.state.items("released"))
+
+    async def _save(self, vm: VmEvents) -> None:
+        await self.state.put("vm", vm.vm_id, vm.meta())
+
+    async def _drop(self, vm_id: str, migration_id: str) -> None:
+        self.released[vm_id] = migration_id
+        await self.state.put("released", vm_id, migration_id)
+        await self.state.delete("vm", vm_id)
+        await self.state.clear(_queue_ns(vm_id))
+
+    async def _drained(self, vm: VmEvents) -> None:
+        await self._save(vm)
+        await self.state.clear(_queue_ns(vm.vm_id))
+
     # ---- events -------------------------------------------------------------------
     async def on_event(self, msg: VmEvent, ctx: Context) -> None:
         # everything up to the first await runs in delivery order: keep state changes here
@@ -92,6 +117,9 @@ class SensorService(HostService):
         if vm.mode != "active":
             if not vm.add(event):
                 self.duplicates += 1
+                return None
+            # queued for a migration: durable before the delivery is acknowledged
+            await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
             return None
         if not vm.first_time(event.id):
             self.duplicates += 1
@@ -138,6 +166,7 @@ class SensorService(HostService):
         if msg.vm_id not in self.vms:
             self.vms[msg.vm_id] = VmEvents(msg.vm_id, "active")
             self.released.pop(msg.vm_id, None)
+            await self._save(self.vms[msg.vm_id])
             await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         return Done()
 
@@ -147,6 +176,7 @@ class SensorService(HostService):
             raise Conflict(f"vm {msg.vm_id!r} takes no events on {self.host!r}")
         if vm.mode == "active":
             vm.mode, vm.migration_id, vm.frozen_at = "frozen", msg.migration_id, self.endpoint.clock.monotonic()
+            await self._save(vm)
         elif vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is {vm.mode} for migration {vm.migration_id}")
         return EventsFrozen(queued=vm.queued)
@@ -162,6 +192,7 @@ class SensorService(HostService):
         if vm is None:
             self.vms[msg.vm_id] = VmEvents(msg.vm_id, "staged", msg.migration_id)
             self.released.pop(msg.vm_id, None)
+            await self._save(self.vms[msg.vm_id])
             await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         elif vm.mode != "staged" or vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is already {vm.mode} here")
@@ -175,8 +206,9 @@ class SensorService(HostService):
         strangers = sorted({e.element_id for e in msg.events if e.element_id not in known or e.vm_id != msg.vm_id})
         if strangers:
             return ManagedObjectInstantiationError(reason=f"events for elements not migrated: {', '.join(strangers[:5])}")
-        added = sum(1 for e in msg.events if vm.add(e))
-        return ManagementEventStateSuccess(staged=added)
+        rows = [(vm.store_key(), e.model_dump(mode="json")) for e in msg.events if vm.add(e)]
+        await self.state.put_many(_queue_ns(vm.vm_id), rows)
+        return ManagementEventStateSuccess(staged=len(rows))
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)
@@ -185,14 +217,17 @@ class SensorService(HostService):
         events = vm.merged()
         vm.mode, vm.migration_id = "active", None
         vm.clear()
+        # a crash before the queue is cleared replays this step; the managed-object
+        # service drops events it has already seen, so each still acts once
         await self._dispatch(events)
+        await self._drained(vm)
         return MigrationCompleteAck(dispatched=len(events))
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)
         if vm is not None and vm.migration_id == msg.migration_id:
             del self.vms[msg.vm_id]
-            self.released[msg.vm_id] = msg.migration_id
+            await self._drop(msg.vm_id, msg.migration_id)
             await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
         return Done()
 
@@ -200,7 +235,7 @@ class SensorService(HostService):
         vm = self.vms.get(msg.vm_id)
         if vm is not None and vm.mode == "staged" and vm.migration_id == msg.migration_id:
             del self.vms[msg.vm_id]
-            self.released[msg.vm_id] = msg.migration_id
+            await self._drop(msg.vm_id, msg.migration_id)
             await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
             return Done(detail={"purged": vm.queued})
         return Done()
@@ -214,6 +249,7 @@ class SensorService(HostService):
         vm.clear()
         # thawed: what queued up is dispatched here, in its original order, not dropped
         await self._dispatch(events)
+        await self._drained(vm)
         return Done(detail={"thawed": len(events)})
 
     async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
@@ -226,3 +262,7 @@ class SensorService(HostService):
             if vm_id is None or v.vm_id == vm_id
         }
         return {"vms": vms, "dispatched": self.dispatched, "duplicates": self.duplicates}
+
+
+def _queue_ns(vm_id: str) -> str:
+    return f"queue.{vm_id}"

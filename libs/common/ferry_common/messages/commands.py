@@ -189,6 +189,7 @@ class ConfirmSource(Step):
 # --- step 6: dirty objects ---------------------------------------------------------
 class ExportDirtyObjects(Step):
     final: bool = False
+    since_export: bool = False  # everything changed since step 3, not just since the last round
 
 
 class DirtyObjects(Wire):
