@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from typing import Any
 
@@ -28,9 +29,14 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-def _options(settings: Settings) -> HostOptions:
+def _options(settings: Settings, host: str) -> HostOptions:
+    driver_options: dict[str, Any] = {}
+    if settings.driver == "sim" and settings.state_dir:
+        os.makedirs(os.path.join(settings.state_dir, host), exist_ok=True)
+        driver_options["state_file"] = os.path.join(settings.state_dir, host, "sim-hypervisor.json")
     return HostOptions(
         driver=settings.driver,
+        driver_options=driver_options,
         allowed_sources=settings.allowed_sources,
         capacity_mib=settings.capacity_mib,
     )
@@ -66,7 +72,7 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
             print(f"coordinator up (store {settings.store_url.split('@')[-1]})", flush=True)
         for name, host in services:
             states = await open_states(settings.state_dir, host, (name,))
-            s = build_service(name, host, bus, options=_options(settings), auth=auth, state=states.get(name))
+            s = build_service(name, host, bus, options=_options(settings, host), auth=auth, state=states.get(name))
             await s.start()
             started.append(s)
             print(f"{name} up on {host}", flush=True)

@@ -11,7 +11,10 @@ on the target afterwards).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+import orjson
 
 from ferry_common.clock import Clock, SystemClock
 from ferry_common.messages.domain import VmSpec
@@ -34,11 +37,29 @@ class SimDriver:
     name = "sim"
     can_resume_source_after_completion = True
 
-    def __init__(self, host: str, *, clock: Clock | None = None, capacity_mib: int = 65536) -> None:
+    def __init__(
+        self, host: str, *, clock: Clock | None = None, capacity_mib: int = 65536, state_file: str | None = None
+    ) -> None:
         self.host = host
         self.clock = clock or SystemClock()
         self.capacity_mib = capacity_mib
+        # the simulated hypervisor outlives the adapter process, as a real one does
+        self.state_file = state_file
         self.vms: dict[str, SimVm] = {}
+        if state_file and os.path.exists(state_file):
+            with open(state_file, "rb") as f:
+                for raw in orjson.loads(f.read()):
+                    # a migration in flight died with the process that simulated it: its guest
+                    # is still "running" here; a finished one stays "postmigrate", as in QEMU
+                    self.vms[raw["spec"]["vm_id"]] = SimVm(VmSpec.model_validate(raw["spec"]), state=raw["state"])
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        tmp = self.state_file + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps([{"spec": v.spec.model_dump(mode="json"), "state": v.state} for v in self.vms.values()]))
+        os.replace(tmp, self.state_file)
 
     async def start(self) -> None:
         return None
@@ -48,9 +69,11 @@ class SimDriver:
 
     async def create(self, spec: VmSpec) -> None:
         self.vms[spec.vm_id] = SimVm(spec)
+        self._save()
 
     async def destroy(self, vm_id: str) -> None:
         self.vms.pop(vm_id, None)
+        self._save()
 
     async def list(self) -> list[VmSpec]:
         return [vm.spec for vm in self.vms.values() if vm.state in ("running", "paused")]
@@ -65,6 +88,7 @@ class SimDriver:
         current = self.vms.get(spec.vm_id)
         if current is None or current.state == "absent":
             self.vms[spec.vm_id] = SimVm(spec, state="inmigrate")
+            self._save()
         return f"sim://{self.host}/{spec.vm_id}"
 
     async def migrate(
@@ -78,6 +102,7 @@ class SimDriver:
             return await self._precopy(vm, params, on_progress)
         finally:
             vm.migrating = False
+            self._save()
 
     async def _precopy(self, vm: SimVm, params: MigrationParams, on_progress: ProgressCallback) -> MigrationResult:
         p = vm.spec.params
@@ -143,6 +168,7 @@ class SimDriver:
         if vm.state == "postmigrate":
             # cancelled after the switch-over point in the hypervisor: resume the source
             vm.state = "running"
+            self._save()
 
     async def finish_incoming(self, vm_id: str) -> bool:
         vm = self.vms.get(vm_id)
@@ -152,17 +178,20 @@ class SimDriver:
             return False
         if vm.state == "inmigrate":
             vm.state = "running"
+            self._save()
         return vm.state == "running"
 
     async def abort_incoming(self, vm_id: str) -> None:
         vm = self.vms.get(vm_id)
         if vm is not None and vm.state == "inmigrate":
             del self.vms[vm_id]
+            self._save()
 
     async def confirm_source(self, vm_id: str) -> None:
         vm = self.vms.get(vm_id)
         if vm is not None and vm.state in ("postmigrate", "paused"):
             del self.vms[vm_id]
+            self._save()
 
 
 def _stats(total_s: float, downtime_s: float, sent: float) -> dict[str, float]:
