@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from . import metrics
 from .bus.interfaces import Bus, Consumer, Delivery, Message, QueueSpec
 from .bus.matching import topic_matches
 from .bus.topology import EXCHANGE, reply_to as reply_key
@@ -217,6 +218,7 @@ class Endpoint:
                 await delivery.ack()
                 self.auth.accepted(msg)
                 self.stats["handled"] += 1
+                metrics.MESSAGES_HANDLED_TOTAL.labels(service=_service_label(self.identity)).inc()
             except FerryError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.reason))
                 if exc.retryable:
@@ -240,6 +242,7 @@ class Endpoint:
         if code == "unauthenticated":
             self.stats["unauthenticated"] += 1
         self.stats["dead_lettered"] += 1
+        metrics.MESSAGES_DEAD_LETTERED_TOTAL.labels(service=_service_label(self.identity), code=code).inc()
         log.warning("dead-lettering %s from %s: %s", msg.type or msg.routing_key, msg.headers.get(SENDER), reason)
         try:
             await self.bus.dead_letter(msg, reason, code)
@@ -272,6 +275,12 @@ class Endpoint:
         for fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
+
+
+def _service_label(identity: str) -> str:
+    # "host/host-a/sensor" -> "sensor": per-host series come from the scrape target, and a
+    # label per host and VM would grow without bound across a fleet
+    return identity.rsplit("/", 1)[-1] if identity.startswith("host/") else identity.split("/", 1)[0]
 
 
 def _annotate(span: trace.Span, body: Wire) -> None:
