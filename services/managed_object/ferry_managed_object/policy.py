@@ -8,6 +8,7 @@ from typing import Any
 import celpy
 from celpy import celtypes
 from ferry_common.messages.domain import Action, Policy
+from ferry_common.messages.limits import MAX_JSON_DEPTH, MAX_JSON_ITEMS, MAX_STRING
 
 
 class PolicyError(Exception):
@@ -79,6 +80,8 @@ class PolicyEngine:
 
     def _act(self, action: Action, activation: dict[str, Any], state: dict[str, Any]) -> list[Effect]:
         value = self.evaluate(action.value, activation) if action.value is not None else None
+        key = action.key or ("value" if action.kind == "set" else "count")
+        previous = state.get(key, _ABSENT)
         if action.kind == "set":
             state[action.key or "value"] = value
         elif action.kind == "increment":
@@ -86,6 +89,7 @@ class PolicyEngine:
             state[key] = state.get(key, 0) + (value if value is not None else 1)
         else:
             return [Effect(action.kind, action.key, value, action.target_host)]
+        _keep_bounded(state, key, previous)
         # later actions of the same policy see the updated state
         activation["state"] = celpy.json_to_cel(state)
         return []
@@ -108,3 +112,48 @@ def to_python(value: Any) -> Any:
     if value is None or isinstance(value, celtypes.NullType):
         return None
     return value
+
+
+MAX_STATE_NODES = 16384
+_ABSENT: Any = object()
+
+
+def _keep_bounded(state: dict[str, Any], key: str, previous: Any) -> None:
+    """Undo the update of ``state[key]`` and raise ``PolicyError`` if the state no longer fits the
+    wire's limits (so it can still migrate) or grew past ``MAX_STATE_NODES`` values.
+
+    A policy that sets ``[state.l, state.l]`` doubles its state on every event: without
+    this the host runs out of time and memory within a few dozen events.
+    """
+    why = _state_problem(state)
+    if why is None:
+        return
+    if previous is _ABSENT:
+        state.pop(key, None)
+    else:
+        state[key] = previous
+    raise PolicyError(f"state.{key} not updated: the state would {why}")
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(state, 0)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_STATE_NODES:
+            return f"hold more than {MAX_STATE_NODES} values"
+        if depth > MAX_JSON_DEPTH:
+            return f"nest deeper than {MAX_JSON_DEPTH}"
+        if isinstance(value, dict | list):
+            if len(value) > MAX_JSON_ITEMS:
+                return f"have a container of more than {MAX_JSON_ITEMS} items"
+            if isinstance(value, dict):
+                if any(not isinstance(k, str) or len(k) > 128 for k in value):
+                    return "have a key that is not a string of at most 128 characters"
+                stack.extend((v, depth + 1) for v in value.values())
+            else:
+                stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str) and len(value) > MAX_STRING:
+            return f"have a string longer than {MAX_STRING}"
+    return None
