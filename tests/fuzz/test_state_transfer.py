@@ -216,18 +216,19 @@ async def test_saga_rolls_back_when_target_has_other_module_content(cluster: Clu
     assert not _dead_letters_with(cluster, "internal")
 
 
-async def test_saga_rolls_back_when_state_is_over_the_wire_limits(cluster: Cluster) -> None:
-    """A policy grew its state past what the wire takes: the migration fails cleanly, the VM stays."""
+async def test_policy_cannot_set_state_past_the_wire_limits(cluster: Cluster) -> None:
+    """A 300-item list would make the plane unmigratable (the wire takes 256): the set is refused."""
     vm = "vm-fat"
     items = ",".join("1" * 300)
     g = hostile_graph(vm, [], [embot_with(vm, value=f"[{items}]")])
     await cluster.create_vm("host-a", vm, g=g, modules=MODULES)
     await cluster.send_events(vm, 1, element=vm)
     await cluster.settle(vm)
-    assert len(cluster.host("host-a").managed_object.planes[vm].state[f"{vm}.bot"]["v"]) == 300
+    st = cluster.host("host-a").managed_object.planes[vm].state[f"{vm}.bot"]
+    assert "v" not in st and st["policy_errors"] == 1
     outcome = await cluster.migrate(vm, TARGET)
-    assert outcome.status == "rolled_back", outcome
-    await check_invariants(cluster, vm, "host-a")
+    assert outcome.status == "completed", outcome
+    await check_invariants(cluster, vm, TARGET)
     assert not _dead_letters_with(cluster, "internal")
 
 
@@ -241,3 +242,20 @@ async def _still_serving(c: Cluster) -> None:
     data = await c.client.inspect(TARGET)
     assert "planes" in data["managed_object"]
     assert not _dead_letters_with(c, "internal")
+
+
+async def test_policy_state_that_grows_every_event_is_bounded(cluster: Cluster) -> None:
+    """A policy that quadruples its state per event (a hostile graph that compiles) is stopped at
+    the wire's limits: the host keeps up, and the VM can still migrate."""
+    vm = "vm-grow"
+    g = hostile_graph(vm, [], [embot_with(vm, value="has(state.v) ? [state.v, state.v, state.v, state.v] : [1]")])
+    await cluster.create_vm("host-a", vm, g=g, modules=MODULES)
+    started = time.perf_counter()
+    await cluster.send_events(vm, 14, element=vm)
+    await cluster.settle(vm, timeout=20.0)
+    assert time.perf_counter() - started < 10.0  # unbounded, the 11th event alone takes ~40 s
+    st = cluster.host("host-a").managed_object.planes[vm].state[f"{vm}.bot"]
+    assert st["policy_errors"] >= 1
+    outcome = await cluster.migrate(vm, TARGET)
+    assert outcome.status == "completed", outcome
+    await check_invariants(cluster, vm, TARGET)
