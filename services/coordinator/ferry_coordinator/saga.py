@@ -106,6 +106,7 @@ class SagaContext:
     wait_notification: Callable[[str, float], Awaitable[VmMigrationFinished | None]]
     cancel_requested: Callable[[str], bool]
     on_finished: Callable[[SagaRecord], Awaitable[None]]
+    on_owner: Callable[[str, str, int], None]
 
 
 class MigrationSaga:
@@ -416,8 +417,14 @@ class MigrationSaga:
 
     async def step_complete(self) -> tuple[str, dict[str, Any]]:
         vm_id = self.rec.vm_id
-        epoch = int(self.rec.data.get("epoch", 0)) + 1
-        msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=epoch)
+        epoch = self.rec.data.get("new_epoch")
+        if epoch is None:
+            # ownership moves before the target hears of it, and is recorded first
+            epoch = int(self.rec.data.get("epoch", 0)) + 1
+            self.rec.data["new_epoch"] = epoch
+            await self._save("complete", "owner", {"owner": self.target, "epoch": epoch})
+        self.ctx.on_owner(vm_id, self.target, int(epoch))
+        msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s)
         _expect(await self._call(self.target, "managed_object", msg), MigrationCompleteAck)
         ack = _expect(await self._call(self.target, "sensor", msg), MigrationCompleteAck)
         await self._call(self.target, "migration_policy", CommitReservation(migration_id=self.mid, vm_id=vm_id))

@@ -31,6 +31,8 @@ from ferry_common.messages.commands import (
     GetTrace,
     Inspect,
     Inspection,
+    LeaseGrant,
+    LeaseRequest,
     ListMigrations,
     MigrationList,
     TraceSpans,
@@ -62,6 +64,7 @@ class CoordinatorService:
         self.hosts = HostRegistry()
         self.running: dict[str, asyncio.Task[SagaRecord]] = {}
         self.cancels: dict[str, str] = {}
+        self.owners: dict[str, tuple[str, int]] = {}
         self._notifications: dict[str, asyncio.Queue[VmMigrationFinished]] = {}
         self._consumers: list[Consumer] = []
         self._lease_task: asyncio.Task[None] | None = None
@@ -77,6 +80,7 @@ class CoordinatorService:
         self.router.add(GetTrace, self.on_trace)
         self.router.add(SpanBatch, self.on_spans)
         self.router.add(Inspect, self.on_inspect)
+        self.router.add(LeaseRequest, self.on_lease)
         self.router.refused = self.on_refused
         self.private = Router()
         self.private.route_key("inventory.*", HostInventory)
@@ -137,6 +141,8 @@ class CoordinatorService:
             return Done(detail={"migration_id": mid, "status": "rejected", "code": code, "reason": reason})
         assert located is not None
         record.data["vm"] = located[1].model_dump(mode="json")
+        owner = await self.owner_of(msg.vm_id)
+        record.data["epoch"] = owner[1] if owner else 0
         params = dict(located[1].params.get("migration", {})) if isinstance(located[1].params.get("migration"), dict) else {}
         record.data["params"] = {**params, **msg.params}
         stored, created = await self.store.create(record)
@@ -260,6 +266,7 @@ class CoordinatorService:
             wait_notification=self._wait_notification,
             cancel_requested=lambda m: m in self.cancels,
             on_finished=self._on_finished,
+            on_owner=self._set_owner,
         )
         task = asyncio.create_task(MigrationSaga(ctx, rec).run(), name=f"saga:{rec.migration_id}")
         self.running[rec.migration_id] = task
@@ -272,6 +279,35 @@ class CoordinatorService:
                 log.error("saga %s crashed", rec.migration_id, exc_info=t.exception())
 
         task.add_done_callback(done)
+
+    # ---- ownership: who may dispatch a VM's events --------------------------------------
+    def _set_owner(self, vm_id: str, host: str, epoch: int) -> None:
+        self.owners[vm_id] = (host, epoch)
+
+    async def owner_of(self, vm_id: str) -> tuple[str, int] | None:
+        """The host that owns ``vm_id``'s management plane, and the ownership epoch."""
+        known = self.owners.get(vm_id)
+        if known is not None:
+            return known
+        for rec in await self.store.list(vm_id=vm_id, limit=20):
+            if "new_epoch" in rec.data and rec.status in ("completed", "running"):
+                # the saga that moved it last (or is handing it over right now)
+                self.owners[vm_id] = (rec.target_host, int(rec.data["new_epoch"]))
+                return self.owners[vm_id]
+        located = self.hosts.locate(vm_id)
+        return (located[0], 0) if located else None
+
+    async def on_lease(self, msg: LeaseRequest, ctx: Context) -> LeaseGrant:
+        granted, moved = [], {}
+        for vm_id in msg.vms:
+            owner = await self.owner_of(vm_id)
+            if owner is None:
+                continue  # not known yet (inventory on its way): ask again
+            if owner[0] == msg.host:
+                granted.append(vm_id)
+            else:
+                moved[vm_id] = owner[0]
+        return LeaseGrant(ttl_s=self.timeouts.ownership_lease_s, granted=granted, moved=moved)
 
     async def _on_finished(self, rec: SagaRecord) -> None:
         self.finished.append(rec)

@@ -17,3 +17,4 @@ class SagaTimeouts:
     forward_retry_max_s: float = 15.0
     lease_s: float = 15.0  # a replica's hold on a saga
     max_module_rounds: int = 16
+    ownership_lease_s: float = 10.0  # how long a host may dispatch a VM's events unrenewed

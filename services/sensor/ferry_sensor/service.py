@@ -10,12 +10,13 @@ the source's queue with its own, drops duplicates by id and dispatches in time o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
-from ferry_common.bus.topology import host_command, vm_events
+from ferry_common.bus.topology import COORDINATOR_QUERY, host_command, vm_events
 from ferry_common.endpoint import Context, Endpoint
-from ferry_common.errors import Conflict, InvalidMessage
+from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.messages.base import Wire
 from ferry_common.messages.commands import (
     ActivateVmEvents,
@@ -29,6 +30,8 @@ from ferry_common.messages.commands import (
     FreezeEvents,
     Inspect,
     Inspection,
+    LeaseGrant,
+    LeaseRequest,
     ManagedObjectInstantiationError,
     ManagementEventState,
     ManagementEventStateSuccess,
@@ -42,6 +45,7 @@ from ferry_common.messages.public import VmEvent
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 
+from .lease import LeaseBook
 from .queues import VmEvents
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,11 @@ class SensorService(HostService):
         self._pending: dict[str, list[Event]] = {}
         self._flush: asyncio.Future[None] | None = None
         self._send_lock = asyncio.Lock()
+        self.leases = LeaseBook(endpoint.clock)
+        self.lease_timeout_s = 5.0
+        self._renewing: asyncio.Task[None] | None = None
+        self._lease_loop: asyncio.Task[None] | None = None
+        self.held = 0
         r = self.router
         r.route_key("vm.*.event", VmEvent)
         r.add(VmEvent, self.on_event)
@@ -121,11 +130,78 @@ class SensorService(HostService):
             # queued for a migration: durable before the delivery is acknowledged
             await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
             return None
+        if vm.queued or not self.leases.valid(vm.vm_id):
+            # no lease (or older events still held): hold this one too, in order, durably
+            if not vm.add(event):
+                self.duplicates += 1
+                return None
+            self.held += 1
+            await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
+            self.renew_soon()
+            return None
         if not vm.first_time(event.id):
             self.duplicates += 1
             return None
         await self._dispatch([event])
         return None
+
+    # ---- leases ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await super().start()
+        self._lease_loop = asyncio.create_task(self._lease_forever())
+
+    async def stop(self) -> None:
+        for task in (self._lease_loop, self._renewing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._lease_loop = self._renewing = None
+        await super().stop()
+
+    def renew_soon(self) -> None:
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self.renew())
+
+    async def _lease_forever(self) -> None:
+        while True:
+            await self.endpoint.clock.sleep(max(self.leases.ttl_s / 3, 0.05))
+            with contextlib.suppress(Exception):
+                await self.renew()
+
+    async def renew(self) -> None:
+        """Renew the leases of active VMs; dispatch what was held for those granted."""
+        active = [v.vm_id for v in self.vms.values() if v.mode == "active"]
+        due = self.leases.due(active) or [v for v in active if self.vms[v].queued]
+        if not due:
+            return
+        try:
+            grant = await self.endpoint.request(
+                COORDINATOR_QUERY, LeaseRequest(host=self.host, vms=due), timeout=self.lease_timeout_s
+            )
+        except FerryError as exc:
+            log.info("lease renewal from %s failed (events are held meanwhile): %s", self.host, exc.reason)
+            return
+        if not isinstance(grant, LeaseGrant):
+            return
+        for vm_id in grant.granted:
+            self.leases.grant(vm_id, grant.ttl_s)
+        for vm_id in grant.granted:
+            vm = self.vms.get(vm_id)
+            if vm is not None and vm.mode == "active" and vm.queued:
+                events = vm.merged()
+                vm.clear()
+                await self._dispatch(events)
+                await self._drained(vm)
+        for vm_id, owner in grant.moved.items():
+            vm = self.vms.get(vm_id)
+            if vm is not None and vm.mode == "active" and owner != self.host:
+                # fenced: the VM is owned elsewhere; what we hold here reached the owner too
+                log.warning("vm %s is owned by %s: %s stops taking its events", vm_id, owner, self.host)
+                del self.vms[vm_id]
+                self.leases.surrender(vm_id)
+                await self._drop(vm_id, "fenced")
+                await self.endpoint.bus.unbind(self.queue, vm_events(vm_id))
 
     async def _dispatch(self, events: list[Event]) -> None:
         """Dispatch in the order of calls, batching what arrives together; returns once sent.
@@ -165,6 +241,7 @@ class SensorService(HostService):
     async def on_activate(self, msg: ActivateVmEvents, ctx: Context) -> Done:
         if msg.vm_id not in self.vms:
             self.vms[msg.vm_id] = VmEvents(msg.vm_id, "active")
+            self.renew_soon()
             self.released.pop(msg.vm_id, None)
             await self._save(self.vms[msg.vm_id])
             await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
@@ -176,6 +253,7 @@ class SensorService(HostService):
             raise Conflict(f"vm {msg.vm_id!r} takes no events on {self.host!r}")
         if vm.mode == "active":
             vm.mode, vm.migration_id, vm.frozen_at = "frozen", msg.migration_id, self.endpoint.clock.monotonic()
+            self.leases.surrender(msg.vm_id)  # ownership can move now: we dispatch nothing more
             await self._save(vm)
         elif vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is {vm.mode} for migration {vm.migration_id}")
@@ -217,6 +295,7 @@ class SensorService(HostService):
         events = vm.merged()
         vm.mode, vm.migration_id = "active", None
         vm.clear()
+        self.leases.grant(msg.vm_id, msg.lease_s)
         # a crash before the queue is cleared replays this step; the managed-object
         # service drops events it has already seen, so each still acts once
         await self._dispatch(events)
@@ -244,13 +323,12 @@ class SensorService(HostService):
         vm = self.vms.get(msg.vm_id)
         if vm is None or vm.mode != "frozen" or vm.migration_id != msg.migration_id:
             return Done()
-        events = vm.merged()
         vm.mode, vm.migration_id = "active", None
-        vm.clear()
-        # thawed: what queued up is dispatched here, in its original order, not dropped
-        await self._dispatch(events)
-        await self._drained(vm)
-        return Done(detail={"thawed": len(events)})
+        await self._save(vm)
+        # thawed: what queued up is held until the lease is ours again (the coordinator still
+        # names this host the owner), then dispatched here in its original order, not dropped
+        self.renew_soon()
+        return Done(detail={"thawed": vm.queued})
 
     async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
         return Inspection(host=self.host, service=self.service, data=self.inspect(msg.vm_id))
@@ -261,7 +339,9 @@ class SensorService(HostService):
             for v in self.vms.values()
             if vm_id is None or v.vm_id == vm_id
         }
-        return {"vms": vms, "dispatched": self.dispatched, "duplicates": self.duplicates}
+        leases = {v: self.leases.valid(v) for v in vms}
+        return {"vms": vms, "dispatched": self.dispatched, "duplicates": self.duplicates, "held": self.held,
+                "leases": leases}
 
 
 def _queue_ns(vm_id: str) -> str:

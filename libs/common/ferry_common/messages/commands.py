@@ -211,6 +211,7 @@ class MigrationStateSuccess(Wire):
 # --- step 7 and 8 ------------------------------------------------------------------
 class MigrationComplete(Step):
     epoch: int = 0
+    lease_s: float = 10.0  # the target owns the VM from now, for this long before renewing
 
 
 class MigrationCompleteAck(Wire):
@@ -228,6 +229,22 @@ class CleanupTarget(Step):
 
 class CleanupSource(Step):
     pass
+
+
+# --- ownership leases (fencing) -----------------------------------------------------
+class LeaseRequest(Wire):
+    """A host's sensor asks to keep dispatching these VMs' events."""
+
+    host: Name
+    vms: list[Name] = Field(max_length=10_000)
+
+
+class LeaseGrant(Wire):
+    """Which VMs the host owns for ``ttl_s`` more seconds, and which moved (to whom)."""
+
+    ttl_s: float
+    granted: list[Name] = Field(default_factory=list, max_length=10_000)
+    moved: dict[Name, Name] = Field(default_factory=dict)
 
 
 # --- administration and inspection (CLI, demo, tests) ------------------------------
