@@ -42,6 +42,7 @@ TIMING_KEYS = (
     "setup_time_ms",
     "transferred_bytes",
     "passes",
+    "prepare_ms",
     "blackout_ms",
     "migrate_vm_ms",
 )
@@ -69,7 +70,9 @@ async def bare_migration(
         await target.start()
         await source.create(spec)
         await asyncio.sleep(1.0)  # boot, and let a dirtying guest touch its whole region
+        prepare_started = time.perf_counter()
         uri = await target.prepare_incoming(spec, params)
+        prepare_ms = (time.perf_counter() - prepare_started) * 1000
 
         async def ignore(_: MigrationProgress) -> None:
             return None
@@ -80,7 +83,7 @@ async def bare_migration(
         wall_ms = (time.perf_counter() - started) * 1000
         if result.outcome != "completed" or not running:
             raise RuntimeError(f"bench migration did not complete: {result}")
-        return {"wall_ms": round(wall_ms, 3), **result.stats}
+        return {"wall_ms": round(wall_ms, 3), "prepare_ms": round(prepare_ms, 3), **result.stats}
     finally:
         for driver in (source, target):
             await driver.destroy(spec.vm_id)
@@ -141,6 +144,8 @@ class _StepClock:
 
 async def _publish_events(url: str, vm_id: str, count: int) -> None:
     """Publish ``count`` events of ``vm_id`` from this (separate) process, as a producer would."""
+    import sys
+
     from ferry_cli.sample import event
     from ferry_common.bus.amqp import AmqpBus
     from ferry_common.bus.topology import vm_events
@@ -151,6 +156,9 @@ async def _publish_events(url: str, vm_id: str, count: int) -> None:
     await bus.connect()
     endpoint = Endpoint(bus, "client/bench-producer")
     base = 2_000_000.0
+    # connected: say so, and start publishing when told (the migration request follows at once)
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
     for i in range(count):
         ev = event(vm_id, 100_000 + i, base + i)
         await endpoint.send(vm_events(vm_id), VmEvent.model_validate(ev.model_dump()))
@@ -202,23 +210,36 @@ async def saga_migration(
         clock.wrap(cluster.host("host-a").sensor, "FreezeEvents", "frozen_at")
         clock.wrap(cluster.host("host-b").sensor, "MigrationComplete", "resumed_at")
         producer = None
+        events_published_ms = 0.0
         events = SAGA_CONFIG["events"]
         if events:
             assert cluster.vhost is not None
             producer = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--publish", amqp_url(cluster.vhost), vm_id, str(events)
+                sys.executable, __file__, "--publish", amqp_url(cluster.vhost), vm_id, str(events),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
+            assert producer.stdin is not None and producer.stdout is not None
+            if (await producer.stdout.readline()).strip() != b"ready":
+                raise RuntimeError("event producer did not start")
+            producer.stdin.write(b"go\n")
+            await producer.stdin.drain()
         started = time.perf_counter()
         mid = await cluster.client.migrate(vm_id, "host-b", params=params.to_dict())
         outcome = await cluster.client.outcome(mid, timeout=120)
         wall_ms = (time.perf_counter() - started) * 1000
         if producer is not None:
             await producer.wait()
+            events_published_ms = (time.perf_counter() - started) * 1000
         rec = await cluster.store.get(mid)
         if outcome.status != "completed" or rec is None:
             raise RuntimeError(f"bench saga did not complete: {outcome}")
-        await cluster.settle(vm_id, timeout=30)
-        dispatched = sum(len(h.managed_object.ledger.get(vm_id, [])) for h in cluster.hosts.values())
+        dispatched = 0
+        for _ in range(3000):  # until every published event was dispatched (30 s at most)
+            dispatched = sum(len(h.managed_object.ledger.get(vm_id, [])) for h in cluster.hosts.values())
+            if dispatched >= 50 + events:
+                break
+            await asyncio.sleep(0.01)
+        drained_ms = (time.perf_counter() - started) * 1000
         steps = dict(rec.data.get("timings_ms", {}))
         return {
             "wall_ms": round(wall_ms, 3),
@@ -231,6 +252,9 @@ async def saga_migration(
             "events_dispatched": dispatched,
             "events_sent": 50 + events,
             "dirty_rounds": rec.data.get("dirty_rounds", 0),
+            "events_queued_at_freeze": rec.data.get("queued_at_freeze", 0),
+            "events_published_ms": round(events_published_ms, 1),
+            "events_drained_ms": round(drained_ms, 1),
         }
     finally:
         for h in cluster.hosts.values():
@@ -321,6 +345,10 @@ def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "steps_ms": steps,
             "events_sent": runs[0]["events_sent"],
             "events_moved_median": statistics.median(r["events_moved"] for r in runs),
+            "events_dispatched_on_target_median": statistics.median(r["events_dispatched_on_target"] for r in runs),
+            "events_published_ms_median": statistics.median(r["events_published_ms"] for r in runs),
+            "events_drained_ms_median": statistics.median(r["events_drained_ms"] for r in runs),
+            "bare_prepare_ms": bare["median"].get("prepare_ms"),
             "events_dispatched_ok": all(r["events_dispatched"] == r["events_sent"] for r in runs),
         }
     return out
