@@ -19,6 +19,7 @@ from ferry_common.clock import Clock, SystemClock
 from ferry_common.endpoint import Endpoint
 from ferry_common.messages.domain import Event, ManagementGraph, Module
 from ferry_common.messages.public import VmEvent
+from ferry_common.tracing import BusSpanExporter, installed, setup_tracing
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import MemorySagaStore, SagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
@@ -108,6 +109,9 @@ class Cluster:
         await until(done, timeout, f"all events of {vm_id} to be dispatched", raise_=False)
 
     async def close(self) -> None:
+        tracing = installed()
+        if tracing is not None and tracing.bus_exporter is not None:
+            await tracing.bus_exporter.detach(self.coordinator.endpoint)
         await self.client.close()
         await self.coordinator.stop()
         await self.coordinator.endpoint.close()
@@ -142,6 +146,8 @@ async def make_cluster(
     options: dict[str, HostOptions] | None = None,
     store: SagaStore | None = None,
     clock: Clock | None = None,
+    auth: Any = None,
+    client_identity: str = "client/test",
 ) -> Cluster:
     clock = clock or SystemClock()
     vhost = make_vhost() if kind == "rabbitmq" else None
@@ -154,15 +160,21 @@ async def make_cluster(
         return b
 
     store = store or MemorySagaStore()
-    coordinator = build_coordinator(await bus(), store, clock=clock, timeouts=timeouts)
+    # one provider per test session; each cluster ships spans through its own coordinator
+    tracing = setup_tracing("ferry-tests", bus_exporter=BusSpanExporter())
+    extra = {"auth": auth} if auth is not None else {}
+    coordinator = build_coordinator(await bus(), store, clock=clock, timeouts=timeouts, **extra)
     await coordinator.start()
+    if tracing.bus_exporter is not None:
+        tracing.bus_exporter.attach(coordinator.endpoint)
     built: dict[str, Host] = {}
     for name in hosts:
         opts = (options or {}).get(name, HostOptions(inventory_interval_s=0.5))
-        h = build_host(name, await bus(), clock=clock, options=opts)
+        h = build_host(name, await bus(), clock=clock, options=opts, **extra)
         await h.start()
         built[name] = h
-    client = FerryClient(Endpoint(await bus(), "client/test", clock=clock), timeout=5.0)
+    client_auth = auth(client_identity) if auth is not None else None
+    client = FerryClient(Endpoint(await bus(), client_identity, clock=clock, auth=client_auth), timeout=5.0)
     await client.watch()
     cluster = Cluster(kind, buses, coordinator, built, client, store, clock, vhost=vhost)
 
