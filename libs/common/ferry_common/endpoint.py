@@ -33,7 +33,7 @@ from .messages import decode, encode, model_for, type_name
 from .messages.base import Wire
 from .messages.commands import ErrorReply
 from .security import Authenticator, NoAuth
-from .telemetry import extract_context, inject_headers, tracer
+from .telemetry import attached, extract_context, inject_headers, tracer
 
 log = logging.getLogger(__name__)
 SENDER = "x-ferry-sender"
@@ -154,9 +154,9 @@ class Endpoint:
                 return await asyncio.wait_for(fut, timeout)
             except TimeoutError:
                 raise StepTimeout(f"no answer to {what} within {timeout:g}s") from None
-        sleeper = asyncio.ensure_future(self.clock.sleep(timeout))
+        sleeper: asyncio.Future[None] = asyncio.ensure_future(self.clock.sleep(timeout))
         try:
-            done, _ = await asyncio.wait({fut, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([fut, sleeper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
         if fut in done:
@@ -194,7 +194,7 @@ class Endpoint:
     async def _handle(self, delivery: Delivery, router: Router) -> None:
         msg = delivery.message
         parent = extract_context(msg.headers)
-        with tracer.start_as_current_span(
+        with attached(parent), tracer.start_as_current_span(
             f"handle {msg.type or msg.routing_key}",
             context=parent,
             kind=SpanKind.CONSUMER,

@@ -78,3 +78,18 @@ def migration_span(
             yield span
     finally:
         otel_context.detach(token)
+
+
+@contextmanager
+def attached(ctx: otel_context.Context) -> Iterator[None]:
+    """Make ``ctx`` (a message's extracted context) current for the block.
+
+    A span started with ``context=`` takes its parent from it, but only the span becomes
+    current; attaching the whole context first keeps its baggage (the migration id) going
+    with every message the handler sends on.
+    """
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

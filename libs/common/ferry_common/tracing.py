@@ -187,11 +187,13 @@ class BusSpanExporter(SpanProcessor):
     """
 
     def __init__(self, *, max_batch: int = 256, interval_s: float = 0.2, max_buffer: int = 20_000,
-                 max_traces: int = 10_000) -> None:
+                 max_traces: int = 10_000, exclude_services: tuple[str, ...] = ("client/",)) -> None:
         self.max_batch = max_batch
         self.interval_s = interval_s
         self.max_buffer = max_buffer
         self.max_traces = max_traces
+        # a CLI following a migration is not part of it (and ships nothing in production)
+        self.exclude_services = exclude_services
         self.dropped = 0
         self.shipped = 0
         self._lock = threading.Lock()
@@ -229,6 +231,9 @@ class BusSpanExporter(SpanProcessor):
             else:
                 mid = self._traces.get(ctx.trace_id)
             if mid is None:
+                return
+            service = (span.attributes or {}).get(SERVICE)
+            if isinstance(service, str) and service.startswith(self.exclude_services):
                 return
             if len(self._buffer) >= self.max_buffer:
                 self.dropped += 1
