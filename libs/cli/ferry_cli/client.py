@@ -130,7 +130,9 @@ class FerryClient:
     async def placement(self) -> dict[str, list[str]]:
         ans = await self.endpoint.request(COORDINATOR_QUERY, Inspect(), timeout=self.timeout)
         assert isinstance(ans, Inspection)
-        return dict(ans.data.get("placement", {}))  # type: ignore[arg-type]
+        placement = ans.data.get("placement", {})
+        assert isinstance(placement, dict)
+        return {str(k): list(v) for k, v in placement.items()}
 
     async def migrations(self, vm_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         ans = await self.endpoint.request(COORDINATOR_QUERY, ListMigrations(vm_id=vm_id, limit=limit), timeout=self.timeout)

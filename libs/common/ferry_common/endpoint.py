@@ -154,12 +154,13 @@ class Endpoint:
                 return await asyncio.wait_for(fut, timeout)
             except TimeoutError:
                 raise StepTimeout(f"no answer to {what} within {timeout:g}s") from None
-        sleeper: asyncio.Future[None] = asyncio.ensure_future(self.clock.sleep(timeout))
+        sleeper = asyncio.ensure_future(self.clock.sleep(timeout))
         try:
-            done, _ = await asyncio.wait([fut, sleeper], return_when=asyncio.FIRST_COMPLETED)
+            racers: list[asyncio.Future[Any]] = [fut, sleeper]
+            await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
-        if fut in done:
+        if fut.done():
             return fut.result()
         raise StepTimeout(f"no answer to {what} within {timeout:g}s")
 

@@ -101,13 +101,14 @@ class HypervisorAdapterService(HostService):
             else:
                 # the migration's follower died with us: make sure the hypervisor stops too,
                 # and answer the saga's next PerformMigration with what became of it
-                state = await self.driver.state(out.vm_id)
-                if state == "postmigrate":
-                    outcome, reason = "completed", None
+                if await self.driver.state(out.vm_id) == "postmigrate":
+                    out.result = VmMigrationFinished(migration_id=mid, vm_id=out.vm_id, outcome="completed")
                 else:
                     await self.driver.cancel_migration(out.vm_id)
-                    outcome, reason = "failed", "the hypervisor adapter restarted during the migration"
-                out.result = VmMigrationFinished(migration_id=mid, vm_id=out.vm_id, outcome=outcome, reason=reason)
+                    out.result = VmMigrationFinished(
+                        migration_id=mid, vm_id=out.vm_id, outcome="failed",
+                        reason="the hypervisor adapter restarted during the migration",
+                    )
                 await self._save_outgoing(out)
             self.outgoing[mid] = out
 
