@@ -25,9 +25,18 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from . import metrics
 from .bus.interfaces import Bus, Consumer, Delivery, Message, QueueSpec
 from .bus.matching import topic_matches
-from .bus.topology import EXCHANGE, reply_to as reply_key
+from .bus.topology import EXCHANGE
+from .bus.topology import reply_to as reply_key
 from .clock import Clock, SystemClock
-from .errors import FerryError, InvalidMessage, RemoteError, StepTimeout, Transient, UnknownMessageType
+from .errors import (
+    FerryError,
+    InvalidMessage,
+    RemoteError,
+    Replayed,
+    StepTimeout,
+    Transient,
+    UnknownMessageType,
+)
 from .ids import new_id
 from .messages import decode, encode, model_for, type_name
 from .messages.base import Wire
@@ -181,6 +190,7 @@ class Endpoint:
         fut = self._pending.get(msg.correlation_id or "")
         if fut is not None and not fut.done():
             fut.set_result(msg)
+            self.auth.accepted(msg)
         # a late or duplicated reply finds no waiter: nothing to do, the step is idempotent
 
     # ---- serving ------------------------------------------------------------------
@@ -220,6 +230,14 @@ class Endpoint:
                 self.auth.accepted(msg)
                 self.stats["handled"] += 1
                 metrics.MESSAGES_HANDLED_TOTAL.labels(service=_service_label(self.identity)).inc()
+            except Replayed as exc:
+                if delivery.redelivered:
+                    # handled before, but the ack was lost (a reconnect): settle it quietly
+                    self.stats["duplicates"] = self.stats.get("duplicates", 0) + 1
+                    await delivery.ack()
+                else:
+                    span.set_status(Status(StatusCode.ERROR, exc.reason))
+                    await self._dead_letter(delivery, exc.reason, exc.code)
             except FerryError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.reason))
                 if exc.retryable:

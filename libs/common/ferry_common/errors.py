@@ -34,6 +34,15 @@ class Unauthenticated(FerryError):
     code = "unauthenticated"
 
 
+class Replayed(Unauthenticated):
+    """A message id that was already accepted arrived again.
+
+    Its ``code`` is still ``unauthenticated``; the subclass lets the consumer runtime tell
+    a duplicate of a message it already handled (for example a redelivery after a lost
+    ack) from a forgery, and settle it quietly.
+    """
+
+
 class UnknownMessageType(InvalidMessage):
     code = "unknown_type"
 

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from .bus.interfaces import Message
 from .bus.topology import MIGRATION_CANCEL, MIGRATION_REQUESTED
 from .clock import Clock, SystemClock
-from .errors import Unauthenticated
+from .errors import Replayed, Unauthenticated
 from .security import Authenticator, NoAuth
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,6 @@ DEFAULT_ROUTE_TYPES: dict[str, str] = {
     "inventory.*": "HostInventory",
     "alarm.*": "Alarm",
 }
-
-
-class Replayed(Unauthenticated):
-    """A message id that was already accepted arrived again.
-
-    Its ``code`` is still ``unauthenticated``; the subclass lets the consumer runtime tell
-    a duplicate of a message it already handled (for example a redelivery after a lost
-    ack) from a forgery, and settle it quietly.
-    """
 
 
 # ---- identities and patterns -----------------------------------------------------------
