@@ -13,6 +13,7 @@ from ferry_common.bus.memory import MemoryBus
 from ferry_common.endpoint import Endpoint
 from ferry_common.messages.domain import Event
 from ferry_common.messages.public import MigrationStatusEvent, VmEvent
+from ferry_common.tracing import BusSpanExporter, setup_tracing
 from ferry_coordinator.store import MemorySagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
 
@@ -66,6 +67,10 @@ async def run_demo(*, rate: float = 400.0) -> int:
     store = MemorySagaStore()
     coordinator = build_coordinator(bus, store, timeouts=SagaTimeouts(reply_s=5.0, lease_s=30.0))
     await coordinator.start()
+    # spans of each migration go over the bus to the coordinator, for the trace at the end
+    shipper = setup_tracing("ferry-demo", bus_exporter=BusSpanExporter()).bus_exporter
+    if shipper is not None:
+        shipper.attach(coordinator.endpoint)
     options = {
         "host-a": HostOptions(inventory_interval_s=1.0),
         "host-b": HostOptions(inventory_interval_s=1.0),
@@ -157,6 +162,9 @@ async def run_demo(*, rate: float = 400.0) -> int:
             found.append(f"expected rolled_back, got {last.status}")
         verdicts.append(("cancelled migration", found))
 
+        if shipper is not None:
+            await shipper.flush()
+            await asyncio.sleep(0.2)  # the coordinator stores the last batch
         spans = await client.trace(mid)
         if spans:
             d.say("")
@@ -167,6 +175,8 @@ async def run_demo(*, rate: float = 400.0) -> int:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer
+        if shipper is not None:
+            await shipper.detach(coordinator.endpoint)
         await client.close()
         await coordinator.stop()
         for h in hosts.values():

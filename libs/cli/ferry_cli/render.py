@@ -6,6 +6,8 @@ from typing import Any
 
 #: Span attributes worth a glance in the tree (the rest are in ``ferry trace --json``-like dumps).
 _SHOWN = (("ferry.outcome", "outcome"), ("ferry.retry_count", "retries"))
+#: This many leaf siblings in a row with the same name, service and status share one line.
+_COLLAPSE = 4
 
 
 def render_trace(spans: list[dict[str, Any]]) -> str:
@@ -51,9 +53,40 @@ def render_trace(spans: list[dict[str, Any]]) -> str:
                 lines.append(f"{'  ' * (depth + 1)}! {ev}")
         if progress:
             lines.append(f"{'  ' * (depth + 1)}! {len(progress)} progress samples")
-        for kid in children.get(span["span_id"], []):
-            walk(kid, depth + 1)
+        kids = children.get(span["span_id"], [])
+        i = 0
+        while i < len(kids):
+            run = _repeats(kids, i, children)
+            if len(run) >= _COLLAPSE:
+                # a poll repeated every round (dirty objects): one line, recorded durations kept
+                durations = [(float(k.get("end", 0)) - float(k.get("start", 0))) * 1000 for k in run]
+                first = float(run[0].get("start", 0))
+                lines.append(
+                    f"{'  ' * (depth + 1)}{run[0]['name']}  x{len(run)}  {min(durations):.1f}-{max(durations):.1f} ms each"
+                    f"  @+{(first - t0) * 1000:.1f} ms  [{run[0].get('service', '')}]"
+                )
+                i += len(run)
+                continue
+            walk(kids[i], depth + 1)
+            i += 1
 
     for root in children.get(None, []):
         walk(root, 0)
     return "\n".join(lines)
+
+
+def _repeats(kids: list[dict[str, Any]], i: int, children: dict[str | None, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The run of leaf spans starting at ``kids[i]`` that look alike (no children, no events)."""
+
+    def key(s: dict[str, Any]) -> tuple[Any, ...] | None:
+        if children.get(s["span_id"]) or s.get("events"):
+            return None
+        return (s.get("name"), s.get("service"), s.get("status"))
+
+    first = key(kids[i])
+    if first is None:
+        return [kids[i]]
+    j = i + 1
+    while j < len(kids) and key(kids[j]) == first:
+        j += 1
+    return kids[i:j]
