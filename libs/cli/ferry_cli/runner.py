@@ -13,6 +13,7 @@ from ferry_common.bus.amqp import AmqpBus
 from ferry_common.health import HealthServer
 from ferry_common.settings import Settings
 from ferry_common.signing import auth_factory_from_env
+from ferry_common.tracing import BusSpanExporter, setup_tracing
 from ferry_coordinator.store import open_store
 
 from .cluster import HOST_SERVICES, HostOptions, build_coordinator, build_service, open_states
@@ -56,6 +57,9 @@ async def run_up(settings: Settings, hosts: list[str], *, coordinator: bool = Tr
 
 async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinator: bool) -> int:
     auth = auth_factory_from_env()
+    # before any service starts, so their first spans are recorded: OTLP as OTEL_* says, and
+    # migration spans shipped to the coordinator (ferry trace) unless FERRY_TRACE_COLLECT=0
+    tracing = setup_tracing("ferry-" + ("coordinator" if coordinator else services[0][1]), bus_exporter=BusSpanExporter())
     bus = AmqpBus(settings.amqp_url, name="ferry-" + ("coordinator" if coordinator else services[0][1]))
     await bus.connect()
     started: list[Any] = []
@@ -76,10 +80,17 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
             await s.start()
             started.append(s)
             print(f"{name} up on {host}", flush=True)
+        if tracing.bus_exporter is not None and started:
+            tracing.bus_exporter.attach(started[0].endpoint)  # any of this process's endpoints will do
         health.set_ready(True)
         await _wait_for_signal()
     finally:
         health.set_ready(False)
+        if tracing.bus_exporter is not None:
+            with contextlib.suppress(Exception):
+                await tracing.bus_exporter.detach()  # the last spans, while the bus is up
+        if tracing.provider is not None:
+            tracing.provider.shutdown()  # flushes the OTLP batch
         for s in reversed(started):
             with contextlib.suppress(Exception):
                 await s.stop()
