@@ -229,3 +229,27 @@ async def test_source_sensor_stopped_at_freeze_rolls_back_once_it_returns(cluste
     outcome = await cluster.client.outcome(mid, timeout=30)
     assert (outcome.status, outcome.code, outcome.step) == ("rolled_back", "timeout", "freeze_events")
     await assert_clean(cluster, "vm1", "host-a")
+
+
+async def test_a_flood_of_events_during_migration_loses_nothing(cluster: Cluster) -> None:
+    """Events dispatched just before the freeze still act on the source and move as state."""
+    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_bandwidth_mibps=1024)
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        while not stop.is_set():
+            await cluster.send_events("vm1", 20)
+            await asyncio.sleep(0)
+
+    producer = asyncio.create_task(flood())
+    await asyncio.sleep(0.2)
+    outcome = await cluster.migrate("vm1", "host-b")
+    await asyncio.sleep(0.2)
+    stop.set()
+    await producer
+    assert outcome.status == "completed"
+    assert await inspect_problems(cluster, "vm1", "host-b") == []
+    for bus in cluster.buses:
+        assert not getattr(bus, "dead_letters", []), [m.headers for m in bus.dead_letters]  # type: ignore[attr-defined]
+    state = cluster.host("host-b").managed_object.planes["vm1"].state["vm1.load"]
+    assert state["high_samples"] == high_samples(cluster, "vm1")

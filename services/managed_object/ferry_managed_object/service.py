@@ -162,8 +162,10 @@ class ManagedObjectService(HostService):
     # ---- dispatch: the embots at work ---------------------------------------------
     async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> None:
         plane = self._plane(msg.vm_id)
-        if plane.status != "active":
-            # fencing: only the active plane may act on events
+        if plane.status not in ("active", "exporting"):
+            # fencing: only the owner's plane acts on events. While it is exported it still
+            # takes what the sensor dispatched before the freeze; the changes are dirty and
+            # reach the target in the next round. Once sealed, nothing more may change here.
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} on {self.host!r}: not dispatching")
         ledger = self.ledger.setdefault(msg.vm_id, [])
         effects: list[tuple[str, str, str, Effect]] = []

@@ -257,7 +257,17 @@ class SensorService(HostService):
             await self._save(vm)
         elif vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is {vm.mode} for migration {vm.migration_id}")
+        # events taken before the freeze reach the managed-object service before the saga's
+        # next step does: their dispatch is published before we answer
+        await self._quiesce()
         return EventsFrozen(queued=vm.queued)
+
+    async def _quiesce(self) -> None:
+        """Wait until every dispatch already begun has been published."""
+        if self._flush is not None:
+            await asyncio.shield(self._flush)
+        async with self._send_lock:
+            pass
 
     async def on_export(self, msg: ExportEventState, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)
