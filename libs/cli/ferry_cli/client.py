@@ -31,7 +31,13 @@ from ferry_common.messages.commands import (
     TraceSpans,
 )
 from ferry_common.messages.domain import ManagementGraph, Module, VmSpec
-from ferry_common.messages.public import MigrateRequest, MigrationCancel, MigrationStatusEvent, Status, VmEvent
+from ferry_common.messages.public import (
+    MigrateRequest,
+    MigrationCancel,
+    MigrationStatusEvent,
+    Status,
+    VmEvent,
+)
 
 TERMINAL = ("completed", "rolled_back", "rejected")
 STATUSES = get_args(Status)
@@ -41,21 +47,22 @@ class FerryClient:
     def __init__(self, endpoint: Endpoint, *, timeout: float = 10.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._events: asyncio.Queue[MigrationStatusEvent] | None = None
+        self._watching = False
+        self._followers: list[asyncio.Queue[MigrationStatusEvent]] = []
         self._history: list[MigrationStatusEvent] = []
 
     async def watch(self) -> None:
         """Start receiving ``migration.*`` events (call before migrating to miss nothing)."""
-        if self._events is not None:
+        if self._watching:
             return
-        self._events = asyncio.Queue()
+        self._watching = True
         router = Router()
         router.route_key("migration.*", MigrationStatusEvent)
 
         async def on_status(msg: MigrationStatusEvent, ctx: Context) -> None:
-            assert self._events is not None
             self._history.append(msg)
-            self._events.put_nowait(msg)
+            for q in self._followers:  # every follower sees every event
+                q.put_nowait(msg)
 
         router.add(MigrationStatusEvent, on_status)
         keys = tuple(migration_status(s) for s in STATUSES)
@@ -74,24 +81,29 @@ class FerryClient:
 
     async def follow(self, migration_id: str, *, timeout: float = 600.0) -> AsyncIterator[MigrationStatusEvent]:
         """Yield this migration's events until its outcome (requires :meth:`watch`)."""
-        assert self._events is not None, "call watch() first"
-        for past in list(self._history):
-            if past.migration_id == migration_id:
-                yield past
-                if past.status in TERMINAL:
+        assert self._watching, "call watch() first"
+        queue: asyncio.Queue[MigrationStatusEvent] = asyncio.Queue()
+        # registered and snapshotted together: the queue gets exactly what comes after
+        self._followers.append(queue)
+        past = [e for e in self._history if e.migration_id == migration_id]
+        try:
+            for event in past:
+                yield event
+                if event.status in TERMINAL:
                     return
-        seen = {id(e) for e in self._history if e.migration_id == migration_id}
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                raise TimeoutError(f"migration {migration_id} did not end within {timeout:g}s")
-            event = await asyncio.wait_for(self._events.get(), left)
-            if event.migration_id != migration_id or id(event) in seen:
-                continue
-            yield event
-            if event.status in TERMINAL:
-                return
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise TimeoutError(f"migration {migration_id} did not end within {timeout:g}s")
+                event = await asyncio.wait_for(queue.get(), left)
+                if event.migration_id != migration_id:
+                    continue
+                yield event
+                if event.status in TERMINAL:
+                    return
+        finally:
+            self._followers.remove(queue)
 
     async def outcome(self, migration_id: str, *, timeout: float = 600.0) -> MigrationStatusEvent:
         last = None

@@ -367,6 +367,10 @@ class MigrationSaga:
                 if now - last_poll >= self.t.status_poll_s:
                     last_poll = now
                     result = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted).finished
+                    # a cancel that another replica took is only in the store
+                    fresh = await self.ctx.store.get(self.mid)
+                    if result is None and fresh is not None and fresh.cancel_requested:
+                        raise StepFailed("cancelled", "cancelled by operator")
             except StepFailed:
                 if started.source_resumable:
                     raise  # the rollback resumes the source even if the hypervisor just finished
