@@ -94,6 +94,7 @@ class HypervisorAdapterService(HostService):
 
     async def restore(self) -> None:
         self.incoming = dict(await self.state.items("incoming"))
+        self.adopted = dict(await self.state.items("adopted"))
         for mid, raw in await self.state.items("outgoing"):
             out = Outgoing(mid, raw["vm_id"], raw["target_host"], raw.get("notify"))
             if raw.get("result"):
@@ -192,8 +193,11 @@ class HypervisorAdapterService(HostService):
         if not await self.driver.finish_incoming(msg.vm_id):
             raise FerryError(f"vm {msg.vm_id!r} does not run on {self.host!r} after migration", code="not_running")
         self.adopted[msg.migration_id] = msg.vm_id
+        await self.state.put("adopted", msg.migration_id, msg.vm_id)
         while len(self.adopted) > ADOPTED_KEPT:
-            self.adopted.pop(next(iter(self.adopted)))
+            oldest = next(iter(self.adopted))
+            del self.adopted[oldest]
+            await self.state.delete("adopted", oldest)
         self.incoming.pop(msg.migration_id, None)
         await self.state.delete("incoming", msg.migration_id)
         await self.publish_inventory()
@@ -216,6 +220,7 @@ class HypervisorAdapterService(HostService):
                 # resumes its paused original, so this one must go (never both running)
                 await self.driver.destroy(msg.vm_id)
             if self.adopted.pop(msg.migration_id, None) is not None:
+                await self.state.delete("adopted", msg.migration_id)
                 await self.publish_inventory()
             self.incoming.pop(msg.migration_id, None)
             await self.state.delete("incoming", msg.migration_id)
