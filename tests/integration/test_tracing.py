@@ -196,3 +196,23 @@ async def test_rolled_back_migration_trace(cluster: Cluster, spans: InMemorySpan
     text = render_trace(stored)
     assert "ERROR" in text.splitlines()[1]
     assert "! compensation" in text
+
+
+def test_nothing_is_installed_without_otel_or_collection() -> None:
+    from ferry_common.tracing import BusSpanExporter, build_tracing
+
+    off = build_tracing("x", bus_exporter=BusSpanExporter(), env={"FERRY_TRACE_COLLECT": "0"})
+    assert off.provider is None and off.bus_exporter is None and not off.otlp
+    assert build_tracing("x", env={}).provider is None
+    assert build_tracing("x", env={"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4318"}).provider is None
+    assert build_tracing("x", bus_exporter=BusSpanExporter(), env={"OTEL_SDK_DISABLED": "true"}).provider is None
+
+
+def test_otlp_when_the_standard_variables_say_so() -> None:
+    from ferry_common.tracing import build_tracing
+
+    for env in ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318"}, {"OTEL_TRACES_EXPORTER": "otlp"}):
+        t = build_tracing("ferry-x", env=env)
+        assert t.otlp and t.provider is not None and t.bus_exporter is None
+        assert t.provider.resource.attributes["service.name"] == "ferry-x"
+        t.provider.shutdown()

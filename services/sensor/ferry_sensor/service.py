@@ -14,6 +14,7 @@ import contextlib
 import logging
 from typing import Any
 
+from ferry_common import metrics
 from ferry_common.bus.topology import COORDINATOR_QUERY, host_command, vm_events
 from ferry_common.endpoint import Context, Endpoint
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
@@ -98,6 +99,7 @@ class SensorService(HostService):
             vm.seq = max((int(k) for k, _ in stored), default=0)  # new keys go after the old
             self.vms[vm_id] = vm
         self.released = dict(await self.state.items("released"))
+        self._count_queued()
 
     async def _save(self, vm: VmEvents) -> None:
         await self.state.put("vm", vm.vm_id, vm.meta())
@@ -107,10 +109,16 @@ class SensorService(HostService):
         await self.state.put("released", vm_id, migration_id)
         await self.state.delete("vm", vm_id)
         await self.state.clear(_queue_ns(vm_id))
+        self._count_queued()
 
     async def _drained(self, vm: VmEvents) -> None:
         await self._save(vm)
         await self.state.clear(_queue_ns(vm.vm_id))
+        self._count_queued()
+
+    def _count_queued(self) -> None:
+        """Set the host's queued-events gauge from what is held (a recount, so it cannot drift)."""
+        metrics.QUEUED_EVENTS.labels(host=self.host).set(sum(v.queued for v in self.vms.values()))
 
     # ---- events -------------------------------------------------------------------
     async def on_event(self, msg: VmEvent, ctx: Context) -> None:
@@ -127,6 +135,7 @@ class SensorService(HostService):
             if not vm.add(event):
                 self.duplicates += 1
                 return None
+            metrics.QUEUED_EVENTS.labels(host=self.host).inc()  # per event: no recount on the hot path
             # queued for a migration: durable before the delivery is acknowledged
             await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
             return None
@@ -296,6 +305,7 @@ class SensorService(HostService):
             return ManagedObjectInstantiationError(reason=f"events for elements not migrated: {', '.join(strangers[:5])}")
         rows = [(vm.store_key(), e.model_dump(mode="json")) for e in msg.events if vm.add(e)]
         await self.state.put_many(_queue_ns(vm.vm_id), rows)
+        self._count_queued()
         return ManagementEventStateSuccess(staged=len(rows))
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
