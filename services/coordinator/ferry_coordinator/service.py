@@ -14,12 +14,15 @@ import logging
 from typing import Any
 
 import orjson
+from pydantic import TypeAdapter, ValidationError
+
 from ferry_common.bus.interfaces import Consumer, Message, QueueSpec
 from ferry_common.bus.topology import (
     COORDINATOR_QUERY,
     COORDINATOR_QUEUE,
     MIGRATION_CANCEL,
     MIGRATION_REQUESTED,
+    SAGA_NOTIFY,
     TELEMETRY_SPANS,
     migration_status,
 )
@@ -39,9 +42,13 @@ from ferry_common.messages.commands import (
     VmMigrationFinished,
 )
 from ferry_common.messages.limits import MAX_BODY_BYTES, MAX_STRING, Name
-from ferry_common.messages.public import HostInventory, MigrateRequest, MigrationCancel, MigrationStatusEvent
+from ferry_common.messages.public import (
+    HostInventory,
+    MigrateRequest,
+    MigrationCancel,
+    MigrationStatusEvent,
+)
 from ferry_common.messages.telemetry import SpanBatch
-from pydantic import TypeAdapter, ValidationError
 
 from . import observe
 from .hosts import HostRegistry
@@ -69,7 +76,7 @@ class CoordinatorService:
         self._consumers: list[Consumer] = []
         self._lease_task: asyncio.Task[None] | None = None
         self.finished: list[SagaRecord] = []
-        self.notify_key = f"saga.notify.{self.owner}"
+        self.notify_key = f"{SAGA_NOTIFY}.{self.owner}"
 
         self.router = Router()
         self.router.route_key(MIGRATION_REQUESTED, MigrateRequest)

@@ -178,7 +178,10 @@ class AmqpBus:
 
     async def _declare(self, spec: QueueSpec, channel: AbstractRobustChannel) -> AbstractRobustQueue:
         exchange = await channel.get_exchange(EXCHANGE)
-        if spec.durable:
+        if spec.name == DEAD_LETTER_QUEUE:
+            # the end of the line: no dead-lettering of its own (an inspector may consume it)
+            queue = await channel.declare_queue(spec.name, durable=True, arguments={"x-queue-type": "quorum"})
+        elif spec.durable:
             queue = await channel.declare_queue(spec.name, durable=True, arguments=durable_queue_arguments())
         else:
             queue = await channel.declare_queue(spec.name, exclusive=True, auto_delete=True)

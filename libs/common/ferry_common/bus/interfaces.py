@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Protocol
 
 from ..ids import new_id
 
@@ -53,7 +53,6 @@ class Delivery(Protocol):
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
-Returned = Literal["returned"]
 
 
 class Consumer(Protocol):
