@@ -15,6 +15,7 @@ from ferry_common.settings import Settings
 from ferry_common.signing import auth_factory_from_env
 from ferry_common.tracing import BusSpanExporter, setup_tracing
 from ferry_coordinator.store import open_store
+from ferry_coordinator.timeouts import SagaTimeouts
 
 from .cluster import HOST_SERVICES, HostOptions, build_coordinator, build_service, open_states
 
@@ -30,6 +31,24 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
+def _env_float(name: str) -> float | None:
+    raw = os.environ.get(name)
+    return float(raw) if raw else None
+
+
+def saga_timeouts_from_env() -> SagaTimeouts:
+    """The saga's timeouts, with overrides for tests and drills: ``FERRY_SAGA_LEASE_S`` (a
+    replica's hold on a saga, so how soon a crashed coordinator's sagas are resumed),
+    ``FERRY_SAGA_REPLY_S`` (the wait for each answer) and ``FERRY_SAGA_STATUS_POLL_S``."""
+    overrides: dict[str, float] = {}
+    for env, key in (("FERRY_SAGA_LEASE_S", "lease_s"), ("FERRY_SAGA_REPLY_S", "reply_s"),
+                     ("FERRY_SAGA_STATUS_POLL_S", "status_poll_s")):
+        value = _env_float(env)
+        if value is not None:
+            overrides[key] = value
+    return SagaTimeouts(**overrides)  # type: ignore[arg-type]
+
+
 def _options(settings: Settings, host: str) -> HostOptions:
     driver_options: dict[str, Any] = {}
     if settings.driver == "sim" and settings.state_dir:
@@ -40,6 +59,8 @@ def _options(settings: Settings, host: str) -> HostOptions:
         driver_options=driver_options,
         allowed_sources=settings.allowed_sources,
         capacity_mib=settings.capacity_mib,
+        # how often the adapter announces its VMs (FERRY_INVENTORY_INTERVAL_S; tests shorten it)
+        inventory_interval_s=_env_float("FERRY_INVENTORY_INTERVAL_S") or 5.0,
     )
 
 
@@ -63,6 +84,9 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
     bus = AmqpBus(settings.amqp_url, name="ferry-" + ("coordinator" if coordinator else services[0][1]))
     await bus.connect()
     started: list[Any] = []
+    # every service's state store: closed on the way out (an open aiosqlite connection's
+    # worker thread would keep the process alive after SIGTERM)
+    opened: list[Any] = []
     health = HealthServer(settings.health_port)
     health.add_check("amqp", lambda: _bus_ok(bus))
     store = None
@@ -70,12 +94,13 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
         await health.start()
         if coordinator:
             store = await open_store(settings.store_url)
-            c = build_coordinator(bus, store, auth=auth)
+            c = build_coordinator(bus, store, auth=auth, timeouts=saga_timeouts_from_env())
             await c.start()
             started.append(c)
             print(f"coordinator up (store {settings.store_url.split('@')[-1]})", flush=True)
         for name, host in services:
             states = await open_states(settings.state_dir, host, (name,))
+            opened.extend(states.values())
             s = build_service(name, host, bus, options=_options(settings, host), auth=auth, state=states.get(name))
             await s.start()
             started.append(s)
@@ -95,6 +120,9 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
             with contextlib.suppress(Exception):
                 await s.stop()
         await bus.close()
+        for state in opened:
+            with contextlib.suppress(Exception):
+                await state.close()
         if store is not None:
             await store.close()
         await health.close()
