@@ -286,7 +286,17 @@ class LibvirtDriver:
             return MigrationResult("failed", reason or str(exc), _stats(last))
         stats = await _completed_stats(dconnuri, vm_id, last)
         stats.setdefault("total_time_ms", round((time.monotonic() - watch.started) * 1000, 3))
-        await on_progress(_progress("completed", {**last, "memory_remaining": 0}))
+        # a fast migration may end before the first sample: take the final figures instead
+        await on_progress(
+            MigrationProgress(
+                "completed",
+                total_bytes=int(last.get("memory_total") or stats.get("transferred_bytes", 0)),
+                transferred_bytes=int(stats.get("transferred_bytes") or last.get("memory_processed", 0)),
+                remaining_bytes=0,
+                passes=int(stats.get("passes") or last.get("memory_iteration", 0)),
+                percent=100.0,
+            )
+        )
         return MigrationResult("completed", stats=stats)
 
     async def cancel_migration(self, vm_id: str) -> None:
