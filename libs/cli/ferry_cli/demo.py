@@ -145,14 +145,19 @@ async def run_demo(*, rate: float = 400.0) -> int:
         stop.clear()
         producer = asyncio.create_task(d.produce(client, stop))
         mid3 = await client.migrate(VM, "host-a")
-        cancelled = False
+        async def cancel_soon() -> None:
+            await asyncio.sleep(0.8)  # well inside the first pre-copy pass
+            await client.cancel(mid3, "operator changed their mind")
+            d.line("    operator cancelled")
+
+        canceller: asyncio.Task[None] | None = None
         async for e in client.follow(mid3, timeout=120):
             d.show(e)
-            if not cancelled and e.step == "migrate_vm" and e.detail.get("passes"):
-                await client.cancel(mid3, "operator changed their mind")
-                d.line("    operator cancelled")
-                cancelled = True
+            if canceller is None and e.step == "migrate_vm":
+                canceller = asyncio.create_task(cancel_soon())
             last = e
+        if canceller is not None:
+            await canceller
         stop.set()
         await producer
         await settle(client, d.sent)
