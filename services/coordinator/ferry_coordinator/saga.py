@@ -104,7 +104,7 @@ class SagaContext:
     owner: str
     notify_key: str
     wait_notification: Callable[[str, float], Awaitable[VmMigrationFinished | None]]
-    cancel_requested: Callable[[str], bool]
+    cancel_reason: Callable[[str], str | None]  # set when an operator cancelled (this replica)
     on_finished: Callable[[SagaRecord], Awaitable[None]]
     on_owner: Callable[[str, str, int], None]
 
@@ -172,8 +172,8 @@ class MigrationSaga:
             f"step {step}", attributes={"ferry.migration_id": self.mid, "ferry.step": step, "ferry.retry_count": retries}
         ) as span:
             try:
-                if not switched and (self.rec.cancel_requested or self.ctx.cancel_requested(self.mid)):
-                    raise StepFailed("cancelled", str(self.rec.data.get("cancel_reason") or "cancelled by operator"))
+                if not switched and (self.rec.cancel_requested or self.ctx.cancel_reason(self.mid)):
+                    raise StepFailed("cancelled", self._why_cancelled())
                 started = self.clock.monotonic()
                 await self._save(step, "started")
                 await self._status("progress", step=step)
@@ -206,6 +206,9 @@ class MigrationSaga:
                     self.rec.data.update(reason=f.reason, code=f.code, failed_step=step)
                     await self._save(step, "failed", {"code": f.code, "reason": f.reason})
                     await self._status("failed", step=step, reason=f.reason, code=f.code)
+
+    def _why_cancelled(self) -> str:
+        return self.ctx.cancel_reason(self.mid) or "cancelled by operator"
 
     async def _retry_forward(self, step: str, f: StepFailed) -> None:
         retries = self.rec.data.setdefault("retries", {})
@@ -357,8 +360,8 @@ class MigrationSaga:
                 break
             try:
                 now = self.clock.monotonic()
-                if self.rec.cancel_requested or self.ctx.cancel_requested(self.mid):
-                    raise StepFailed("cancelled", str(self.rec.data.get("cancel_reason") or "cancelled by operator"))
+                if self.rec.cancel_requested or self.ctx.cancel_reason(self.mid):
+                    raise StepFailed("cancelled", self._why_cancelled())
                 if now - begun > self.t.vm_migration_s:
                     raise StepFailed("timeout", f"the VM migration did not finish within {self.t.vm_migration_s:g}s")
                 if rounds < self.t.max_dirty_rounds:
@@ -370,7 +373,7 @@ class MigrationSaga:
                     # a cancel that another replica took is only in the store
                     fresh = await self.ctx.store.get(self.mid)
                     if result is None and fresh is not None and fresh.cancel_requested:
-                        raise StepFailed("cancelled", "cancelled by operator")
+                        raise StepFailed("cancelled", self._why_cancelled())
             except StepFailed:
                 if started.source_resumable:
                     raise  # the rollback resumes the source even if the hypervisor just finished

@@ -271,7 +271,7 @@ class CoordinatorService:
             owner=self.owner,
             notify_key=self.notify_key,
             wait_notification=self._wait_notification,
-            cancel_requested=lambda m: m in self.cancels,
+            cancel_reason=self.cancels.get,
             on_finished=self._on_finished,
             on_owner=self._set_owner,
         )
