@@ -228,14 +228,19 @@ class SensorService(HostService):
         await asyncio.shield(self._flush)
 
     async def _flush_now(self) -> None:
-        fut, self._flush = self._flush, None
-        pending, self._pending = self._pending, {}
+        fut = self._flush
         assert fut is not None
         try:
             async with self._send_lock:  # flushes go out one after another, in order
+                # the batch is taken once the previous flush is out: what arrived meanwhile
+                # goes in one message, not one confirmed publish per event
+                self._flush = None
+                pending, self._pending = self._pending, {}
                 for vm_id, events in pending.items():
                     await self._send(vm_id, events)
         except BaseException as exc:
+            if self._flush is fut:  # failed before taking the batch: it fails with this flush
+                self._flush, self._pending = None, {}
             fut.set_exception(exc)
             return
         fut.set_result(None)
