@@ -70,10 +70,15 @@ class HostService:
         return (host_command(self.host, self.service),)
 
     def step(self, model: type[M], handler: StepHandler[M]) -> None:
-        """Register a saga step handler, made idempotent by (type, migration_id)."""
+        """Register a saga step handler, made idempotent by (type, migration_id[, round])."""
 
         async def once(msg: M, ctx: Context) -> Wire | None:
             key = f"{model.__name__}:{getattr(msg, 'migration_id', '')}"
+            if (n := getattr(msg, "round", None)) is not None:
+                # a step sent once per round (MigrationState): each round is its own step, a
+                # replay of a round gets that round's answer; keyed by migration alone, every
+                # round after the first was answered from the memo and never applied
+                key += f":{n}"
             done = self.memo.get(key)
             if done is not None:
                 return done

@@ -402,7 +402,10 @@ class MigrationSaga:
 
     async def _dirty_round(self, *, final: bool) -> int:
         vm_id = self.rec.vm_id
-        export = ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final, since_export=final and self.resumed)
+        # the final round resends everything changed since step 3: an export's answer lost
+        # on the way (a timeout, then a retry) took its dirty bits with it, and only this
+        # keeps those changes from being lost; the target applies them idempotently
+        export = ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final, since_export=final)
         dirty = _expect(await self._call(self.source, "managed_object", export), DirtyObjects)
         if not dirty.elements and not dirty.embots:
             return 0
