@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+
 from ferry_common.errors import Conflict
 from ferry_coordinator.store import TERMINAL, HistoryEntry, SagaRecord, SagaStore
 

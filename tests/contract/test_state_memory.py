@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+
 from ferry_common.state import MemoryStateStore, StateStore, open_state_store
 
 from .state_suite import StateStoreSuite

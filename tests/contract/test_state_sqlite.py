@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from ferry_common.state import SqliteStateStore, StateStore, open_state_store
 
 from .state_suite import StateStoreSuite

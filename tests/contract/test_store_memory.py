@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+
 from ferry_coordinator.store import MemorySagaStore, SagaStore
 
 from .store_suite import MakeStore, SagaStoreSuite

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+
 from ferry_coordinator.store import SagaStore, open_store
 from ferry_coordinator.store.postgres import PostgresSagaStore
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from ferry_coordinator.store import SagaStore, open_store
 from ferry_coordinator.store.sqlite import SqliteSagaStore
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ferry_common.messages.domain import VmSpec
 from ferry_hypervisor_adapter.drivers.guest import GuestStatus, build_guest
 

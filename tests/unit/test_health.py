@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 
 import pytest
+
 from ferry_common import metrics
 from ferry_common.health import HealthServer, probe
 from ferry_common.metrics import Registry

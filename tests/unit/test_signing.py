@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from ferry_common.bus.interfaces import Message
 from ferry_common.clock import FakeClock
 from ferry_common.errors import Unauthenticated
@@ -30,8 +33,6 @@ from ferry_common.signing import (
     load_keyring,
     main,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 COORD = Ed25519PrivateKey.generate()
 HOST_A = Ed25519PrivateKey.generate()

@@ -60,7 +60,8 @@ from ferry_common.messages.commands import (
     VmMigrationFinished,
 )
 from ferry_common.messages.domain import Module, VmSpec
-from ferry_common.messages.public import MigrationStatusEvent, Status as PublicStatus
+from ferry_common.messages.public import MigrationStatusEvent
+from ferry_common.messages.public import Status as PublicStatus
 from ferry_common.telemetry import migration_span, trace_ids, tracer
 
 from .store import HistoryEntry, SagaRecord, SagaStore

@@ -16,7 +16,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry_common.bus.topology import host_command, inventory, migration_status
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from ferry_common.bus.topology import inventory, migration_status
 from ferry_common.endpoint import Context, Endpoint
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.messages.base import Wire
@@ -40,8 +43,6 @@ from ferry_common.messages.public import HostInventory, MigrationStatusEvent
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 from ferry_common.telemetry import tracer
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 from .drivers import Driver, MigrationParams, MigrationProgress, MigrationResult
 

@@ -1,6 +1,6 @@
 """Where the coordinator keeps sagas: one interface, several backends."""
 
-from .base import HistoryEntry, SagaRecord, SagaStore, TERMINAL
+from .base import TERMINAL, HistoryEntry, SagaRecord, SagaStore
 from .memory import MemorySagaStore
 
 __all__ = ["HistoryEntry", "SagaRecord", "SagaStore", "TERMINAL", "MemorySagaStore", "open_store"]

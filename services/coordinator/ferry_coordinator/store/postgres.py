@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
+
 from ferry_common.errors import Conflict
 
 from .base import TERMINAL, HistoryEntry, SagaRecord

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiosqlite
 import orjson
+
 from ferry_common.errors import Conflict
 from ferry_common.state import sqlite_path_from_url
 
