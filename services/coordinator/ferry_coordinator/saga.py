@@ -121,6 +121,9 @@ class MigrationSaga:
         # a saga picked up mid-way (after a coordinator crash) may have lost a dirty round's
         # answer: its final round resends everything changed since step 3
         self.resumed = any(h.event == "started" for h in record.history)
+        # steps call services concurrently (clean-up, teardown) and each call may record a
+        # retry: saves go one at a time, each on the version the previous one returned
+        self._save_lock = asyncio.Lock()
 
     @property
     def mid(self) -> str:
@@ -241,12 +244,31 @@ class MigrationSaga:
         queues if a service is down, behind whatever this saga sent it earlier."""
         msg = CleanupTarget(migration_id=self.mid, vm_id=self.rec.vm_id)
         results = await asyncio.gather(
-            *(self._call(self.target, s, msg) for s in HOST_SERVICES), return_exceptions=True
+            *(self._cleanup_target_one(s, msg) for s in HOST_SERVICES), return_exceptions=True
         )
-        failed = [(s, r) for s, r in zip(HOST_SERVICES, results, strict=True) if isinstance(r, BaseException)]
-        for service, err in failed:
-            log.warning("cleanup of %s on %s pending: %s", service, self.target, err)
-        return not failed
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r  # LostLease: another replica finishes the clean-up
+        return all(results)
+
+    async def _cleanup_target_one(self, service: str, msg: CleanupTarget) -> bool:
+        """True once ``service`` answered; False if the command waits in its durable queue.
+
+        Only a timeout means the command is queued (the broker confirmed it): a publish
+        that failed (connection lost) never reached the queue and is sent again.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self._call(self.target, service, msg)
+                return True
+            except StepFailed as f:
+                if f.code != "transient":
+                    log.warning("cleanup of %s on %s pending: %s", service, self.target, f.reason)
+                    return False
+                attempt += 1
+                await self._save("compensate", "retry", {"service": service, "reason": f.reason, "attempt": attempt})
+                await self.clock.sleep(min(self.t.forward_retry_max_s, self.t.forward_retry_s * attempt))
 
     async def _cleanup_source(self) -> None:
         """Source first stops the hypervisor, then unseals the plane, then thaws events."""
@@ -473,13 +495,14 @@ class MigrationSaga:
         raise last
 
     async def _save(self, step: str, event: str, detail: dict[str, Any] | None = None) -> None:
-        now = self.clock.now()
-        self.rec.history.append(HistoryEntry(now, step, event, detail or {}))
-        self.rec.updated_at = now
-        try:
-            self.rec = await self.ctx.store.save(self.rec, owner=self.ctx.owner)
-        except Conflict as exc:
-            raise LostLease(str(exc)) from None
+        async with self._save_lock:
+            now = self.clock.now()
+            self.rec.history.append(HistoryEntry(now, step, event, detail or {}))
+            self.rec.updated_at = now
+            try:
+                self.rec = await self.ctx.store.save(self.rec, owner=self.ctx.owner)
+            except Conflict as exc:
+                raise LostLease(str(exc)) from None
 
     async def _status(self, status: PublicStatus, *, step: str | None = None, reason: str | None = None,
                       code: str | None = None, detail: dict[str, Any] | None = None) -> None:
