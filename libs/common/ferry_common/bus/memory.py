@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import Transient, Unroutable
@@ -117,8 +118,9 @@ class MemoryBus:
         self.published = 0
         self.closed = False
         self.fail_publish: BaseException | None = None  # fault injection for tests
-        # routing key -> queues it reaches; every change of queues or bindings clears it
-        self._routes: dict[str, list[_Queue]] = {}
+        # bindings indexed: exact keys in a dict, the few patterns with * or # in a list
+        self._exact: dict[str, list[_Queue]] = {}
+        self._wild: list[tuple[str, _Queue]] = []
 
     async def connect(self) -> None:
         self.closed = False
@@ -147,17 +149,35 @@ class MemoryBus:
         await asyncio.sleep(0)
 
     def _route(self, key: str) -> list[_Queue]:
-        """The queues ``key`` reaches, in declaration order; cached until the bindings change."""
-        targets = self._routes.get(key)
-        if targets is None:
-            targets = [q for q in self.queues.values() if any(topic_matches(b, key) for b in q.bindings)]
-            if len(self._routes) >= 65536:
-                self._routes.clear()
-            self._routes[key] = targets
+        """The queues ``key`` reaches, each once."""
+        targets = list(self._exact.get(key, ()))
+        for pattern, q in self._wild:
+            if q not in targets and topic_matches(pattern, key):
+                targets.append(q)
         return targets
 
-    def _rebound(self) -> None:
-        self._routes.clear()
+    def _bind(self, q: _Queue, keys: Iterable[str]) -> None:
+        for key in keys:
+            if key in q.bindings:
+                continue
+            q.bindings.add(key)
+            if "*" in key or "#" in key:
+                self._wild.append((key, q))
+            else:
+                self._exact.setdefault(key, []).append(q)
+
+    def _unbind(self, q: _Queue, key: str) -> None:
+        if key not in q.bindings:
+            return
+        q.bindings.discard(key)
+        if "*" in key or "#" in key:
+            self._wild = [(p, x) for p, x in self._wild if not (p == key and x is q)]
+        else:
+            queues = self._exact.get(key, [])
+            if q in queues:
+                queues.remove(q)
+            if not queues:
+                self._exact.pop(key, None)
 
     async def dead_letter(self, message: Message, reason: str, code: str) -> None:
         self._check()
@@ -178,8 +198,7 @@ class MemoryBus:
         q = self.queues.get(spec.name)
         if q is None:
             q = self.queues[spec.name] = _Queue(spec)
-        q.bindings.update(spec.bindings)
-        self._rebound()
+        self._bind(q, spec.bindings)
         if q.consumer is not None:
             await q.consumer.cancel()
         q.consumer = _MemoryConsumer(self, q, handler)
@@ -188,20 +207,17 @@ class MemoryBus:
     async def declare(self, spec: QueueSpec) -> None:
         """Declare a queue without consuming (for tests that look at what arrives)."""
         q = self.queues.setdefault(spec.name, _Queue(spec))
-        q.bindings.update(spec.bindings)
-        self._rebound()
+        self._bind(q, spec.bindings)
 
     async def bind(self, queue: str, routing_key: str) -> None:
         self._check()
-        self.queues[queue].bindings.add(routing_key)
-        self._rebound()
+        self._bind(self.queues[queue], (routing_key,))
 
     async def unbind(self, queue: str, routing_key: str) -> None:
         self._check()
         q = self.queues.get(queue)
         if q is not None:
-            q.bindings.discard(routing_key)
-            self._rebound()
+            self._unbind(q, routing_key)
 
     async def purge(self, queue: str) -> int:
         q = self.queues.get(queue)
@@ -216,10 +232,11 @@ class MemoryBus:
 
     async def delete_queue(self, name: str) -> None:
         q = self.queues.pop(name, None)
-        self._rebound()
-        if q is not None and q.consumer is not None:
-            await q.consumer.cancel()
+        if q is not None:
+            for key in list(q.bindings):
+                self._unbind(q, key)
+            if q.consumer is not None:
+                await q.consumer.cancel()
 
     def ensure_dead_letter_queue(self) -> None:
         self.queues.setdefault(DEAD_LETTER_QUEUE, _Queue(QueueSpec(DEAD_LETTER_QUEUE)))
-        self._rebound()
