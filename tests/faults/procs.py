@@ -146,6 +146,12 @@ class ProcCluster:
             p.popen.kill()
             p.popen.wait(10)
 
+    def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` and return (SIGSTOP/SIGCONT: freeze and thaw the process)."""
+        p = self.procs[name]
+        if p.popen is not None and p.popen.poll() is None:
+            p.popen.send_signal(sig)
+
     async def restart(self, name: str) -> None:
         """Start ``name`` again on the same state and wait until it is ready."""
         self.spawn(name)
