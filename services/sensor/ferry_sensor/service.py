@@ -151,7 +151,13 @@ class SensorService(HostService):
         if not vm.first_time(event.id):
             self.duplicates += 1
             return None
-        await self._dispatch([event])
+        try:
+            await self._dispatch([event])
+        except BaseException:
+            # not dispatched (the connection went): the delivery comes again, and must not be
+            # taken for a duplicate then
+            vm.seen.pop(event.id, None)
+            raise
         return None
 
     # ---- leases ---------------------------------------------------------------------
@@ -318,13 +324,20 @@ class SensorService(HostService):
         if vm is None or vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is not staged for migration {msg.migration_id}")
         events = vm.merged()
-        vm.mode, vm.migration_id = "active", None
-        vm.clear()
+        held = vm.queues
+        vm.mode, vm.migration_id, vm.queues = "active", None, {}
         self.leases.grant(msg.vm_id, msg.lease_s)
         # a crash before the queue is cleared replays this step; the managed-object
         # service drops events it has already seen, so each still acts once
-        await self._dispatch(events)
-        await self._drained(vm)
+        try:
+            await self._dispatch(events)
+            await self._drained(vm)
+        except BaseException:
+            # the dispatch did not get out (connection lost): the queue is still in the state
+            # store, so put it back in memory too; the redelivered step then finds the VM
+            # staged and dispatches again, instead of being refused until a restart
+            vm.mode, vm.migration_id, vm.queues = "staged", msg.migration_id, held
+            raise
         return MigrationCompleteAck(dispatched=len(events))
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Wire:
