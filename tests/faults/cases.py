@@ -74,6 +74,8 @@ async def migration_case(
         seen = sess.terminal_events(mid)
         if seen - {rec["status"]}:
             case.violations.append(f"announced {sorted(seen)} but the record says {rec['status']}")
+        if rec["status"] not in ("completed", "rolled_back"):
+            case.violations.append(f"ended {rec['status']}: {rec['data'].get('reason')}")
         if expect is not None and rec["status"] != expect:
             case.violations.append(f"expected {expect}, got {rec['status']} ({rec['data'].get('reason')})")
     except Exception as exc:

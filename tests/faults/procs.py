@@ -206,7 +206,9 @@ class Session:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(FerryError, AssertionError):
-                if vm_id in (await self.client.placement()).get(host, []):
+                placement = await self.client.placement()
+                # both hosts known too: a migration to a host not yet seen would be rejected
+                if vm_id in placement.get(host, []) and all(h in placement for h in HOSTS):
                     return
             await asyncio.sleep(0.1)
         raise TimeoutError(f"the coordinator never saw {vm_id} on {host}")
