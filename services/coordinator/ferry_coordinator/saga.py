@@ -118,9 +118,6 @@ class MigrationSaga:
         self.t = ctx.timeouts
         # kept in memory only: rebuilt by going back one step after a restart
         self.element_ids: list[str] | None = None
-        # a saga picked up mid-way (after a coordinator crash) may have lost a dirty round's
-        # answer: its final round resends everything changed since step 3
-        self.resumed = any(h.event == "started" for h in record.history)
         # steps call services concurrently (clean-up, teardown) and each call may record a
         # retry: saves go one at a time, each on the version the previous one returned
         self._save_lock = asyncio.Lock()
