@@ -37,8 +37,8 @@ class VmPlane:
     recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
     dirty_elements: set[str] = field(default_factory=set)
     dirty_embots: set[str] = field(default_factory=set)
-    # everything changed since the first export: a resumed saga resends it all at the end,
-    # in case a dirty round's answer was lost with the coordinator that asked for it
+    # everything changed since the first export: the final round resends it all, in case a
+    # dirty round's answer was lost (with a connection, or the coordinator that asked for it)
     changed_elements: set[str] = field(default_factory=set)
     changed_embots: set[str] = field(default_factory=set)
     by_element: dict[str, list[str]] = field(default_factory=dict)
