@@ -22,15 +22,8 @@ import orjson
 
 from ferry_common.errors import Conflict
 
-from .base import TERMINAL, HistoryEntry, SagaRecord
-
-# Inlined rather than bound: the partial index predicate must be a constant, and a query only
-# uses the index when its WHERE clause visibly implies that predicate.
-_TERMINAL_SQL = "(" + ",".join(f"'{s}'" for s in sorted(TERMINAL)) + ")"
-
-_COLUMNS = (
-    "id, vm_id, status, owner, lease_until, version, created_at, updated_at, cancel_requested, body"
-)
+from .base import SagaRecord
+from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ferry_sagas (
@@ -46,11 +39,11 @@ CREATE TABLE IF NOT EXISTS ferry_sagas (
     body             JSONB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS ferry_sagas_one_active_per_vm
-    ON ferry_sagas (vm_id) WHERE status NOT IN {_TERMINAL_SQL};
+    ON ferry_sagas (vm_id) WHERE status NOT IN {TERMINAL_SQL};
 CREATE INDEX IF NOT EXISTS ferry_sagas_vm_created ON ferry_sagas (vm_id, created_at);
 CREATE INDEX IF NOT EXISTS ferry_sagas_created ON ferry_sagas (created_at);
 CREATE INDEX IF NOT EXISTS ferry_sagas_claimable ON ferry_sagas (created_at)
-    WHERE status NOT IN {_TERMINAL_SQL};
+    WHERE status NOT IN {TERMINAL_SQL};
 CREATE TABLE IF NOT EXISTS ferry_saga_spans (
     seq          BIGSERIAL PRIMARY KEY,
     migration_id TEXT NOT NULL,
@@ -67,34 +60,11 @@ _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def _body(record: SagaRecord) -> dict[str, Any]:
-    # Only what no query filters on goes into the JSONB; the rest are real columns.
-    return {
-        "source_host": record.source_host,
-        "target_host": record.target_host,
-        "step": record.step,
-        "data": record.data,
-        "history": [h.to_dict() for h in record.history],
-    }
+    return blob(record)
 
 
 def _row_to_record(row: asyncpg.Record) -> SagaRecord:
-    blob = row["body"]
-    return SagaRecord(
-        migration_id=row["id"],
-        vm_id=row["vm_id"],
-        source_host=blob["source_host"],
-        target_host=blob["target_host"],
-        status=row["status"],
-        step=blob["step"],
-        data=blob["data"],
-        history=[HistoryEntry.from_dict(h) for h in blob["history"]],
-        cancel_requested=row["cancel_requested"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        owner=row["owner"],
-        lease_until=row["lease_until"],
-        version=row["version"],
-    )
+    return record_from(row, row["body"])
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -170,9 +140,9 @@ class PostgresSagaStore:
                 # partial unique index (another active saga for the VM). A concurrent insert
                 # for the same VM waits for the other transaction and then does nothing.
                 row = await conn.fetchrow(
-                    f"INSERT INTO ferry_sagas ({_COLUMNS}) "
+                    f"INSERT INTO ferry_sagas ({COLUMNS}) "
                     "VALUES ($1,$2,$3,$4,$5,1,$6,$7,$8,$9) "
-                    f"ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
+                    f"ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
                     record.migration_id,
                     record.vm_id,
                     record.status,
@@ -187,8 +157,8 @@ class PostgresSagaStore:
                     return _row_to_record(row), True
                 # Same id first: a replayed create must get its own saga back.
                 row = await conn.fetchrow(
-                    f"SELECT {_COLUMNS} FROM ferry_sagas "
-                    f"WHERE id = $1 OR (vm_id = $2 AND status NOT IN {_TERMINAL_SQL}) "
+                    f"SELECT {COLUMNS} FROM ferry_sagas "
+                    f"WHERE id = $1 OR (vm_id = $2 AND status NOT IN {TERMINAL_SQL}) "
                     "ORDER BY (id = $1) DESC LIMIT 1",
                     record.migration_id,
                     record.vm_id,
@@ -199,7 +169,7 @@ class PostgresSagaStore:
 
     async def get(self, migration_id: str) -> SagaRecord | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM ferry_sagas WHERE id = $1", migration_id
+            f"SELECT {COLUMNS} FROM ferry_sagas WHERE id = $1", migration_id
         )
         return _row_to_record(row) if row else None
 
@@ -214,7 +184,7 @@ class PostgresSagaStore:
                     "cancel_requested = (cancel_requested OR $6), body = $7 "
                     "WHERE id = $1 AND version = $8 "
                     "AND (owner IS NULL OR $9::text IS NULL OR owner = $9::text) "
-                    f"RETURNING {_COLUMNS}",
+                    f"RETURNING {COLUMNS}",
                     record.migration_id,
                     record.vm_id,
                     record.status,
@@ -247,7 +217,7 @@ class PostgresSagaStore:
 
     async def list(self, *, vm_id: str | None = None, limit: int = 50) -> builtins.list[SagaRecord]:
         rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM ferry_sagas WHERE ($1::text IS NULL OR vm_id = $1::text) "
+            f"SELECT {COLUMNS} FROM ferry_sagas WHERE ($1::text IS NULL OR vm_id = $1::text) "
             "ORDER BY created_at DESC, id DESC LIMIT $2",
             vm_id,
             limit,
@@ -256,8 +226,8 @@ class PostgresSagaStore:
 
     async def active_for_vm(self, vm_id: str) -> SagaRecord | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM ferry_sagas "
-            f"WHERE vm_id = $1 AND status NOT IN {_TERMINAL_SQL}",
+            f"SELECT {COLUMNS} FROM ferry_sagas "
+            f"WHERE vm_id = $1 AND status NOT IN {TERMINAL_SQL}",
             vm_id,
         )
         return _row_to_record(row) if row else None
@@ -271,12 +241,12 @@ class PostgresSagaStore:
         rows = await self._pool.fetch(
             "WITH picked AS ("
             "  SELECT id FROM ferry_sagas "
-            f"  WHERE status NOT IN {_TERMINAL_SQL} "
+            f"  WHERE status NOT IN {TERMINAL_SQL} "
             "   AND (owner IS NULL OR lease_until < $2) "
             "  ORDER BY created_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) "
             "UPDATE ferry_sagas s SET owner = $1, lease_until = $2 + $3, version = s.version + 1 "
             f"FROM picked WHERE s.id = picked.id RETURNING "
-            + ", ".join(f"s.{c.strip()}" for c in _COLUMNS.split(",")),
+            + ", ".join(f"s.{c.strip()}" for c in COLUMNS.split(",")),
             owner,
             now,
             lease_s,
@@ -299,12 +269,12 @@ class PostgresSagaStore:
         # No version bump: the driver's next save merges the flag instead of conflicting.
         row = await self._pool.fetchrow(
             "UPDATE ferry_sagas SET cancel_requested = TRUE "
-            f"WHERE id = $1 AND status NOT IN {_TERMINAL_SQL} RETURNING {_COLUMNS}",
+            f"WHERE id = $1 AND status NOT IN {TERMINAL_SQL} RETURNING {COLUMNS}",
             migration_id,
         )
         if row is None:  # absent, or finished: nothing to cancel, report it as it is
             row = await self._pool.fetchrow(
-                f"SELECT {_COLUMNS} FROM ferry_sagas WHERE id = $1", migration_id
+                f"SELECT {COLUMNS} FROM ferry_sagas WHERE id = $1", migration_id
             )
         return _row_to_record(row) if row else None
 

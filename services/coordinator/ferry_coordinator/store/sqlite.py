@@ -25,15 +25,8 @@ import orjson
 from ferry_common.errors import Conflict
 from ferry_common.state import sqlite_path_from_url
 
-from .base import TERMINAL, HistoryEntry, SagaRecord
-
-# Inlined (not bound) because the partial index's WHERE clause must be a constant expression
-# and queries must repeat it verbatim for SQLite's planner to use that index.
-_TERMINAL_SQL = "(" + ",".join(f"'{s}'" for s in sorted(TERMINAL)) + ")"
-
-_COLUMNS = (
-    "id, vm_id, status, owner, lease_until, version, created_at, updated_at, cancel_requested, body"
-)
+from .base import SagaRecord
+from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ferry_sagas (
@@ -49,7 +42,7 @@ CREATE TABLE IF NOT EXISTS ferry_sagas (
     body             TEXT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS ferry_sagas_one_active_per_vm
-    ON ferry_sagas (vm_id) WHERE status NOT IN {_TERMINAL_SQL};
+    ON ferry_sagas (vm_id) WHERE status NOT IN {TERMINAL_SQL};
 CREATE INDEX IF NOT EXISTS ferry_sagas_vm_created ON ferry_sagas (vm_id, created_at);
 CREATE INDEX IF NOT EXISTS ferry_sagas_created ON ferry_sagas (created_at);
 CREATE TABLE IF NOT EXISTS ferry_saga_spans (
@@ -62,37 +55,11 @@ CREATE INDEX IF NOT EXISTS ferry_saga_spans_by_migration ON ferry_saga_spans (mi
 
 
 def _body(record: SagaRecord) -> str:
-    # Only what no query filters on goes into the blob; the rest are real columns.
-    return orjson.dumps(
-        {
-            "source_host": record.source_host,
-            "target_host": record.target_host,
-            "step": record.step,
-            "data": record.data,
-            "history": [h.to_dict() for h in record.history],
-        }
-    ).decode()
+    return orjson.dumps(blob(record)).decode()
 
 
 def _row_to_record(row: Any) -> SagaRecord:
-    (mid, vm_id, status, owner, lease_until, version, created, updated, cancel, body) = row
-    blob = orjson.loads(body)
-    return SagaRecord(
-        migration_id=mid,
-        vm_id=vm_id,
-        source_host=blob["source_host"],
-        target_host=blob["target_host"],
-        status=status,
-        step=blob["step"],
-        data=blob["data"],
-        history=[HistoryEntry.from_dict(h) for h in blob["history"]],
-        cancel_requested=bool(cancel),
-        created_at=float(created),
-        updated_at=float(updated),
-        owner=owner,
-        lease_until=float(lease_until),
-        version=int(version),
-    )
+    return record_from(row, orjson.loads(row[9]))
 
 
 class SqliteSagaStore:
@@ -160,8 +127,8 @@ class SqliteSagaStore:
             # No conflict target: DO NOTHING covers both the primary key (same id) and the
             # partial unique index (another active saga for this VM) in one atomic step.
             async with self._conn.execute(
-                f"INSERT INTO ferry_sagas ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
-                f"ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
+                f"INSERT INTO ferry_sagas ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                f"ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
                 (
                     record.migration_id,
                     record.vm_id,
@@ -180,12 +147,12 @@ class SqliteSagaStore:
             if row is None:
                 # The write lock is still ours, so whatever blocked the insert is still there.
                 row = await self._fetchone(
-                    f"SELECT {_COLUMNS} FROM ferry_sagas WHERE id = ?", (record.migration_id,)
+                    f"SELECT {COLUMNS} FROM ferry_sagas WHERE id = ?", (record.migration_id,)
                 )
                 if row is None:
                     row = await self._fetchone(
-                        f"SELECT {_COLUMNS} FROM ferry_sagas "
-                        f"WHERE vm_id = ? AND status NOT IN {_TERMINAL_SQL}",
+                        f"SELECT {COLUMNS} FROM ferry_sagas "
+                        f"WHERE vm_id = ? AND status NOT IN {TERMINAL_SQL}",
                         (record.vm_id,),
                     )
         if row is None:  # pragma: no cover - impossible while we hold the write lock
@@ -195,7 +162,7 @@ class SqliteSagaStore:
     async def get(self, migration_id: str) -> SagaRecord | None:
         async with self._lock:
             row = await self._fetchone(
-                f"SELECT {_COLUMNS} FROM ferry_sagas WHERE id = ?", (migration_id,)
+                f"SELECT {COLUMNS} FROM ferry_sagas WHERE id = ?", (migration_id,)
             )
         return _row_to_record(row) if row else None
 
@@ -210,7 +177,7 @@ class SqliteSagaStore:
                     "cancel_requested = (cancel_requested OR ?), body = ? "
                     "WHERE id = ? AND version = ? "
                     "AND (owner IS NULL OR ? IS NULL OR owner = ?) "
-                    f"RETURNING {_COLUMNS}",
+                    f"RETURNING {COLUMNS}",
                     (
                         record.vm_id,
                         record.status,
@@ -251,7 +218,7 @@ class SqliteSagaStore:
         where, params = ("WHERE vm_id = ? ", (vm_id,)) if vm_id is not None else ("", ())
         async with self._lock:
             rows = await self._fetchall(
-                f"SELECT {_COLUMNS} FROM ferry_sagas {where}"
+                f"SELECT {COLUMNS} FROM ferry_sagas {where}"
                 "ORDER BY created_at DESC, id DESC LIMIT ?",
                 (*params, limit),
             )
@@ -260,8 +227,8 @@ class SqliteSagaStore:
     async def active_for_vm(self, vm_id: str) -> SagaRecord | None:
         async with self._lock:
             row = await self._fetchone(
-                f"SELECT {_COLUMNS} FROM ferry_sagas "
-                f"WHERE vm_id = ? AND status NOT IN {_TERMINAL_SQL}",
+                f"SELECT {COLUMNS} FROM ferry_sagas "
+                f"WHERE vm_id = ? AND status NOT IN {TERMINAL_SQL}",
                 (vm_id,),
             )
         return _row_to_record(row) if row else None
@@ -275,10 +242,10 @@ class SqliteSagaStore:
             rows = await self._fetchall(
                 "UPDATE ferry_sagas SET owner = ?, lease_until = ?, version = version + 1 "
                 "WHERE id IN (SELECT id FROM ferry_sagas "
-                f"  WHERE status NOT IN {_TERMINAL_SQL} "
+                f"  WHERE status NOT IN {TERMINAL_SQL} "
                 "   AND (owner IS NULL OR lease_until < ?) "
                 "   ORDER BY created_at, id LIMIT ?) "
-                f"RETURNING {_COLUMNS}",
+                f"RETURNING {COLUMNS}",
                 (owner, now + lease_s, now, limit),
             )
         records = [_row_to_record(r) for r in rows]
@@ -298,11 +265,11 @@ class SqliteSagaStore:
             # No version bump: the driver's next save merges the flag instead of conflicting.
             await self._conn.execute(
                 "UPDATE ferry_sagas SET cancel_requested = 1 "
-                f"WHERE id = ? AND status NOT IN {_TERMINAL_SQL}",
+                f"WHERE id = ? AND status NOT IN {TERMINAL_SQL}",
                 (migration_id,),
             )
             row = await self._fetchone(
-                f"SELECT {_COLUMNS} FROM ferry_sagas WHERE id = ?", (migration_id,)
+                f"SELECT {COLUMNS} FROM ferry_sagas WHERE id = ?", (migration_id,)
             )
         return _row_to_record(row) if row else None
 
