@@ -22,6 +22,11 @@ class StateStoreSuite:
         raise NotImplementedError("override state in the backend's test class")
         yield  # pragma: no cover - makes this an async generator like the overrides
 
+    async def test_delete_through_forgets_the_head_of_a_queue(self, state: StateStore) -> None:
+        await state.put_many("q", [(f"{i:012d}", i) for i in range(1, 11)])
+        await state.delete_through("q", f"{7:012d}")
+        assert [v for _, v in await state.items("q")] == [8, 9, 10]
+
     async def test_clear_forgets_one_namespace(self, state: StateStore) -> None:
         await state.put_many("q.vm1", [(f"{i:012d}", i) for i in range(100)])
         await state.put("q.vm2", "k", 1)

@@ -58,6 +58,9 @@ class StateStore(Protocol):
     async def clear(self, ns: str) -> None:
         """Forget the whole namespace (a drained queue) in one go."""
 
+    async def delete_through(self, ns: str, key: str) -> None:
+        """Forget every key up to and including ``key`` (the drained head of a queue)."""
+
     async def close(self) -> None: ...
 
 
@@ -88,6 +91,11 @@ class MemoryStateStore:
 
     async def clear(self, ns: str) -> None:
         self._data.pop(ns, None)
+
+    async def delete_through(self, ns: str, key: str) -> None:
+        space = self._data.get(ns, {})
+        for k in [k for k in space if k <= key]:
+            del space[k]
 
     async def close(self) -> None:
         return None
@@ -198,6 +206,10 @@ class SqliteStateStore:
     async def clear(self, ns: str) -> None:
         async with self._lock:
             await self._conn.execute("DELETE FROM ferry_state WHERE ns = ?", (ns,))
+
+    async def delete_through(self, ns: str, key: str) -> None:
+        async with self._lock:
+            await self._conn.execute("DELETE FROM ferry_state WHERE ns = ? AND key <= ?", (ns, key))
 
     async def close(self) -> None:
         async with self._lock:

@@ -290,9 +290,10 @@ class ManagedObjectService(HostService):
             return ManagedObjectInstantiationError(reason=str(exc))
         except GraphError as exc:
             return ManagementStateFailed(reason=str(exc))
-        self.planes[msg.vm_id] = VmPlane.from_graph(graph, "staged", msg.migration_id)
-        await self._save_plane(self.planes[msg.vm_id])
-        return ManagementStateSuccess(element_ids=list(self.planes[msg.vm_id].elements))
+        plane = self.planes[msg.vm_id] = VmPlane.from_graph(graph, "staged", msg.migration_id)
+        await self._save_plane(plane)
+        # the plane itself, not a lookup: a clean-up handled meanwhile may have dropped it
+        return ManagementStateSuccess(element_ids=list(plane.elements))
 
     async def on_migration_state(self, msg: MigrationState, ctx: Context) -> Wire:
         plane = self._staged(msg.vm_id, msg.migration_id)
@@ -313,6 +314,9 @@ class ManagedObjectService(HostService):
         return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
+        done = self.planes.get(msg.vm_id)
+        if done is not None and done.status == "active" and msg.epoch and done.epoch == msg.epoch:
+            return MigrationCompleteAck()  # done before a crash took the answer with it
         plane = self._staged(msg.vm_id, msg.migration_id)
         plane.status, plane.migration_id, plane.epoch = "active", None, msg.epoch
         self.ledger.setdefault(msg.vm_id, [])

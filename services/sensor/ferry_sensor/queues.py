@@ -29,9 +29,12 @@ class VmEvents:
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     frozen_at: float | None = None
     seq: int = 0  # key of the next queued event in the state store
+    completed_by: str | None = None  # the migration that made this host the owner, if one did
+    # a backlog is being dispatched: live events wait behind it, so none overtakes it
+    draining: bool = False
 
     def meta(self) -> dict[str, object]:
-        return {"mode": self.mode, "migration_id": self.migration_id}
+        return {"mode": self.mode, "migration_id": self.migration_id, "completed_by": self.completed_by}
 
     def first_time(self, event_id: str) -> bool:
         """False for an id seen lately (a duplicate delivery); remembers a bounded window."""

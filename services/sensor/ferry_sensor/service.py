@@ -92,7 +92,7 @@ class SensorService(HostService):
     # ---- durable state: what the sensor must not lose across its own restart --------------
     async def restore(self) -> None:
         for vm_id, meta in await self.state.items("vm"):
-            vm = VmEvents(vm_id, meta["mode"], meta.get("migration_id"))
+            vm = VmEvents(vm_id, meta["mode"], meta.get("migration_id"), completed_by=meta.get("completed_by"))
             stored = await self.state.items(_queue_ns(vm_id))
             for _, raw in stored:
                 vm.add(Event.model_validate(raw))
@@ -111,9 +111,30 @@ class SensorService(HostService):
         await self.state.clear(_queue_ns(vm_id))
         self._count_queued()
 
-    async def _drained(self, vm: VmEvents) -> None:
+    async def _drained(self, vm: VmEvents, through: int) -> None:
+        """The queue's head up to key ``through`` is out; what came after stays stored."""
         await self._save(vm)
-        await self.state.clear(_queue_ns(vm.vm_id))
+        await self.state.delete_through(_queue_ns(vm.vm_id), f"{through:012d}")
+
+    async def _drain(self, vm: VmEvents) -> None:
+        """Dispatch what ``vm`` holds, in order, ahead of anything arriving meanwhile.
+
+        If it does not get out (the connection went) it is held again, still first.
+        """
+        events, through = vm.merged(), vm.seq
+        held, vm.queues, vm.draining = vm.queues, {}, True
+        try:
+            await self._dispatch(events)
+        except BaseException:
+            for element_id, queued in vm.queues.items():
+                held.setdefault(element_id, []).extend(queued)
+            vm.queues = held
+            raise
+        finally:
+            vm.draining = False
+        await self._drained(vm, through)
+        if vm.queued:
+            self.renew_soon()  # what arrived while draining goes next
         self._count_queued()
 
     def _count_queued(self) -> None:
@@ -139,7 +160,7 @@ class SensorService(HostService):
             # queued for a migration: durable before the delivery is acknowledged
             await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
             return None
-        if vm.queued or not self.leases.valid(vm.vm_id):
+        if vm.queued or vm.draining or not self.leases.valid(vm.vm_id):
             # no lease (or older events still held): hold this one too, in order, durably
             if not vm.add(event):
                 self.duplicates += 1
@@ -203,11 +224,11 @@ class SensorService(HostService):
             self.leases.grant(vm_id, grant.ttl_s)
         for vm_id in grant.granted:
             vm = self.vms.get(vm_id)
-            if vm is not None and vm.mode == "active" and vm.queued:
-                events = vm.merged()
-                vm.clear()
-                await self._dispatch(events)
-                await self._drained(vm)
+            if vm is not None and vm.mode == "active" and vm.queued and not vm.draining:
+                try:
+                    await self._drain(vm)
+                except FerryError as exc:
+                    log.info("held events of %s not dispatched yet: %s", vm_id, exc.reason)
         for vm_id, owner in grant.moved.items():
             vm = self.vms.get(vm_id)
             if vm is not None and vm.mode == "active" and owner != self.host:
@@ -321,24 +342,24 @@ class SensorService(HostService):
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)
+        if vm is not None and vm.mode == "active" and vm.completed_by == msg.migration_id:
+            return MigrationCompleteAck()  # done before a crash took the answer with it
         if vm is None or vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is not staged for migration {msg.migration_id}")
-        events = vm.merged()
-        held = vm.queues
-        vm.mode, vm.migration_id, vm.queues = "active", None, {}
+        backlog = vm.queued
+        vm.mode, vm.migration_id, vm.completed_by = "active", None, msg.migration_id
         self.leases.grant(msg.vm_id, msg.lease_s)
-        # a crash before the queue is cleared replays this step; the managed-object
+        # a crash before the queue is trimmed replays this step; the managed-object
         # service drops events it has already seen, so each still acts once
         try:
-            await self._dispatch(events)
-            await self._drained(vm)
+            await self._drain(vm)
         except BaseException:
-            # the dispatch did not get out (connection lost): the queue is still in the state
-            # store, so put it back in memory too; the redelivered step then finds the VM
-            # staged and dispatches again, instead of being refused until a restart
-            vm.mode, vm.migration_id, vm.queues = "staged", msg.migration_id, held
+            # the dispatch did not get out (connection lost): the queue is held again (and is
+            # still in the state store); the redelivered step finds the VM staged and dispatches
+            # again, instead of being refused until a restart
+            vm.mode, vm.migration_id, vm.completed_by = "staged", msg.migration_id, None
             raise
-        return MigrationCompleteAck(dispatched=len(events))
+        return MigrationCompleteAck(dispatched=backlog)
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)
