@@ -65,6 +65,3 @@ class VmEvents:
         """Every queued event, in time order; each element's queue is sorted first."""
         runs = [sorted(q, key=order_key) for q in self.queues.values()]
         return list(heapq.merge(*runs, key=order_key))
-
-    def clear(self) -> None:
-        self.queues.clear()
