@@ -133,8 +133,6 @@ class SensorService(HostService):
         finally:
             vm.draining = False
         await self._drained(vm, through)
-        if vm.queued:
-            self.renew_soon()  # what arrived while draining goes next
         self._count_queued()
 
     def _count_queued(self) -> None:
@@ -224,11 +222,13 @@ class SensorService(HostService):
             self.leases.grant(vm_id, grant.ttl_s)
         for vm_id in grant.granted:
             vm = self.vms.get(vm_id)
-            if vm is not None and vm.mode == "active" and vm.queued and not vm.draining:
+            # what arrives while a drain runs is held behind it, and goes in the next one
+            while vm is not None and vm.mode == "active" and vm.queued and not vm.draining:
                 try:
                     await self._drain(vm)
                 except FerryError as exc:
                     log.info("held events of %s not dispatched yet: %s", vm_id, exc.reason)
+                    break
         for vm_id, owner in grant.moved.items():
             vm = self.vms.get(vm_id)
             if vm is not None and vm.mode == "active" and owner != self.host:
@@ -359,6 +359,8 @@ class SensorService(HostService):
             # again, instead of being refused until a restart
             vm.mode, vm.migration_id, vm.completed_by = "staged", msg.migration_id, None
             raise
+        if vm.queued:
+            self.renew_soon()  # what arrived while the backlog went out goes next
         return MigrationCompleteAck(dispatched=backlog)
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Wire:
