@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from ferry_common.bus.interfaces import Consumer, DeliveryHandler, Message, QueueSpec
 from ferry_common.bus.matching import topic_matches
+from ferry_common.errors import Transient
 
 Action = Literal["drop", "duplicate", "delay"]
 
@@ -54,6 +55,10 @@ class FaultyBus:
     _requests: dict[str, str] = field(default_factory=dict)  # correlation id -> request type
     _late: set[asyncio.Task[None]] = field(default_factory=set)
     injected: dict[str, int] = field(default_factory=dict)
+    # when set, the first bind and the first unbind of each routing key fail as if the
+    # connection went while the broker was asked (the broker did nothing)
+    flaky_bindings: bool = False
+    _failed_bindings: set[tuple[str, str]] = field(default_factory=set)
 
     # ---- the Bus protocol ----------------------------------------------------------
     async def connect(self) -> None:
@@ -93,10 +98,19 @@ class FaultyBus:
         return await self.inner.consume(spec, handler)  # type: ignore[no-any-return]
 
     async def bind(self, queue: str, routing_key: str) -> None:
+        self._maybe_fail("bind", routing_key)
         await self.inner.bind(queue, routing_key)
 
     async def unbind(self, queue: str, routing_key: str) -> None:
+        self._maybe_fail("unbind", routing_key)
         await self.inner.unbind(queue, routing_key)
+
+    def _maybe_fail(self, op: str, routing_key: str) -> None:
+        if not self.flaky_bindings or (op, routing_key) in self._failed_bindings:
+            return
+        self._failed_bindings.add((op, routing_key))
+        self.injected[f"{op} failed"] = self.injected.get(f"{op} failed", 0) + 1
+        raise Transient(f"{op} failed: connection lost (injected)")
 
     async def purge(self, queue: str) -> int:
         return int(await self.inner.purge(queue))

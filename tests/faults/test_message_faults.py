@@ -157,5 +157,35 @@ async def test_every_event_and_dispatch_duplicated(faulty: tuple[Cluster, Faulty
     assert out.status == "completed" and not bad
 
 
+@pytest.mark.parametrize("outcome", ["completed", "rolled_back"])
+async def test_every_bind_and_unbind_fails_once(faulty: tuple[Cluster, FaultyBus], outcome: str) -> None:
+    """The first bind and unbind of every routing key fail (the connection went while the
+    broker was asked): the redelivered step must still bind, or the source alone would take
+    the VM's events from then on and drop them at teardown."""
+    c, bus = faulty
+    fail = {"sim_fail": "migrate"} if outcome == "rolled_back" else {}
+    await c.create_vm("host-a", "vm1", memory_mib=256, sim_bandwidth_mibps=512, **fail)
+    await c.send_events("vm1", 10)
+    bus.flaky_bindings = True
+    stop = asyncio.Event()
+    feeder = asyncio.create_task(_events(c, "vm1", stop))
+    try:
+        out = await c.migrate("vm1", "host-b", timeout=60)
+    finally:
+        stop.set()
+        await feeder
+    await c.send_events("vm1", 10)
+    where = "host-b" if outcome == "completed" else "host-a"
+    bad = await inspect_problems(c, "vm1", where)
+    seen = await inspect_all(c.client, list(c.hosts), "vm1")
+    bad += state_problems(seen, "vm1", where, replay(graph("vm1"), c.sent["vm1"]))
+    if out.status != outcome:
+        bad.append(f"expected {outcome}, got {out.status}: {out.reason}")
+    if not bus.injected.get("bind failed"):
+        bad.append("no bind failed: the fault was not injected")
+    RESULTS.add(Case("every bind/unbind fails once (in-process)", "event_state", out.status, bad))
+    assert not bad
+
+
 async def test_status_of_steps_listed() -> None:
     assert set(STEPS) <= set(STEP_TYPES)

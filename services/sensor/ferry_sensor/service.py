@@ -285,7 +285,9 @@ class SensorService(HostService):
             self.renew_soon()
             self.released.pop(msg.vm_id, None)
             await self._save(self.vms[msg.vm_id])
-            await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
+        # bound on every delivery, not only the first: a bind lost with the connection is
+        # made by the redelivery (binding twice is a no-op at the broker)
+        await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         return Done()
 
     async def on_freeze(self, msg: FreezeEvents, ctx: Context) -> Wire:
@@ -322,9 +324,11 @@ class SensorService(HostService):
             self.vms[msg.vm_id] = VmEvents(msg.vm_id, "staged", msg.migration_id)
             self.released.pop(msg.vm_id, None)
             await self._save(self.vms[msg.vm_id])
-            await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         elif vm.mode != "staged" or vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is already {vm.mode} here")
+        # on a redelivery too: if the first bind went with the connection, the source would
+        # be the only host taking the VM's events, and drop them at teardown
+        await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         return Done()
 
     async def on_event_state(self, msg: ManagementEventState, ctx: Context) -> Wire:
@@ -368,6 +372,8 @@ class SensorService(HostService):
         if vm is not None and vm.migration_id == msg.migration_id:
             del self.vms[msg.vm_id]
             await self._drop(msg.vm_id, msg.migration_id)
+        if msg.vm_id not in self.vms and self.released.get(msg.vm_id) == msg.migration_id:
+            # also on a redelivery, in case the unbind went with the connection
             await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
         return Done()
 
@@ -378,6 +384,8 @@ class SensorService(HostService):
             await self._drop(msg.vm_id, msg.migration_id)
             await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
             return Done(detail={"purged": vm.queued})
+        if vm is None and self.released.get(msg.vm_id) == msg.migration_id:
+            await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))  # a redelivery
         return Done()
 
     async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Wire:
