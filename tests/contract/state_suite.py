@@ -34,6 +34,19 @@ class StateStoreSuite:
         assert await state.items("q.vm1") == []
         assert await state.items("q.vm2") == [("k", 1)]
 
+    async def test_write_spans_namespaces_and_deletes(self, state: StateStore) -> None:
+        await state.put("a", "old", 1)
+        await state.write([("a", "k", 1), ("b", "k", [2]), ("b", "j", {"x": 3})], deletes=[("a", "old"), ("c", "none")])
+        assert await state.items("a") == [("k", 1)]
+        assert await state.items("b") == [("j", {"x": 3}), ("k", [2])]
+
+    async def test_write_is_all_or_nothing(self, state: StateStore) -> None:
+        await state.put("a", "keep", 1)
+        with pytest.raises(TypeError):
+            await state.write([("a", "k", 1), ("b", "k", {1, 2})], deletes=[("a", "keep")])
+        assert await state.items("a") == [("keep", 1)]
+        assert await state.items("b") == []
+
     async def test_missing_key_is_none(self, state: StateStore) -> None:
         assert await state.get("ns", "nope") is None
         assert await state.items("empty") == []

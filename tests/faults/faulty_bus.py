@@ -18,7 +18,7 @@ from ferry_common.bus.interfaces import Consumer, DeliveryHandler, Message, Queu
 from ferry_common.bus.matching import topic_matches
 from ferry_common.errors import Transient
 
-Action = Literal["drop", "duplicate", "delay"]
+Action = Literal["drop", "duplicate", "delay", "fail"]
 
 
 @dataclass
@@ -79,6 +79,8 @@ class FaultyBus:
         self.injected[key] = self.injected.get(key, 0) + 1
         if rule.action == "drop":
             return  # lost in transit: the sender thinks it went out
+        if rule.action == "fail":
+            raise Transient("publish failed: connection lost (injected)")  # the sender knows
         if rule.action == "duplicate":
             await self.inner.publish(message)
             await self.inner.publish(message)

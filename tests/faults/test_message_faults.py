@@ -10,12 +10,15 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
+import orjson
 import pytest
 
 import tests.harness as harness
 from ferry_cli.sample import graph
 from ferry_cli.verify import inspect_all, replay, state_problems
+from ferry_common.bus.interfaces import QueueSpec
 from ferry_common.bus.memory import MemoryBus
 from ferry_coordinator.saga import STEPS
 from ferry_coordinator.timeouts import SagaTimeouts
@@ -185,6 +188,33 @@ async def test_every_bind_and_unbind_fails_once(faulty: tuple[Cluster, FaultyBus
         bad.append("no bind failed: the fault was not injected")
     RESULTS.add(Case("every bind/unbind fails once (in-process)", "event_state", out.status, bad))
     assert not bad
+
+
+async def test_policy_effects_survive_a_failed_publish(faulty: tuple[Cluster, FaultyBus]) -> None:
+    """An alarm whose publish fails (connection lost) is sent when the dispatch comes again,
+    once: the events it came from were already applied and are not applied a second time."""
+    c, bus = faulty
+    alarms: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def on_alarm(d: Any) -> None:
+        await d.ack()
+        alarms.put_nowait(orjson.loads(d.message.body))
+
+    await bus.inner.consume(QueueSpec("test.alarms", ("alarm.#",)), on_alarm)
+    await c.create_vm("host-a", "vm1", memory_mib=256)
+    rule = bus.arm(Rule("fail", pattern="alarm.*", times=3, label="alarm publish fails"))
+    await c.send_events("vm1", 4)  # the fourth (n=3) is a disk error: one disk-error alarm
+    await c.settle("vm1")
+    got = [await asyncio.wait_for(alarms.get(), 10)]
+    await asyncio.sleep(0.3)
+    while not alarms.empty():
+        got.append(alarms.get_nowait())
+    assert rule.hits == 3
+    assert [a["name"] for a in got] == ["disk-error"], got
+    plane = c.host("host-a").managed_object.planes["vm1"]
+    errors = [s["errors"] for s in plane.state.values() if "errors" in s]
+    assert errors == [1], errors  # the redelivered dispatch did not count the error again
+    assert not c.host("host-a").managed_object.outbox.get("vm1")
 
 
 async def test_status_of_steps_listed() -> None:

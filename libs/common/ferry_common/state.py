@@ -49,6 +49,10 @@ class StateStore(Protocol):
     async def put_many(self, ns: str, items: Iterable[tuple[str, Any]]) -> None:
         """Store several values at once: all of them or, on error, none."""
 
+    async def write(self, puts: Iterable[tuple[str, str, Any]], deletes: Iterable[tuple[str, str]] = ()) -> None:
+        """Store ``(ns, key, value)`` rows and forget ``(ns, key)`` rows across namespaces, as one
+        change: after a crash either all of it is there or none of it."""
+
     async def delete(self, ns: str, key: str) -> None:
         """Forget ``key``; nothing happens if it is absent."""
 
@@ -82,6 +86,13 @@ class MemoryStateStore:
     async def put_many(self, ns: str, items: Iterable[tuple[str, Any]]) -> None:
         encoded = {k: _encode(v) for k, v in items}  # encode all first: all or nothing
         self._data.setdefault(ns, {}).update(encoded)
+
+    async def write(self, puts: Iterable[tuple[str, str, Any]], deletes: Iterable[tuple[str, str]] = ()) -> None:
+        encoded = [(ns, k, _encode(v)) for ns, k, v in puts]  # encode all first: all or nothing
+        for ns, k, raw in encoded:
+            self._data.setdefault(ns, {})[k] = raw
+        for ns, k in deletes:
+            self._data.get(ns, {}).pop(k, None)
 
     async def delete(self, ns: str, key: str) -> None:
         self._data.get(ns, {}).pop(key, None)
@@ -190,6 +201,21 @@ class SqliteStateStore:
                 "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
                 rows,
             )
+
+    async def write(self, puts: Iterable[tuple[str, str, Any]], deletes: Iterable[tuple[str, str]] = ()) -> None:
+        rows = [(ns, key, _encode(value)) for ns, key, value in puts]
+        gone = list(deletes)
+        if not rows and not gone:
+            return
+        async with self._write():
+            if rows:
+                await self._conn.executemany(
+                    "INSERT INTO ferry_state (ns, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
+                    rows,
+                )
+            if gone:
+                await self._conn.executemany("DELETE FROM ferry_state WHERE ns = ? AND key = ?", gone)
 
     async def delete(self, ns: str, key: str) -> None:
         async with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -119,10 +120,14 @@ class CoordinatorService:
 
     # ---- requests -------------------------------------------------------------------
     async def on_migrate_request(self, msg: MigrateRequest, ctx: Context) -> Done | None:
-        mid = msg.migration_id or new_id()
+        # without a client-chosen id, the message's own id: a redelivery is then the same request
+        mid = msg.migration_id or _as_migration_id(ctx.message.message_id) or new_id()
         now = self.endpoint.clock.now()
         existing = await self.store.get(mid)
         if existing is not None:
+            if ctx.redelivered and existing.owner == self.owner and not existing.terminal:
+                # the first delivery stored it and then lost its connection before it drove it
+                self._drive(existing)
             return Done(detail={"migration_id": mid, "status": existing.status, "duplicate": True})
         located = self.hosts.locate(msg.vm_id)
         source = located[0] if located else ""
@@ -167,8 +172,10 @@ class CoordinatorService:
                                  running=stored.migration_id)
             return Done(detail={"migration_id": mid, "status": "rejected", "code": "already_migrating",
                                 "running_migration_id": stored.migration_id})
-        await self._announce(stored, "accepted")
+        # driven before it is announced: an announcement lost with the connection must not
+        # leave a stored saga that nobody drives until its lease runs out
         self._drive(stored)
+        await self._announce(stored, "accepted")
         return Done(detail={"migration_id": mid, "status": "accepted"})
 
     async def on_refused(self, msg: Message, exc: FerryError) -> None:
@@ -381,3 +388,11 @@ def _salvage_ids(body: bytes) -> tuple[str | None, str | None] | None:
             found.append(None)
     mid, vm_id = found
     return (mid, vm_id) if mid or vm_id else None
+
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+
+
+def _as_migration_id(message_id: str | None) -> str | None:
+    """A message id usable as a migration id (the ``Name`` rule), else None."""
+    return message_id if message_id and _ID.match(message_id) else None

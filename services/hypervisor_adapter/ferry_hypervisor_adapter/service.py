@@ -164,6 +164,8 @@ class HypervisorAdapterService(HostService):
 
     async def on_create(self, msg: CreateVm, ctx: Context) -> Done:
         if await self.driver.state(msg.vm.vm_id) != "absent":
+            if ctx.redelivered and any(v == msg.vm for v in await self.driver.list()):
+                return Done(detail={"existing": True})  # created, then the answer was lost
             raise Conflict(f"vm {msg.vm.vm_id!r} already exists on {self.host!r}")
         try:
             await self.driver.create(msg.vm)

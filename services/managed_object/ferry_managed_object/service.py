@@ -52,6 +52,7 @@ from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_
 from .policy import Effect, PolicyEngine
 
 log = logging.getLogger(__name__)
+_OUTGOING: dict[str, type[Wire]] = {m.__name__: m for m in (Alarm, VmEvent, MigrateRequest)}
 
 
 class ManagedObjectService(HostService):
@@ -64,6 +65,8 @@ class ManagedObjectService(HostService):
         self.planes: dict[str, VmPlane] = {}
         # what was dispatched here, per VM, kept after the VM leaves: the audit trail
         self.ledger: dict[str, list[str]] = {}
+        # per VM, what its policies asked to send that is not out yet, oldest first
+        self.outbox: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self.policy_errors = 0
         r = self.router
         r.add(RegisterManagementGraph, self.on_register)
@@ -92,6 +95,13 @@ class ManagedObjectService(HostService):
             self.planes[vm_id] = VmPlane.restore(vm_id, meta, elements, embots, recent)
         for key in {k for k, _ in await self.state.items("ledgers")}:
             self.ledger[key] = [v for _, v in await self.state.items(f"ledger.{key}")]
+            if pending := await self.state.items(f"outbox.{key}"):
+                self.outbox[key] = pending
+
+    async def start(self) -> None:
+        await super().start()
+        if self.outbox:  # left by a crash between the write and the sends
+            await self._send_all_outboxes()
 
     async def _save_modules(self, modules: list[Module]) -> None:
         await self.state.put_many("modules", [(f"{m.name}@{m.version}", m.model_dump(mode="json")) for m in modules])
@@ -178,37 +188,74 @@ class ManagedObjectService(HostService):
             touched.update(plane.by_element.get(event.element_id, ()))
             effects.extend(apply_event(self.engine, plane, event))
         if applied:
-            # the policies' state, the dedup window and the ledger, durable before the ack
+            # the policies' state, the dedup window, the ledger and the effects still to send,
+            # in one write before the ack: a crash leaves all of them or none, so a redelivery
+            # neither applies an event twice nor loses what its policies asked for
             start = len(ledger)
             ledger.extend(applied)
-            await self._save_embots(plane, sorted(touched))
-            await self.state.put("recent", plane.vm_id, list(plane.recent))
-            await self.state.put("ledgers", plane.vm_id, True)
-            await self.state.put_many(f"ledger.{plane.vm_id}", [(f"{start + i:012d}", e) for i, e in enumerate(applied)])
-        for element_id, embot_id, policy, effect in effects:
-            await self._effect(plane, element_id, embot_id, policy, effect)
+            outbox = [(f"{start:012d}.{j:04d}", row) for j, row in enumerate(self._outgoing(plane, effects))]
+            self.outbox.setdefault(plane.vm_id, []).extend(outbox)
+            vm = plane.vm_id
+            await self.state.write([
+                *((f"eb.{vm}", i, plane.embot(i).model_dump(mode="json")) for i in sorted(touched)),
+                ("recent", vm, list(plane.recent)),
+                ("ledgers", vm, True),
+                *((f"ledger.{vm}", f"{start + i:012d}", e) for i, e in enumerate(applied)),
+                *((f"outbox.{vm}", key, row) for key, row in outbox),
+            ])
+        # also on a redelivery that applies nothing: what a failed send left is sent now
+        await self._send_outbox(msg.vm_id)
         return None
 
-    async def _effect(self, plane: VmPlane, element_id: str, embot_id: str, policy: str, effect: Effect) -> None:
-        try:
+    def _outgoing(self, plane: VmPlane, effects: list[tuple[str, str, str, Effect]]) -> list[dict[str, Any]]:
+        """The messages ``effects`` ask for, made once: a resend carries the same ids."""
+        out: list[dict[str, Any]] = []
+        for element_id, embot_id, policy, effect in effects:
+            msg: Wire
             if effect.kind == "alarm":
-                name = effect.key or policy
-                a = Alarm(vm_id=plane.vm_id, element_id=element_id, embot_id=embot_id, policy=policy,
-                          host=self.host, name=name, detail=effect.value if isinstance(effect.value, dict) else {"value": effect.value})
-                await self.endpoint.send(alarm(plane.vm_id), a)
+                detail = effect.value if isinstance(effect.value, dict) else {"value": effect.value}
+                msg = Alarm(vm_id=plane.vm_id, element_id=element_id, embot_id=embot_id, policy=policy,
+                            host=self.host, name=effect.key or policy, detail=detail)
+                key = alarm(plane.vm_id)
             elif effect.kind == "emit":
                 data = effect.value if isinstance(effect.value, dict) else {"value": effect.value}
-                ev = VmEvent(id=new_id(), vm_id=plane.vm_id, element_id=element_id, kind=effect.key or "emitted",
-                             ts=self.endpoint.clock.now(), data=data)
-                await self.endpoint.send(vm_events(plane.vm_id), ev)
+                msg = VmEvent(id=new_id(), vm_id=plane.vm_id, element_id=element_id, kind=effect.key or "emitted",
+                              ts=self.endpoint.clock.now(), data=data)
+                key = vm_events(plane.vm_id)
             elif effect.kind == "migrate" and effect.target_host:
-                req = MigrateRequest(vm_id=plane.vm_id, target_host=effect.target_host, reason=f"policy {policy} of {embot_id}")
-                await self.endpoint.send(MIGRATION_REQUESTED, req)
-        except FerryError as exc:
-            if exc.retryable:
-                raise
-            # nobody listens for this alarm or event: the state change above still stands
-            log.info("effect %s of %s not delivered: %s", effect.kind, policy, exc.reason)
+                # a fixed id: the coordinator starts one migration however often this is sent
+                msg = MigrateRequest(vm_id=plane.vm_id, target_host=effect.target_host, migration_id=new_id(),
+                                     reason=f"policy {policy} of {embot_id}")
+                key = MIGRATION_REQUESTED
+            else:
+                continue
+            out.append({"key": key, "type": type(msg).__name__, "body": msg.model_dump(mode="json")})
+        return out
+
+    async def _send_outbox(self, vm_id: str) -> None:
+        """Send what ``vm_id``'s policies asked for, oldest first; each entry leaves the outbox
+        once sent (or refused for good). A passing fault stops here and is raised, so the
+        delivery comes again and the rest goes then."""
+        pending = self.outbox.get(vm_id)
+        while pending:
+            key, row = pending[0]
+            model = _OUTGOING[row["type"]]
+            try:
+                await self.endpoint.send(row["key"], model.model_validate(row["body"]))
+            except FerryError as exc:
+                if exc.retryable:
+                    raise
+                # nobody listens for this alarm or event: the state change still stands
+                log.info("%s of %s not delivered: %s", row["type"], vm_id, exc.reason)
+            await self.state.delete(f"outbox.{vm_id}", key)
+            pending.pop(0)
+
+    async def _send_all_outboxes(self) -> None:
+        for vm_id in list(self.outbox):
+            try:
+                await self._send_outbox(vm_id)
+            except FerryError as exc:
+                log.info("outbox of %s waits for the next dispatch: %s", vm_id, exc.reason)
 
     # ---- migration, source side -----------------------------------------------------
     async def on_fetch_modules(self, msg: FetchModules, ctx: Context) -> ModulesFetched:

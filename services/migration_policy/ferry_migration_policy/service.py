@@ -85,6 +85,9 @@ class MigrationPolicyService(HostService):
         return capacity - used - sum(r.memory_mib for r in self.reservations.values())
 
     async def on_start(self, msg: StartMigration, ctx: Context) -> Wire:
+        if (held := self.reservations.get(msg.migration_id)) is not None and held.vm_id == msg.vm_id:
+            # stored before a crash took the answer: the same answer, not a second reservation
+            return MigrationPermitted(reservation_id=msg.migration_id)
         if msg.target_host != self.host:
             return MigrationDenied(code="wrong_host", reason=f"this is {self.host}, not {msg.target_host}")
         if not any(fnmatch.fnmatchcase(msg.source_host, p) for p in self.allowed_sources):

@@ -234,10 +234,12 @@ class SensorService(HostService):
             if vm is not None and vm.mode == "active" and owner != self.host:
                 # fenced: the VM is owned elsewhere; what we hold here reached the owner too
                 log.warning("vm %s is owned by %s: %s stops taking its events", vm_id, owner, self.host)
-                del self.vms[vm_id]
                 self.leases.surrender(vm_id)
-                await self._drop(vm_id, "fenced")
+                # unbound first: if that fails the VM is still here and the next renewal
+                # fences it again, instead of the binding outliving what we know of it
                 await self.endpoint.bus.unbind(self.queue, vm_events(vm_id))
+                del self.vms[vm_id]
+                await self._drop(vm_id, "fenced")
 
     async def _dispatch(self, events: list[Event]) -> None:
         """Dispatch in the order of calls, batching what arrives together; returns once sent.
