@@ -80,6 +80,7 @@ class FaultyBus:
         if rule.action == "drop":
             return  # lost in transit: the sender thinks it went out
         if rule.action == "fail":
+            await asyncio.sleep(rule.delay_s)  # as long as the broker took to drop the connection
             raise Transient("publish failed: connection lost (injected)")  # the sender knows
         if rule.action == "duplicate":
             await self.inner.publish(message)

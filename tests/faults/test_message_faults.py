@@ -217,5 +217,44 @@ async def test_policy_effects_survive_a_failed_publish(faulty: tuple[Cluster, Fa
     assert not c.host("host-a").managed_object.outbox.get("vm1")
 
 
+@pytest.mark.parametrize("migrate", [False, True])
+async def test_failed_dispatches_keep_time_order(faulty: tuple[Cluster, FaultyBus], migrate: bool) -> None:
+    """Dispatches from the sensor fail now and then (the connection went): the events are
+    held and dispatched later, still exactly once and in time order, also when newer events
+    arrive meanwhile and when the VM migrates."""
+    c, bus = faulty
+    await c.create_vm("host-a", "vm1", memory_mib=256, sim_bandwidth_mibps=512)
+    rule = bus.arm(Rule("fail", types=("DispatchEvents",), times=None, delay_s=0.03, label="dispatch fails"))
+    stop = asyncio.Event()
+
+    async def flaky() -> None:  # fail for a while, work for a while, again and again
+        while not stop.is_set():
+            rule.times = rule.hits + 2
+            await asyncio.sleep(0.05)
+            rule.times = rule.hits
+            await asyncio.sleep(0.1)
+
+    toggler = asyncio.create_task(flaky())
+    feeder = asyncio.create_task(_events(c, "vm1", stop))
+    try:
+        await c.send_events("vm1", 30)
+        if migrate:
+            out = await c.migrate("vm1", "host-b", timeout=60)
+            assert out.status == "completed", out.reason
+        else:
+            await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await asyncio.gather(toggler, feeder)
+    rule.times = rule.hits
+    await c.send_events("vm1", 5)
+    where = "host-b" if migrate else "host-a"
+    await c.settle("vm1")
+    bad = await inspect_problems(c, "vm1", where)
+    RESULTS.add(Case("sensor dispatch fails now and then (in-process)", "-", "completed" if migrate else "-", bad))
+    assert rule.hits > 0
+    assert not bad
+
+
 async def test_status_of_steps_listed() -> None:
     assert set(STEPS) <= set(STEP_TYPES)

@@ -32,6 +32,9 @@ class VmEvents:
     completed_by: str | None = None  # the migration that made this host the owner, if one did
     # a backlog is being dispatched: live events wait behind it, so none overtakes it
     draining: bool = False
+    # a dispatch failed (the connection went): live events are held, in time order, until
+    # a drain gets everything held out, so none overtakes one that failed
+    suspended: bool = False
 
     def meta(self) -> dict[str, object]:
         return {"mode": self.mode, "migration_id": self.migration_id, "completed_by": self.completed_by}
@@ -52,6 +55,11 @@ class VmEvents:
         self.queues.setdefault(event.element_id, []).append(event)
         self.seq += 1
         return True
+
+    def requeue(self, event: Event) -> None:
+        """Queue ``event``, already seen here, whose dispatch failed."""
+        self.queues.setdefault(event.element_id, []).append(event)
+        self.seq += 1
 
     def store_key(self) -> str:
         """Key of the event :meth:`add` just queued."""

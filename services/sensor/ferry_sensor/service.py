@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from ferry_common import metrics
 from ferry_common.bus.topology import COORDINATOR_QUERY, host_command, vm_events
 from ferry_common.endpoint import Context, Endpoint
-from ferry_common.errors import Conflict, FerryError, InvalidMessage
+from ferry_common.errors import Conflict, FerryError, InvalidMessage, Transient
 from ferry_common.messages.base import Wire
 from ferry_common.messages.commands import (
     ActivateVmEvents,
@@ -64,8 +65,9 @@ class SensorService(HostService):
         self.released: dict[str, str] = {}
         self.dispatched = 0
         self.duplicates = 0
-        self._pending: dict[str, list[Event]] = {}
-        self._flush: asyncio.Future[None] | None = None
+        # what waits to go out in the next flush, per (VM, drain or live)
+        self._batches: dict[tuple[str, bool], _Batch] = {}
+        self._flush_scheduled = False
         self._send_lock = asyncio.Lock()
         self.leases = LeaseBook(endpoint.clock)
         self.lease_timeout_s = 5.0
@@ -124,7 +126,7 @@ class SensorService(HostService):
         events, through = vm.merged(), vm.seq
         held, vm.queues, vm.draining = vm.queues, {}, True
         try:
-            await self._dispatch(events)
+            await self._dispatch(events, drain=True)
         except BaseException:
             for element_id, queued in vm.queues.items():
                 held.setdefault(element_id, []).extend(queued)
@@ -132,6 +134,8 @@ class SensorService(HostService):
             raise
         finally:
             vm.draining = False
+        if not vm.queued:
+            vm.suspended = False  # everything held is out: live dispatch may resume
         await self._drained(vm, through)
         self._count_queued()
 
@@ -158,7 +162,7 @@ class SensorService(HostService):
             # queued for a migration: durable before the delivery is acknowledged
             await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
             return None
-        if vm.queued or vm.draining or not self.leases.valid(vm.vm_id):
+        if vm.queued or vm.draining or vm.suspended or not self.leases.valid(vm.vm_id):
             # no lease (or older events still held): hold this one too, in order, durably
             if not vm.add(event):
                 self.duplicates += 1
@@ -173,8 +177,8 @@ class SensorService(HostService):
         try:
             await self._dispatch([event])
         except BaseException:
-            # not dispatched (the connection went): the delivery comes again, and must not be
-            # taken for a duplicate then
+            # not dispatched, nor held: the delivery comes again, and must not be taken for a
+            # duplicate then
             vm.seen.pop(event.id, None)
             raise
         return None
@@ -241,38 +245,73 @@ class SensorService(HostService):
                 del self.vms[vm_id]
                 await self._drop(vm_id, "fenced")
 
-    async def _dispatch(self, events: list[Event]) -> None:
+    async def _dispatch(self, events: list[Event], *, drain: bool = False) -> None:
         """Dispatch in the order of calls, batching what arrives together; returns once sent.
 
-        The events join the pending batch before the first await, so a backlog handed
-        over at step 7 goes out ahead of live events that arrive while it is sent.
+        The events join their VM's pending batch before the first await, so a backlog handed
+        over at step 7 goes out ahead of live events that arrive while it is sent. Each VM's
+        batch succeeds or fails on its own; while a VM is suspended only drains go out.
         """
         if not events:
             return
-        self._pending.setdefault(events[0].vm_id, []).extend(events)
-        if self._flush is None:
-            loop = asyncio.get_running_loop()
-            self._flush = loop.create_future()
-            loop.call_soon(lambda: asyncio.ensure_future(self._flush_now()))
-        await asyncio.shield(self._flush)
+        key = (events[0].vm_id, drain)
+        batch = self._batches.get(key)
+        loop = asyncio.get_running_loop()
+        if batch is None:
+            batch = self._batches[key] = _Batch([], loop.create_future())
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(lambda: asyncio.ensure_future(self._flush_now()))
+        batch.events.extend(events)
+        await asyncio.shield(batch.done)
 
     async def _flush_now(self) -> None:
-        fut = self._flush
-        assert fut is not None
+        async with self._send_lock:  # flushes go out one after another, in order
+            # the batches are taken once the previous flush is out: what arrived meanwhile
+            # goes in one message per VM, not one confirmed publish per event
+            self._flush_scheduled = False
+            batches, self._batches = self._batches, {}
+            failed: set[str] = set()
+            for (vm_id, drain), batch in batches.items():
+                vm = self.vms.get(vm_id)
+                try:
+                    if vm_id in failed or (not drain and vm is not None and vm.suspended):
+                        raise Transient(f"events of {vm_id} are held behind a dispatch that failed")
+                    await self._send(vm_id, batch.events)
+                except Exception as exc:
+                    failed.add(vm_id)
+                    if drain or vm is None or self.vms.get(vm_id) is not vm:
+                        batch.done.set_exception(exc)  # a drain puts its events back itself
+                        continue
+                    await self._hold_failed(vm, batch, exc)
+                except BaseException as exc:
+                    for b in batches.values():
+                        if not b.done.done():
+                            b.done.set_exception(exc)
+                    raise
+                else:
+                    batch.done.set_result(None)
+
+    async def _hold_failed(self, vm: VmEvents, batch: _Batch, exc: Exception) -> None:
+        """Live events that did not go out (the connection went, or a dispatch ahead of them
+        failed) are held, durably, before their deliveries are acknowledged: they go out in
+        time order with whatever the broker redelivers, once a drain gets through; the VM's
+        live dispatch is suspended until then, so nothing newer overtakes them."""
+        vm.suspended = True
+        log.info("dispatch of %s failed, %d events are held: %s", vm.vm_id, len(batch.events), exc)
+        rows = []
+        for event in batch.events:
+            vm.requeue(event)
+            rows.append((vm.store_key(), event.model_dump(mode="json")))
         try:
-            async with self._send_lock:  # flushes go out one after another, in order
-                # the batch is taken once the previous flush is out: what arrived meanwhile
-                # goes in one message, not one confirmed publish per event
-                self._flush = None
-                pending, self._pending = self._pending, {}
-                for vm_id, events in pending.items():
-                    await self._send(vm_id, events)
-        except BaseException as exc:
-            if self._flush is fut:  # failed before taking the batch: it fails with this flush
-                self._flush, self._pending = None, {}
-            fut.set_exception(exc)
+            await self.state.put_many(_queue_ns(vm.vm_id), rows)
+        except Exception as store_exc:
+            batch.done.set_exception(store_exc)
             return
-        fut.set_result(None)
+        self.held += len(rows)
+        self._count_queued()
+        batch.done.set_result(None)
+        self.renew_soon()
 
     async def _send(self, vm_id: str, events: list[Event]) -> None:
         for i in range(0, len(events), DISPATCH_BATCH):
@@ -308,9 +347,11 @@ class SensorService(HostService):
         return EventsFrozen(queued=vm.queued)
 
     async def _quiesce(self) -> None:
-        """Wait until every dispatch already begun has been published."""
-        if self._flush is not None:
-            await asyncio.shield(self._flush)
+        """Wait until every dispatch already begun has been published (or has failed, and
+        its events are held)."""
+        pending = [asyncio.shield(b.done) for b in self._batches.values()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         async with self._send_lock:
             pass
 
@@ -413,6 +454,14 @@ class SensorService(HostService):
         leases = {v: self.leases.valid(v) for v in vms}
         return {"vms": vms, "dispatched": self.dispatched, "duplicates": self.duplicates, "held": self.held,
                 "leases": leases}
+
+
+@dataclass
+class _Batch:
+    """Events of one VM waiting for the next flush, and what their dispatchers await."""
+
+    events: list[Event]
+    done: asyncio.Future[None]
 
 
 def _queue_ns(vm_id: str) -> str:
