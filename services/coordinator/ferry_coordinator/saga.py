@@ -121,6 +121,12 @@ class MigrationSaga:
         # steps call services concurrently (clean-up, teardown) and each call may record a
         # retry: saves go one at a time, each on the version the previous one returned
         self._save_lock = asyncio.Lock()
+        # the receiving VM is started while the management plane moves (steps 2-4), off the
+        # critical path; step 5 takes its answer (or asks again after a restart)
+        self._prepare: asyncio.Task[Wire] | None = None
+        # progress statuses go out in order behind the step that announced them, not in its way
+        self._statuses: asyncio.Task[None] | None = None
+        self._root: trace.Span | None = None
 
     @property
     def mid(self) -> str:
@@ -146,6 +152,7 @@ class MigrationSaga:
         # a new trace per migration (linked to the request); a resumed saga continues it
         resume = (self.rec.data.get("trace_id"), self.rec.data.get("trace_span_id"))
         with migration_span(self.mid, attrs, resume=resume if all(resume) else None) as root:
+            self._root = root
             ids = trace_ids(root)
             if ids is not None and "trace_id" not in self.rec.data:
                 self.rec.data["trace_id"], self.rec.data["trace_span_id"] = ids  # saved with the next step
@@ -224,6 +231,7 @@ class MigrationSaga:
         ) as span:
             span.add_event("compensation", {"reason": str(self.rec.data.get("reason", ""))})
             await self._save("compensate", "started")
+            await self._settle_prepare()
             target_ok = await self._cleanup_target()
             await self._cleanup_source()
             self.rec.status = "rolled_back"
@@ -293,6 +301,7 @@ class MigrationSaga:
         if isinstance(ans, MigrationDenied):
             raise StepFailed(ans.code, ans.reason)
         ans = _expect(ans, MigrationPermitted)
+        self._start_prepare()
         return "freeze_events", {"reservation_id": ans.reservation_id}
 
     async def step_freeze_events(self) -> tuple[str, dict[str, Any]]:
@@ -355,17 +364,48 @@ class MigrationSaga:
         ok = _expect(ans, ManagementEventStateSuccess)
         return "migrate_vm", {"events_moved": ok.staged}
 
+    def _prepare_msg(self) -> PrepareIncoming:
+        vm = VmSpec.model_validate(self.rec.data["vm"])
+        params = dict(self.rec.data.get("params", {}))
+        return PrepareIncoming(migration_id=self.mid, vm_id=vm.vm_id, vm=vm, source_host=self.source, params=params)
+
+    def _start_prepare(self) -> None:
+        """Ask the target to start the receiving VM now, in the background (idempotent there,
+        and undone by ``CleanupTarget``): launching QEMU takes 50-250 ms that would otherwise
+        sit on the critical path and in the management plane's blackout."""
+        if self._prepare is None:
+            self._prepare = asyncio.create_task(self._prepare_early(), name=f"prepare:{self.mid}")
+
+    async def _prepare_early(self) -> Wire:
+        parent = trace.set_span_in_context(self._root) if self._root is not None else None
+        with tracer.start_as_current_span(
+            "prepare incoming", context=parent,
+            attributes={"ferry.migration_id": self.mid, "ferry.step": "migrate_vm", "ferry.host": self.target},
+        ):
+            return await self._call(self.target, "hypervisor_adapter", self._prepare_msg())
+
+    async def _prepared(self) -> IncomingPrepared:
+        task, self._prepare = self._prepare, None
+        if task is not None:
+            try:
+                return _expect(await task, IncomingPrepared)  # type: ignore[no-any-return]
+            except StepFailed as f:
+                if f.code not in ("timeout", "transient"):
+                    raise
+                # lost on the way: ask again (the adapter answers a replay from its memo)
+        return _expect(await self._call(self.target, "hypervisor_adapter", self._prepare_msg()), IncomingPrepared)  # type: ignore[no-any-return]
+
+    async def _settle_prepare(self) -> None:
+        """Before cleaning the target: let an early PrepareIncoming be answered (or time out),
+        so the clean-up does not overtake the VM it must remove."""
+        task, self._prepare = self._prepare, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
     async def step_migrate_vm(self) -> tuple[str, dict[str, Any]]:
         vm = VmSpec.model_validate(self.rec.data["vm"])
         params = dict(self.rec.data.get("params", {}))
-        prepared = _expect(
-            await self._call(
-                self.target,
-                "hypervisor_adapter",
-                PrepareIncoming(migration_id=self.mid, vm_id=vm.vm_id, vm=vm, source_host=self.source, params=params),
-            ),
-            IncomingPrepared,
-        )
+        prepared = await self._prepared()
         perform = PerformMigration(
             migration_id=self.mid, vm_id=vm.vm_id, uri=prepared.uri, target_host=self.target, params=params, notify=self.ctx.notify_key
         )
@@ -515,12 +555,23 @@ class MigrationSaga:
             detail=detail or {},
             at=self.clock.now(),
         )
+        prev = self._statuses
+        if status == "progress":
+            # not awaited: a progress status is for people, the record is the truth
+            self._statuses = asyncio.create_task(self._publish_status(prev, event))
+            return
+        self._statuses = None
+        await self._publish_status(prev, event)  # an outcome goes after every progress before it
+
+    async def _publish_status(self, prev: asyncio.Task[None] | None, event: MigrationStatusEvent) -> None:
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
         try:
-            await self.ctx.endpoint.send(migration_status(status), event)
+            await self.ctx.endpoint.send(migration_status(event.status), event)
         except Unroutable:
             pass  # nobody follows this migration: its record still says it all
         except FerryError as exc:
-            log.warning("status %s of %s not published: %s", status, self.mid, exc.reason)
+            log.warning("status %s of %s not published: %s", event.status, self.mid, exc.reason)
 
     def _summary(self) -> dict[str, Any]:
         d = self.rec.data
