@@ -50,9 +50,4 @@ async def test_broker_restart_at_step(procs: ProcCluster, sess: Session, step: s
         case = await migration_case(procs, sess, "broker restart", step, inject, timeout=90)
     finally:
         await asyncio.to_thread(ensure_broker)
-    disorder = [v for v in case.violations if "out of time order" in v]
-    assert not [v for v in case.violations if v not in disorder], case
-    if disorder:
-        # known and documented (docs/guarantees.md): live dispatch follows arrival order, and
-        # the broker redelivers what was unacknowledged when it stopped after newer messages
-        pytest.xfail(f"order across a broker restart is not guaranteed yet: {disorder}")
+    assert not case.violations, case
