@@ -256,5 +256,25 @@ async def test_failed_dispatches_keep_time_order(faulty: tuple[Cluster, FaultyBu
     assert not bad
 
 
+async def test_source_lost_after_completion_goes_forward(faulty: tuple[Cluster, FaultyBus]) -> None:
+    """The hypervisor completed, the switch-over times out (its requests are lost), and the
+    source guest's process died meanwhile: a rollback would destroy the only copy left, so the
+    saga goes forward and completes on the target instead."""
+    c, bus = faulty
+    await c.create_vm("host-a", "vm1", memory_mib=256, sim_bandwidth_mibps=512, sim_source_crash=True)
+    await c.send_events("vm1", 10)
+    rule = bus.arm(Rule("drop", types=("FinishIncoming",), times=TIMEOUTS.attempts, label="drop FinishIncoming"))
+    out = await c.migrate("vm1", "host-b", timeout=60)
+    await c.send_events("vm1", 5)
+    bad = await inspect_problems(c, "vm1", "host-b")
+    rec = await c.store.get(out.migration_id)
+    assert rec is not None
+    RESULTS.add(Case("source guest died after completion (in-process)", "switch_over", out.status, bad))
+    assert rule.hits == TIMEOUTS.attempts
+    assert out.status == "completed", out.reason
+    assert [h.event for h in rec.history if h.step == "compensate"] == ["started", "forward"]
+    assert not bad
+
+
 async def test_status_of_steps_listed() -> None:
     assert set(STEPS) <= set(STEP_TYPES)

@@ -26,6 +26,7 @@ from ferry_common.messages.commands import (
     CleanupTarget,
     CommitReservation,
     DirtyObjects,
+    Done,
     EventsFrozen,
     EventStateExport,
     ExportDirtyObjects,
@@ -232,6 +233,9 @@ class MigrationSaga:
             span.add_event("compensation", {"reason": str(self.rec.data.get("reason", ""))})
             await self._save("compensate", "started")
             await self._settle_prepare()
+            if await self._source_lost_after_completion():
+                span.add_event("forward", {"reason": "the source VM is gone; its only copy runs on the target"})
+                return
             target_ok = await self._cleanup_target()
             await self._cleanup_source()
             self.rec.status = "rolled_back"
@@ -243,6 +247,24 @@ class MigrationSaga:
                 reason=str(self.rec.data.get("reason", "")),
                 code=str(self.rec.data.get("code", "")),
             )
+
+    async def _source_lost_after_completion(self) -> bool:
+        """Before a rollback destroys the target's copy: if the hypervisor had completed and
+        the source guest is gone meanwhile (its process died), the target holds the only
+        copy, so the saga goes forward instead, and retries the switch-over until it works."""
+        if self.rec.data.get("failed_step") != "switch_over" or "vm_stats" not in self.rec.data:
+            return False
+        try:
+            ans = await self._call(self.source, "hypervisor_adapter", CleanupSource(migration_id=self.mid, vm_id=self.rec.vm_id))
+        except StepFailed:
+            return False  # the source host does not answer: the rollback keeps trying there
+        state = ans.detail.get("source_state") if isinstance(ans, Done) else None
+        if state not in ("absent", "shutoff"):
+            return False  # resumed on the source (or still there): roll back as usual
+        self.rec.status, self.rec.step = "running", "switch_over"
+        self.rec.data["vm_switched"] = True
+        await self._save("compensate", "forward", {"reason": f"the source VM is {state}: its only copy is on the target"})
+        return True
 
     async def _cleanup_target(self) -> bool:
         """Tell each target service to drop what it staged; the commands wait in their durable

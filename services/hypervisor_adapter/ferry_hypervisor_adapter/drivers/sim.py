@@ -6,7 +6,8 @@ Each pass sends what the previous pass left dirty; the migration converges when 
 rest fits in the downtime limit, and fails its timeouts like a real one would.
 ``sim_fail`` makes it fail on purpose: ``migrate`` (the stream breaks halfway),
 ``incoming`` (the target cannot start the guest), ``finish`` (the guest does not run
-on the target afterwards).
+on the target afterwards). ``sim_source_crash`` makes the source guest vanish as soon as
+its migration completed (its process died).
 """
 
 from __future__ import annotations
@@ -99,7 +100,12 @@ class SimDriver:
             return MigrationResult("failed", f"vm {vm_id} is not running here")
         vm.migrating, vm.migration_cancelled = True, False
         try:
-            return await self._precopy(vm, params, on_progress)
+            result = await self._precopy(vm, params, on_progress)
+            if result.outcome == "completed" and vm.spec.params.get("sim_source_crash"):
+                # the source process dies right after the hypervisor finished: the only copy
+                # of the guest is the target's
+                self.vms.pop(vm.spec.vm_id, None)
+            return result
         finally:
             vm.migrating = False
             self._save()
