@@ -18,9 +18,29 @@ from typing import Any
 
 import celpy
 from celpy import celtypes
+from lark import Token, Tree
 
 from ferry_common.messages.domain import Action, Policy
 from ferry_common.messages.limits import MAX_JSON_DEPTH, MAX_JSON_ITEMS, MAX_STRING
+
+# A static bound on what one evaluation may cost, in syntax-tree nodes visited: each
+# comprehension macro (all, exists, exists_one, map, filter) may visit its body once per item
+# of a list or map, and no JSON container holds more than MAX_JSON_ITEMS. Nested
+# comprehensions multiply; 1 KiB of text could otherwise ask for 256^n steps.
+MAX_COST = 10_000  # about 0.1 s of cel-python on this machine
+_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+
+
+def cost(tree: Any) -> int:
+    """The most nodes one evaluation of the parsed expression ``tree`` can visit."""
+    if not isinstance(tree, Tree):
+        return 1
+    if tree.data == "member_dot_arg" and len(tree.children) >= 3:
+        name = tree.children[1]
+        if isinstance(name, Token) and str(name) in _MACROS:
+            target, _, args = tree.children[0], name, tree.children[2]
+            return 1 + cost(target) + MAX_JSON_ITEMS * cost(args)
+    return 1 + sum(cost(c) for c in tree.children)
 
 
 class PolicyError(Exception):
@@ -50,8 +70,16 @@ class PolicyEngine:
         program = self._programs.get(expression)
         if program is None:
             try:
-                program = self._env.program(self._env.compile(expression))
+                ast = self._env.compile(expression)
             except Exception as exc:  # celpy raises several parse error types
+                raise PolicyError(f"cannot compile {expression!r}: {exc}") from None
+            worst = cost(ast)
+            if worst > MAX_COST:
+                # cel-python has no evaluation budget: refuse what could run long, up front
+                raise PolicyError(f"{expression!r} could take {worst:,} evaluation steps (at most {MAX_COST:,})")
+            try:
+                program = self._env.program(ast)
+            except Exception as exc:
                 raise PolicyError(f"cannot compile {expression!r}: {exc}") from None
             self._programs[expression] = program
             self._natives[expression] = native(expression)
