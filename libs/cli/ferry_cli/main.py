@@ -272,7 +272,7 @@ class _client:
         from .client import FerryClient
 
         settings = Settings()
-        self.bus = AmqpBus(settings.amqp_url, name="ferry-cli")
+        self.bus = AmqpBus.from_env(settings.amqp_url, name="ferry-cli")
         await self.bus.connect()
         identity = settings.identity or "client/cli"
         self.client = FerryClient(Endpoint(self.bus, identity, auth=authenticator_from_env()))

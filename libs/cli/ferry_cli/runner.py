@@ -81,7 +81,7 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
     # before any service starts, so their first spans are recorded: OTLP as OTEL_* says, and
     # migration spans shipped to the coordinator (ferry trace) unless FERRY_TRACE_COLLECT=0
     tracing = setup_tracing("ferry-" + ("coordinator" if coordinator else services[0][1]), bus_exporter=BusSpanExporter())
-    bus = AmqpBus(settings.amqp_url, name="ferry-" + ("coordinator" if coordinator else services[0][1]))
+    bus = AmqpBus.from_env(settings.amqp_url, name="ferry-" + ("coordinator" if coordinator else services[0][1]))
     await bus.connect()
     started: list[Any] = []
     # every service's state store: closed on the way out (an open aiosqlite connection's

@@ -24,6 +24,7 @@ from aio_pika.abc import (
 )
 
 from ..errors import Transient, Unroutable
+from ..tls import TlsSettings, tls_context
 from .interfaces import DeliveryHandler, Message, QueueSpec
 from .topology import (
     CODE_HEADER,
@@ -117,6 +118,11 @@ class AmqpBus:
         # robust reconnection restores only what we still reference: keep them all here
         self._queues: dict[str, AbstractRobustQueue] = {}
         self._consumers: dict[str, _AmqpConsumer] = {}
+
+    @classmethod
+    def from_env(cls, url: str, *, name: str = "ferry") -> AmqpBus:
+        """A bus for ``url`` with TLS as ``FERRY_AMQP_*`` configures it (:mod:`ferry_common.tls`)."""
+        return cls(url, ssl_context=tls_context(url, TlsSettings.from_env()), name=name)
 
     async def connect(self) -> None:
         kwargs: dict[str, Any] = {"client_properties": {"connection_name": self.name}}
