@@ -276,5 +276,18 @@ async def test_source_lost_after_completion_goes_forward(faulty: tuple[Cluster, 
     assert not bad
 
 
+async def test_a_lost_outcome_event_is_read_from_the_record(faulty: tuple[Cluster, FaultyBus]) -> None:
+    """The `migration.completed` event is lost (published while the broker was down, or just
+    before the coordinator died): whoever follows the migration learns the outcome from the
+    saga record instead of waiting out its timeout."""
+    c, bus = faulty
+    await c.create_vm("host-a", "vm1", memory_mib=256, sim_bandwidth_mibps=512)
+    rule = bus.arm(Rule("drop", pattern="migration.completed", times=None, label="drop outcome event"))
+    mid = await c.client.migrate("vm1", "host-b")
+    out = await c.client.outcome(mid, timeout=30)
+    assert rule.hits == 1
+    assert out.status == "completed" and out.detail == {"from": "record"}
+
+
 async def test_status_of_steps_listed() -> None:
     assert set(STEPS) <= set(STEP_TYPES)

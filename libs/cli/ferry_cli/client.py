@@ -17,6 +17,7 @@ from ferry_common.bus.topology import (
     vm_events,
 )
 from ferry_common.endpoint import Context, Endpoint, Router
+from ferry_common.errors import FerryError
 from ferry_common.ids import new_id
 from ferry_common.messages.commands import (
     ActivateVmEvents,
@@ -79,8 +80,13 @@ class FerryClient:
     async def cancel(self, migration_id: str, reason: str = "cancelled by operator") -> None:
         await self.endpoint.send(MIGRATION_CANCEL, MigrationCancel(migration_id=migration_id, reason=reason))
 
-    async def follow(self, migration_id: str, *, timeout: float = 600.0) -> AsyncIterator[MigrationStatusEvent]:
-        """Yield this migration's events until its outcome (requires :meth:`watch`)."""
+    async def follow(self, migration_id: str, *, timeout: float = 600.0,
+                     poll_s: float = 2.0) -> AsyncIterator[MigrationStatusEvent]:
+        """Yield this migration's events until its outcome (requires :meth:`watch`).
+
+        Status events are not guaranteed (one published while the broker was down, or just
+        before the coordinator died, is gone); the saga record is. So after ``poll_s``
+        without an event the record is asked for, and an outcome found there ends it."""
         assert self._watching, "call watch() first"
         queue: asyncio.Queue[MigrationStatusEvent] = asyncio.Queue()
         # registered and snapshotted together: the queue gets exactly what comes after
@@ -96,7 +102,13 @@ class FerryClient:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     raise TimeoutError(f"migration {migration_id} did not end within {timeout:g}s")
-                event = await asyncio.wait_for(queue.get(), left)
+                try:
+                    event = await asyncio.wait_for(queue.get(), min(left, poll_s))
+                except TimeoutError:
+                    ended = await self._recorded_outcome(migration_id)
+                    if ended is None:
+                        continue
+                    event = ended
                 if event.migration_id != migration_id:
                     continue
                 yield event
@@ -104,6 +116,24 @@ class FerryClient:
                     return
         finally:
             self._followers.remove(queue)
+
+    async def _recorded_outcome(self, migration_id: str) -> MigrationStatusEvent | None:
+        """The outcome as the saga record has it, as a status event; None while it runs (or
+        while no coordinator answers)."""
+        try:
+            rec = await self.migration(migration_id)
+        except (FerryError, AssertionError):
+            return None
+        if rec is None or rec.get("status") not in TERMINAL:
+            return None
+        data = rec.get("data") or {}
+        return MigrationStatusEvent(
+            migration_id=migration_id, vm_id=rec["vm_id"], status=rec["status"], step=rec.get("step") or None,
+            source_host=rec.get("source_host") or None, target_host=rec.get("target_host") or None,
+            reason=str(data["reason"])[:4000] if data.get("reason") else None, code=data.get("code") or None,
+            at=float(rec.get("updated_at") or 0.0),
+            detail={"from": "record"},
+        )
 
     async def outcome(self, migration_id: str, *, timeout: float = 600.0) -> MigrationStatusEvent:
         last = None
@@ -145,6 +175,12 @@ class FerryClient:
         placement = ans.data.get("placement", {})
         assert isinstance(placement, dict)
         return {str(k): list(v) for k, v in placement.items()}
+
+    async def migration(self, migration_id: str) -> dict[str, Any] | None:
+        """One saga record, or None if the coordinator has none by that id."""
+        ans = await self.endpoint.request(COORDINATOR_QUERY, ListMigrations(migration_id=migration_id), timeout=self.timeout)
+        assert isinstance(ans, MigrationList)
+        return dict(ans.migrations[0]) if ans.migrations else None
 
     async def migrations(self, vm_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         ans = await self.endpoint.request(COORDINATOR_QUERY, ListMigrations(vm_id=vm_id, limit=limit), timeout=self.timeout)

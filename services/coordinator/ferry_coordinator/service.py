@@ -223,6 +223,9 @@ class CoordinatorService:
         return Done(detail={"migration_id": msg.migration_id, "cancel": "requested"})
 
     async def on_list(self, msg: ListMigrations, ctx: Context) -> MigrationList:
+        if msg.migration_id is not None:
+            rec = await self.store.get(msg.migration_id)
+            return MigrationList(migrations=[rec.to_dict()] if rec is not None else [])
         rows = await self.store.list(vm_id=msg.vm_id, limit=msg.limit)
         return MigrationList(migrations=[r.to_dict() for r in rows])
 

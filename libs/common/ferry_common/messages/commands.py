@@ -294,6 +294,7 @@ class Inspection(Wire):
 
 class ListMigrations(Wire):
     vm_id: Name | None = None
+    migration_id: Name | None = None  # just this one (if the store has it)
     limit: int = Field(default=50, ge=1, le=1000)
 
 
