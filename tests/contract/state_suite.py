@@ -6,6 +6,8 @@ fixture with a fresh, empty store.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,6 +48,19 @@ class StateStoreSuite:
             await state.write([("a", "k", 1), ("b", "k", {1, 2})], deletes=[("a", "keep")])
         assert await state.items("a") == [("keep", 1)]
         assert await state.items("b") == []
+
+    async def test_a_cancelled_write_leaves_the_store_usable(self, state: StateStore) -> None:
+        """A service being stopped cancels its tasks wherever they are, also inside a write:
+        the write then happened whole or not at all, and the next one works."""
+        for n in range(40):
+            task = asyncio.create_task(state.write([("a", f"k{n}", n), ("b", f"k{n}", n)]))
+            await asyncio.sleep(n * 0.00005)  # cancelled at a different point each time
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await state.put("c", "after", n)
+            assert await state.get("c", "after") == n
+            assert (await state.get("a", f"k{n}"), await state.get("b", f"k{n}")) in ((None, None), (n, n))
 
     async def test_missing_key_is_none(self, state: StateStore) -> None:
         assert await state.get("ns", "nope") is None

@@ -10,6 +10,7 @@ A backend without separate handles (memory) returns the same object each time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -377,6 +378,21 @@ class SagaStoreSuite:
         assert got.to_dict() == done.to_dict()
 
     # --- spans ------------------------------------------------------------------------------
+
+    async def test_a_cancelled_write_leaves_the_store_usable(self, store: SagaStore) -> None:
+        """A coordinator being stopped cancels its sagas wherever they are, also inside a
+        write: the write then happened whole or not at all, and the next one works."""
+        await store.create(saga())
+        for n in range(40):
+            task = asyncio.create_task(store.add_spans("m-1", [{"n": n}, {"n": n}]))
+            await asyncio.sleep(n * 0.00005)  # cancelled at a different point each time
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await store.add_spans("m-2", [{"n": n}])
+            spans = [s["n"] for s in await store.spans("m-1")]
+            assert spans.count(n) in (0, 2), spans
+        assert [s["n"] for s in await store.spans("m-2")] == list(range(40))
 
     async def test_spans_keep_their_order_per_migration(self, store: SagaStore) -> None:
         await store.create(saga())

@@ -1,8 +1,7 @@
-"""The SQLite host state store against the state contract, plus durability and speed."""
+"""The SQLite host state store against the state contract, plus durability."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -63,16 +62,14 @@ async def test_in_memory_path() -> None:
         await store.close()
 
 
-async def test_put_many_100k_is_fast(tmp_path: Path) -> None:
+async def test_put_many_100k_in_one_batch(tmp_path: Path) -> None:
+    """A frozen queue of 100,000 events goes in as one batch and comes back whole, in order
+    (how fast is for bench/, not for a test)."""
     store = await SqliteStateStore.open(tmp_path / "state.db")
     try:
-        events = [
-            (f"{i:08d}", {"type": "vm.event", "seq": i, "vm": "vm-1"}) for i in range(100_000)
-        ]
-        started = time.perf_counter()
+        events = [(f"{i:08d}", {"type": "vm.event", "seq": i, "vm": "vm-1"}) for i in range(100_000)]
         await store.put_many("frozen", events)
-        elapsed = time.perf_counter() - started
-        # The target is well under a second; the bound is loose so a slow CI box doesn't flake.
-        assert elapsed < 3.0, f"put_many of 100k items took {elapsed:.2f}s"
+        got = await store.items("frozen")
+        assert [v["seq"] for _, v in got] == list(range(100_000))
     finally:
         await store.close()

@@ -251,7 +251,8 @@ async def test_failed_dispatches_keep_time_order(faulty: tuple[Cluster, FaultyBu
     where = "host-b" if migrate else "host-a"
     await c.settle("vm1")
     bad = await inspect_problems(c, "vm1", where)
-    RESULTS.add(Case("sensor dispatch fails now and then (in-process)", "-", "completed" if migrate else "-", bad))
+    if migrate:  # the table counts migrations; without one there is no outcome to report
+        RESULTS.add(Case("sensor dispatch fails now and then (in-process)", "-", "completed", bad))
     assert rule.hits > 0
     assert not bad
 

@@ -26,6 +26,7 @@ __all__ = [
     "MemoryStateStore",
     "SqliteStateStore",
     "StateStore",
+    "immediate_transaction",
     "open_state_store",
     "sqlite_path_from_url",
 ]
@@ -122,6 +123,30 @@ CREATE TABLE IF NOT EXISTS ferry_state (
 """
 
 
+@contextlib.asynccontextmanager
+async def immediate_transaction(conn: aiosqlite.Connection, lock: asyncio.Lock) -> AsyncIterator[None]:
+    """One write transaction on ``conn``, holding SQLite's write lock from its first statement.
+
+    ``BEGIN IMMEDIATE`` rather than a deferred BEGIN: a deferred transaction that reads and
+    then writes can fail with SQLITE_BUSY_SNAPSHOT when another process wrote in between,
+    which the busy timeout does not retry.
+    """
+    async with lock:
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            yield
+            await conn.execute("COMMIT")
+        except BaseException:
+            # aiosqlite runs a statement even when the task awaiting it was cancelled, so a
+            # cancelled BEGIN still opens a transaction: the ROLLBACK, queued behind it on the
+            # same worker, closes it before anything else runs on the connection (after a
+            # COMMIT that did run, it finds nothing to undo). Shielded, so that a second
+            # cancellation cannot leave the connection inside a transaction.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(conn.execute("ROLLBACK"))
+            raise
+
+
 class SqliteStateStore:
     """A :class:`StateStore` on one SQLite file (WAL mode).
 
@@ -157,19 +182,8 @@ class SqliteStateStore:
             raise
         return cls(conn)
 
-    @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[None]:
-        # BEGIN IMMEDIATE takes the write lock up front, so a concurrent writer in another
-        # process makes us wait (busy_timeout) instead of failing mid-transaction.
-        async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._conn.execute("ROLLBACK")
-                raise
+    def _write(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return immediate_transaction(self._conn, self._lock)
 
     async def get(self, ns: str, key: str) -> Any | None:
         async with self._lock:

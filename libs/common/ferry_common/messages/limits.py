@@ -30,6 +30,9 @@ Expression = Annotated[str, StringConstraints(min_length=1, max_length=MAX_EXPRE
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def _check_json(value: Any, depth: int = 0) -> None:
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH}")
@@ -39,12 +42,12 @@ def _check_json(value: Any, depth: int = 0) -> None:
         for k, v in value.items():
             if not isinstance(k, str) or len(k) > 128:
                 raise ValueError("keys must be strings of at most 128 characters")
-            _check_json(v, depth + 1)
+            _check_child(v, depth)
     elif isinstance(value, list):
         if len(value) > MAX_JSON_ITEMS:
             raise ValueError(f"more than {MAX_JSON_ITEMS} items")
         for v in value:
-            _check_json(v, depth + 1)
+            _check_child(v, depth)
     elif isinstance(value, str):
         if len(value) > MAX_STRING:
             raise ValueError(f"string longer than {MAX_STRING}")
@@ -52,6 +55,18 @@ def _check_json(value: Any, depth: int = 0) -> None:
         return
     else:
         raise ValueError(f"not a JSON value: {type(value).__name__}")
+
+
+def _check_child(v: Any, depth: int) -> None:
+    # most values are flat: a scalar child is checked here, without a call per value
+    if depth >= MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH}")
+    t = type(v)
+    if t is str:
+        if len(v) > MAX_STRING:
+            raise ValueError(f"string longer than {MAX_STRING}")
+    elif t not in _PLAIN:
+        _check_json(v, depth + 1)
 
 
 def _bounded(value: dict[str, Any]) -> dict[str, Any]:

@@ -16,14 +16,13 @@ import asyncio
 # builtins.list in annotations: inside the class, ``list`` is the store's own method.
 import builtins
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiosqlite
 import orjson
 
 from ferry_common.errors import Conflict
-from ferry_common.state import sqlite_path_from_url
+from ferry_common.state import immediate_transaction, sqlite_path_from_url
 
 from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
@@ -95,24 +94,8 @@ class SqliteSagaStore:
         async with self._lock:
             await self._conn.close()
 
-    @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[None]:
-        """One write transaction, holding SQLite's write lock from its first statement.
-
-        ``BEGIN IMMEDIATE`` rather than a deferred BEGIN: a deferred transaction that reads
-        and then writes can fail with SQLITE_BUSY_SNAPSHOT when another process wrote in
-        between, which the busy timeout does not retry.
-        """
-        async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                # Best effort: if the connection itself broke, the original error matters more.
-                with contextlib.suppress(Exception):
-                    await self._conn.execute("ROLLBACK")
-                raise
+    def _write(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return immediate_transaction(self._conn, self._lock)
 
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
         async with self._conn.execute(sql, params) as cur:
