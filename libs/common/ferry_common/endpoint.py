@@ -303,7 +303,8 @@ def _service_label(identity: str) -> str:
 
 
 def _annotate(span: trace.Span, body: Wire) -> None:
+    prefix = "ferry.query." if body.query else "ferry."
     for attr in ("migration_id", "vm_id"):
         value = getattr(body, attr, None)
         if isinstance(value, str):
-            span.set_attribute(f"ferry.{attr}", value)
+            span.set_attribute(f"{prefix}{attr}", value)

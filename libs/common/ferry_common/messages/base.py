@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -9,3 +11,6 @@ class Wire(BaseModel):
     """A message body: strict about unknown fields, immutable once built."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: A read-only question about a migration (its record, its trace) is not part of it:
+    #: its handler's span is not filed under the migration, or reading a trace would grow it.
+    query: ClassVar[bool] = False

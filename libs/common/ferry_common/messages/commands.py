@@ -283,6 +283,7 @@ class DispatchEvents(Wire):
 
 
 class Inspect(Wire):
+    query = True
     vm_id: Name | None = None
 
 
@@ -293,6 +294,7 @@ class Inspection(Wire):
 
 
 class ListMigrations(Wire):
+    query = True
     vm_id: Name | None = None
     migration_id: Name | None = None  # just this one (if the store has it)
     limit: int = Field(default=50, ge=1, le=1000)
@@ -303,6 +305,7 @@ class MigrationList(Wire):
 
 
 class GetTrace(Wire):
+    query = True
     migration_id: Name
 
 

@@ -1,0 +1,95 @@
+"""One migration is one trace also when every service is its own process: the coordinator and
+the eight host services of the fault suite's process cluster (no fault injected), each shipping
+its spans over RabbitMQ to the coordinator, which ``ferry trace`` then reads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from ferry_cli.render import render_trace
+from ferry_coordinator.saga import STEPS
+from tests.faults.procs import ProcCluster, Session
+
+pytestmark = pytest.mark.rabbitmq
+
+# which host services a step asks, as "host/<host>/<service>" (the source is host-a)
+UNDER = {
+    "step admission": {"host/host-b/migration_policy"},
+    "step freeze_events": {"host/host-a/sensor"},
+    "step management_state": {"host/host-a/managed_object", "host/host-b/managed_object"},
+    "prepare incoming": {"host/host-b/hypervisor_adapter"},
+    "step migrate_vm": {"host/host-a/hypervisor_adapter"},
+    "step teardown": {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"},
+}
+
+
+@pytest.fixture
+async def sess(procs: ProcCluster) -> AsyncIterator[Session]:
+    s = await Session.open(procs.vhost)
+    yield s
+    await s.close()
+
+
+def _shape(spans: list[dict[str, Any]], mid: str) -> list[str]:
+    """What is still missing or wrong in the stored trace of ``mid`` (empty: complete)."""
+    roots = [s for s in spans if s["name"] == f"migration {mid}"]
+    if len(roots) != 1:
+        return [f"{len(roots)} root spans"]
+    root = roots[0]
+    trace = [s for s in spans if s["trace_id"] == root["trace_id"]]
+    ids = {s["span_id"] for s in trace}
+    wrong = [f"{s['name']} [{s['service']}] is in another trace" for s in spans
+             if s["trace_id"] != root["trace_id"] and s["name"] != "handle MigrateRequest"]
+    # the context survived every hop: each span's parent is a span of this trace
+    wrong += [f"{s['name']} [{s['service']}] has no parent in the trace" for s in trace
+              if s is not root and s["parent_id"] not in ids]
+    steps = {s["name"]: s for s in trace if s["parent_id"] == root["span_id"]}
+    wrong += [f"no span for step {n} under the root" for n in STEPS if f"step {n}" not in steps]
+    for name, services in UNDER.items():
+        if name not in steps:
+            continue
+        under = {s["service"] for s in trace if s["parent_id"] == steps[name]["span_id"] and s["name"].startswith("handle ")}
+        wrong += [f"no handler span of {svc} under {name}" for svc in sorted(services - under)]
+    return wrong
+
+
+async def test_one_migration_is_one_trace_across_processes(procs: ProcCluster, sess: Session) -> None:
+    vm = f"vm-trace-{uuid.uuid4().hex[:6]}"
+    await sess.create_vm(vm, "host-a", sim_bandwidth_mibps=512)
+    await sess.send_events(vm, 5)
+    mid = await sess.client.migrate(vm, "host-b")
+    rec = await sess.outcome(mid, timeout=60)
+    assert rec["status"] == "completed", rec["data"].get("reason")
+
+    # spans are shipped in batches by each process: wait until the tree is whole
+    wrong: list[str] = ["not read yet"]
+    spans: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 20
+    while wrong and time.monotonic() < deadline:
+        spans = await sess.client.trace(mid)
+        wrong = _shape(spans, mid)
+        if wrong:
+            await asyncio.sleep(0.3)
+    assert not wrong, wrong
+
+    root = next(s for s in spans if s["name"] == f"migration {mid}")
+    assert root["service"] == "coordinator" and root["attributes"]["ferry.outcome"] == "completed"
+    assert root["attributes"]["ferry.vm_id"] == vm and root["attributes"]["ferry.target_host"] == "host-b"
+    # every span of the trace carries its migration, so a backend filters on it
+    assert all(s["attributes"].get("ferry.migration_id") == mid for s in spans), [
+        s["name"] for s in spans if s["attributes"].get("ferry.migration_id") != mid
+    ]
+    services = {s["service"] for s in spans if s["trace_id"] == root["trace_id"]}
+    # every process took part: the coordinator and the four services of both hosts
+    assert {f"host/{h}/{svc}" for h in ("host-a", "host-b")
+            for svc in ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")} <= services
+    for s in spans:
+        assert s["end"] >= s["start"] > 0, s
+    text = render_trace(spans)
+    assert f"migration {mid}" in text and "[host/host-b/migration_policy]" in text
