@@ -16,7 +16,7 @@ from ferry_common.bus.amqp import AmqpBus
 from ferry_common.bus.interfaces import Bus, Delivery, Message, QueueSpec
 from ferry_common.bus.memory import MemoryBus
 from ferry_common.bus.topology import DEAD_LETTER_QUEUE, DELIVERY_LIMIT, REASON_HEADER
-from ferry_common.endpoint import Context, Endpoint, Router
+from ferry_common.endpoint import Context, Endpoint, Forward, Router
 from ferry_common.errors import InvalidMessage, RemoteError, Transient, Unroutable
 from ferry_common.messages.commands import Done, Inspect
 from tests.harness import amqp_url, drop_vhost, make_vhost
@@ -158,3 +158,41 @@ async def test_endpoint_acknowledgement_policy(bus: Bus) -> None:
     assert "ZeroDivisionError" in dead[1].headers[REASON_HEADER]
     await client.close()
     await server.close()
+
+
+async def test_a_forwarded_request_is_answered_by_the_next_service(bus: Bus) -> None:
+    """A handler that returns ``Forward`` passes the request on and is done with it; the
+    next service answers the original requester, refusals included; nothing routable for
+    the forward is an error reply, not a silent loss."""
+    first, second, client = Endpoint(bus, "host/a/test"), Endpoint(bus, "host/b/test"), Endpoint(bus, "client/t")
+    tag = uuid.uuid4().hex[:4]
+    key_a, key_b = f"host.a{tag}.test", f"host.b{tag}.test"
+    forwarded: list[str] = []
+
+    async def relay(m: Inspect, ctx: Context) -> Forward:
+        forwarded.append(m.vm_id or "")
+        to = f"host.nowhere{tag}.test" if m.vm_id == "lost" else key_b
+        return Forward(to, Inspect(vm_id=f"{m.vm_id}-via-a"))
+
+    async def answer(m: Inspect, ctx: Context) -> Done:
+        if m.vm_id == "refuse-via-a":
+            raise InvalidMessage("b refuses")
+        return Done(detail={"vm": m.vm_id, "sender": ctx.sender})
+
+    ra, rb = Router(), Router()
+    ra.add(Inspect, relay)
+    rb.add(Inspect, answer)
+    await first.serve(QueueSpec(f"ferry.{key_a}", (key_a,)), ra)
+    await second.serve(QueueSpec(f"ferry.{key_b}", (key_b,)), rb)
+
+    got = await client.request(key_a, Inspect(vm_id="v1"), timeout=5)
+    assert got == Done(detail={"vm": "v1-via-a", "sender": "host/a/test"})
+    with pytest.raises(RemoteError) as refused:
+        await client.request(key_a, Inspect(vm_id="refuse"), timeout=5)
+    assert "b refuses" in refused.value.reason
+    with pytest.raises(RemoteError) as lost:
+        await client.request(key_a, Inspect(vm_id="lost"), timeout=5)
+    assert lost.value.code == "unroutable", lost.value
+    assert forwarded == ["v1", "refuse", "lost"]
+    for e in (client, first, second):
+        await e.close()

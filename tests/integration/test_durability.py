@@ -74,8 +74,8 @@ def crash_after(step: str, monkeypatch: pytest.MonkeyPatch, fired: asyncio.Event
     """The first request of ``step`` gets its answer, then the coordinator dies."""
     real = MigrationSaga._call
 
-    async def call(self: MigrationSaga, host: str, service: str, msg: Any) -> Any:
-        answer = await real(self, host, service, msg)
+    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+        answer = await real(self, host, service, msg, **kw)
         here = "compensate" if self.rec.status == "compensating" else self.rec.step
         if here == step and not fired.is_set():
             fired.set()
@@ -131,11 +131,11 @@ async def test_every_host_service_restarts_at_every_step(durable: Cluster, step:
     gate, reached = asyncio.Event(), asyncio.Event()
     real = MigrationSaga._call
 
-    async def call(self: MigrationSaga, host: str, service: str, msg: Any) -> Any:
+    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
         if self.rec.step == step and not reached.is_set():
             reached.set()
             await gate.wait()
-        return await real(self, host, service, msg)
+        return await real(self, host, service, msg, **kw)
 
     monkeypatch.setattr(MigrationSaga, "_call", call)
     mid = await c.client.migrate("vm1", "host-b")

@@ -1,7 +1,8 @@
 """A service's view of the bus: typed send, request/reply, and the consumer runtime.
 
 Acknowledgement policy, in one place. A handler gets a validated model and returns
-a model (the reply, if the message asked for one) or ``None``; either way the
+a model (the reply, if the message asked for one), a :class:`Forward` (the request
+goes on to another service, which answers the requester) or ``None``; either way the
 delivery is acknowledged after the handler finished. It raises to say anything
 else: a non-retryable :class:`FerryError` (invalid message, unauthenticated, a
 refused request) dead-letters the message with its reason and tells the sender
@@ -58,7 +59,22 @@ class Context:
     redelivered: bool
 
 
-Handler = Callable[[Any, Context], Awaitable[Wire | None]]
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A handler's outcome: pass the request on, as ``model``, to ``routing_key``.
+
+    The forwarded message keeps the request's reply-to and correlation id, so whoever
+    handles it answers the original requester directly; this handler holds nothing while
+    the next service works (a bulk transfer goes from one host to the other, not through
+    the requester).
+    """
+
+    routing_key: str
+    model: Wire
+
+
+Outcome = Wire | Forward | None
+Handler = Callable[[Any, Context], Awaitable[Outcome]]
 Refused = Callable[[Message, FerryError], Awaitable[None]]
 
 
@@ -72,7 +88,7 @@ class Router:
     # client without a reply queue, through another channel, what was wrong
     refused: Refused | None = None
 
-    def add(self, model: type[M], handler: Callable[[M, Context], Awaitable[Wire | None]]) -> None:
+    def add(self, model: type[M], handler: Callable[[M, Context], Awaitable[Outcome]]) -> None:
         self.handlers[model.__name__] = (model, handler)
 
     def route_key(self, pattern: str, model: type[Wire]) -> None:
@@ -224,7 +240,10 @@ class Endpoint:
                 body = decode(msg.body, model)
                 _annotate(span, body)
                 result = await handler(body, Context(msg, sender, delivery.redelivered))
-                if msg.reply_to and result is not None:
+                if isinstance(result, Forward):
+                    await self.send(result.routing_key, result.model, correlation_id=msg.correlation_id,
+                                    reply_to=msg.reply_to)
+                elif msg.reply_to and result is not None:
                     await self._reply(msg, result)
                 await delivery.ack()
                 self.auth.accepted(msg)

@@ -28,16 +28,13 @@ from ferry_common.messages.commands import (
     DirtyObjects,
     Done,
     EventsFrozen,
-    EventStateExport,
     ExportDirtyObjects,
-    ExportEventState,
     ExportManagementState,
     FetchModules,
     FinishIncoming,
     FreezeEvents,
     IncomingPrepared,
     ManagedObjectInstantiationError,
-    ManagementEventState,
     ManagementEventStateFailed,
     ManagementEventStateSuccess,
     ManagementState,
@@ -55,6 +52,7 @@ from ferry_common.messages.commands import (
     ModulesRequired,
     PerformMigration,
     PrepareIncoming,
+    SendEventState,
     SourceTeardown,
     StageEvents,
     StartMigration,
@@ -371,13 +369,14 @@ class MigrationSaga:
             await self.step_management_state()
         vm_id = self.rec.vm_id
         await self._call(self.target, "sensor", StageEvents(migration_id=self.mid, vm_id=vm_id))
-        exported = _expect(
-            await self._call(self.source, "sensor", ExportEventState(migration_id=self.mid, vm_id=vm_id)), EventStateExport
-        )
+        # the source's sensor sends its queue to the target's as ManagementEventState, and the
+        # target answers here: the events go from host to host once, not through the saga
         ans = await self._call(
-            self.target,
+            self.source,
             "sensor",
-            ManagementEventState(migration_id=self.mid, vm_id=vm_id, events=exported.events, element_ids=self.element_ids or []),
+            SendEventState(migration_id=self.mid, vm_id=vm_id, target_host=self.target,
+                           element_ids=self.element_ids or []),
+            answered_by=f"sensor on {self.target}",
         )
         if isinstance(ans, ManagementEventStateFailed):
             raise StepFailed("event_state_failed", ans.reason)
@@ -528,21 +527,24 @@ class MigrationSaga:
         return None, {}
 
     # ---- plumbing -----------------------------------------------------------------------
-    async def _call(self, host: str, service: str, msg: Wire) -> Wire:
+    async def _call(self, host: str, service: str, msg: Wire, *, answered_by: str = "") -> Wire:
+        """Request ``msg`` of ``service`` on ``host``, with retries; ``answered_by`` names the
+        service that answers a request forwarded to it, for the reasons given."""
         key = host_command(host, service)
+        who = f"{service} on {host}" + (f" (answered by {answered_by})" if answered_by else "")
         last: StepFailed | None = None
         for attempt in range(1, self.t.attempts + 1):
             try:
                 return await self.ctx.endpoint.request(key, msg, timeout=self.t.reply_s)
             except StepTimeout as exc:
-                last = StepFailed("timeout", f"{service} on {host}: {exc.reason}")
+                last = StepFailed("timeout", f"{who}: {exc.reason}")
                 trace.get_current_span().add_event("timeout", {"service": service, "host": host, "attempt": attempt})
             except Unroutable:
-                raise StepFailed("unreachable", f"{service} on {host} is not connected") from None
+                raise StepFailed("unreachable", f"{who} is not connected") from None
             except RemoteError as exc:
                 if not exc.retryable:
-                    raise StepFailed(exc.code, f"{service} on {host}: {exc.reason}") from None
-                last = StepFailed(exc.code, f"{service} on {host}: {exc.reason}")
+                    raise StepFailed(exc.code, f"{who}: {exc.reason}") from None
+                last = StepFailed(exc.code, f"{who}: {exc.reason}")
             except FerryError as exc:
                 if not exc.retryable:
                     raise StepFailed(exc.code, exc.reason) from None

@@ -17,7 +17,7 @@ from typing import Any
 
 from ferry_common import metrics
 from ferry_common.bus.topology import COORDINATOR_QUERY, host_command, vm_events
-from ferry_common.endpoint import Context, Endpoint
+from ferry_common.endpoint import Context, Endpoint, Forward
 from ferry_common.errors import Conflict, FerryError, InvalidMessage, Transient
 from ferry_common.messages.base import Wire
 from ferry_common.messages.commands import (
@@ -39,6 +39,7 @@ from ferry_common.messages.commands import (
     ManagementEventStateSuccess,
     MigrationComplete,
     MigrationCompleteAck,
+    SendEventState,
     SourceTeardown,
     StageEvents,
 )
@@ -72,6 +73,7 @@ class SensorService(HostService):
         self.leases = LeaseBook(endpoint.clock)
         self.lease_timeout_s = 5.0
         self._renewing: asyncio.Task[None] | None = None
+        self._drains: dict[str, asyncio.Task[None]] = {}  # vm_id -> its backlog going out
         self._lease_loop: asyncio.Task[None] | None = None
         self.held = 0
         r = self.router
@@ -81,6 +83,7 @@ class SensorService(HostService):
         r.add(Inspect, self.on_inspect)
         self.step(FreezeEvents, self.on_freeze)
         r.add(ExportEventState, self.on_export)
+        r.add(SendEventState, self.on_send)
         self.step(StageEvents, self.on_stage)
         self.step(ManagementEventState, self.on_event_state)
         self.step(MigrationComplete, self.on_complete)
@@ -189,7 +192,7 @@ class SensorService(HostService):
         self._lease_loop = asyncio.create_task(self._lease_forever())
 
     async def stop(self) -> None:
-        for task in (self._lease_loop, self._renewing):
+        for task in (self._lease_loop, self._renewing, *self._drains.values()):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -361,6 +364,16 @@ class SensorService(HostService):
             raise Conflict(f"vm {msg.vm_id!r} is not frozen for migration {msg.migration_id}")
         return EventStateExport(events=vm.merged())
 
+    async def on_send(self, msg: SendEventState, ctx: Context) -> Forward:
+        """Step 4 on the source: the queue goes straight to the target's sensor, which answers
+        the coordinator; sending it again (a retry, a redelivery) stages nothing twice there."""
+        vm = self.vms.get(msg.vm_id)
+        if vm is None or vm.migration_id != msg.migration_id or vm.mode != "frozen":
+            raise Conflict(f"vm {msg.vm_id!r} is not frozen for migration {msg.migration_id}")
+        state = ManagementEventState(migration_id=msg.migration_id, vm_id=msg.vm_id, events=vm.merged(),
+                                     element_ids=msg.element_ids)
+        return Forward(host_command(msg.target_host, "sensor"), state)
+
     async def on_stage(self, msg: StageEvents, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)
         if vm is None:
@@ -395,20 +408,38 @@ class SensorService(HostService):
             raise Conflict(f"vm {msg.vm_id!r} is not staged for migration {msg.migration_id}")
         backlog = vm.queued
         vm.mode, vm.migration_id, vm.completed_by = "active", None, msg.migration_id
-        self.leases.grant(msg.vm_id, msg.lease_s)
-        # a crash before the queue is trimmed replays this step; the managed-object
-        # service drops events it has already seen, so each still acts once
         try:
-            await self._drain(vm)
+            await self._save(vm)
         except BaseException:
-            # the dispatch did not get out (connection lost): the queue is held again (and is
-            # still in the state store); the redelivered step finds the VM staged and dispatches
-            # again, instead of being refused until a restart
             vm.mode, vm.migration_id, vm.completed_by = "staged", msg.migration_id, None
             raise
-        if vm.queued:
-            self.renew_soon()  # what arrived while the backlog went out goes next
+        self.leases.grant(msg.vm_id, msg.lease_s)
+        # The merged queue is durable and this host owns the VM: the backlog is dispatched
+        # from here on, in time order and ahead of newer events (held behind it), without
+        # the saga waiting for it. A crash meanwhile finds the VM active with events held,
+        # and the lease loop dispatches them; the managed-object service drops events it
+        # has already seen, so each still acts once.
+        self._drain_soon(vm)
         return MigrationCompleteAck(dispatched=backlog)
+
+    def _drain_soon(self, vm: VmEvents) -> None:
+        """Dispatch what ``vm`` holds in the background, until nothing is held."""
+        running = self._drains.get(vm.vm_id)
+        if running is not None and not running.done():
+            return
+        task = asyncio.create_task(self._drain_all(vm), name=f"drain:{vm.vm_id}")
+        self._drains[vm.vm_id] = task
+        task.add_done_callback(lambda t: self._drains.pop(vm.vm_id, None) if self._drains.get(vm.vm_id) is t else None)
+
+    async def _drain_all(self, vm: VmEvents) -> None:
+        # what arrives while a drain runs is held behind it, and goes in the next one
+        while self.vms.get(vm.vm_id) is vm and vm.mode == "active" and vm.queued and not vm.draining:
+            try:
+                await self._drain(vm)
+            except FerryError as exc:
+                # still held, durably; the lease loop tries again
+                log.info("backlog of %s not dispatched yet: %s", vm.vm_id, exc.reason)
+                return
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)

@@ -115,6 +115,14 @@ class ExportEventState(Step):
     pass
 
 
+class SendEventState(Step):
+    """Step 4, to the source's sensor: send the queued events to ``target_host``'s sensor as
+    a :class:`ManagementEventState`, whose answer goes straight to the requester."""
+
+    target_host: Name
+    element_ids: list[Name] = Field(max_length=MAX_ELEMENTS)
+
+
 class EventStateExport(Wire):
     events: list[Event] = Field(max_length=MAX_EVENTS)
 
