@@ -88,7 +88,10 @@ class LibvirtDriver:
     incoming QEMU listens on, ``127.0.0.1``), ``run_dir`` (marker files of incoming guests,
     default ``/tmp/ferry-libvirt-driver/<host>``), ``guest_image`` (the ``-kernel`` ELF; must
     exist at the same path on every host), ``emulator``, ``machine`` (``pc``),
-    ``domain_type`` (``qemu`` = TCG; ``kvm`` where available), ``finish_timeout_s``.
+    ``domain_type`` (``qemu`` = TCG; ``kvm`` where available), ``finish_timeout_s``,
+    ``abort_grace_s`` (how long an aborted migration job may keep running before QEMU is told
+    to cancel directly, and again; after four times that the migration is reported failed and
+    the saga's clean-up of the target ends the stream).
     """
 
     name = "libvirt"
@@ -107,6 +110,7 @@ class LibvirtDriver:
         machine: str = "pc",
         domain_type: str = "qemu",
         finish_timeout_s: float = 10.0,
+        abort_grace_s: float = 5.0,
     ) -> None:
         self.host = host
         self.uri = uri
@@ -119,8 +123,10 @@ class LibvirtDriver:
         self.machine = machine
         self.domain_type = domain_type
         self.finish_timeout_s = finish_timeout_s
+        self.abort_grace_s = abort_grace_s
         self._conn: Any = None
         self._cancel_requested: set[str] = set()
+        self._aborts: set[asyncio.Task[bool]] = set()  # operator cancels under way
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -263,20 +269,29 @@ class LibvirtDriver:
         job = asyncio.create_task(asyncio.to_thread(dom.migrateToURI3, dconnuri, call, flags))
         last: dict[str, Any] = {}
         reason: str | None = None
-        while not job.done():
-            stats = await _job_stats(dom)
-            if stats.get("memory_total"):
-                last = stats
-                sample = _progress("active", stats)
-                await on_progress(sample)
-                watch.observe(sample.remaining_bytes)
-            if reason is None and vm_id not in self._cancel_requested:
-                reason = watch.expired()
-                if reason:
-                    log.info("vm %s: %s, aborting the migration job", vm_id, reason)
-                    with contextlib.suppress(lv.libvirtError):
-                        await asyncio.to_thread(dom.abortJob)
-            await asyncio.wait({job}, timeout=params.poll_interval_s)
+        abort: asyncio.Task[bool] | None = None
+        try:
+            while not job.done():
+                stats = await _job_stats(dom)
+                if stats.get("memory_total"):
+                    last = stats
+                    sample = _progress("active", stats)
+                    await on_progress(sample)
+                    watch.observe(sample.remaining_bytes)
+                if reason is None and vm_id not in self._cancel_requested:
+                    reason = watch.expired()
+                    if reason:
+                        log.info("vm %s: %s, aborting the migration job", vm_id, reason)
+                        abort = asyncio.create_task(self._abort(vm_id, dom))
+                if abort is not None and abort.done() and abort.exception() is None and not abort.result() \
+                        and not job.done():
+                    # the job outlived every way of stopping it: report the failure, and the
+                    # saga's clean-up of the target ends the stream (the source keeps running)
+                    return MigrationResult("failed", f"{reason}; the migration job did not stop", _stats(last))
+                await asyncio.wait({job}, timeout=params.poll_interval_s)
+        finally:
+            if abort is not None:
+                abort.cancel()
         try:
             job.result()
         except lv.libvirtError as exc:
@@ -306,8 +321,44 @@ class LibvirtDriver:
         job = await _job_stats(dom)
         if job.get("type", _JOB_NONE) != _JOB_NONE:
             self._cancel_requested.add(vm_id)
-            with contextlib.suppress(_lv().libvirtError):
-                await asyncio.to_thread(dom.abortJob)
+            task = asyncio.create_task(self._abort(vm_id, dom))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, vm_id: str, dom: Any) -> bool:
+        """Stop the domain's migration job, escalating; True once it stopped, False if it
+        still runs after four grace periods.
+
+        ``abortJob`` was seen here (TCG, a loaded host) to block for minutes while the job
+        went on, and a second abort to stop it at once; so no call is awaited without a
+        bound, and while the job runs QEMU's own ``migrate_cancel`` and ``abortJob`` take
+        turns."""
+        lv = _lv()
+
+        async def bounded(fn: Any, *args: Any) -> None:
+            with contextlib.suppress(lv.libvirtError, TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(fn, *args), self.abort_grace_s)
+
+        def migrate_cancel(d: Any) -> None:
+            import libvirt_qemu
+
+            libvirt_qemu.qemuMonitorCommand(d, '{"execute":"migrate_cancel"}', 0)
+
+        def abort_job(d: Any) -> None:
+            d.abortJob()
+
+        first = asyncio.create_task(bounded(dom.abortJob))
+        try:
+            for attempt in range(4):
+                await asyncio.sleep(self.abort_grace_s)
+                if (await _job_stats(dom)).get("type", _JOB_NONE) == _JOB_NONE:
+                    return True
+                log.warning("vm %s: migration job still running %.0fs after the abort; trying again",
+                            vm_id, (attempt + 1) * self.abort_grace_s)
+                await bounded(migrate_cancel if attempt % 2 == 0 else abort_job, dom)
+        finally:
+            first.cancel()
+        return (await _job_stats(dom)).get("type", _JOB_NONE) == _JOB_NONE
 
     async def confirm_source(self, vm_id: str) -> None:
         state = await self.state(vm_id)
