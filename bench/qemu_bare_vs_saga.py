@@ -235,7 +235,7 @@ async def saga_migration(
             raise RuntimeError(f"bench saga did not complete: {outcome}")
         dispatched = 0
         for _ in range(3000):  # until every published event was dispatched (30 s at most)
-            dispatched = sum(len(h.managed_object.ledger.get(vm_id, [])) for h in cluster.hosts.values())
+            dispatched = sum(h.managed_object.dispatched_count(vm_id) for h in cluster.hosts.values())
             if dispatched >= 50 + events:
                 break
             await asyncio.sleep(0.01)

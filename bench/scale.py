@@ -126,7 +126,7 @@ async def one_run(cluster: BenchCluster, vm_id: str, elements: int, events: int,
     assert rec is not None
     if rec.status != "completed":
         raise SystemExit(f"migration {mid} ended {rec.status}: {rec.data.get('reason')}")
-    await wait_for(lambda: len(dst.managed_object.ledger.get(vm_id, [])) >= events, 1200.0, "the backlog to be dispatched",
+    await wait_for(lambda: dst.managed_object.dispatched_count(vm_id) >= events, 1200.0, "the backlog to be dispatched",
                    poll=0.01)
     t2 = time.perf_counter()
     timings: dict[str, float] = dict(rec.data["timings_ms"])

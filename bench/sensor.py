@@ -75,7 +75,7 @@ async def publish_all(ep: Endpoint, evs: list[VmEvent], window: int) -> None:
 async def sensor_run(cluster: BenchCluster, vms: list[str], n: int, offset: int, window: int) -> dict[str, float]:
     host = cluster.hosts[HOST]
     evs = events(vms, n, offset)
-    ledger0 = sum(len(host.managed_object.ledger.get(v, [])) for v in vms)
+    ledger0 = sum(host.managed_object.dispatched_count(v) for v in vms)
     sent0 = host.sensor.dispatched
     ep = cluster.client.endpoint
     taken: list[float] = []
@@ -83,7 +83,7 @@ async def sensor_run(cluster: BenchCluster, vms: list[str], n: int, offset: int,
     def ledger_done() -> bool:
         if not taken and host.sensor.dispatched - sent0 >= n:
             taken.append(time.perf_counter())
-        return sum(len(host.managed_object.ledger.get(v, [])) for v in vms) - ledger0 >= n
+        return sum(host.managed_object.dispatched_count(v) for v in vms) - ledger0 >= n
 
     t0 = time.perf_counter()
     await publish_all(ep, evs, window)

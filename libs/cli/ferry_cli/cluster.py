@@ -18,7 +18,7 @@ from ferry_coordinator.store import SagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
 from ferry_hypervisor_adapter.drivers import Driver, load_driver
 from ferry_hypervisor_adapter.service import HypervisorAdapterService
-from ferry_managed_object.service import ManagedObjectService
+from ferry_managed_object.service import LEDGER_MAX, ManagedObjectService
 from ferry_migration_policy.service import MigrationPolicyService
 from ferry_sensor.service import SensorService
 
@@ -37,6 +37,7 @@ class HostOptions:
     allowed_sources: tuple[str, ...] = ("*",)
     capacity_mib: int | None = None
     inventory_interval_s: float = 5.0
+    ledger_max: int = LEDGER_MAX
 
 
 @dataclass
@@ -92,7 +93,7 @@ def build_service(
     if name == "sensor":
         return SensorService(host, endpoint, state)
     if name == "managed_object":
-        return ManagedObjectService(host, endpoint, state)
+        return ManagedObjectService(host, endpoint, state, ledger_max=options.ledger_max)
     if name == "migration_policy":
         return MigrationPolicyService(
             host, endpoint, state, allowed_sources=options.allowed_sources, capacity_mib=options.capacity_mib

@@ -17,7 +17,14 @@ from ferry_common.tracing import BusSpanExporter, setup_tracing
 from ferry_coordinator.store import open_store
 from ferry_coordinator.timeouts import SagaTimeouts
 
-from .cluster import HOST_SERVICES, HostOptions, build_coordinator, build_service, open_states
+from .cluster import (
+    HOST_SERVICES,
+    LEDGER_MAX,
+    HostOptions,
+    build_coordinator,
+    build_service,
+    open_states,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ def _options(settings: Settings, host: str) -> HostOptions:
         capacity_mib=settings.capacity_mib,
         # how often the adapter announces its VMs (FERRY_INVENTORY_INTERVAL_S; tests shorten it)
         inventory_interval_s=_env_float("FERRY_INVENTORY_INTERVAL_S") or 5.0,
+        # how many dispatched event ids each VM's audit trail keeps here (FERRY_LEDGER_MAX)
+        ledger_max=int(os.environ.get("FERRY_LEDGER_MAX") or LEDGER_MAX),
     )
 
 

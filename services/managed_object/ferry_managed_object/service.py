@@ -52,19 +52,27 @@ from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_
 from .policy import Effect, PolicyEngine
 
 log = logging.getLogger(__name__)
+# the audit trail kept per VM and host (FERRY_LEDGER_MAX): enough to verify a migration's
+# events were each dispatched once; an event id is ~32 bytes, so 10k ids cost ~1 MB per VM
+LEDGER_MAX = 10_000
 _OUTGOING: dict[str, type[Wire]] = {m.__name__: m for m in (Alarm, VmEvent, MigrateRequest)}
 
 
 class ManagedObjectService(HostService):
     service = "managed_object"
 
-    def __init__(self, host: str, endpoint: Endpoint, state: StateStore | None = None) -> None:
+    def __init__(self, host: str, endpoint: Endpoint, state: StateStore | None = None, *,
+                 ledger_max: int = LEDGER_MAX) -> None:
         super().__init__(host, endpoint, state)
         self.modules = ModuleRegistry()
         self.engine = PolicyEngine()
         self.planes: dict[str, VmPlane] = {}
-        # what was dispatched here, per VM, kept after the VM leaves: the audit trail
+        # what was dispatched here, per VM, kept after the VM leaves: the audit trail of the
+        # newest ``ledger_max`` events per VM (a host dispatches for months: it must not grow
+        # without bound, in memory or in the state store)
         self.ledger: dict[str, list[str]] = {}
+        self.ledger_max = ledger_max
+        self._ledger_next: dict[str, int] = {}  # per VM, the sequence number of the next entry
         # per VM, what its policies asked to send that is not out yet, oldest first
         self.outbox: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self.policy_errors = 0
@@ -84,6 +92,11 @@ class ManagedObjectService(HostService):
         self.step(CleanupTarget, self.on_cleanup_target)
         self.step(CleanupSource, self.on_cleanup_source)
 
+    def dispatched_count(self, vm_id: str) -> int:
+        """How many of ``vm_id``'s events this host has dispatched, ever (the ledger keeps
+        only the newest ``ledger_max`` of their ids)."""
+        return self._ledger_next.get(vm_id, len(self.ledger.get(vm_id, ())))
+
     # ---- durable state: planes, modules, the dedup window and the ledger ----------------
     async def restore(self) -> None:
         for _, raw in await self.state.items("modules"):
@@ -94,7 +107,9 @@ class ManagedObjectService(HostService):
             recent = await self.state.get("recent", vm_id) or []
             self.planes[vm_id] = VmPlane.restore(vm_id, meta, elements, embots, recent)
         for key in {k for k, _ in await self.state.items("ledgers")}:
-            self.ledger[key] = [v for _, v in await self.state.items(f"ledger.{key}")]
+            rows = await self.state.items(f"ledger.{key}")
+            self.ledger[key] = [v for _, v in rows][-self.ledger_max:]
+            self._ledger_next[key] = int(rows[-1][0]) + 1 if rows else 0
             if pending := await self.state.items(f"outbox.{key}"):
                 self.outbox[key] = pending
 
@@ -191,8 +206,9 @@ class ManagedObjectService(HostService):
             # the policies' state, the dedup window, the ledger and the effects still to send,
             # in one write before the ack: a crash leaves all of them or none, so a redelivery
             # neither applies an event twice nor loses what its policies asked for
-            start = len(ledger)
+            start = self._ledger_next.get(msg.vm_id, len(ledger))
             ledger.extend(applied)
+            self._ledger_next[msg.vm_id] = start + len(applied)
             outbox = [(f"{start:012d}.{j:04d}", row) for j, row in enumerate(self._outgoing(plane, effects))]
             self.outbox.setdefault(plane.vm_id, []).extend(outbox)
             vm = plane.vm_id
@@ -203,6 +219,10 @@ class ManagedObjectService(HostService):
                 *((f"ledger.{vm}", f"{start + i:012d}", e) for i, e in enumerate(applied)),
                 *((f"outbox.{vm}", key, row) for key, row in outbox),
             ])
+            if len(ledger) > self.ledger_max:
+                del ledger[: len(ledger) - self.ledger_max]
+                # after the write: a crash before this trim leaves a longer trail, not a gap
+                await self.state.delete_through(f"ledger.{vm}", f"{start + len(applied) - self.ledger_max - 1:012d}")
         # also on a redelivery that applies nothing: what a failed send left is sent now
         await self._send_outbox(msg.vm_id)
         return None
