@@ -126,7 +126,7 @@ class LibvirtDriver:
         self.abort_grace_s = abort_grace_s
         self._conn: Any = None
         self._cancel_requested: set[str] = set()
-        self._aborts: set[asyncio.Task[bool]] = set()  # operator cancels under way
+        self._aborts: dict[str, asyncio.Task[bool]] = {}  # vm_id -> an operator's cancel under way
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -283,15 +283,19 @@ class LibvirtDriver:
                     if reason:
                         log.info("vm %s: %s, aborting the migration job", vm_id, reason)
                         abort = asyncio.create_task(self._abort(vm_id, dom))
+                if abort is None and vm_id in self._cancel_requested:
+                    abort = self._aborts.get(vm_id)  # the operator's cancel
                 if abort is not None and abort.done() and abort.exception() is None and not abort.result() \
                         and not job.done():
                     # the job outlived every way of stopping it: report the failure, and the
                     # saga's clean-up of the target ends the stream (the source keeps running)
-                    return MigrationResult("failed", f"{reason}; the migration job did not stop", _stats(last))
+                    why = reason or "migration cancelled"
+                    return MigrationResult("failed", f"{why}; the migration job did not stop", _stats(last))
                 await asyncio.wait({job}, timeout=params.poll_interval_s)
         finally:
             if abort is not None:
                 abort.cancel()
+            self._aborts.pop(vm_id, None)
         try:
             job.result()
         except lv.libvirtError as exc:
@@ -321,9 +325,8 @@ class LibvirtDriver:
         job = await _job_stats(dom)
         if job.get("type", _JOB_NONE) != _JOB_NONE:
             self._cancel_requested.add(vm_id)
-            task = asyncio.create_task(self._abort(vm_id, dom))
-            self._aborts.add(task)
-            task.add_done_callback(self._aborts.discard)
+            if vm_id not in self._aborts or self._aborts[vm_id].done():
+                self._aborts[vm_id] = asyncio.create_task(self._abort(vm_id, dom))
 
     async def _abort(self, vm_id: str, dom: Any) -> bool:
         """Stop the domain's migration job, escalating; True once it stopped, False if it
