@@ -1,6 +1,7 @@
-"""One migration is one trace also when every service is its own process: the coordinator and
-the eight host services of the fault suite's process cluster (no fault injected), each shipping
-its spans over RabbitMQ to the coordinator, which ``ferry trace`` then reads."""
+"""One migration is one trace, completed or rolled back, also when every service is its own
+process: the coordinator and the eight host services of the fault suite's process cluster (no
+fault injected), each shipping its spans over RabbitMQ to the coordinator, which
+``ferry trace`` then reads."""
 
 from __future__ import annotations
 
@@ -93,3 +94,45 @@ async def test_one_migration_is_one_trace_across_processes(procs: ProcCluster, s
         assert s["end"] >= s["start"] > 0, s
     text = render_trace(spans)
     assert f"migration {mid}" in text and "[host/host-b/migration_policy]" in text
+
+
+async def test_a_rolled_back_migration_is_one_trace_across_processes(procs: ProcCluster, sess: Session) -> None:
+    """The hypervisor fails the migration: the failed step and the compensation, with the
+    clean-up handlers of both hosts under it, are in the same trace."""
+    vm = f"vm-trace-{uuid.uuid4().hex[:6]}"
+    await sess.create_vm(vm, "host-a", sim_bandwidth_mibps=512, sim_fail="migrate")
+    await sess.send_events(vm, 5)
+    mid = await sess.client.migrate(vm, "host-b")
+    rec = await sess.outcome(mid, timeout=60)
+    assert rec["status"] == "rolled_back", rec["data"].get("reason")
+
+    def compensated(spans: list[dict[str, Any]]) -> list[str]:
+        root = next((s for s in spans if s["name"] == f"migration {mid}"), None)
+        if root is None:
+            return ["no root span"]
+        trace = [s for s in spans if s["trace_id"] == root["trace_id"]]
+        ids = {s["span_id"] for s in trace}
+        wrong = [f"{s['name']} [{s['service']}] has no parent in the trace" for s in trace
+                 if s is not root and s["parent_id"] not in ids]
+        comp = [s for s in trace if s["name"] == "compensate" and s["parent_id"] == root["span_id"]]
+        if len(comp) != 1:
+            return [*wrong, f"{len(comp)} compensate spans under the root"]
+        cleanup = {s["service"] for s in trace if s["parent_id"] == comp[0]["span_id"] and s["name"].startswith("handle ")}
+        want = {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter",
+                "host/host-b/sensor", "host/host-b/managed_object", "host/host-b/hypervisor_adapter"}
+        return wrong + [f"no clean-up handler of {svc} under compensate" for svc in sorted(want - cleanup)]
+
+    wrong: list[str] = ["not read yet"]
+    spans: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 20
+    while wrong and time.monotonic() < deadline:
+        spans = await sess.client.trace(mid)
+        wrong = compensated(spans)
+        if wrong:
+            await asyncio.sleep(0.3)
+    assert not wrong, wrong
+    root = next(s for s in spans if s["name"] == f"migration {mid}")
+    assert root["status"] == "ERROR" and root["attributes"]["ferry.outcome"] == "rolled_back"
+    failed = [s["name"] for s in spans if s["name"].startswith("step ") and s["status"] == "ERROR"]
+    assert failed == ["step migrate_vm"], failed
+    assert any("compensation" in e for s in spans if s["name"] == "compensate" for e in s["events"])
