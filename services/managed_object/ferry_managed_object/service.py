@@ -95,7 +95,7 @@ class ManagedObjectService(HostService):
     def dispatched_count(self, vm_id: str) -> int:
         """How many of ``vm_id``'s events this host has dispatched, ever (the ledger keeps
         only the newest ``ledger_max`` of their ids)."""
-        return self._ledger_next.get(vm_id, len(self.ledger.get(vm_id, ())))
+        return self._ledger_next.get(vm_id, 0)
 
     # ---- durable state: planes, modules, the dedup window and the ledger ----------------
     async def restore(self) -> None:
@@ -206,7 +206,7 @@ class ManagedObjectService(HostService):
             # the policies' state, the dedup window, the ledger and the effects still to send,
             # in one write before the ack: a crash leaves all of them or none, so a redelivery
             # neither applies an event twice nor loses what its policies asked for
-            start = self._ledger_next.get(msg.vm_id, len(ledger))
+            start = self._ledger_next.get(msg.vm_id, 0)
             ledger.extend(applied)
             self._ledger_next[msg.vm_id] = start + len(applied)
             outbox = [(f"{start:012d}.{j:04d}", row) for j, row in enumerate(self._outgoing(plane, effects))]

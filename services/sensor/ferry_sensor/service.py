@@ -229,13 +229,8 @@ class SensorService(HostService):
             self.leases.grant(vm_id, grant.ttl_s)
         for vm_id in grant.granted:
             vm = self.vms.get(vm_id)
-            # what arrives while a drain runs is held behind it, and goes in the next one
-            while vm is not None and vm.mode == "active" and vm.queued and not vm.draining:
-                try:
-                    await self._drain(vm)
-                except FerryError as exc:
-                    log.info("held events of %s not dispatched yet: %s", vm_id, exc.reason)
-                    break
+            if vm is not None:
+                await self._drain_all(vm)
         for vm_id, owner in grant.moved.items():
             vm = self.vms.get(vm_id)
             if vm is not None and vm.mode == "active" and owner != self.host:
@@ -438,7 +433,7 @@ class SensorService(HostService):
                 await self._drain(vm)
             except FerryError as exc:
                 # still held, durably; the lease loop tries again
-                log.info("backlog of %s not dispatched yet: %s", vm.vm_id, exc.reason)
+                log.info("held events of %s not dispatched yet: %s", vm.vm_id, exc.reason)
                 return
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Wire:
