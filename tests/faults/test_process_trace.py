@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -60,6 +60,21 @@ def _shape(spans: list[dict[str, Any]], mid: str) -> list[str]:
     return wrong
 
 
+async def _stored_trace(sess: Session, mid: str, problems: Callable[[list[dict[str, Any]]], list[str]],
+                        timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The stored trace of ``mid`` once ``problems`` finds nothing wrong with it (each process
+    ships its spans in batches, so the tree fills in over a moment); fails with what is still
+    wrong after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = await sess.client.trace(mid)
+        wrong = problems(spans)
+        if not wrong:
+            return spans
+        assert time.monotonic() < deadline, wrong
+        await asyncio.sleep(0.3)
+
+
 async def test_one_migration_is_one_trace_across_processes(procs: ProcCluster, sess: Session) -> None:
     vm = f"vm-trace-{uuid.uuid4().hex[:6]}"
     await sess.create_vm(vm, "host-a", sim_bandwidth_mibps=512)
@@ -69,15 +84,7 @@ async def test_one_migration_is_one_trace_across_processes(procs: ProcCluster, s
     assert rec["status"] == "completed", rec["data"].get("reason")
 
     # spans are shipped in batches by each process: wait until the tree is whole
-    wrong: list[str] = ["not read yet"]
-    spans: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 20
-    while wrong and time.monotonic() < deadline:
-        spans = await sess.client.trace(mid)
-        wrong = _shape(spans, mid)
-        if wrong:
-            await asyncio.sleep(0.3)
-    assert not wrong, wrong
+    spans = await _stored_trace(sess, mid, lambda got: _shape(got, mid))
 
     root = next(s for s in spans if s["name"] == f"migration {mid}")
     assert root["service"] == "coordinator" and root["attributes"]["ferry.outcome"] == "completed"
@@ -122,15 +129,7 @@ async def test_a_rolled_back_migration_is_one_trace_across_processes(procs: Proc
                 "host/host-b/sensor", "host/host-b/managed_object", "host/host-b/hypervisor_adapter"}
         return wrong + [f"no clean-up handler of {svc} under compensate" for svc in sorted(want - cleanup)]
 
-    wrong: list[str] = ["not read yet"]
-    spans: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 20
-    while wrong and time.monotonic() < deadline:
-        spans = await sess.client.trace(mid)
-        wrong = compensated(spans)
-        if wrong:
-            await asyncio.sleep(0.3)
-    assert not wrong, wrong
+    spans = await _stored_trace(sess, mid, compensated)
     root = next(s for s in spans if s["name"] == f"migration {mid}")
     assert root["status"] == "ERROR" and root["attributes"]["ferry.outcome"] == "rolled_back"
     failed = [s["name"] for s in spans if s["name"].startswith("step ") and s["status"] == "ERROR"]
