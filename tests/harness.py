@@ -93,6 +93,19 @@ class Cluster:
         self.sent.setdefault(vm_id, []).extend(out)
         return out
 
+    async def send_batches(self, vm_id: str, n: int, size: int, **kw: Any) -> list[Event]:
+        """Like :meth:`send_events`, as ``VmEventBatch`` messages of ``size`` events."""
+        from ferry_cli.sample import event
+        out = []
+        start = len(self.sent.get(vm_id, []))
+        for i in range(start, start + n):
+            self._ts += 1.0
+            out.append(event(vm_id, i, 1_000_000.0 + self._ts, **kw))
+        for i in range(0, n, size):
+            await self.client.send_batch(vm_id, out[i : i + size])
+        self.sent.setdefault(vm_id, []).extend(out)
+        return out
+
     async def migrate(self, vm_id: str, target: str, *, timeout: float = 60.0, **kw: Any) -> Any:
         mid = await self.client.migrate(vm_id, target, **kw)
         return await self.client.outcome(mid, timeout=timeout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, get_args
 
 from ferry_common.bus.interfaces import QueueSpec
@@ -31,13 +31,14 @@ from ferry_common.messages.commands import (
     SetAttributes,
     TraceSpans,
 )
-from ferry_common.messages.domain import ManagementGraph, Module, VmSpec
+from ferry_common.messages.domain import Event, ManagementGraph, Module, VmSpec
 from ferry_common.messages.public import (
     MigrateRequest,
     MigrationCancel,
     MigrationStatusEvent,
     Status,
     VmEvent,
+    VmEventBatch,
 )
 
 TERMINAL = ("completed", "rolled_back", "rejected")
@@ -152,6 +153,10 @@ class FerryClient:
 
     async def send_event(self, event: VmEvent) -> None:
         await self.endpoint.send(vm_events(event.vm_id), event)
+
+    async def send_batch(self, vm_id: str, events: Sequence[Event]) -> None:
+        """Send events of ``vm_id`` as one :class:`VmEventBatch` message."""
+        await self.endpoint.send(vm_events(vm_id), VmEventBatch(vm_id=vm_id, events=list(events)))
 
     async def set_attributes(self, host: str, vm_id: str, element_id: str, attributes: dict[str, Any]) -> None:
         await self.endpoint.request(

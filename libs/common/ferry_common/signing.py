@@ -92,6 +92,7 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "ActivateVmEvents": _EVERYONE,
     "SetAttributes": _EVERYONE,
     "VmEvent": _EVERYONE,
+    "VmEventBatch": _EVERYONE,
     # everything else is service-to-service traffic
     "*": ["host/*", "coordinator"],
 }

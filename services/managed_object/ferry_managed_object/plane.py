@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +36,10 @@ class VmPlane:
     migration_id: str | None = None
     epoch: int = 0
     recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # the dedup window is stored a row per id, keyed by this counter: a dispatch writes its new
+    # ids, not the whole window; ``recent_trimmed`` says old rows are due to go
+    recent_next: int = 0
+    recent_trimmed: bool = False
     dirty_elements: set[str] = field(default_factory=set)
     dirty_embots: set[str] = field(default_factory=set)
     # everything changed since the first export: the final round resends it all, in case a
@@ -56,6 +61,7 @@ class VmPlane:
             migration_id=migration_id,
             recent=OrderedDict.fromkeys(graph.recent_event_ids),
         )
+        plane.recent_next = len(plane.recent)
         plane.reindex()
         return plane
 
@@ -82,10 +88,21 @@ class VmPlane:
         if event_id in self.recent:
             return False
         self.recent[event_id] = None
+        self.recent_next += 1
         if len(self.recent) > RECENT_IDS * 4:
             for _ in range(RECENT_IDS):
                 self.recent.popitem(last=False)
+            self.recent_trimmed = True
         return True
+
+    def recent_rows(self, n: int) -> list[tuple[str, str]]:
+        """The stored rows of the ``n`` newest ids of the window."""
+        ids = list(itertools.islice(reversed(self.recent), n))[::-1]
+        return [(f"{self.recent_next - len(ids) + i:012d}", e) for i, e in enumerate(ids)]
+
+    def recent_stale_key(self) -> str:
+        """The newest stored key no longer in the window (rows up to it can go)."""
+        return f"{self.recent_next - len(self.recent) - 1:012d}"
 
     def mark_element(self, element_id: str) -> None:
         if self.status == "exporting":
@@ -113,7 +130,7 @@ class VmPlane:
 
     @classmethod
     def restore(cls, vm_id: str, meta: dict[str, Any], elements: list[Element], embots: list[Embot],
-                recent: list[str]) -> VmPlane:
+                recent: list[str], recent_next: int) -> VmPlane:
         plane = cls.from_graph(
             ManagementGraph(vm_id=vm_id, elements=elements, embots=embots,
                             manifest=[ModuleRef.model_validate(r) for r in meta["manifest"]],
@@ -122,6 +139,7 @@ class VmPlane:
             meta.get("migration_id"),
         )
         plane.recent = OrderedDict.fromkeys(recent)
+        plane.recent_next = recent_next
         plane.epoch = int(meta.get("epoch", 0))
         plane.dirty_elements = set(meta.get("dirty_elements", []))
         plane.dirty_embots = set(meta.get("dirty_embots", []))

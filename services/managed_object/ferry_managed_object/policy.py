@@ -125,7 +125,8 @@ class PolicyEngine:
             check_cel(event)
             check_cel(element)
             self._checked = (event, element)
-        check_cel(state)
+        # ``state`` is not walked here: what enters it is checked where it enters (the wire's
+        # limits keep integers in CEL's range; every update below checks what it stores)
         scope = _Scope(event, element, state)
         if self._eval(policy.condition, scope) is not True:
             return []
@@ -145,9 +146,13 @@ class PolicyEngine:
             state[key] = state.get(key, 0) + (value if value is not None else 1)
         else:
             return [Effect(action.kind, action.key, value, action.target_host)]
+        try:
+            check_cel(state[key])  # an increment can leave CEL's integer range
+        except ValueError as exc:
+            _restore(state, key, previous)
+            raise PolicyError(f"state.{key} not updated: {exc}") from None
         _keep_bounded(state, key, previous)
         # later actions of the same policy see the updated state
-        check_cel(state)
         scope.state_changed()
         return []
 
@@ -435,14 +440,28 @@ def _keep_bounded(state: dict[str, Any], key: str, previous: Any) -> None:
     A policy that sets ``[state.l, state.l]`` doubles its state on every event: without
     this the host runs out of time and memory within a few dozen events.
     """
+    value = state[key]
+    if previous is not _ABSENT and _is_scalar(previous) and _is_scalar(value):
+        # a scalar replaced by a scalar (a counter, a last-seen value): no container, count or
+        # depth changed, so only the value itself needs a look, not the whole state
+        if not (isinstance(value, str) and len(value) > MAX_STRING):
+            return
     why = _state_problem(state)
     if why is None:
         return
+    _restore(state, key, previous)
+    raise PolicyError(f"state.{key} not updated: the state would {why}")
+
+
+def _restore(state: dict[str, Any], key: str, previous: Any) -> None:
     if previous is _ABSENT:
         state.pop(key, None)
     else:
         state[key] = previous
-    raise PolicyError(f"state.{key} not updated: the state would {why}")
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, dict | list)
 
 
 def _state_problem(state: dict[str, Any]) -> str | None:

@@ -73,6 +73,7 @@ class ManagedObjectService(HostService):
         self.ledger: dict[str, list[str]] = {}
         self.ledger_max = ledger_max
         self._ledger_next: dict[str, int] = {}  # per VM, the sequence number of the next entry
+        self._ledger_low: dict[str, int] = {}  # per VM, the oldest sequence number still stored
         # per VM, what its policies asked to send that is not out yet, oldest first
         self.outbox: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self.policy_errors = 0
@@ -104,12 +105,15 @@ class ManagedObjectService(HostService):
         for vm_id, meta in await self.state.items("plane"):
             elements = [Element.model_validate(v) for _, v in await self.state.items(f"el.{vm_id}")]
             embots = [Embot.model_validate(v) for _, v in await self.state.items(f"eb.{vm_id}")]
-            recent = await self.state.get("recent", vm_id) or []
-            self.planes[vm_id] = VmPlane.restore(vm_id, meta, elements, embots, recent)
+            rows = await self.state.items(f"recent.{vm_id}")
+            recent = [v for _, v in rows]
+            self.planes[vm_id] = VmPlane.restore(vm_id, meta, elements, embots, recent,
+                                                 int(rows[-1][0]) + 1 if rows else 0)
         for key in {k for k, _ in await self.state.items("ledgers")}:
             rows = await self.state.items(f"ledger.{key}")
             self.ledger[key] = [v for _, v in rows][-self.ledger_max:]
             self._ledger_next[key] = int(rows[-1][0]) + 1 if rows else 0
+            self._ledger_low[key] = int(rows[0][0]) if rows else 0
             if pending := await self.state.items(f"outbox.{key}"):
                 self.outbox[key] = pending
 
@@ -130,7 +134,9 @@ class ManagedObjectService(HostService):
         await self.state.clear(f"eb.{vm}")
         await self.state.put_many(f"el.{vm}", [(e.id, e.model_dump(mode="json")) for e in plane.elements.values()])
         await self._save_embots(plane, list(plane.embots))
-        await self.state.put("recent", vm, list(plane.recent))
+        await self.state.clear(f"recent.{vm}")
+        await self.state.put_many(f"recent.{vm}", plane.recent_rows(len(plane.recent)))
+        plane.recent_trimmed = False
         await self._save_meta(plane)
 
     async def _save_embots(self, plane: VmPlane, ids: list[str]) -> None:
@@ -140,7 +146,7 @@ class ManagedObjectService(HostService):
         await self.state.delete("plane", vm_id)
         await self.state.clear(f"el.{vm_id}")
         await self.state.clear(f"eb.{vm_id}")
-        await self.state.delete("recent", vm_id)
+        await self.state.clear(f"recent.{vm_id}")
 
     # ---- administration -----------------------------------------------------------
     async def on_install(self, msg: InstallModules, ctx: Context) -> Done:
@@ -214,15 +220,23 @@ class ManagedObjectService(HostService):
             vm = plane.vm_id
             await self.state.write([
                 *((f"eb.{vm}", i, plane.embot(i).model_dump(mode="json")) for i in sorted(touched)),
-                ("recent", vm, list(plane.recent)),
+                *((f"recent.{vm}", k, e) for k, e in plane.recent_rows(len(applied))),
                 ("ledgers", vm, True),
                 *((f"ledger.{vm}", f"{start + i:012d}", e) for i, e in enumerate(applied)),
                 *((f"outbox.{vm}", key, row) for key, row in outbox),
             ])
+            if plane.recent_trimmed:
+                plane.recent_trimmed = False
+                await self.state.delete_through(f"recent.{vm}", plane.recent_stale_key())
             if len(ledger) > self.ledger_max:
                 del ledger[: len(ledger) - self.ledger_max]
-                # after the write: a crash before this trim leaves a longer trail, not a gap
-                await self.state.delete_through(f"ledger.{vm}", f"{start + len(applied) - self.ledger_max - 1:012d}")
+            end = start + len(applied)
+            if end - self._ledger_low.get(vm, 0) > self.ledger_max + self.ledger_max // 16:
+                # after the write: a crash before this trim leaves a longer trail, not a gap.
+                # The stored trail is trimmed in steps of 1/16: a range delete per dispatch
+                # would cost as much as the dispatch
+                await self.state.delete_through(f"ledger.{vm}", f"{end - self.ledger_max - 1:012d}")
+                self._ledger_low[vm] = end - self.ledger_max
         # also on a redelivery that applies nothing: what a failed send left is sent now
         await self._send_outbox(msg.vm_id)
         return None

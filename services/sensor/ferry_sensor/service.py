@@ -44,7 +44,7 @@ from ferry_common.messages.commands import (
     StageEvents,
 )
 from ferry_common.messages.domain import Event
-from ferry_common.messages.public import VmEvent
+from ferry_common.messages.public import VmEvent, VmEventBatch
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 
@@ -79,6 +79,7 @@ class SensorService(HostService):
         r = self.router
         r.route_key("vm.*.event", VmEvent)
         r.add(VmEvent, self.on_event)
+        r.add(VmEventBatch, self.on_batch)
         r.add(ActivateVmEvents, self.on_activate)
         r.add(Inspect, self.on_inspect)
         self.step(FreezeEvents, self.on_freeze)
@@ -148,42 +149,51 @@ class SensorService(HostService):
 
     # ---- events -------------------------------------------------------------------
     async def on_event(self, msg: VmEvent, ctx: Context) -> None:
+        await self._take(msg.vm_id, [Event.model_validate(msg.model_dump())])
+
+    async def on_batch(self, msg: VmEventBatch, ctx: Context) -> None:
+        await self._take(msg.vm_id, msg.events)
+
+    async def _take(self, vm_id: str, events: list[Event]) -> None:
+        """Dispatch, queue or hold ``events`` (all of ``vm_id``), as each would be alone."""
         # everything up to the first await runs in delivery order: keep state changes here
-        event = Event.model_validate(msg.model_dump())
-        vm = self.vms.get(event.vm_id)
+        vm = self.vms.get(vm_id)
         if vm is None:
-            if event.vm_id in self.released:
-                # the key was bound here and on the target at once: the target has this event
-                self.duplicates += 1
+            if vm_id in self.released:
+                # the key was bound here and on the target at once: the target has these events
+                self.duplicates += len(events)
                 return None
-            raise InvalidMessage(f"vm {event.vm_id!r} is not on host {self.host!r}")
-        if vm.mode != "active":
-            if not vm.add(event):
-                self.duplicates += 1
-                return None
-            metrics.QUEUED_EVENTS.labels(host=self.host).inc()  # per event: no recount on the hot path
-            # queued for a migration: durable before the delivery is acknowledged
-            await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
+            raise InvalidMessage(f"vm {vm_id!r} is not on host {self.host!r}")
+        active = vm.mode == "active"
+        if active and not (vm.queued or vm.draining or vm.suspended or not self.leases.valid(vm_id)):
+            fresh = [e for e in events if vm.first_time(e.id)]
+            self.duplicates += len(events) - len(fresh)
+            try:
+                await self._dispatch(fresh)
+            except BaseException:
+                # not dispatched, nor held: the delivery comes again, and must not be taken for
+                # duplicates then
+                for e in fresh:
+                    vm.seen.pop(e.id, None)
+                raise
             return None
-        if vm.queued or vm.draining or vm.suspended or not self.leases.valid(vm.vm_id):
-            # no lease (or older events still held): hold this one too, in order, durably
-            if not vm.add(event):
+        # queued for a migration, or held (no lease, or older events still held): in order,
+        # durably, before the delivery is acknowledged
+        rows = []
+        for e in events:
+            if vm.add(e):
+                rows.append((vm.store_key(), e.model_dump(mode="json")))
+            else:
                 self.duplicates += 1
-                return None
-            self.held += 1
-            await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), event.model_dump(mode="json"))
+        if not rows:
+            return None
+        if active:
+            self.held += len(rows)
+        else:
+            metrics.QUEUED_EVENTS.labels(host=self.host).inc(len(rows))  # no recount on the hot path
+        await self.state.put_many(_queue_ns(vm.vm_id), rows)
+        if active:
             self.renew_soon()
-            return None
-        if not vm.first_time(event.id):
-            self.duplicates += 1
-            return None
-        try:
-            await self._dispatch([event])
-        except BaseException:
-            # not dispatched, nor held: the delivery comes again, and must not be taken for a
-            # duplicate then
-            vm.seen.pop(event.id, None)
-            raise
         return None
 
     # ---- leases ---------------------------------------------------------------------
@@ -269,26 +279,35 @@ class SensorService(HostService):
             # goes in one message per VM, not one confirmed publish per event
             self._flush_scheduled = False
             batches, self._batches = self._batches, {}
-            failed: set[str] = set()
+            by_vm: dict[str, list[tuple[bool, _Batch]]] = {}
             for (vm_id, drain), batch in batches.items():
-                vm = self.vms.get(vm_id)
-                try:
-                    if vm_id in failed or (not drain and vm is not None and vm.suspended):
-                        raise Transient(f"events of {vm_id} are held behind a dispatch that failed")
-                    await self._send(vm_id, batch.events)
-                except Exception as exc:
-                    failed.add(vm_id)
-                    if drain or vm is None or self.vms.get(vm_id) is not vm:
-                        batch.done.set_exception(exc)  # a drain puts its events back itself
-                        continue
-                    await self._hold_failed(vm, batch, exc)
-                except BaseException as exc:
-                    for b in batches.values():
-                        if not b.done.done():
-                            b.done.set_exception(exc)
-                    raise
-                else:
-                    batch.done.set_result(None)
+                by_vm.setdefault(vm_id, []).append((drain, batch))
+            try:
+                # VMs are independent: their confirms are awaited together, not one after another
+                await asyncio.gather(*(self._flush_vm(vm_id, items) for vm_id, items in by_vm.items()))
+            except BaseException as exc:
+                for b in batches.values():
+                    if not b.done.done():
+                        b.done.set_exception(exc)
+                raise
+
+    async def _flush_vm(self, vm_id: str, items: list[tuple[bool, _Batch]]) -> None:
+        """Send one VM's batches of this flush in order (a drain ahead of live events)."""
+        vm = self.vms.get(vm_id)
+        failed = False
+        for drain, batch in items:
+            try:
+                if failed or (not drain and vm is not None and vm.suspended):
+                    raise Transient(f"events of {vm_id} are held behind a dispatch that failed")
+                await self._send(vm_id, batch.events)
+            except Exception as exc:
+                failed = True
+                if drain or vm is None or self.vms.get(vm_id) is not vm:
+                    batch.done.set_exception(exc)  # a drain puts its events back itself
+                    continue
+                await self._hold_failed(vm, batch, exc)
+            else:
+                batch.done.set_result(None)
 
     async def _hold_failed(self, vm: VmEvents, batch: _Batch, exc: Exception) -> None:
         """Live events that did not go out (the connection went, or a dispatch ahead of them

@@ -30,7 +30,9 @@ Expression = Annotated[str, StringConstraints(min_length=1, max_length=MAX_EXPRE
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
-_PLAIN = frozenset({int, float, bool, type(None)})
+_PLAIN = frozenset({float, bool, type(None)})
+# CEL's integers are 64-bit: a policy could not read a larger one, nor a state hold it
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 def _check_json(value: Any, depth: int = 0) -> None:
@@ -51,7 +53,10 @@ def _check_json(value: Any, depth: int = 0) -> None:
     elif isinstance(value, str):
         if len(value) > MAX_STRING:
             raise ValueError(f"string longer than {MAX_STRING}")
-    elif value is None or isinstance(value, bool | int | float):
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT_MIN <= value <= INT_MAX:
+            raise ValueError("integer outside the 64-bit range")
+    elif value is None or isinstance(value, bool | float):
         return
     else:
         raise ValueError(f"not a JSON value: {type(value).__name__}")
@@ -65,6 +70,9 @@ def _check_child(v: Any, depth: int) -> None:
     if t is str:
         if len(v) > MAX_STRING:
             raise ValueError(f"string longer than {MAX_STRING}")
+    elif t is int:
+        if not INT_MIN <= v <= INT_MAX:
+            raise ValueError("integer outside the 64-bit range")
     elif t not in _PLAIN:
         _check_json(v, depth + 1)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Wire
 from .domain import Event, VmSpec
@@ -69,6 +69,29 @@ class HostInventory(Wire):
 
 class VmEvent(Event):
     """A service-plane event as a producer publishes it on ``vm.<vm_id>.event``."""
+
+
+MAX_BATCH = 1000
+
+
+class VmEventBatch(Wire):
+    """Several events of one VM in one message, on ``vm.<vm_id>.event`` with AMQP type
+    ``VmEventBatch``: a collector that gathers events costs the broker one message per batch.
+
+    The sensor takes a batch as it takes its events one by one, in list order: each is
+    acted on once (by id), in time order; the batch is acknowledged once all of it is
+    dispatched or durably queued.
+    """
+
+    vm_id: Name
+    events: list[Event] = Field(min_length=1, max_length=MAX_BATCH)
+
+    @model_validator(mode="after")
+    def _one_vm(self) -> VmEventBatch:
+        for e in self.events:
+            if e.vm_id != self.vm_id:
+                raise ValueError(f"event {e.id!r} is for vm {e.vm_id!r}, not {self.vm_id!r}")
+        return self
 
 
 class Alarm(Wire):
