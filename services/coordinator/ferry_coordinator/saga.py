@@ -517,8 +517,9 @@ class MigrationSaga:
         self.ctx.on_owner(vm_id, self.target, int(epoch))
         msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s)
         _expect(await self._call(self.target, "managed_object", msg), MigrationCompleteAck)
-        ack = _expect(await self._call(self.target, "sensor", msg), MigrationCompleteAck)
         await self._call(self.target, "migration_policy", CommitReservation(migration_id=self.mid, vm_id=vm_id))
+        # the sensor last: once it answers, the backlog goes out beside the saga's last step
+        ack = _expect(await self._call(self.target, "sensor", msg), MigrationCompleteAck)
         return "teardown", {"epoch": epoch, "events_dispatched_on_target": ack.dispatched}
 
     async def step_teardown(self) -> tuple[None, dict[str, Any]]:

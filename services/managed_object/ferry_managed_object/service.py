@@ -191,7 +191,7 @@ class ManagedObjectService(HostService):
         return Done()
 
     # ---- dispatch: the embots at work ---------------------------------------------
-    async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> None:
+    async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> Done:
         plane = self._plane(msg.vm_id)
         if plane.status not in ("active", "exporting"):
             # fencing: only the owner's plane acts on events. While it is exported it still
@@ -239,7 +239,7 @@ class ManagedObjectService(HostService):
                 self._ledger_low[vm] = end - self.ledger_max
         # also on a redelivery that applies nothing: what a failed send left is sent now
         await self._send_outbox(msg.vm_id)
-        return None
+        return Done()  # answered only when asked (a drain's chunk); live dispatches are sent
 
     def _outgoing(self, plane: VmPlane, effects: list[tuple[str, str, str, Effect]]) -> list[dict[str, Any]]:
         """The messages ``effects`` ask for, made once: a resend carries the same ids."""

@@ -15,6 +15,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+from pydantic import TypeAdapter
+
 from ferry_common import metrics
 from ferry_common.bus.topology import COORDINATOR_QUERY, host_command, vm_events
 from ferry_common.endpoint import Context, Endpoint, Forward
@@ -53,6 +56,7 @@ from .queues import VmEvents
 
 log = logging.getLogger(__name__)
 DISPATCH_BATCH = 2000
+_EVENTS = TypeAdapter(list[Event])
 
 
 class SensorService(HostService):
@@ -72,6 +76,8 @@ class SensorService(HostService):
         self._send_lock = asyncio.Lock()
         self.leases = LeaseBook(endpoint.clock)
         self.lease_timeout_s = 5.0
+        self.drain_chunk_timeout_s = 30.0
+        self._drain_sent: dict[str, int] = {}  # vm_id -> events of the running drain sent so far
         self._renewing: asyncio.Task[None] | None = None
         self._drains: dict[str, asyncio.Task[None]] = {}  # vm_id -> its backlog going out
         self._lease_loop: asyncio.Task[None] | None = None
@@ -101,7 +107,8 @@ class SensorService(HostService):
             vm = VmEvents(vm_id, meta["mode"], meta.get("migration_id"), completed_by=meta.get("completed_by"))
             stored = await self.state.items(_queue_ns(vm_id))
             for _, raw in stored:
-                vm.add(Event.model_validate(raw))
+                for one in raw if isinstance(raw, list) else [raw]:  # a list: a step-4 transfer
+                    vm.add(Event.model_validate(one))
             vm.seq = max((int(k) for k, _ in stored), default=0)  # new keys go after the old
             self.vms[vm_id] = vm
         self.released = dict(await self.state.items("released"))
@@ -125,19 +132,27 @@ class SensorService(HostService):
     async def _drain(self, vm: VmEvents) -> None:
         """Dispatch what ``vm`` holds, in order, ahead of anything arriving meanwhile.
 
-        If it does not get out (the connection went) it is held again, still first.
+        What does not get out (the connection went, a chunk was not answered) is held again,
+        still first; what did get out is not: a resend could come after the managed-object
+        service's dedup window has moved past it.
         """
         events, through = vm.merged(), vm.seq
         held, vm.queues, vm.draining = vm.queues, {}, True
+        self._drain_sent[vm.vm_id] = 0
         try:
             await self._dispatch(events, drain=True)
         except BaseException:
+            sent = {e.id for e in events[: self._drain_sent.get(vm.vm_id, 0)]}
+            if sent:
+                held = {k: [e for e in q if e.id not in sent] for k, q in held.items()}
+                held = {k: q for k, q in held.items() if q}
             for element_id, queued in vm.queues.items():
                 held.setdefault(element_id, []).extend(queued)
             vm.queues = held
             raise
         finally:
             vm.draining = False
+            self._drain_sent.pop(vm.vm_id, None)
         if not vm.queued:
             vm.suspended = False  # everything held is out: live dispatch may resume
         await self._drained(vm, through)
@@ -299,7 +314,7 @@ class SensorService(HostService):
             try:
                 if failed or (not drain and vm is not None and vm.suspended):
                     raise Transient(f"events of {vm_id} are held behind a dispatch that failed")
-                await self._send(vm_id, batch.events)
+                await self._send(vm_id, batch.events, drain=drain)
             except Exception as exc:
                 failed = True
                 if drain or vm is None or self.vms.get(vm_id) is not vm:
@@ -330,11 +345,19 @@ class SensorService(HostService):
         batch.done.set_result(None)
         self.renew_soon()
 
-    async def _send(self, vm_id: str, events: list[Event]) -> None:
+    async def _send(self, vm_id: str, events: list[Event], *, drain: bool = False) -> None:
+        key = host_command(self.host, "managed_object")
         for i in range(0, len(events), DISPATCH_BATCH):
-            chunk = events[i : i + DISPATCH_BATCH]
-            await self.endpoint.send(host_command(self.host, "managed_object"), DispatchEvents(vm_id=vm_id, events=chunk))
-            self.dispatched += len(chunk)
+            msg = DispatchEvents(vm_id=vm_id, events=events[i : i + DISPATCH_BATCH])
+            if drain:
+                # a backlog goes a chunk at a time, each once the managed-object service has
+                # acted on the one before: its queue never holds the whole backlog, and what
+                # else it is asked (a saga's next step) waits for one chunk, not for all
+                await self.endpoint.request(key, msg, timeout=self.drain_chunk_timeout_s)
+                self._drain_sent[vm_id] = self._drain_sent.get(vm_id, 0) + len(msg.events)
+            else:
+                await self.endpoint.send(key, msg)
+            self.dispatched += len(msg.events)
 
     # ---- commands -----------------------------------------------------------------
     async def on_activate(self, msg: ActivateVmEvents, ctx: Context) -> Done:
@@ -409,10 +432,14 @@ class SensorService(HostService):
         strangers = sorted({e.element_id for e in msg.events if e.element_id not in known or e.vm_id != msg.vm_id})
         if strangers:
             return ManagedObjectInstantiationError(reason=f"events for elements not migrated: {', '.join(strangers[:5])}")
-        rows = [(vm.store_key(), e.model_dump(mode="json")) for e in msg.events if vm.add(e)]
-        await self.state.put_many(_queue_ns(vm.vm_id), rows)
+        fresh = [e for e in msg.events if vm.add(e)]
+        if fresh:
+            # one row for the whole transfer, written as pydantic-core serialises it (a row per
+            # event costs more than the transfer itself); its key is that of its last event, so a
+            # drain that took them all deletes it, and one that did not keeps it
+            await self.state.put(_queue_ns(vm.vm_id), vm.store_key(), orjson.Fragment(_EVENTS.dump_json(fresh)))
         self._count_queued()
-        return ManagementEventStateSuccess(staged=len(rows))
+        return ManagementEventStateSuccess(staged=len(fresh))
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)

@@ -1,0 +1,64 @@
+"""A backlog goes to the managed-object service a chunk at a time, each chunk answered before
+the next; when a chunk is not answered, what was already acted on is not sent again (a resend
+could come after the dedup window moved past it) and the rest goes on the next try."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ferry_common.errors import StepTimeout
+from ferry_common.messages.commands import DispatchEvents
+from ferry_managed_object import plane as plane_module
+from ferry_sensor import service as sensor_module
+from tests.harness import Cluster, make_cluster, until
+
+
+@pytest.fixture
+async def cluster(bus_kind: str):
+    c = await make_cluster(bus_kind)
+    yield c
+    await c.close()
+
+
+async def test_a_drain_that_fails_midway_resends_only_what_did_not_get_out(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sensor_module, "DISPATCH_BATCH", 10)
+    monkeypatch.setattr(plane_module, "RECENT_IDS", 2)  # the dedup window keeps 6 to 8 ids
+    await cluster.create_vm("host-a", "vm1")
+    sensor = cluster.host("host-a").sensor
+    mo = cluster.host("host-a").managed_object
+    # renewals only when this test says
+    sensor._lease_loop.cancel()  # type: ignore[union-attr]
+    monkeypatch.setattr(sensor, "renew_soon", lambda: None)
+    if sensor._renewing is not None:
+        await sensor._renewing
+    sensor.leases.surrender("vm1")  # no lease: what arrives is held, to be drained later
+    await cluster.send_events("vm1", 45)
+
+    async def held() -> bool:
+        return sensor.vms["vm1"].queued == 45
+    await until(held, 10, "45 events held")
+
+    real = sensor.endpoint.request
+    chunks: list[int] = []
+
+    async def request(key: str, msg: Any, **kw: Any) -> Any:
+        if isinstance(msg, DispatchEvents):
+            chunks.append(len(msg.events))
+            if len(chunks) == 3:
+                raise StepTimeout("chunk not answered (test)")
+        return await real(key, msg, **kw)
+
+    monkeypatch.setattr(sensor.endpoint, "request", request)
+    await sensor.renew()  # granted: the drain sends two chunks, the third is not answered
+    assert chunks == [10, 10, 10] and sensor.vms["vm1"].queued == 25
+    assert mo.dispatched_count("vm1") == 20
+    await sensor.renew()  # the next try sends what is still held, and only that
+    assert chunks[3:] == [10, 10, 5] and sensor.vms["vm1"].queued == 0
+    await cluster.settle("vm1")
+    assert mo.ledger["vm1"] == [e.id for e in cluster.sent["vm1"]]
+    state = mo.planes["vm1"].state["vm1.load"]
+    assert state["seen"] == sum(1 for e in cluster.sent["vm1"] if e.element_id == "vm1")
