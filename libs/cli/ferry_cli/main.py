@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("vm")
     ev.add_argument("--count", type=int, default=10)
     ev.add_argument("--rate", type=float, default=0.0, help="per second (0: as fast as possible)")
+    ev.add_argument("--batch", type=int, default=1, help="events per message (VmEventBatch, at most 1000)")
     ev.set_defaults(func=_events)
 
     health = sub.add_parser("health", help="exit 0 if the service at URL is ready")
@@ -207,14 +208,24 @@ async def _vm_show(args: argparse.Namespace) -> int:
 async def _events(args: argparse.Namespace) -> int:
     import time
 
-    from ferry_common.messages.public import VmEvent
+    from ferry_common.messages.public import MAX_BATCH, VmEvent
 
     from .sample import event
 
+    if not 1 <= args.batch <= MAX_BATCH:
+        print(f"--batch must be between 1 and {MAX_BATCH}", file=sys.stderr)
+        return 2
     async with _client() as client:
+        pending: list[VmEvent] = []
         for n in range(args.count):
             ev = event(args.vm, n, time.time())
-            await client.send_event(VmEvent.model_validate(ev.model_dump() | {"id": f"{ev.id}-{time.time_ns()}"}))
+            pending.append(VmEvent.model_validate(ev.model_dump() | {"id": f"{ev.id}-{time.time_ns()}"}))
+            if len(pending) == args.batch or n == args.count - 1:
+                if len(pending) == 1 and args.batch == 1:
+                    await client.send_event(pending[0])
+                else:
+                    await client.send_batch(args.vm, pending)
+                pending = []
             if args.rate:
                 await asyncio.sleep(1.0 / args.rate)
     print(f"sent {args.count} events to {args.vm}")

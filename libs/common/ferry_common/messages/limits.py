@@ -78,7 +78,8 @@ def _check_child(v: Any, depth: int) -> None:
 
 
 def _bounded(value: dict[str, Any]) -> dict[str, Any]:
-    _check_json(value)
+    if value:  # most attribute and data dicts are empty or flat: no call for an empty one
+        _check_json(value)
     return value
 
 
