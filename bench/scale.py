@@ -51,7 +51,7 @@ from ferry_common.bus.topology import MIGRATION_REQUESTED, host_command  # noqa:
 from ferry_common.ids import new_id  # noqa: E402
 from ferry_common.messages.commands import EventsFrozen, FreezeEvents, InstallModules  # noqa: E402
 from ferry_common.messages.domain import Element, Embot, ManagementGraph  # noqa: E402
-from ferry_common.messages.public import MigrateRequest, VmEvent  # noqa: E402
+from ferry_common.messages.public import MAX_BATCH, MigrateRequest, VmEvent, VmEventBatch  # noqa: E402
 from ferry_coordinator.store import SagaRecord  # noqa: E402
 
 SOURCE, TARGET = "host-a", "host-b"
@@ -83,19 +83,22 @@ def backlog(vm_id: str, elements: int, n: int) -> list[VmEvent]:
 
 
 async def publish_all(cluster: BenchCluster, evs: list[VmEvent], window: int) -> None:
+    """Queue ``evs`` at the source (setup, not timed): in ``VmEventBatch`` messages of up to
+    ``MAX_BATCH`` events, in order, ``window`` in flight; the sensor queues them as it would
+    the same events one by one."""
     ep = cluster.client.endpoint
     sem = asyncio.Semaphore(window)
     tasks = []
 
-    async def one(ev: VmEvent) -> None:
+    async def one(batch: VmEventBatch) -> None:
         try:
-            await ep.send(f"vm.{ev.vm_id}.event", ev)
+            await ep.send(f"vm.{batch.vm_id}.event", batch)
         finally:
             sem.release()
 
-    for ev in evs:
+    for i in range(0, len(evs), MAX_BATCH):
         await sem.acquire()
-        tasks.append(asyncio.ensure_future(one(ev)))
+        tasks.append(asyncio.ensure_future(one(VmEventBatch(vm_id=evs[i].vm_id, events=list(evs[i : i + MAX_BATCH])))))
     await asyncio.gather(*tasks)
 
 
