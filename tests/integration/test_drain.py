@@ -62,3 +62,59 @@ async def test_a_drain_that_fails_midway_resends_only_what_did_not_get_out(
     assert mo.ledger["vm1"] == [e.id for e in cluster.sent["vm1"]]
     state = mo.planes["vm1"].state["vm1.load"]
     assert state["seen"] == sum(1 for e in cluster.sent["vm1"] if e.element_id == "vm1")
+
+
+class Crash(BaseException):
+    """Stands for kill -9 in the middle of a drain."""
+
+
+async def test_a_sensor_restarted_midway_through_a_drain_does_not_resend_what_was_acted_on(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ferry_cli.cluster import build_service
+    from ferry_sensor.service import SensorService
+
+    monkeypatch.setattr(sensor_module, "DISPATCH_BATCH", 10)
+    monkeypatch.setattr(plane_module, "RECENT_IDS", 2)
+    await cluster.create_vm("host-a", "vm1")
+    host = cluster.host("host-a")
+    sensor, mo = host.sensor, host.managed_object
+    sensor._lease_loop.cancel()  # type: ignore[union-attr]
+    monkeypatch.setattr(sensor, "renew_soon", lambda: None)
+    if sensor._renewing is not None:
+        await sensor._renewing
+    sensor.leases.surrender("vm1")
+    await cluster.send_events("vm1", 45)
+
+    async def held() -> bool:
+        return sensor.vms["vm1"].queued == 45
+    await until(held, 10, "45 events held")
+
+    real = sensor.endpoint.request
+    chunks: list[int] = []
+
+    async def request(key: str, msg: Any, **kw: Any) -> Any:
+        if isinstance(msg, DispatchEvents):
+            chunks.append(len(msg.events))
+            if len(chunks) == 3:
+                raise Crash()
+        return await real(key, msg, **kw)
+
+    monkeypatch.setattr(sensor.endpoint, "request", request)
+    with pytest.raises(Crash):
+        await sensor.renew()
+    assert mo.dispatched_count("vm1") == 20
+    await sensor.stop()
+    again = build_service("sensor", "host-a", sensor.endpoint.bus, state=sensor.state)
+    assert isinstance(again, SensorService)
+    await again.start()
+    host.services["sensor"] = again
+    assert again.vms["vm1"].queued == 25  # the two answered chunks are not held again
+
+    async def all_dispatched() -> bool:
+        return mo.dispatched_count("vm1") >= 45
+    await until(all_dispatched, 15, "the rest dispatched by the restarted sensor")
+    await cluster.settle("vm1")
+    assert mo.ledger["vm1"] == [e.id for e in cluster.sent["vm1"]]
+    assert mo.planes["vm1"].state["vm1.load"]["seen"] == sum(1 for e in cluster.sent["vm1"] if e.element_id == "vm1")
+    assert await again.state.items("drained.vm1") == []  # cleared once the drain got through

@@ -22,6 +22,7 @@ from ferry_common import metrics
 from ferry_common.bus.topology import COORDINATOR_QUERY, host_command, vm_events
 from ferry_common.endpoint import Context, Endpoint, Forward
 from ferry_common.errors import Conflict, FerryError, InvalidMessage, Transient
+from ferry_common.ids import new_id
 from ferry_common.messages.base import Wire
 from ferry_common.messages.commands import (
     ActivateVmEvents,
@@ -106,6 +107,9 @@ class SensorService(HostService):
         for vm_id, meta in await self.state.items("vm"):
             vm = VmEvents(vm_id, meta["mode"], meta.get("migration_id"), completed_by=meta.get("completed_by"))
             stored = await self.state.items(_queue_ns(vm_id))
+            for _, ids in await self.state.items(_drained_ns(vm_id)):
+                for event_id in ids:  # answered chunks of a drain the restart interrupted
+                    vm.first_time(event_id)
             for _, raw in stored:
                 for one in raw if isinstance(raw, list) else [raw]:  # a list: a step-4 transfer
                     vm.add(Event.model_validate(one))
@@ -122,12 +126,14 @@ class SensorService(HostService):
         await self.state.put("released", vm_id, migration_id)
         await self.state.delete("vm", vm_id)
         await self.state.clear(_queue_ns(vm_id))
+        await self.state.clear(_drained_ns(vm_id))
         self._count_queued()
 
     async def _drained(self, vm: VmEvents, through: int) -> None:
         """The queue's head up to key ``through`` is out; what came after stays stored."""
         await self._save(vm)
         await self.state.delete_through(_queue_ns(vm.vm_id), f"{through:012d}")
+        await self.state.clear(_drained_ns(vm.vm_id))  # after the queue: none of it is stored now
 
     async def _drain(self, vm: VmEvents) -> None:
         """Dispatch what ``vm`` holds, in order, ahead of anything arriving meanwhile.
@@ -355,6 +361,9 @@ class SensorService(HostService):
                 # else it is asked (a saga's next step) waits for one chunk, not for all
                 await self.endpoint.request(key, msg, timeout=self.drain_chunk_timeout_s)
                 self._drain_sent[vm_id] = self._drain_sent.get(vm_id, 0) + len(msg.events)
+                # the queue's rows go only when the whole drain is out: until then, what was
+                # acted on is recorded, so a restart does not send it again
+                await self.state.put(_drained_ns(vm_id), new_id(), [e.id for e in msg.events])
             else:
                 await self.endpoint.send(key, msg)
             self.dispatched += len(msg.events)
@@ -534,6 +543,10 @@ class _Batch:
 
     events: list[Event]
     done: asyncio.Future[None]
+
+
+def _drained_ns(vm_id: str) -> str:
+    return f"drained.{vm_id}"
 
 
 def _queue_ns(vm_id: str) -> str:
