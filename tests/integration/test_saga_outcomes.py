@@ -80,8 +80,11 @@ async def test_target_fetches_missing_modules_recursively(cluster: Cluster) -> N
     assert outcome.status == "completed"
     rec = await cluster.store.get(outcome.migration_id)
     assert rec is not None
-    # ferry.metrics is named by no element: it came in as ferry.load's dependency, a round later
+    # ferry.metrics is named by no element: it came in as ferry.load's dependency, in the same
+    # round (the source sends what a requested module depends on along with it)
     assert rec.data["modules_fetched"][-1] == "ferry.metrics@2.1"
+    assert sum(1 for h in rec.history if h.event == "retry") == 0
+    assert rec.data["module_rounds"] == 1
     assert {r.key for r in cluster.host("host-b").managed_object.modules.refs()} == {
         "ferry.core@1.0", "ferry.metrics@2.1", "ferry.load@1.3"}
 

@@ -360,7 +360,8 @@ class MigrationSaga:
                 raise StepFailed("instantiation_error", ans.reason)
             ok = _expect(ans, ManagementStateSuccess)
             self.element_ids = ok.element_ids
-            return "event_state", {"elements": len(ok.element_ids), "modules_fetched": [f"{m.name}@{m.version}" for m in modules]}
+            return "event_state", {"elements": len(ok.element_ids), "module_rounds": fetched_rounds,
+                                   "modules_fetched": [f"{m.name}@{m.version}" for m in modules]}
         raise StepFailed("instantiation_error", "module dependencies nested too deep")
 
     async def step_event_state(self) -> tuple[str, dict[str, Any]]:
@@ -516,9 +517,15 @@ class MigrationSaga:
             await self._save("complete", "owner", {"owner": self.target, "epoch": epoch})
         self.ctx.on_owner(vm_id, self.target, int(epoch))
         msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s)
-        _expect(await self._call(self.target, "managed_object", msg), MigrationCompleteAck)
-        await self._call(self.target, "migration_policy", CommitReservation(migration_id=self.mid, vm_id=vm_id))
-        # the sensor last: once it answers, the backlog goes out beside the saga's last step
+        # the plane and the reservation are independent (both idempotent, and past the switch
+        # the saga only goes forward): one round trip for both
+        plane, _ = await asyncio.gather(
+            self._call(self.target, "managed_object", msg),
+            self._call(self.target, "migration_policy", CommitReservation(migration_id=self.mid, vm_id=vm_id)),
+        )
+        _expect(plane, MigrationCompleteAck)
+        # the sensor last: the plane is active before events reach it, and once the sensor
+        # answers, the backlog goes out beside the saga's last step only
         ack = _expect(await self._call(self.target, "sensor", msg), MigrationCompleteAck)
         return "teardown", {"epoch": epoch, "events_dispatched_on_target": ack.dispatched}
 

@@ -43,6 +43,7 @@ from ferry_common.messages.commands import (
     SourceTeardown,
 )
 from ferry_common.messages.domain import Element, Embot, Module
+from ferry_common.messages.limits import MAX_MODULES
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
@@ -293,8 +294,19 @@ class ManagedObjectService(HostService):
 
     # ---- migration, source side -----------------------------------------------------
     async def on_fetch_modules(self, msg: FetchModules, ctx: Context) -> ModulesFetched:
-        found = [m for m in (self.modules.find(r) for r in msg.refs) if m is not None]
-        return ModulesFetched(modules=found)
+        """The modules asked for and, after them, every module they depend on (transitively)
+        that this host has: the target would ask for those next."""
+        found: dict[str, Module] = {}
+        todo = list(msg.refs)
+        while todo and len(found) < MAX_MODULES:
+            ref = todo.pop(0)
+            if ref.key in found:
+                continue
+            module = self.modules.find(ref)
+            if module is not None:
+                found[ref.key] = module
+                todo.extend(module.depends)
+        return ModulesFetched(modules=list(found.values()))
 
     async def on_export(self, msg: ExportManagementState, ctx: Context) -> Wire:
         plane = self._plane(msg.vm_id)
@@ -357,11 +369,19 @@ class ManagedObjectService(HostService):
             wanted = {r.key: r for r in graph.manifest}
             for known in self.modules.resolve(graph.manifest).resolved.values():
                 wanted.update({d.key: d for d in known.depends})
-            for m in msg.modules:
-                ref = wanted.get(f"{m.name}@{m.version}")
-                if ref is None:
+            # a supplied module is wanted if the manifest names it or a wanted module depends on
+            # it: the source sends a requested module's dependencies along, so a target lacking
+            # a chain of modules gets it in one round, not one round per level
+            pending = list(msg.modules)
+            while pending:
+                ready = [m for m in pending if f"{m.name}@{m.version}" in wanted]
+                if not ready:
+                    m = pending[0]
                     return ManagedObjectInstantiationError(reason=f"module {m.name}@{m.version} was not asked for")
-                self.modules.install(m, expected=ref)
+                for m in ready:
+                    self.modules.install(m, expected=wanted[f"{m.name}@{m.version}"])
+                    wanted.update({d.key: d for d in m.depends})
+                pending = [m for m in pending if m not in ready]
             await self._save_modules(list(msg.modules))
             resolution = self.modules.resolve(graph.manifest)
             if resolution.missing:
