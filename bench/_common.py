@@ -27,6 +27,7 @@ from ferry_common.bus.amqp import AmqpBus
 from ferry_common.bus.interfaces import Bus, Consumer, DeliveryHandler, Message, QueueSpec
 from ferry_common.bus.memory import MemoryBus
 from ferry_common.endpoint import Endpoint
+from ferry_common.runtime import tune_gc
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import MemorySagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
@@ -239,6 +240,7 @@ async def start_cluster(
     inventory_interval_s: float = 30.0,
 ) -> BenchCluster:
     """Start a coordinator and ``hosts`` on a fresh broker (``memory`` or ``rabbitmq``)."""
+    tune_gc()  # what every service process does at start (``ferry up``, ``ferry service``)
     vhost = make_vhost() if kind == "rabbitmq" else None
     shared = MemoryBus() if kind == "memory" else None
     buses: list[CountingBus] = []

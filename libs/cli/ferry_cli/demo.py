@@ -13,6 +13,7 @@ from ferry_common.bus.memory import MemoryBus
 from ferry_common.endpoint import Endpoint
 from ferry_common.messages.domain import Event
 from ferry_common.messages.public import MigrationStatusEvent, VmEvent
+from ferry_common.runtime import tune_gc
 from ferry_common.tracing import BusSpanExporter, setup_tracing
 from ferry_coordinator.store import MemorySagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
@@ -62,6 +63,7 @@ class Demo:
 
 
 async def run_demo(*, rate: float = 400.0) -> int:
+    tune_gc()
     d = Demo(rate=rate)
     bus = MemoryBus()
     store = MemorySagaStore()

@@ -11,6 +11,7 @@ from typing import Any
 
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.health import HealthServer
+from ferry_common.runtime import tune_gc
 from ferry_common.settings import Settings
 from ferry_common.signing import auth_factory_from_env
 from ferry_common.tracing import BusSpanExporter, setup_tracing
@@ -86,6 +87,7 @@ async def run_up(settings: Settings, hosts: list[str], *, coordinator: bool = Tr
 
 
 async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinator: bool) -> int:
+    tune_gc()
     auth = auth_factory_from_env()
     # before any service starts, so their first spans are recorded: OTLP as OTEL_* says, and
     # migration spans shipped to the coordinator (ferry trace) unless FERRY_TRACE_COLLECT=0
