@@ -221,6 +221,8 @@ class SensorService(HostService):
     async def start(self) -> None:
         await super().start()
         self._lease_loop = asyncio.create_task(self._lease_forever())
+        if any(v.mode == "active" and v.queued for v in self.vms.values()):
+            self.renew_soon()  # restarted with events held: send them now, not a lease period later
 
     async def stop(self) -> None:
         for task in (self._lease_loop, self._renewing, *self._drains.values()):

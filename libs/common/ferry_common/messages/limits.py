@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, StringConstraints
@@ -30,7 +31,7 @@ Expression = Annotated[str, StringConstraints(min_length=1, max_length=MAX_EXPRE
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
-_PLAIN = frozenset({float, bool, type(None)})
+_PLAIN = frozenset({bool, type(None)})
 # CEL's integers are 64-bit: a policy could not read a larger one, nor a state hold it
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
@@ -56,7 +57,10 @@ def _check_json(value: Any, depth: int = 0) -> None:
     elif isinstance(value, int) and not isinstance(value, bool):
         if not INT_MIN <= value <= INT_MAX:
             raise ValueError("integer outside the 64-bit range")
-    elif value is None or isinstance(value, bool | float):
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+    elif value is None or isinstance(value, bool):
         return
     else:
         raise ValueError(f"not a JSON value: {type(value).__name__}")
@@ -73,6 +77,9 @@ def _check_child(v: Any, depth: int) -> None:
     elif t is int:
         if not INT_MIN <= v <= INT_MAX:
             raise ValueError("integer outside the 64-bit range")
+    elif t is float:
+        if not math.isfinite(v):
+            raise ValueError("not a finite number")
     elif t not in _PLAIN:
         _check_json(v, depth + 1)
 
