@@ -37,8 +37,6 @@ from ferry_common.messages.commands import (
     ManagedObjectInstantiationError,
     ManagementEventStateFailed,
     ManagementEventStateSuccess,
-    ManagementState,
-    ManagementStateExport,
     ManagementStateFailed,
     ManagementStateSuccess,
     MigrationComplete,
@@ -330,17 +328,17 @@ class MigrationSaga:
 
     async def step_management_state(self) -> tuple[str, dict[str, Any]]:
         vm_id = self.rec.vm_id
-        exported = _expect(
-            await self._call(self.source, "managed_object", ExportManagementState(migration_id=self.mid, vm_id=vm_id)),
-            ManagementStateExport,
-        )
         modules: list[Module] = []
         fetched_rounds = 0
         for _ in range(self.t.max_module_rounds):
+            # the source exports its plane and forwards it to the target as ManagementState
+            # (with the modules fetched so far); the target answers here: the graph goes from
+            # host to host once, not through the saga
             ans = await self._call(
-                self.target,
+                self.source,
                 "managed_object",
-                ManagementState(migration_id=self.mid, vm_id=vm_id, graph=exported.graph, modules=modules),
+                ExportManagementState(migration_id=self.mid, vm_id=vm_id, target_host=self.target, modules=modules),
+                answered_by=f"managed_object on {self.target}",
             )
             if isinstance(ans, ModulesRequired):
                 fetched_rounds += 1

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ferry_common.bus.topology import MIGRATION_REQUESTED, alarm, vm_events
-from ferry_common.endpoint import Context, Endpoint
+from ferry_common.bus.topology import MIGRATION_REQUESTED, alarm, host_command, vm_events
+from ferry_common.endpoint import Context, Endpoint, Forward
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.ids import new_id
 from ferry_common.messages.base import Wire
@@ -308,7 +308,7 @@ class ManagedObjectService(HostService):
                 todo.extend(module.depends)
         return ModulesFetched(modules=list(found.values()))
 
-    async def on_export(self, msg: ExportManagementState, ctx: Context) -> Wire:
+    async def on_export(self, msg: ExportManagementState, ctx: Context) -> Wire | Forward:
         plane = self._plane(msg.vm_id)
         if plane.status == "active":
             plane.status, plane.migration_id = "exporting", msg.migration_id
@@ -320,7 +320,11 @@ class ManagedObjectService(HostService):
         plane.dirty_elements.clear()
         plane.dirty_embots.clear()
         await self._save_meta(plane)
-        return ManagementStateExport(graph=plane.graph())
+        if msg.target_host is None:
+            return ManagementStateExport(graph=plane.graph())
+        # host to host: the target stages the graph and answers the requester
+        staged = ManagementState(migration_id=msg.migration_id, vm_id=msg.vm_id, graph=plane.graph(), modules=msg.modules)
+        return Forward(host_command(msg.target_host, self.service), staged)
 
     async def on_export_dirty(self, msg: ExportDirtyObjects, ctx: Context) -> Wire:
         plane = self._plane(msg.vm_id)

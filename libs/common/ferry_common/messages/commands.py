@@ -66,7 +66,16 @@ class EventsFrozen(Wire):
 
 # --- step 3: management state ------------------------------------------------------
 class ExportManagementState(Step):
-    """Source managed-object: serialize the VM element, dependents and embots; track dirt."""
+    """Source managed-object: serialize the VM element, dependents and embots; track dirt.
+
+    With ``target_host`` the source forwards the graph to that host's managed object as a
+    :class:`ManagementState` (with ``modules``), whose answer goes straight to the
+    requester: the graph crosses the bus once and is decoded once. Without it the source
+    answers :class:`ManagementStateExport`.
+    """
+
+    target_host: Name | None = None
+    modules: list[Module] = Field(default_factory=list, max_length=MAX_MODULES)
 
 
 class ManagementStateExport(Wire):
