@@ -139,7 +139,17 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
             under.setdefault(step_of[h.parent.span_id], set()).add(str((h.attributes or {})["ferry.service"]))
     assert under["step admission"] == {"host/host-b/migration_policy"}
     assert under["step freeze_events"] == {"host/host-a/sensor"}
-    assert {"host/host-a/managed_object", "host/host-b/managed_object"} <= under["step management_state"]
+    assert "host/host-a/managed_object" in under["step management_state"]
+    # steps 3 and 4 go host to host: the target's handler is under the source's, which forwarded
+    by_id = {s.context.span_id: s for s in trace}  # type: ignore[union-attr]
+    for forwarded, target_service, forwarder in (
+        ("handle ManagementState", "host/host-b/managed_object", "handle ExportManagementState"),
+        ("handle ManagementEventState", "host/host-b/sensor", "handle SendEventState"),
+    ):
+        spans_of = [h for h in handlers if h.name == forwarded]
+        assert spans_of and all((h.attributes or {})["ferry.service"] == target_service for h in spans_of)
+        parents = {by_id[h.parent.span_id].name for h in spans_of if h.parent is not None}
+        assert parents == {forwarder}, parents
     assert under["prepare incoming"] == {"host/host-b/hypervisor_adapter"}
     assert "host/host-a/hypervisor_adapter" in under["step migrate_vm"]
     assert {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"} <= under["step teardown"]
