@@ -51,7 +51,7 @@ def bodies(draw: st.DrawFn) -> tuple[type[Wire], bytes]:
     return model, body
 
 
-@settings(max_examples=400, deadline=None,
+@settings(max_examples=1000, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(bodies())
 def test_one_pass_decoding_accepts_what_two_steps_accept(case: tuple[type[Wire], bytes]) -> None:
@@ -69,3 +69,10 @@ def test_non_finite_numbers_are_refused_as_before(literal: bytes) -> None:
         decode(inside, Event)
     with pytest.raises(ValidationError):
         Event(id="e", vm_id="v", element_id="v", kind="k", ts=float("nan"))
+
+
+@pytest.mark.parametrize("number", [b"20000000000000000000", b"-9999999999999999999", b"9223372036854775807"])
+def test_integers_beyond_64_bits_are_refused_as_before(number: bytes) -> None:
+    from ferry_common.messages.commands import MigrationCompleteAck
+    body = b'{"dispatched":' + number + b"}"
+    assert one_pass(body, MigrationCompleteAck) == two_step(body, MigrationCompleteAck)

@@ -77,7 +77,9 @@ class SensorService(HostService):
         self._send_lock = asyncio.Lock()
         self.leases = LeaseBook(endpoint.clock)
         self.lease_timeout_s = 5.0
-        self.drain_chunk_timeout_s = 30.0
+        # as short as a lease request's: an answer lost (a reconnect) is retried by the lease
+        # loop soon, and a chunk of 2,000 events is acted on in well under a second
+        self.drain_chunk_timeout_s = 5.0
         self._drain_sent: dict[str, int] = {}  # vm_id -> events of the running drain sent so far
         self._renewing: asyncio.Task[None] | None = None
         self._drains: dict[str, asyncio.Task[None]] = {}  # vm_id -> its backlog going out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 import orjson
@@ -13,6 +14,9 @@ from .base import Wire
 from .limits import MAX_BODY_BYTES
 
 T = TypeVar("T", bound=Wire)
+# what pydantic-core's JSON parser takes and orjson refuses: integers beyond 64 bits, NaN and
+# infinities (as literals, or as a float overflowing to one)
+_NOT_ORJSON = re.compile(rb"\d{19}|NaN|Infinity|[eE][+]?\d{3}")
 
 
 def _collect() -> dict[str, type[Wire]]:
@@ -52,12 +56,14 @@ def decode(body: bytes, model: type[T]) -> T:
     """Parse and validate; every failure is an :class:`InvalidMessage` with a readable reason."""
     if len(body) > MAX_BODY_BYTES:
         raise InvalidMessage(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
-    try:
-        # pydantic-core parses and validates in one pass, without building the Python dicts
-        # first: a quarter faster on a 100k-event transfer
-        return model.model_validate_json(body)
-    except ValidationError:
-        pass  # refused: the step-by-step path below says why, in the words it always used
+    # pydantic-core parses and validates in one pass, without building the Python dicts first
+    # (a quarter faster on a 100k-event transfer). A body that its parser would take and
+    # orjson would not goes the old way, so both accept the same bodies
+    if _NOT_ORJSON.search(body) is None:
+        try:
+            return model.model_validate_json(body)
+        except ValidationError:
+            pass  # refused: the step-by-step path below says why, in the words it always used
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
