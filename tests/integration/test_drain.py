@@ -22,15 +22,13 @@ async def cluster(bus_kind: str):
     await c.close()
 
 
-async def test_a_drain_that_fails_midway_resends_only_what_did_not_get_out(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def hold_backlog(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vm1 on host-a with 45 events held by its sensor (no lease), drained in chunks of 10 into a
+    managed object whose dedup window keeps only 6 to 8 ids; renewals only when a test says."""
     monkeypatch.setattr(sensor_module, "DISPATCH_BATCH", 10)
-    monkeypatch.setattr(plane_module, "RECENT_IDS", 2)  # the dedup window keeps 6 to 8 ids
+    monkeypatch.setattr(plane_module, "RECENT_IDS", 2)
     await cluster.create_vm("host-a", "vm1")
     sensor = cluster.host("host-a").sensor
-    mo = cluster.host("host-a").managed_object
-    # renewals only when this test says
     sensor._lease_loop.cancel()  # type: ignore[union-attr]
     monkeypatch.setattr(sensor, "renew_soon", lambda: None)
     if sensor._renewing is not None:
@@ -42,6 +40,9 @@ async def test_a_drain_that_fails_midway_resends_only_what_did_not_get_out(
         return sensor.vms["vm1"].queued == 45
     await until(held, 10, "45 events held")
 
+
+def fail_third_chunk(sensor: Any, monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> list[int]:
+    """Raise ``exc`` instead of sending the third drain chunk; returns the chunk sizes asked for."""
     real = sensor.endpoint.request
     chunks: list[int] = []
 
@@ -49,10 +50,20 @@ async def test_a_drain_that_fails_midway_resends_only_what_did_not_get_out(
         if isinstance(msg, DispatchEvents):
             chunks.append(len(msg.events))
             if len(chunks) == 3:
-                raise StepTimeout("chunk not answered (test)")
+                raise exc
         return await real(key, msg, **kw)
 
     monkeypatch.setattr(sensor.endpoint, "request", request)
+    return chunks
+
+
+async def test_a_drain_that_fails_midway_resends_only_what_did_not_get_out(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await hold_backlog(cluster, monkeypatch)
+    sensor = cluster.host("host-a").sensor
+    mo = cluster.host("host-a").managed_object
+    chunks = fail_third_chunk(sensor, monkeypatch, StepTimeout("chunk not answered (test)"))
     await sensor.renew()  # granted: the drain sends two chunks, the third is not answered
     assert chunks == [10, 10, 10] and sensor.vms["vm1"].queued == 25
     assert mo.dispatched_count("vm1") == 20
@@ -74,33 +85,10 @@ async def test_a_sensor_restarted_midway_through_a_drain_does_not_resend_what_wa
     from ferry_cli.cluster import build_service
     from ferry_sensor.service import SensorService
 
-    monkeypatch.setattr(sensor_module, "DISPATCH_BATCH", 10)
-    monkeypatch.setattr(plane_module, "RECENT_IDS", 2)
-    await cluster.create_vm("host-a", "vm1")
+    await hold_backlog(cluster, monkeypatch)
     host = cluster.host("host-a")
     sensor, mo = host.sensor, host.managed_object
-    sensor._lease_loop.cancel()  # type: ignore[union-attr]
-    monkeypatch.setattr(sensor, "renew_soon", lambda: None)
-    if sensor._renewing is not None:
-        await sensor._renewing
-    sensor.leases.surrender("vm1")
-    await cluster.send_events("vm1", 45)
-
-    async def held() -> bool:
-        return sensor.vms["vm1"].queued == 45
-    await until(held, 10, "45 events held")
-
-    real = sensor.endpoint.request
-    chunks: list[int] = []
-
-    async def request(key: str, msg: Any, **kw: Any) -> Any:
-        if isinstance(msg, DispatchEvents):
-            chunks.append(len(msg.events))
-            if len(chunks) == 3:
-                raise Crash()
-        return await real(key, msg, **kw)
-
-    monkeypatch.setattr(sensor.endpoint, "request", request)
+    fail_third_chunk(sensor, monkeypatch, Crash())
     with pytest.raises(Crash):
         await sensor.renew()
     assert mo.dispatched_count("vm1") == 20
