@@ -7,9 +7,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferry_coordinator.saga import STEPS
+
 LAST_RUN = Path(__file__).with_name("last-run.txt")
-STEP_ORDER = ("admission", "freeze_events", "management_state", "event_state", "migrate_vm", "switch_over",
-              "complete", "teardown", "compensate", "ended", "-")
+STEP_ORDER = (*STEPS, "compensate", "ended", "-")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tests.faults.procs import ProcCluster, Session
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.broker_restart]
 SOAK = os.environ.get("FERRY_SOAK") == "1"
-STEPS = (["freeze_events", "management_state", "event_state", "migrate_vm", "complete", "teardown"] if SOAK
+STEPS = (["management_state", "migrate_vm", "freeze_events", "event_state", "complete", "teardown"] if SOAK
          else ["event_state", "migrate_vm"])
 
 

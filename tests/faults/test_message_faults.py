@@ -93,7 +93,8 @@ async def _events(c: Cluster, vm: str, stop: asyncio.Event) -> None:
 async def test_message_fault_at_step(faulty: tuple[Cluster, FaultyBus], fault: str, step: str) -> None:
     c, bus = faulty
     vm = "vm1"
-    fail = {"sim_fail": "migrate"} if step == "compensate" else {}
+    # the guest fails to start on the target: a roll-back after every step but the switch
+    fail = {"sim_fail": "finish"} if step == "compensate" else {}
     await c.create_vm("host-a", vm, memory_mib=256, sim_bandwidth_mibps=512, **fail)
     await c.send_events(vm, 10)
     for rule in rules_for(fault, step):
@@ -166,7 +167,7 @@ async def test_every_bind_and_unbind_fails_once(faulty: tuple[Cluster, FaultyBus
     broker was asked): the redelivered step must still bind, or the source alone would take
     the VM's events from then on and drop them at teardown."""
     c, bus = faulty
-    fail = {"sim_fail": "migrate"} if outcome == "rolled_back" else {}
+    fail = {"sim_fail": "finish"} if outcome == "rolled_back" else {}  # after the binds
     await c.create_vm("host-a", "vm1", memory_mib=256, sim_bandwidth_mibps=512, **fail)
     await c.send_events("vm1", 10)
     bus.flaky_bindings = True

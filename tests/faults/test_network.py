@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from ferry_coordinator.saga import STEPS
 from tests.faults.cases import migration_case
 from tests.faults.procs import ProcCluster, Session
 
@@ -29,8 +30,7 @@ CI = {
     "down 6s": [("target/managed_object", "management_state"), ("target/hypervisor_adapter", "migrate_vm"),
                 ("target/managed_object", "complete")],
 }
-SOAK_STEPS = ("admission", "freeze_events", "management_state", "event_state", "migrate_vm", "switch_over",
-              "complete", "teardown")
+SOAK_STEPS = STEPS
 
 
 def _matrix() -> list[tuple[str, str, str]]:

@@ -5,6 +5,7 @@ runs; nothing staged, frozen or reserved; every event dispatched exactly once, i
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,8 @@ from ferry_common.messages.commands import (
     ManagementEventStateFailed,
     ManagementStateFailed,
 )
-from tests.harness import Cluster, inject_answer, inspect_problems, make_cluster
+from ferry_coordinator.saga import MigrationSaga
+from tests.harness import Cluster, inject_answer, inspect_problems, make_cluster, until
 
 
 def high_samples(c: Cluster, vm_id: str) -> int:
@@ -56,21 +58,73 @@ async def test_completed_migration_moves_plane_state_and_events(cluster: Cluster
     assert "sustained-load" in after["alarms"]
 
 
-async def test_events_queued_during_migration_are_dispatched_on_target_once_in_order(cluster: Cluster) -> None:
+async def test_events_queued_during_migration_are_dispatched_on_target_once_in_order(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events that arrive once the source has frozen them (after the VM was copied) wait in
+    its queue, go to the target, and are acted on there once each, in time order, by the
+    policies whose state carried on from the source."""
+    await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)  # ~0.5 s
+    await cluster.send_events("vm1", 5)
+    await cluster.settle("vm1")
+    frozen, go = asyncio.Event(), asyncio.Event()
+    real = MigrationSaga.step_event_state
+
+    async def held(self: MigrationSaga) -> Any:
+        frozen.set()
+        await go.wait()
+        return await real(self)
+
+    monkeypatch.setattr(MigrationSaga, "step_event_state", held)
+    mid = await cluster.client.migrate("vm1", "host-b")
+    await asyncio.wait_for(frozen.wait(), 20)
+    queued = await cluster.send_events("vm1", 40)  # frozen on the source: queued there
+    await asyncio.sleep(0.1)
+    go.set()
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert outcome.status == "completed"
+    assert outcome.detail["events_moved"] >= 1
+    await assert_clean(cluster, "vm1", "host-b")
+    on_target = cluster.host("host-b").managed_object.ledger["vm1"]
+    assert on_target[: len(queued)] == [e.id for e in queued]  # none stayed behind, none twice
+    ts = {e.id: e.ts for e in cluster.sent["vm1"]}
+    assert [ts[i] for i in on_target] == sorted(ts[i] for i in on_target)
+    after = cluster.host("host-b").managed_object.planes["vm1"].state["vm1.load"]
+    assert after["high_samples"] == high_samples(cluster, "vm1")
+
+
+async def test_events_while_the_vm_precopies_act_on_the_source_and_their_state_moves(cluster: Cluster) -> None:
+    """The source acts on events until it freezes them, after the VM was copied: what they
+    changed reaches the target in dirty rounds, and their ids in its dedup window, so a
+    producer's resend after the move does not act twice."""
     await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)  # ~0.5 s
     await cluster.send_events("vm1", 5)
     await cluster.settle("vm1")
     mid = await cluster.client.migrate("vm1", "host-b")
-    for _ in range(10):  # events keep arriving while the VM moves
-        await cluster.send_events("vm1", 5)
+
+    async def precopying() -> bool:
+        rec = await cluster.store.get(mid)
+        return rec is not None and rec.step == "migrate_vm"
+
+    await until(precopying, 20, "the VM migration to start")
+    during = []
+    for _ in range(6):
+        during += await cluster.send_events("vm1", 5)
         await asyncio.sleep(0.05)
     outcome = await cluster.client.outcome(mid, timeout=30)
-    assert outcome.status == "completed"
+    assert outcome.status == "completed", outcome
+    source_ledger = cluster.host("host-a").managed_object.ledger["vm1"]
+    acted_on_source = [e for e in during if e.id in source_ledger]
+    assert acted_on_source, "no event was acted on at the source while the VM pre-copied"
+    rec = await cluster.store.get(mid)
+    assert rec is not None and rec.data["dirty_applied"] + rec.data["final_dirty_applied"] >= 1
+    # a collector resends what the source acted on: the target knows those ids
+    await cluster.client.send_batch("vm1", acted_on_source)
+    await cluster.send_events("vm1", 3)
     await assert_clean(cluster, "vm1", "host-b")
-    on_target = cluster.host("host-b").managed_object.ledger["vm1"]
-    assert len(on_target) >= 40  # the queued ones went to the target, none stayed behind
-    ts = {e.id: e.ts for e in cluster.sent["vm1"]}
-    assert [ts[i] for i in on_target] == sorted(ts[i] for i in on_target)
+    target_ledger = cluster.host("host-b").managed_object.ledger["vm1"]
+    assert not {e.id for e in acted_on_source} & set(target_ledger)
+    after = cluster.host("host-b").managed_object.planes["vm1"].state["vm1.load"]
+    assert after["high_samples"] == high_samples(cluster, "vm1")
 
 
 async def test_target_fetches_missing_modules_recursively(cluster: Cluster) -> None:

@@ -66,12 +66,16 @@ from .timeouts import SagaTimeouts
 
 log = logging.getLogger(__name__)
 
+# The run order: the seed numbers freezing events step 2, before the plane is exported; here the
+# plane is exported and the VM pre-copied while the source still acts on events (the changes go
+# over in dirty rounds), and events are frozen only once the VM has been copied, so the plane's
+# blackout is the switch-over, not the whole migration (docs/protocol.md, "Run order").
 STEPS = (
     "admission",
-    "freeze_events",
     "management_state",
-    "event_state",
     "migrate_vm",
+    "freeze_events",
+    "event_state",
     "switch_over",
     "complete",
     "teardown",
@@ -247,8 +251,9 @@ class MigrationSaga:
     async def _source_lost_after_completion(self) -> bool:
         """Before a rollback destroys the target's copy: if the hypervisor had completed and
         the source guest is gone meanwhile (its process died), the target holds the only
-        copy, so the saga goes forward instead, and retries the switch-over until it works."""
-        if self.rec.data.get("failed_step") != "switch_over" or "vm_stats" not in self.rec.data:
+        copy, so the saga goes forward instead, retrying from the failed step until it works."""
+        failed = str(self.rec.data.get("failed_step", ""))
+        if failed not in ("freeze_events", "event_state", "switch_over") or "vm_stats" not in self.rec.data:
             return False
         try:
             ans = await self._call(self.source, "hypervisor_adapter", CleanupSource(migration_id=self.mid, vm_id=self.rec.vm_id))
@@ -257,7 +262,7 @@ class MigrationSaga:
         state = ans.detail.get("source_state") if isinstance(ans, Done) else None
         if state not in ("absent", "shutoff"):
             return False  # resumed on the source (or still there): roll back as usual
-        self.rec.status, self.rec.step = "running", "switch_over"
+        self.rec.status, self.rec.step = "running", failed
         self.rec.data["vm_switched"] = True
         await self._save("compensate", "forward", {"reason": f"the source VM is {state}: its only copy is on the target"})
         return True
@@ -320,11 +325,11 @@ class MigrationSaga:
             raise StepFailed(ans.code, ans.reason)
         ans = _expect(ans, MigrationPermitted)
         self._start_prepare()
-        return "freeze_events", {"reservation_id": ans.reservation_id}
+        return "management_state", {"reservation_id": ans.reservation_id}
 
     async def step_freeze_events(self) -> tuple[str, dict[str, Any]]:
         ans = _expect(await self._call(self.source, "sensor", FreezeEvents(migration_id=self.mid, vm_id=self.rec.vm_id)), EventsFrozen)
-        return "management_state", {"queued_at_freeze": ans.queued}
+        return "event_state", {"queued_at_freeze": ans.queued}
 
     async def step_management_state(self) -> tuple[str, dict[str, Any]]:
         vm_id = self.rec.vm_id
@@ -358,7 +363,7 @@ class MigrationSaga:
                 raise StepFailed("instantiation_error", ans.reason)
             ok = _expect(ans, ManagementStateSuccess)
             self.element_ids = ok.element_ids
-            return "event_state", {"elements": len(ok.element_ids), "module_rounds": fetched_rounds,
+            return "migrate_vm", {"elements": len(ok.element_ids), "module_rounds": fetched_rounds,
                                    "modules_fetched": [f"{m.name}@{m.version}" for m in modules]}
         raise StepFailed("instantiation_error", "module dependencies nested too deep")
 
@@ -382,7 +387,7 @@ class MigrationSaga:
         if isinstance(ans, ManagedObjectInstantiationError):
             raise StepFailed("instantiation_error", ans.reason)
         ok = _expect(ans, ManagementEventStateSuccess)
-        return "migrate_vm", {"events_moved": ok.staged}
+        return "switch_over", {"events_moved": ok.staged}
 
     def _prepare_msg(self) -> PrepareIncoming:
         vm = VmSpec.model_validate(self.rec.data["vm"])
@@ -468,7 +473,7 @@ class MigrationSaga:
             # the hypervisor ended the source on completion (libvirt peer-to-peer): the guest
             # runs on the target only, so this is the switch-over and recovery goes forward
             self.rec.data["vm_switched"] = True
-        return "switch_over", {"vm_stats": result.stats, "dirty_rounds": rounds, "dirty_applied": applied}
+        return "freeze_events", {"vm_stats": result.stats, "dirty_rounds": rounds, "dirty_applied": applied}
 
     async def _stop_unresumable(self, perform: PerformMigration) -> VmMigrationFinished | None:
         """Stop a migration whose source cannot be resumed after completion, and say how it ended.
@@ -487,12 +492,13 @@ class MigrationSaga:
         # keeps those changes from being lost; the target applies them idempotently
         export = ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final, since_export=final)
         dirty = _expect(await self._call(self.source, "managed_object", export), DirtyObjects)
-        if not dirty.elements and not dirty.embots:
+        if not dirty.elements and not dirty.embots and not dirty.recent_event_ids:
             return 0
         ans = await self._call(
             self.target,
             "managed_object",
-            MigrationState(migration_id=self.mid, vm_id=vm_id, elements=dirty.elements, embots=dirty.embots, round=dirty.round),
+            MigrationState(migration_id=self.mid, vm_id=vm_id, elements=dirty.elements, embots=dirty.embots,
+                           round=dirty.round, recent_event_ids=dirty.recent_event_ids),
         )
         if isinstance(ans, ManagementStateFailed):
             raise StepFailed("migration_state_failed", ans.reason)

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ferry_common.messages.domain import Element, Embot, Event, ManagementGraph, ModuleRef
+from ferry_common.messages.limits import MAX_RECENT_IDS
 
 from .modules import ModuleRegistry
 from .policy import Effect, PolicyEngine, PolicyError
 
 Status = Literal["active", "exporting", "sealed", "staged"]
-RECENT_IDS = 4096
+RECENT_IDS = MAX_RECENT_IDS
 MAX_DEPTH = 64
 
 
@@ -48,6 +49,10 @@ class VmPlane:
     changed_embots: set[str] = field(default_factory=set)
     by_element: dict[str, list[str]] = field(default_factory=dict)
     dirty_round: int = 0
+    # ``recent_next`` at the first export and at the last dirty round: the ids acted on since
+    # go with the next round, so the target's dedup window knows every event acted on here
+    recent_at_export: int = 0
+    recent_at_round: int = 0
 
     @classmethod
     def from_graph(cls, graph: ManagementGraph, status: Status, migration_id: str | None = None) -> VmPlane:
@@ -100,6 +105,12 @@ class VmPlane:
         ids = list(itertools.islice(reversed(self.recent), n))[::-1]
         return [(f"{self.recent_next - len(ids) + i:012d}", e) for i, e in enumerate(ids)]
 
+    def recent_since(self, mark: int) -> list[str]:
+        """The ids that entered the window since ``recent_next`` was ``mark`` (the newest
+        ``RECENT_IDS`` of them: the window a graph carries is no longer)."""
+        n = min(self.recent_next - mark, len(self.recent), RECENT_IDS)
+        return list(itertools.islice(reversed(self.recent), max(n, 0)))[::-1]
+
     def recent_stale_key(self) -> str:
         """The newest stored key no longer in the window (rows up to it can go)."""
         return f"{self.recent_next - len(self.recent) - 1:012d}"
@@ -126,6 +137,8 @@ class VmPlane:
             "changed_elements": sorted(self.changed_elements),
             "changed_embots": sorted(self.changed_embots),
             "dirty_round": self.dirty_round,
+            "recent_at_export": self.recent_at_export,
+            "recent_at_round": self.recent_at_round,
         }
 
     @classmethod
@@ -146,6 +159,8 @@ class VmPlane:
         plane.changed_elements = set(meta.get("changed_elements", []))
         plane.changed_embots = set(meta.get("changed_embots", []))
         plane.dirty_round = int(meta.get("dirty_round", 0))
+        plane.recent_at_export = int(meta.get("recent_at_export", 0))
+        plane.recent_at_round = int(meta.get("recent_at_round", 0))
         return plane
 
 

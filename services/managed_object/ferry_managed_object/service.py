@@ -7,6 +7,7 @@ embots), and stages, checks and activates a plane that arrives from another host
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -77,6 +78,8 @@ class ManagedObjectService(HostService):
         self._ledger_low: dict[str, int] = {}  # per VM, the oldest sequence number still stored
         # per VM, what its policies asked to send that is not out yet, oldest first
         self.outbox: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        # one sender per VM's outbox: two dispatches handled at once would send its head twice
+        self._outbox_locks: dict[str, asyncio.Lock] = {}
         self.policy_errors = 0
         r = self.router
         r.add(RegisterManagementGraph, self.on_register)
@@ -195,9 +198,10 @@ class ManagedObjectService(HostService):
     async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> Done:
         plane = self._plane(msg.vm_id)
         if plane.status not in ("active", "exporting"):
-            # fencing: only the owner's plane acts on events. While it is exported it still
-            # takes what the sensor dispatched before the freeze; the changes are dirty and
-            # reach the target in the next round. Once sealed, nothing more may change here.
+            # fencing: only the owner's plane acts on events. While it is exported (the VM
+            # pre-copies, then until the sensor's freeze) it acts on events as before; the
+            # changes are dirty and reach the target in the next round. Once sealed, nothing
+            # more may change here.
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} on {self.host!r}: not dispatching")
         ledger = self.ledger.setdefault(msg.vm_id, [])
         effects: list[tuple[str, str, str, Effect]] = []
@@ -225,6 +229,9 @@ class ManagedObjectService(HostService):
                 ("ledgers", vm, True),
                 *((f"ledger.{vm}", f"{start + i:012d}", e) for i, e in enumerate(applied)),
                 *((f"outbox.{vm}", key, row) for key, row in outbox),
+                # while exported, what changed is kept with it: a restart must not forget what
+                # the next dirty round has to send
+                *([("plane", vm, plane.meta())] if plane.status == "exporting" else []),
             ])
             if plane.recent_trimmed:
                 plane.recent_trimmed = False
@@ -271,6 +278,12 @@ class ManagedObjectService(HostService):
         """Send what ``vm_id``'s policies asked for, oldest first; each entry leaves the outbox
         once sent (or refused for good). A passing fault stops here and is raised, so the
         delivery comes again and the rest goes then."""
+        if not self.outbox.get(vm_id):
+            return
+        async with self._outbox_locks.setdefault(vm_id, asyncio.Lock()):
+            await self._send_pending(vm_id)
+
+    async def _send_pending(self, vm_id: str) -> None:
         pending = self.outbox.get(vm_id)
         while pending:
             key, row = pending[0]
@@ -314,11 +327,13 @@ class ManagedObjectService(HostService):
             plane.status, plane.migration_id = "exporting", msg.migration_id
             plane.changed_elements.clear()
             plane.changed_embots.clear()
+            plane.recent_at_export = plane.recent_at_round = plane.recent_next
         elif plane.migration_id != msg.migration_id or plane.status != "exporting":
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
         # a replayed export sends the current state; dirt since the first export is in it
         plane.dirty_elements.clear()
         plane.dirty_embots.clear()
+        plane.recent_at_round = plane.recent_next
         await self._save_meta(plane)
         if msg.target_host is None:
             return ManagementStateExport(graph=plane.graph())
@@ -334,14 +349,16 @@ class ManagedObjectService(HostService):
         embot_ids = plane.changed_embots if msg.since_export else plane.dirty_embots
         elements = [plane.elements[i] for i in sorted(element_ids) if i in plane.elements]
         embots = [plane.embot(i) for i in sorted(embot_ids) if i in plane.embots]
+        recent = plane.recent_since(plane.recent_at_export if msg.since_export else plane.recent_at_round)
         # the seed resets dirty bits as it serializes; a lost answer is covered by the final round
         plane.dirty_elements.clear()
         plane.dirty_embots.clear()
+        plane.recent_at_round = plane.recent_next
         plane.dirty_round += 1
         if msg.final:
             plane.status = "sealed"
         await self._save_meta(plane)
-        return DirtyObjects(elements=elements, embots=embots, round=plane.dirty_round)
+        return DirtyObjects(elements=elements, embots=embots, round=plane.dirty_round, recent_event_ids=recent)
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:
         plane = self.planes.get(msg.vm_id)
@@ -414,8 +431,17 @@ class ManagedObjectService(HostService):
             plane.embots[b.id] = b
             plane.state[b.id] = dict(b.state)
         plane.reindex()
-        await self.state.put_many(f"el.{msg.vm_id}", [(e.id, e.model_dump(mode="json")) for e in msg.elements])
-        await self._save_embots(plane, [b.id for b in msg.embots])
+        # the events the source acted on meanwhile: acted on, as far as this host is concerned
+        known = sum(1 for i in msg.recent_event_ids if plane.first_time(i))
+        vm = msg.vm_id
+        await self.state.write([
+            *((f"el.{vm}", e.id, e.model_dump(mode="json")) for e in msg.elements),
+            *((f"eb.{vm}", b.id, plane.embot(b.id).model_dump(mode="json")) for b in msg.embots),
+            *((f"recent.{vm}", k, e) for k, e in plane.recent_rows(known)),
+        ])
+        if plane.recent_trimmed:
+            plane.recent_trimmed = False
+            await self.state.delete_through(f"recent.{vm}", plane.recent_stale_key())
         return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:

@@ -2,9 +2,10 @@
 
 Events reach a host on ``vm.<vm_id>.event``: the sensor binds that key for every VM
 whose events it takes. On the source the VM's events are *frozen* (queued) from step
-2; the target binds the key at step 4 and *stages* what arrives, so every event from
-then on reaches both hosts and none falls between them. At step 7 the target merges
-the source's queue with its own, drops duplicates by id and dispatches in time order.
+2, which runs once the VM has been copied; the target binds the key at step 4 and
+*stages* what arrives, so every event from then on reaches both hosts and none falls
+between them. At step 7 the target merges the source's queue with its own, drops
+duplicates by id and dispatches in time order.
 """
 
 from __future__ import annotations

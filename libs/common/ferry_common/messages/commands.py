@@ -12,7 +12,7 @@ from pydantic import Field
 
 from .base import Wire
 from .domain import Element, Embot, Event, ManagementGraph, Module, ModuleRef, VmSpec
-from .limits import MAX_ELEMENTS, MAX_EVENTS, MAX_MODULES, JsonObject, Name, Text
+from .limits import MAX_ELEMENTS, MAX_EVENTS, MAX_MODULES, MAX_RECENT_IDS, JsonObject, Name, Text
 
 
 class Step(Wire):
@@ -213,12 +213,16 @@ class DirtyObjects(Wire):
     elements: list[Element] = Field(default_factory=list, max_length=MAX_ELEMENTS)
     embots: list[Embot] = Field(default_factory=list, max_length=MAX_ELEMENTS)
     round: int = 0
+    # ids of the events the source acted on in the same span: the target's dedup window must
+    # know them, or a producer's resend of one would act a second time there
+    recent_event_ids: list[Name] = Field(default_factory=list, max_length=MAX_RECENT_IDS)
 
 
 class MigrationState(Step):
     elements: list[Element] = Field(default_factory=list, max_length=MAX_ELEMENTS)
     embots: list[Embot] = Field(default_factory=list, max_length=MAX_ELEMENTS)
     round: int = 0
+    recent_event_ids: list[Name] = Field(default_factory=list, max_length=MAX_RECENT_IDS)
 
 
 class MigrationStateSuccess(Wire):

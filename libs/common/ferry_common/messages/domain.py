@@ -16,6 +16,7 @@ from .limits import (
     MAX_EMBOTS,
     MAX_MODULES,
     MAX_POLICIES,
+    MAX_RECENT_IDS,
     Digest,
     Expression,
     JsonObject,
@@ -111,7 +112,7 @@ class ManagementGraph(Wire):
     elements: list[Element] = Field(default_factory=list, max_length=MAX_ELEMENTS)
     embots: list[Embot] = Field(default_factory=list, max_length=MAX_EMBOTS)
     manifest: list[ModuleRef] = Field(default_factory=list, max_length=MAX_MODULES)
-    recent_event_ids: list[Name] = Field(default_factory=list, max_length=4096)
+    recent_event_ids: list[Name] = Field(default_factory=list, max_length=MAX_RECENT_IDS)
 
 
 class VmSpec(Wire):
