@@ -37,6 +37,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # generous: a benchmark measures, it must not turn load into timeouts and rollbacks
 BENCH_TIMEOUTS = SagaTimeouts(reply_s=60.0, attempts=2, status_poll_s=5.0, lease_s=120.0)
 ONE_PROCESS = "coordinator and hosts run in this one process (one event loop), each on its own bus connection"
+HOST_PROCESS = ("coordinator in this process; the hosts' services in a second process (`ferry up --no-coordinator`, "
+                "state in memory, as here), as a deployment runs them apart")
 
 
 # ---- statistics ---------------------------------------------------------------------
@@ -135,10 +137,20 @@ class CountingBus:
         self.inner = inner
         self.published = 0
         self.by_type: dict[str, int] = {}
+        self._amqp_base = 0
 
     def reset(self) -> None:
         self.published = 0
         self.by_type = {}
+        self._amqp_base = int(getattr(self.inner, "amqp_published", 0))
+
+    @property
+    def amqp_published(self) -> int:
+        """AMQP messages since the last reset, a batch of coalesced messages counting once
+        (the in-process bus: as many as published)."""
+        if not hasattr(self.inner, "amqp_published"):
+            return self.published
+        return int(self.inner.amqp_published) - self._amqp_base
 
     async def connect(self) -> None:
         await self.inner.connect()
@@ -180,10 +192,15 @@ class BenchCluster:
     buses: list[CountingBus]
     vhost: str | None = None
     extra: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def published(self) -> int:
         return sum(b.published for b in self.buses)
+
+    @property
+    def amqp_published(self) -> int:
+        return sum(b.amqp_published for b in self.buses)
 
     def by_type(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -214,6 +231,12 @@ class BenchCluster:
         await self.coordinator.endpoint.close()
         for h in self.hosts.values():
             await h.stop()
+        for p in self.procs:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
         seen: set[int] = set()
         for b in self.buses:
             if id(b.inner) not in seen:
@@ -238,8 +261,10 @@ async def start_cluster(
     *,
     timeouts: SagaTimeouts = BENCH_TIMEOUTS,
     inventory_interval_s: float = 30.0,
+    host_process: bool = False,
 ) -> BenchCluster:
-    """Start a coordinator and ``hosts`` on a fresh broker (``memory`` or ``rabbitmq``)."""
+    """Start a coordinator and ``hosts`` on a fresh broker (``memory`` or ``rabbitmq``);
+    ``host_process``: the hosts run in a second process (RabbitMQ only), not in this one."""
     tune_gc()  # what every service process does at start (``ferry up``, ``ferry service``)
     vhost = make_vhost() if kind == "rabbitmq" else None
     shared = MemoryBus() if kind == "memory" else None
@@ -254,7 +279,8 @@ async def start_cluster(
         coordinator = build_coordinator(await bus(), MemorySagaStore(), timeouts=timeouts)  # type: ignore[arg-type]
         await coordinator.start()
         built: dict[str, Host] = {}
-        for name in hosts:
+        procs = [_host_process(vhost, hosts)] if host_process and vhost else []
+        for name in hosts if not procs else ():
             h = build_host(name, await bus(), options=HostOptions(inventory_interval_s=inventory_interval_s))  # type: ignore[arg-type]
             await h.start()
             built[name] = h
@@ -264,9 +290,26 @@ async def start_cluster(
         if vhost:
             drop_vhost(vhost)
         raise
-    cluster = BenchCluster(kind, coordinator, built, client, buses, vhost=vhost)
+    cluster = BenchCluster(kind, coordinator, built, client, buses, vhost=vhost, procs=procs)
     await wait_for(lambda: all(coordinator.hosts.known(h) for h in hosts), 30.0, "hosts to report their inventory")
     return cluster
+
+
+def _host_process(vhost: str, hosts: Sequence[str]) -> subprocess.Popen[bytes]:
+    """``ferry up`` for ``hosts`` without a coordinator, configured as the in-process hosts are:
+    state in memory, no span shipping, inventory every second (VMs are found by it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AMQP_URL": amqp_url(vhost), "FERRY_STATE_DIR": "", "FERRY_HEALTH_PORT": str(port),
+           "FERRY_TRACE_COLLECT": "0", "FERRY_INVENTORY_INTERVAL_S": "1"}
+    ferry = str(Path(sys.executable).with_name("ferry"))
+    RESULTS.mkdir(exist_ok=True)
+    log = open(RESULTS / f"hosts-{vhost}.log", "wb")  # noqa: SIM115 (the process holds it)
+    return subprocess.Popen([ferry, "up", "--hosts", ",".join(hosts), "--no-coordinator"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
 
 
 async def wait_for(check: Callable[[], bool], timeout: float, what: str, *, poll: float = 0.005) -> None:

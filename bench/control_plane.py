@@ -38,6 +38,7 @@ from aio_pika.abc import AbstractIncomingMessage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    HOST_PROCESS,
     ONE_PROCESS,
     BenchCluster,
     amqp_url,
@@ -153,6 +154,7 @@ async def wave(cluster: BenchCluster, outcomes: Outcomes, moves: dict[str, str],
         "latency_ms_median": median(latencies),
         "latency_ms_p95": pct(latencies, 95),
         "messages_per_migration": cluster.published / n,
+        "amqp_messages_per_migration": cluster.amqp_published / n,
         "messages_by_type_per_migration": {k: round(v / n, 2) for k, v in sorted(types.items(), key=lambda kv: -kv[1])},
     }
 
@@ -270,7 +272,7 @@ async def raw_rpc(url: str, sequential: int, concurrent: int, inflight: int, *, 
 # ---- the run ------------------------------------------------------------------------------------
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     hosts = [f"host-{chr(ord('a') + i)}" for i in range(args.hosts)]
-    cluster = await start_cluster(args.bus, hosts)
+    cluster = await start_cluster(args.bus, hosts, host_process=args.host_process)
     try:
         outcomes = await follow_outcomes(cluster)
         t = time.perf_counter()
@@ -293,7 +295,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             where.update(moves)
             tag = "warm-up" if rep < args.warmup else f"rep {rep - args.warmup + 1}"
             print(f"  wave {tag}: {w['migrations']} migrations in {w['seconds']:.2f}s = {w['rate']:.1f}/s, "
-                  f"latency median {w['latency_ms_median']:.0f} ms, {w['messages_per_migration']:.1f} messages each", flush=True)
+                  f"latency median {w['latency_ms_median']:.0f} ms, {w['messages_per_migration']:.1f} messages each "
+                  f"in {w['amqp_messages_per_migration']:.1f} AMQP messages", flush=True)
             if rep >= args.warmup:
                 waves.append(w)
         floor: dict[str, dict[str, float]] = {}
@@ -322,7 +325,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     floor_rate = 2 * ep["rpc_per_s"] / msgs  # every message costs what half an RPC costs
     print()
     print(f"control plane, {args.bus}: {args.vms} VMs on {args.hosts} hosts, sim driver (instant), "
-          f"{args.reps} waves (median), {ONE_PROCESS}")
+          f"{args.reps} waves (median), {HOST_PROCESS if args.host_process else ONE_PROCESS}")
     rows = [
         ["migrations per second (all at once)", rate, f"target >= {args.target:g}: {'MET' if rate >= args.target else 'MISSED'}"],
         ["  per wave", ", ".join(f"{w['rate']:.1f}" for w in waves), ""],
@@ -342,7 +345,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     print(table([[k, v] for k, v in by_type.items()], ["type", "per migration"]))
     return {
         "bus": args.bus,
-        "setup": ONE_PROCESS,
+        "setup": HOST_PROCESS if args.host_process else ONE_PROCESS,
         "vms": args.vms,
         "hosts": args.hosts,
         "reps": args.reps,
@@ -375,6 +378,8 @@ def main() -> None:
     p.add_argument("--inflight", type=int, default=256)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--target", type=float, default=100.0)
+    p.add_argument("--host-process", action="store_true",
+                   help="run the hosts' services in a second process (RabbitMQ only)")
     p.add_argument("--name", default=None, help="results file name (default control_plane[_memory])")
     args = p.parse_args()
     res = asyncio.run(run(args))

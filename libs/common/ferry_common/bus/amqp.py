@@ -4,12 +4,16 @@ What it promises: durable quorum queues with a delivery limit and a dead-letter
 exchange, persistent messages, publisher confirms with mandatory routing (a
 returned message raises :class:`Unroutable`), manual acks, and a robust
 connection that restores the queues, bindings and consumers this object holds.
+Internal messages to one routing key are coalesced under load (:mod:`.batch`); each
+still reaches its handler as a delivery of its own, settled on its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from typing import Any
 
@@ -23,8 +27,10 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
-from ..errors import Transient, Unroutable
+from ..errors import FerryError, InvalidMessage, Transient, Unroutable
+from ..ids import new_id
 from ..tls import TlsSettings, tls_context
+from .batch import BATCH_CONTENT_TYPE, BATCH_TYPE, Lanes, batchable, pack, unpack
 from .interfaces import DeliveryHandler, Message, QueueSpec
 from .topology import (
     CODE_HEADER,
@@ -37,6 +43,8 @@ from .topology import (
 
 log = logging.getLogger(__name__)
 SENT_AT = "x-ferry-sent-at"
+# a message of a batch that went back to its queue alone: how often
+REQUEUED = "x-ferry-requeued"
 
 
 def durable_queue_arguments() -> dict[str, Any]:
@@ -48,12 +56,14 @@ def durable_queue_arguments() -> dict[str, Any]:
 
 
 class _AmqpDelivery:
-    __slots__ = ("message", "redelivered", "delivery_count", "_raw")
+    __slots__ = ("message", "redelivered", "delivery_count", "_raw", "_bus", "_requeued")
 
-    def __init__(self, raw: AbstractIncomingMessage) -> None:
+    def __init__(self, raw: AbstractIncomingMessage, bus: AmqpBus) -> None:
         self._raw = raw
+        self._bus = bus
         headers = {k: _header_str(v) for k, v in (raw.headers or {}).items()}
         sent_at = headers.pop(SENT_AT, "0")
+        requeued = self._requeued = _int(headers.pop(REQUEUED, "0"))
         self.message = Message(
             routing_key=raw.routing_key or "",
             body=raw.body,
@@ -64,9 +74,9 @@ class _AmqpDelivery:
             headers=headers,
             timestamp=_float(sent_at),
         )
-        self.redelivered = bool(raw.redelivered)
+        self.redelivered = bool(raw.redelivered) or requeued > 0
         count = headers.get("x-delivery-count")
-        self.delivery_count = int(count) + 1 if count and count.isdigit() else (2 if raw.redelivered else 1)
+        self.delivery_count = requeued + (int(count) + 1 if count and count.isdigit() else (2 if raw.redelivered else 1))
 
     async def ack(self) -> None:
         # after a reconnect the old channel is gone: the broker redelivers, which is safe
@@ -74,8 +84,62 @@ class _AmqpDelivery:
             await self._raw.ack()
 
     async def nack(self, requeue: bool = True) -> None:
+        if requeue and self._requeued:
+            # a message of a batch that already went back alone: the broker's delivery count
+            # started again with it, so this side keeps counting, and applies the limit
+            try:
+                await _send_back(self._bus, self.message, self.delivery_count)
+            except FerryError:
+                pass  # not sent back: the broker redelivers this copy instead
+            else:
+                await self.ack()
+                return
         with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
             await self._raw.nack(requeue=requeue)
+
+
+async def _send_back(bus: AmqpBus, message: Message, count: int) -> None:
+    """Requeue one message alone, or dead-letter it once it was delivered ``DELIVERY_LIMIT``
+    times, as the broker does with a message of its own."""
+    if count < DELIVERY_LIMIT:
+        await bus._requeue(message, count)
+    else:
+        await bus.dead_letter(message, f"delivery limit of {DELIVERY_LIMIT} reached", "delivery_limit")
+
+
+class _ItemDelivery:
+    """One message of a batch. Its settlement is its own: a nack sends it back to the queue
+    alone (or dead-letters it at the delivery limit), and the batch is acknowledged once
+    every message of it is settled."""
+
+    __slots__ = ("message", "redelivered", "delivery_count", "failed", "_bus", "_settled")
+
+    def __init__(self, bus: AmqpBus, message: Message, redelivered: bool, count: int) -> None:
+        self.message = message
+        self.redelivered = redelivered
+        self.delivery_count = count
+        self.failed = False  # its requeue or dead-letter copy did not get out: redeliver the batch
+        self._bus = bus
+        self._settled = False
+
+    async def ack(self) -> None:
+        self._settled = True
+
+    async def nack(self, requeue: bool = True) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            if requeue:
+                await _send_back(self._bus, self.message, self.delivery_count)
+            else:
+                await self._bus.dead_letter(self.message, "rejected without requeue", "rejected")
+        except FerryError:
+            self.failed = True
+
+
+def _int(s: str) -> int:
+    return int(s) if s.isdigit() else 0
 
 
 def _header_str(v: Any) -> str:
@@ -107,10 +171,16 @@ class _AmqpConsumer:
 class AmqpBus:
     """RabbitMQ through one robust connection: a publishing channel plus one channel per consumer."""
 
-    def __init__(self, url: str, *, ssl_context: ssl.SSLContext | None = None, name: str = "ferry") -> None:
+    def __init__(self, url: str, *, ssl_context: ssl.SSLContext | None = None, name: str = "ferry",
+                 coalesce: bool | None = None) -> None:
         self.url = url
         self.ssl_context = ssl_context
         self.name = name
+        # FERRY_AMQP_COALESCE=0 sends every message as itself (the contract is the same either way)
+        if coalesce is None:
+            coalesce = os.environ.get("FERRY_AMQP_COALESCE", "1") != "0"
+        self._lanes = Lanes(self._send) if coalesce else None
+        self.amqp_published = 0  # AMQP messages, batches counting once
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractRobustExchange | None = None
@@ -143,6 +213,8 @@ class AmqpBus:
             raise Transient(f"cannot connect to RabbitMQ at {_redact(self.url)}: {exc}") from exc
 
     async def close(self) -> None:
+        if self._lanes is not None:
+            await self._lanes.close()
         for c in list(self._consumers.values()):
             await c.cancel()
         self._consumers.clear()
@@ -165,18 +237,51 @@ class AmqpBus:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
 
+    @property
+    def coalescing(self) -> Lanes | None:
+        return self._lanes
+
     async def publish(self, message: Message) -> None:
-        await self._publish(self._require(self._exchange), message)
+        if self._lanes is not None and batchable(message.routing_key):
+            await self._lanes.publish(message)
+        else:
+            await self._publish(self._require(self._exchange), message)
+
+    async def _send(self, messages: list[Message]) -> None:
+        exchange = self._require(self._exchange)
+        if len(messages) == 1:
+            await self._publish(exchange, messages[0])
+            return
+        batch = aio_pika.Message(
+            body=pack(messages),
+            content_type=BATCH_CONTENT_TYPE,
+            type=BATCH_TYPE,
+            message_id=new_id(),
+            headers={"x-ferry-batch": len(messages)},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self._publish_raw(exchange, batch, messages[0].routing_key)
+
+    async def _requeue(self, message: Message, count: int) -> None:
+        """Back to its queue alone, at the back: a coalesced key is bound by that queue only
+        (:func:`~.batch.batchable`), so it reaches no other, and the ``ferry`` exchange is
+        the one a service's broker user may publish to."""
+        m = message.with_headers(**{REQUEUED: str(count)})
+        await self._publish(self._require(self._exchange), m)
 
     async def dead_letter(self, message: Message, reason: str, code: str) -> None:
         m = message.with_headers(**{REASON_HEADER: reason[:1000], CODE_HEADER: code})
         await self._publish(self._require(self._dlx), m)
 
     async def _publish(self, exchange: AbstractRobustExchange, message: Message) -> None:
+        await self._publish_raw(exchange, self._amqp_message(message), message.routing_key)
+
+    async def _publish_raw(self, exchange: AbstractRobustExchange, message: aio_pika.Message, routing_key: str) -> None:
+        self.amqp_published += 1
         try:
-            await exchange.publish(self._amqp_message(message), message.routing_key, mandatory=True, timeout=30)
+            await exchange.publish(message, routing_key, mandatory=True, timeout=30)
         except aiormq.exceptions.PublishError as exc:
-            raise Unroutable(f"no queue bound for routing key {message.routing_key!r}") from exc
+            raise Unroutable(f"no queue bound for routing key {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise Transient(f"broker refused the message: {exc}") from exc
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
@@ -206,7 +311,10 @@ class AmqpBus:
         self._queues[spec.name] = queue
 
         async def on_message(raw: AbstractIncomingMessage) -> None:
-            delivery = _AmqpDelivery(raw)
+            delivery = _AmqpDelivery(raw, self)
+            if raw.type == BATCH_TYPE and spec.name != DEAD_LETTER_QUEUE:  # the end of the line takes it as it is
+                await self._on_batch(spec.name, delivery, handler)
+                return
             try:
                 await handler(delivery)
             except Exception:
@@ -217,6 +325,40 @@ class AmqpBus:
         consumer = _AmqpConsumer(queue, channel, tag)
         self._consumers[spec.name] = consumer
         return consumer
+
+    async def _on_batch(self, queue: str, delivery: _AmqpDelivery, handler: DeliveryHandler) -> None:
+        """Each message of a batch goes to ``handler`` as its own delivery, all at once as
+        separate deliveries would; the batch is acknowledged when every one is settled."""
+        try:
+            messages = unpack(delivery.message.body)
+            key = delivery.message.routing_key
+            if any(m.routing_key != key for m in messages):
+                # what a message was signed for must be where it was delivered
+                raise InvalidMessage(f"a batch on {key!r} holds messages for another routing key")
+        except InvalidMessage as exc:
+            try:
+                await self.dead_letter(delivery.message, exc.reason, exc.code)
+            except FerryError:
+                await delivery.nack(requeue=True)
+                return
+            await delivery.ack()
+            return
+        items = [_ItemDelivery(self, m, delivery.redelivered, delivery.delivery_count) for m in messages]
+
+        async def one(item: _ItemDelivery) -> None:
+            try:
+                await handler(item)
+            except Exception:
+                log.exception("handler for %s raised; message goes back for redelivery", queue)
+                await item.nack(requeue=True)
+
+        await asyncio.gather(*(one(i) for i in items))
+        if any(i.failed for i in items):
+            # one of them could not be sent back alone: the whole batch comes again, and the
+            # others, handled already, are answered as the replays they are
+            await delivery.nack(requeue=True)
+        else:
+            await delivery.ack()
 
     async def bind(self, queue: str, routing_key: str) -> None:
         q = self._queues[queue]
