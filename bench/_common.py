@@ -158,11 +158,11 @@ class CountingBus:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def publish(self, message: Message) -> None:
+    async def publish(self, message: Message, *, mandatory: bool = True) -> None:
         self.published += 1
         key = message.type or message.routing_key
         self.by_type[key] = self.by_type.get(key, 0) + 1
-        await self.inner.publish(message)
+        await self.inner.publish(message, mandatory=mandatory)
 
     async def dead_letter(self, message: Message, reason: str, code: str) -> None:
         await self.inner.dead_letter(message, reason, code)

@@ -81,6 +81,15 @@ async def test_an_unroutable_message_is_an_error(bus: Bus) -> None:
         await bus.publish(msg("nobody.listens.here"))
 
 
+async def test_an_announcement_nobody_takes_is_dropped_and_one_somebody_takes_arrives(bus: Bus) -> None:
+    await bus.publish(msg("migration.progress"), mandatory=False)  # no error: nobody listens
+    got = await collect(bus, f"q.{uuid.uuid4().hex[:6]}", ("migration.*",))
+    await bus.publish(msg("migration.progress", b'{"n": 2}'), mandatory=False)
+    assert (await asyncio.wait_for(got.get(), 5)).message.body == b'{"n": 2}'
+    await asyncio.sleep(0.1)
+    assert got.empty()  # the first one was dropped, not kept for a later listener
+
+
 async def test_nack_redelivers_and_the_delivery_limit_dead_letters(bus: Bus) -> None:
     name = f"q.{uuid.uuid4().hex[:6]}"
     counts: list[int] = []

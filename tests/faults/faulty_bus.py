@@ -69,10 +69,10 @@ class FaultyBus:
             t.cancel()
         await self.inner.close()
 
-    async def publish(self, message: Message) -> None:
+    async def publish(self, message: Message, *, mandatory: bool = True) -> None:
         rule = self._match(message)
         if rule is None:
-            await self.inner.publish(message)
+            await self.inner.publish(message, mandatory=mandatory)
             return
         rule.hits += 1
         key = rule.label or rule.action

@@ -151,10 +151,11 @@ class Endpoint:
         )
         return self.auth.sign(msg)
 
-    async def send(self, routing_key: str, model: Wire, **kwargs: Any) -> Message:
-        """Publish ``model``; raises ``Unroutable`` if no queue takes it."""
+    async def send(self, routing_key: str, model: Wire, *, mandatory: bool = True, **kwargs: Any) -> Message:
+        """Publish ``model``; raises ``Unroutable`` if no queue takes it (unless not
+        ``mandatory``: an announcement nobody listens to is dropped)."""
         msg = self.build(routing_key, model, **kwargs)
-        await self.bus.publish(msg)
+        await self.bus.publish(msg, mandatory=mandatory)
         return msg
 
     async def request(self, routing_key: str, model: Wire, *, timeout: float) -> Wire:

@@ -603,9 +603,9 @@ class MigrationSaga:
         if prev is not None:
             await asyncio.gather(prev, return_exceptions=True)
         try:
-            await self.ctx.endpoint.send(migration_status(event.status), event)
-        except Unroutable:
-            pass  # nobody follows this migration: its record still says it all
+            # nobody may follow this migration (its record still says it all): not mandatory,
+            # so the broker drops it instead of returning it
+            await self.ctx.endpoint.send(migration_status(event.status), event, mandatory=False)
         except FerryError as exc:
             log.warning("status %s of %s not published: %s", event.status, self.mid, exc.reason)
 

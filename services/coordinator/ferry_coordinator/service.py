@@ -28,7 +28,7 @@ from ferry_common.bus.topology import (
     migration_status,
 )
 from ferry_common.endpoint import Context, Endpoint, Router
-from ferry_common.errors import Conflict, FerryError, InvalidMessage, Unroutable
+from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.ids import new_id
 from ferry_common.messages.commands import (
     Done,
@@ -199,8 +199,7 @@ class CoordinatorService:
             code="invalid_request",
             at=self.endpoint.clock.now(),
         )
-        with contextlib.suppress(Unroutable):
-            await self.endpoint.send(migration_status("rejected"), event)
+        await self.endpoint.send(migration_status("rejected"), event, mandatory=False)  # if anyone listens
 
     def _judge(self, msg: MigrateRequest, located: Any) -> tuple[str, str] | None:
         if not self.hosts.known(msg.target_host):
@@ -364,8 +363,7 @@ class CoordinatorService:
             running_migration_id=running,
             at=self.endpoint.clock.now(),
         )
-        with contextlib.suppress(Unroutable):
-            await self.endpoint.send(migration_status(status), event)
+        await self.endpoint.send(migration_status(status), event, mandatory=False)  # if anyone listens
 
     async def wait_idle(self) -> None:
         """Wait until no saga runs here (tests, demo)."""

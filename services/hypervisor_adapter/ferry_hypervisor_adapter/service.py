@@ -274,7 +274,7 @@ class HypervisorAdapterService(HostService):
                 at=self.endpoint.clock.now(),
             )
             with contextlib.suppress(FerryError):
-                await self.endpoint.send(migration_status("progress"), event)
+                await self.endpoint.send(migration_status("progress"), event, mandatory=False)
 
         try:
             result = await self.driver.migrate(out.vm_id, uri, params, on_progress)

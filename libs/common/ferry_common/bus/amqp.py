@@ -241,11 +241,11 @@ class AmqpBus:
     def coalescing(self) -> Lanes | None:
         return self._lanes
 
-    async def publish(self, message: Message) -> None:
-        if self._lanes is not None and batchable(message.routing_key):
+    async def publish(self, message: Message, *, mandatory: bool = True) -> None:
+        if self._lanes is not None and mandatory and batchable(message.routing_key):
             await self._lanes.publish(message)
         else:
-            await self._publish(self._require(self._exchange), message)
+            await self._publish(self._require(self._exchange), message, mandatory=mandatory)
 
     async def _send(self, messages: list[Message]) -> None:
         exchange = self._require(self._exchange)
@@ -273,13 +273,14 @@ class AmqpBus:
         m = message.with_headers(**{REASON_HEADER: reason[:1000], CODE_HEADER: code})
         await self._publish(self._require(self._dlx), m)
 
-    async def _publish(self, exchange: AbstractRobustExchange, message: Message) -> None:
-        await self._publish_raw(exchange, self._amqp_message(message), message.routing_key)
+    async def _publish(self, exchange: AbstractRobustExchange, message: Message, *, mandatory: bool = True) -> None:
+        await self._publish_raw(exchange, self._amqp_message(message), message.routing_key, mandatory=mandatory)
 
-    async def _publish_raw(self, exchange: AbstractRobustExchange, message: aio_pika.Message, routing_key: str) -> None:
+    async def _publish_raw(self, exchange: AbstractRobustExchange, message: aio_pika.Message, routing_key: str,
+                           *, mandatory: bool = True) -> None:
         self.amqp_published += 1
         try:
-            await exchange.publish(message, routing_key, mandatory=True, timeout=30)
+            await exchange.publish(message, routing_key, mandatory=mandatory, timeout=30)
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue bound for routing key {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:

@@ -66,8 +66,11 @@ class Bus(Protocol):
 
     async def close(self) -> None: ...
 
-    async def publish(self, message: Message) -> None:
-        """Publish and wait for the broker's confirm; raise ``Unroutable`` if it is returned."""
+    async def publish(self, message: Message, *, mandatory: bool = True) -> None:
+        """Publish and wait for the broker's confirm; raise ``Unroutable`` if it is returned.
+
+        ``mandatory=False`` is for announcements that may have no audience (status events):
+        a message no queue takes is dropped by the broker instead of coming back."""
 
     async def dead_letter(self, message: Message, reason: str, code: str) -> None:
         """Publish a copy of ``message`` to the dead-letter exchange, with the reason."""

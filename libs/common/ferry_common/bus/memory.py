@@ -135,12 +135,14 @@ class MemoryBus:
         if self.closed:
             raise Transient("bus is closed")
 
-    async def publish(self, message: Message) -> None:
+    async def publish(self, message: Message, *, mandatory: bool = True) -> None:
         self._check()
         if self.fail_publish is not None:
             raise self.fail_publish
         targets = self._route(message.routing_key)
         if not targets:
+            if not mandatory:
+                return
             raise Unroutable(f"no queue bound for routing key {message.routing_key!r}")
         self.published += 1
         for q in targets:
