@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SENT_AT = "x-ferry-sent-at"
 # a message of a batch that went back to its queue alone: how often
 REQUEUED = "x-ferry-requeued"
+CLOSE_TIMEOUT_S = 3.0
 
 
 def durable_queue_arguments() -> dict[str, Any]:
@@ -162,10 +163,12 @@ class _AmqpConsumer:
         self.tag = tag
 
     async def cancel(self) -> None:
+        # bounded: with the broker gone, a robust channel waits for it to come back, and a
+        # service told to stop (SIGTERM) would never get to exit
         with contextlib.suppress(Exception):
-            await self.queue.cancel(self.tag)
+            await asyncio.wait_for(self.queue.cancel(self.tag), CLOSE_TIMEOUT_S)
         with contextlib.suppress(Exception):
-            await self.channel.close()
+            await asyncio.wait_for(self.channel.close(), CLOSE_TIMEOUT_S)
 
 
 class AmqpBus:
@@ -220,7 +223,7 @@ class AmqpBus:
         self._consumers.clear()
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                await self._conn.close()
+                await asyncio.wait_for(self._conn.close(), CLOSE_TIMEOUT_S)
         self._conn = None
 
     def _amqp_message(self, message: Message) -> aio_pika.Message:
