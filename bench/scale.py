@@ -6,7 +6,8 @@ queued on the source's sensor. How the backlog is made: the benchmark sends the
 saga's own step-2 command (``FreezeEvents``, with the migration id it will then
 request) to the source sensor, publishes the Q events (they queue, as they would while
 a slow VM migration runs), waits until the sensor holds all Q, and then publishes
-the ``MigrateRequest`` with that id: the saga's step 2 is an idempotent replay, and
+the ``MigrateRequest`` with that id: the saga's step 2 (run after the VM migration) is an
+idempotent replay, and
 steps 3 (graph), 4 (the Q events move to the target) and 7 (the target dispatches
 them) carry the load.
 
