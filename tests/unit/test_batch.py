@@ -64,6 +64,7 @@ async def test_a_message_alone_goes_at_once_and_the_rest_queue_behind_it_in_orde
     assert [m.body for b in send.sent for m in b] == [msg(i).body for i in range(600)]
     assert [len(b) for b in send.sent] == [1, MAX_ITEMS, MAX_ITEMS, 599 - 2 * MAX_ITEMS]
     assert lanes.batches == 3 and lanes.coalesced == 599
+    assert lanes._lanes == {}  # an idle lane is not kept (reply keys come and go)
 
 
 async def test_keys_have_lanes_of_their_own() -> None:

@@ -99,6 +99,7 @@ Send = Callable[[list[Message]], Awaitable[None]]
 
 @dataclass
 class _Lane:
+    key: str
     busy: bool = False
     waiting: list[tuple[Message, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -110,14 +111,17 @@ class Lanes:
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        # one per routing key ever used: host commands and requesters' reply keys, a bounded set
+        # one per routing key with a send in flight; an idle lane is dropped (reply keys come
+        # and go with the requesters: months of CLI calls must not leave a lane each)
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # batches of more than one message sent, for tests and metrics
         self.coalesced = 0  # messages that went in them
 
     async def publish(self, message: Message) -> None:
-        lane = self._lanes.setdefault(message.routing_key, _Lane())
+        lane = self._lanes.get(message.routing_key)
+        if lane is None:
+            lane = self._lanes[message.routing_key] = _Lane(message.routing_key)
         if lane.busy:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             lane.waiting.append((message, fut))
@@ -132,7 +136,7 @@ class Lanes:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             else:
-                lane.busy = False
+                self._idle(lane)
 
     async def _drain(self, lane: _Lane) -> None:
         try:
@@ -155,11 +159,18 @@ class Lanes:
                         if not f.done():
                             f.set_result(None)
         finally:
-            lane.busy = False
             for _, f in lane.waiting:  # only if cancelled (the bus closes): nobody sends them
                 if not f.done():
                     f.cancel()
             lane.waiting.clear()
+            self._idle(lane)
+
+    def _idle(self, lane: _Lane) -> None:
+        # nothing waits in it and nothing is in flight: a publisher holding it now would have
+        # queued in it, so the next one may start a new lane
+        lane.busy = False
+        if self._lanes.get(lane.key) is lane:
+            del self._lanes[lane.key]
 
     async def close(self) -> None:
         for t in list(self._tasks):
