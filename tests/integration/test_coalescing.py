@@ -4,12 +4,14 @@ batches, and every one of them is still delivered, settled and dead-lettered on 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import aio_pika
 import orjson
 import pytest
 
+from ferry_common import metrics
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.bus.batch import BATCH_TYPE, pack
 from ferry_common.bus.interfaces import Delivery, Message, QueueSpec
@@ -31,6 +33,11 @@ async def buses() -> AsyncIterator[tuple[AmqpBus, AmqpBus, str]]:
     await sender.close()
     await receiver.close()
     drop_vhost(vhost)
+
+
+def _sample(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def message(i: int, key: str = KEY) -> Message:
@@ -70,12 +77,18 @@ async def test_messages_published_at_once_arrive_once_each_in_order_in_fewer_amq
 
     await receiver.consume(QueueSpec("ferry.h1.sensor", (KEY,)), handle)
     before = sender.amqp_published
+    exported = metrics.REGISTRY.render()
     await asyncio.gather(*(sender.publish(message(i)) for i in range(500)))
     await asyncio.wait_for(done.wait(), 20)
     await asyncio.sleep(0.2)  # nothing more comes
     assert seen == list(range(500))
     assert sender.amqp_published - before < 100
     assert sender.coalescing is not None and sender.coalescing.batches >= 2
+    # what /metrics shows: the AMQP messages, and the messages that went in batches
+    grew = {name: _sample(metrics.REGISTRY.render(), name) - _sample(exported, name)
+            for name in ("ferry_amqp_published_total", "ferry_amqp_coalesced_total")}
+    assert grew["ferry_amqp_published_total"] == sender.amqp_published - before
+    assert 400 < grew["ferry_amqp_coalesced_total"] < 500
 
 
 async def test_a_message_sent_back_is_redelivered_alone(buses: tuple[AmqpBus, AmqpBus, str]) -> None:

@@ -426,6 +426,14 @@ MESSAGES_DEAD_LETTERED_TOTAL = REGISTRY.counter(
     "Messages a service refused and dead-lettered, by service and error code.",
     ["service", "code"],
 )
+AMQP_PUBLISHED_TOTAL = REGISTRY.counter(
+    "ferry_amqp_published_total",
+    "AMQP messages this process published (a batch of coalesced messages counts once).",
+)
+AMQP_COALESCED_TOTAL = REGISTRY.counter(
+    "ferry_amqp_coalesced_total",
+    "Messages this process sent inside batches of coalesced messages.",
+)
 MESSAGES_HANDLED_TOTAL = REGISTRY.counter(
     "ferry_messages_handled_total",
     "Messages a service handled successfully.",

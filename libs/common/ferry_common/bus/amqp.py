@@ -27,6 +27,7 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
+from .. import metrics
 from ..errors import FerryError, InvalidMessage, Transient, Unroutable
 from ..ids import new_id
 from ..tls import TlsSettings, tls_context
@@ -264,6 +265,7 @@ class AmqpBus:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._publish_raw(exchange, batch, messages[0].routing_key)
+        metrics.AMQP_COALESCED_TOTAL.inc(len(messages))
 
     async def _requeue(self, message: Message, count: int) -> None:
         """Back to its queue alone, at the back: a coalesced key is bound by that queue only
@@ -282,6 +284,7 @@ class AmqpBus:
     async def _publish_raw(self, exchange: AbstractRobustExchange, message: aio_pika.Message, routing_key: str,
                            *, mandatory: bool = True) -> None:
         self.amqp_published += 1
+        metrics.AMQP_PUBLISHED_TOTAL.inc()
         try:
             await exchange.publish(message, routing_key, mandatory=mandatory, timeout=30)
         except aiormq.exceptions.PublishError as exc:
