@@ -93,7 +93,8 @@ async def _events(c: Cluster, vm: str, stop: asyncio.Event) -> None:
 async def test_message_fault_at_step(faulty: tuple[Cluster, FaultyBus], fault: str, step: str) -> None:
     c, bus = faulty
     vm = "vm1"
-    # the guest fails to start on the target: a roll-back after every step but the switch
+    # the guest does not start on the target (FinishIncoming): the roll-back comes after the
+    # source froze and the target staged everything, so the clean-up has the most to undo
     fail = {"sim_fail": "finish"} if step == "compensate" else {}
     await c.create_vm("host-a", vm, memory_mib=256, sim_bandwidth_mibps=512, **fail)
     await c.send_events(vm, 10)
