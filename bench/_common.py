@@ -307,9 +307,9 @@ def _host_process(vhost: str, hosts: Sequence[str]) -> subprocess.Popen[bytes]:
            "FERRY_TRACE_COLLECT": "0", "FERRY_INVENTORY_INTERVAL_S": "1"}
     ferry = str(Path(sys.executable).with_name("ferry"))
     RESULTS.mkdir(exist_ok=True)
-    log = open(RESULTS / f"hosts-{vhost}.log", "wb")  # noqa: SIM115 (the process holds it)
-    return subprocess.Popen([ferry, "up", "--hosts", ",".join(hosts), "--no-coordinator"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(RESULTS / f"hosts-{vhost}.log", "wb") as log:  # the child keeps its own copy
+        return subprocess.Popen([ferry, "up", "--hosts", ",".join(hosts), "--no-coordinator"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 async def wait_for(check: Callable[[], bool], timeout: float, what: str, *, poll: float = 0.005) -> None:

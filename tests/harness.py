@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -137,6 +138,12 @@ class Cluster:
                 await b.close()
         if self.vhost:
             drop_vhost(self.vhost)
+
+
+def metric_sample(text: str, name: str, labels: str = "") -> float:
+    """One sample of a Prometheus text rendering (``metrics.REGISTRY.render()``); 0 if absent."""
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 async def until(check: Any, timeout: float, what: str, *, raise_: bool = True) -> bool:

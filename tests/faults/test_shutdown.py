@@ -5,31 +5,23 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.faults.procs import FERRY, free_port
 from tests.harness import amqp_url, drop_vhost, make_vhost
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.usefixtures("rabbitmq_available")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_service_stops_on_sigterm_while_the_broker_is_away(tmp_path: Path) -> None:
     vhost = make_vhost()
     env = {**os.environ, "AMQP_URL": amqp_url(vhost), "FERRY_STATE_DIR": str(tmp_path),
-           "FERRY_HEALTH_PORT": str(_free_port()), "FERRY_TRACE_COLLECT": "0"}
-    ferry = str(Path(sys.executable).with_name("ferry"))
-    proc = subprocess.Popen([ferry, "service", "sensor", "--host", "hx"], env=env, text=True,
+           "FERRY_HEALTH_PORT": str(free_port()), "FERRY_TRACE_COLLECT": "0"}
+    proc = subprocess.Popen([FERRY, "service", "sensor", "--host", "hx"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert proc.stdout is not None

@@ -4,7 +4,6 @@ batches, and every one of them is still delivered, settled and dead-lettered on 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -17,7 +16,7 @@ from ferry_common.bus.batch import BATCH_TYPE, pack
 from ferry_common.bus.interfaces import Delivery, Message, QueueSpec
 from ferry_common.bus.topology import DEAD_LETTER_QUEUE, DELIVERY_LIMIT, EXCHANGE, REASON_HEADER
 from ferry_common.errors import Unroutable
-from tests.harness import amqp_url, drop_vhost, make_vhost
+from tests.harness import amqp_url, drop_vhost, make_vhost, metric_sample
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.usefixtures("rabbitmq_available")]
 KEY = "host.h1.sensor"
@@ -33,11 +32,6 @@ async def buses() -> AsyncIterator[tuple[AmqpBus, AmqpBus, str]]:
     await sender.close()
     await receiver.close()
     drop_vhost(vhost)
-
-
-def _sample(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def message(i: int, key: str = KEY) -> Message:
@@ -85,7 +79,7 @@ async def test_messages_published_at_once_arrive_once_each_in_order_in_fewer_amq
     assert sender.amqp_published - before < 100
     assert sender.coalescing is not None and sender.coalescing.batches >= 2
     # what /metrics shows: the AMQP messages, and the messages that went in batches
-    grew = {name: _sample(metrics.REGISTRY.render(), name) - _sample(exported, name)
+    grew = {name: metric_sample(metrics.REGISTRY.render(), name) - metric_sample(exported, name)
             for name in ("ferry_amqp_published_total", "ferry_amqp_coalesced_total")}
     assert grew["ferry_amqp_published_total"] == sender.amqp_published - before
     assert 400 < grew["ferry_amqp_coalesced_total"] < 500

@@ -4,16 +4,10 @@ and the messages the services handled."""
 
 from __future__ import annotations
 
-import re
-
 from ferry_common import metrics
 from ferry_coordinator.saga import STEPS
 from tests.harness import make_cluster
-
-
-def sample(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+from tests.harness import metric_sample as sample
 
 
 async def test_completed_migration_shows_in_the_registry() -> None:

@@ -143,6 +143,12 @@ class ManagedObjectService(HostService):
         plane.recent_trimmed = False
         await self._save_meta(plane)
 
+    async def _drop_stale_recent(self, plane: VmPlane) -> None:
+        """After new ids were stored: the rows of ids the window let go of, if it did."""
+        if plane.recent_trimmed:
+            plane.recent_trimmed = False
+            await self.state.delete_through(f"recent.{plane.vm_id}", plane.recent_stale_key())
+
     async def _save_embots(self, plane: VmPlane, ids: list[str]) -> None:
         await self.state.put_many(f"eb.{plane.vm_id}", [(i, plane.embot(i).model_dump(mode="json")) for i in ids])
 
@@ -233,9 +239,7 @@ class ManagedObjectService(HostService):
                 # the next dirty round has to send
                 *([("plane", vm, plane.meta())] if plane.status == "exporting" else []),
             ])
-            if plane.recent_trimmed:
-                plane.recent_trimmed = False
-                await self.state.delete_through(f"recent.{vm}", plane.recent_stale_key())
+            await self._drop_stale_recent(plane)
             if len(ledger) > self.ledger_max:
                 del ledger[: len(ledger) - self.ledger_max]
             end = start + len(applied)
@@ -439,9 +443,7 @@ class ManagedObjectService(HostService):
             *((f"eb.{vm}", b.id, plane.embot(b.id).model_dump(mode="json")) for b in msg.embots),
             *((f"recent.{vm}", k, e) for k, e in plane.recent_rows(known)),
         ])
-        if plane.recent_trimmed:
-            plane.recent_trimmed = False
-            await self.state.delete_through(f"recent.{vm}", plane.recent_stale_key())
+        await self._drop_stale_recent(plane)
         return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
 
     async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
