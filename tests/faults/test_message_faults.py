@@ -33,7 +33,7 @@ STEP_TYPES: dict[str, tuple[str, ...]] = {
     "admission": ("StartMigration",),
     "freeze_events": ("FreezeEvents",),
     "management_state": ("ExportManagementState", "ManagementState", "FetchModules"),
-    "event_state": ("StageEvents", "SendEventState", "ManagementEventState"),
+    "event_state": ("StageEvents", "SendEventState", "ManagementEventState", "ExportDirtyObjects"),
     "migrate_vm": ("PrepareIncoming", "PerformMigration", "ExportDirtyObjects", "MigrationState"),
     "switch_over": ("FinishIncoming",),
     "complete": ("MigrationComplete", "CommitReservation"),

@@ -20,7 +20,7 @@ ROUNDS = int(os.environ.get("FERRY_SOAK_ROUNDS", "2")) if SOAK else 1
 # in CI each host service dies at the steps where the saga talks to it; soak: at every step
 INVOLVED = {
     ("source", "sensor"): ("freeze_events", "event_state"),
-    ("source", "managed_object"): ("management_state", "switch_over"),
+    ("source", "managed_object"): ("management_state", "event_state"),
     ("source", "migration_policy"): ("migrate_vm",),
     ("source", "hypervisor_adapter"): ("migrate_vm", "teardown"),
     ("target", "sensor"): ("event_state", "complete"),

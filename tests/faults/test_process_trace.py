@@ -26,9 +26,12 @@ UNDER = {
     # the target's managed object and sensor answer forwarded requests: their spans are under
     # the source's handler spans, not the step's (each span's parent is checked in the trace)
     "step management_state": {"host/host-a/managed_object"},
+    # the receiving VM and the VM's migration are launched beside step 3 (their own spans)
     "prepare incoming": {"host/host-b/hypervisor_adapter"},
-    "step migrate_vm": {"host/host-a/hypervisor_adapter"},
-    "step teardown": {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"},
+    "launch migration": {"host/host-a/hypervisor_adapter"},
+    "step migrate_vm": {"host/host-a/managed_object"},  # the dirty rounds
+    # sent when step 7 begins, beside it
+    "source teardown": {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"},
 }
 
 

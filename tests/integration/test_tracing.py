@@ -118,9 +118,11 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
 
     children = [s for s in trace if s.parent is not None and s.parent.span_id == root.context.span_id]  # type: ignore[union-attr]
     steps = [s for s in children if s.name.startswith("step ")]
-    # the receiving VM is started beside steps 2-4, in a span of its own under the root
-    prepare = [s for s in children if s.name == "prepare incoming"]
-    assert len(prepare) == 1 and len(children) == len(steps) + 1, [s.name for s in children]
+    # the receiving VM is started and the VM's migration launched beside step 3, and the
+    # source torn down beside step 7, each in a span of its own under the root
+    beside = [s for s in children if s.name in ("prepare incoming", "launch migration", "source teardown")]
+    assert sorted(s.name for s in beside) == ["launch migration", "prepare incoming", "source teardown"]
+    assert len(children) == len(steps) + 3, [s.name for s in children]
     assert [s.name for s in sorted(steps, key=lambda s: s.start_time or 0)] == [f"step {n}" for n in STEPS]
     for s in steps:
         a = s.attributes or {}
@@ -129,7 +131,7 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
         assert s.status.status_code != StatusCode.ERROR
 
     # the handlers on both hosts nest under the step that asked them
-    step_of = {s.context.span_id: s.name for s in [*steps, *prepare]}  # type: ignore[union-attr]
+    step_of = {s.context.span_id: s.name for s in [*steps, *beside]}  # type: ignore[union-attr]
     handlers = [s for s in trace if s.name.startswith("handle ")]
     under: dict[str, set[str]] = {}
     for h in handlers:
@@ -151,8 +153,8 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
         parents = {by_id[h.parent.span_id].name for h in spans_of if h.parent is not None}
         assert parents == {forwarder}, parents
     assert under["prepare incoming"] == {"host/host-b/hypervisor_adapter"}
-    assert "host/host-a/hypervisor_adapter" in under["step migrate_vm"]
-    assert {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"} <= under["step teardown"]
+    assert under["launch migration"] == {"host/host-a/hypervisor_adapter"}
+    assert under["source teardown"] == {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"}
 
     # the hypervisor's background migration and its finish notice belong to the trace too
     hv = [s for s in trace if s.name == "hypervisor migrate vm1"]

@@ -62,6 +62,9 @@ def _options(settings: Settings, host: str) -> HostOptions:
     if settings.driver == "sim" and settings.state_dir:
         os.makedirs(os.path.join(settings.state_dir, host), exist_ok=True)
         driver_options["state_file"] = os.path.join(settings.state_dir, host, "sim-hypervisor.json")
+    if settings.driver == "qemu" and os.environ.get("FERRY_QEMU_STANDBY"):
+        # receiving QEMU processes kept ready per VM shape, e.g. "512:2=2,2048:4"
+        driver_options["standby"] = os.environ["FERRY_QEMU_STANDBY"]
     return HostOptions(
         driver=settings.driver,
         driver_options=driver_options,

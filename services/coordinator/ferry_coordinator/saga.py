@@ -122,11 +122,17 @@ class MigrationSaga:
         # steps call services concurrently (clean-up, teardown) and each call may record a
         # retry: saves go one at a time, each on the version the previous one returned
         self._save_lock = asyncio.Lock()
-        # the receiving VM is started while the management plane moves (steps 2-4), off the
-        # critical path; step 5 takes its answer (or asks again after a restart)
-        self._prepare: asyncio.Task[Wire] | None = None
-        # progress statuses go out in order behind the step that announced them, not in its way
+        # the receiving VM is started, and the VM's migration launched, while the management
+        # plane is exported (step 3), off the critical path; step 5 takes their answers (or
+        # asks again after a restart)
+        self._launch: asyncio.Task[tuple[IncomingPrepared, MigrationStarted | None]] | None = None
+        self._may_launch = True  # cleared by a rollback: nothing new is started on the hosts then
+        # the source's teardown, sent beside the target's activation (step 7); step 8 takes it
+        self._teardown: asyncio.Task[list[Wire]] | None = None
+        # progress statuses go out in order beside the steps, not in their way; one waits at
+        # most, and a newer one replaces it (see _status)
         self._statuses: asyncio.Task[None] | None = None
+        self._next_progress: MigrationStatusEvent | None = None
         self._root: trace.Span | None = None
 
     @property
@@ -184,7 +190,9 @@ class MigrationSaga:
                 if not switched and (self.rec.cancel_requested or self.ctx.cancel_reason(self.mid)):
                     raise StepFailed("cancelled", self._why_cancelled())
                 started = self.clock.monotonic()
-                await self._save(step, "started")
+                last = self.rec.history[-1] if self.rec.history else None
+                if last is None or (last.step, last.event) != (step, "started"):
+                    await self._save(step, "started")  # else saved with the step before
                 await self._status("progress", step=step)
                 nxt, data = await getattr(self, f"step_{step}")()
                 self.rec.data.update(data)
@@ -195,8 +203,10 @@ class MigrationSaga:
                     await self._save(step, "succeeded", {"outcome": "completed"})
                     await self._status("completed", step=step, detail=self._summary())
                 else:
+                    # one write for the step's end and the next one's start: the record says
+                    # the same as with two, and the store takes half the writes
                     self.rec.step = nxt
-                    await self._save(step, "succeeded")
+                    await self._save(step, "succeeded", then=(nxt, "started"))
             except StepFailed as f:
                 span.set_status(Status(StatusCode.ERROR, f.reason))
                 span.set_attribute("ferry.outcome", f.code)
@@ -232,7 +242,7 @@ class MigrationSaga:
         ) as span:
             span.add_event("compensation", {"reason": str(self.rec.data.get("reason", ""))})
             await self._save("compensate", "started")
-            await self._settle_prepare()
+            await self._settle_launch()
             if await self._source_lost_after_completion():
                 span.add_event("forward", {"reason": "the source VM is gone; its only copy runs on the target"})
                 return
@@ -324,7 +334,7 @@ class MigrationSaga:
         if isinstance(ans, MigrationDenied):
             raise StepFailed(ans.code, ans.reason)
         ans = _expect(ans, MigrationPermitted)
-        self._start_prepare()
+        self._start_launch()
         return "management_state", {"reservation_id": ans.reservation_id}
 
     async def step_freeze_events(self) -> tuple[str, dict[str, Any]]:
@@ -374,67 +384,87 @@ class MigrationSaga:
         vm_id = self.rec.vm_id
         await self._call(self.target, "sensor", StageEvents(migration_id=self.mid, vm_id=vm_id))
         # the source's sensor sends its queue to the target's as ManagementEventState, and the
-        # target answers here: the events go from host to host once, not through the saga
-        ans = await self._call(
+        # target answers here: the events go from host to host once, not through the saga.
+        # Beside it, the final dirty round: the source acts on nothing since the freeze, and
+        # what it acted on until then is in the managed-object service's queue ahead of this
+        send = self._call(
             self.source,
             "sensor",
             SendEventState(migration_id=self.mid, vm_id=vm_id, target_host=self.target,
                            element_ids=self.element_ids or []),
             answered_by=f"sensor on {self.target}",
         )
+        ans, applied = await _both(send, self._dirty_round(final=True))
         if isinstance(ans, ManagementEventStateFailed):
             raise StepFailed("event_state_failed", ans.reason)
         if isinstance(ans, ManagedObjectInstantiationError):
             raise StepFailed("instantiation_error", ans.reason)
         ok = _expect(ans, ManagementEventStateSuccess)
-        return "switch_over", {"events_moved": ok.staged}
+        return "switch_over", {"events_moved": ok.staged, "final_dirty_applied": applied}
 
     def _prepare_msg(self) -> PrepareIncoming:
         vm = VmSpec.model_validate(self.rec.data["vm"])
         params = dict(self.rec.data.get("params", {}))
         return PrepareIncoming(migration_id=self.mid, vm_id=vm.vm_id, vm=vm, source_host=self.source, params=params)
 
-    def _start_prepare(self) -> None:
-        """Ask the target to start the receiving VM now, in the background (idempotent there,
-        and undone by ``CleanupTarget``): launching QEMU takes 50-250 ms that would otherwise
-        sit on the critical path and in the management plane's blackout."""
-        if self._prepare is None:
-            self._prepare = asyncio.create_task(self._prepare_early(), name=f"prepare:{self.mid}")
+    def _perform_msg(self, uri: str) -> PerformMigration:
+        return PerformMigration(migration_id=self.mid, vm_id=self.rec.vm_id, uri=uri, target_host=self.target,
+                                params=dict(self.rec.data.get("params", {})), notify=self.ctx.notify_key)
 
-    async def _prepare_early(self) -> Wire:
+    def _start_launch(self) -> None:
+        """Start the receiving VM now and, once it listens, the VM's migration, in the
+        background (both idempotent on the hosts, and undone by the clean-up): launching QEMU
+        takes 50-250 ms and the pre-copy as long as it takes, and neither needs the plane, so
+        they run beside the plane's export instead of after it. The dirty rounds start with
+        step 5, once the export is through.
+
+        Only where a completed migration can still be undone (the source resumes, the target's
+        copy is destroyed): with libvirt's peer-to-peer migration the source is gone once it
+        completes, so the VM moves only after the plane was staged on the target."""
+        if self._launch is None:
+            self._launch = asyncio.create_task(self._launch_early(), name=f"launch:{self.mid}")
+
+    async def _launch_early(self) -> tuple[IncomingPrepared, MigrationStarted | None]:
         parent = trace.set_span_in_context(self._root) if self._root is not None else None
-        with tracer.start_as_current_span(
-            "prepare incoming", context=parent,
-            attributes={"ferry.migration_id": self.mid, "ferry.step": "migrate_vm", "ferry.host": self.target},
-        ):
-            return await self._call(self.target, "hypervisor_adapter", self._prepare_msg())
+        attrs = {"ferry.migration_id": self.mid, "ferry.step": "migrate_vm"}
+        with tracer.start_as_current_span("prepare incoming", context=parent, attributes={**attrs, "ferry.host": self.target}):
+            prepared = _expect(await self._call(self.target, "hypervisor_adapter", self._prepare_msg()), IncomingPrepared)
+        if not prepared.source_resumable or not self._may_launch or self.rec.cancel_requested or self.ctx.cancel_reason(self.mid):
+            return prepared, None
+        with tracer.start_as_current_span("launch migration", context=parent, attributes={**attrs, "ferry.host": self.source}):
+            started = _expect(await self._call(self.source, "hypervisor_adapter", self._perform_msg(prepared.uri)), MigrationStarted)
+        return prepared, started
 
-    async def _prepared(self) -> IncomingPrepared:
-        task, self._prepare = self._prepare, None
+    async def _launched(self) -> tuple[IncomingPrepared, MigrationStarted]:
+        """The receiving VM's answer and the started migration's: from the early launch, or
+        asked for now (after a restart, or if the early ones were lost on the way; the
+        adapters answer a replay from what they recorded)."""
+        task, self._launch = self._launch, None
+        prepared: IncomingPrepared | None = None
+        started: MigrationStarted | None = None
         if task is not None:
             try:
-                return _expect(await task, IncomingPrepared)  # type: ignore[no-any-return]
+                prepared, started = await task
             except StepFailed as f:
                 if f.code not in ("timeout", "transient"):
                     raise
-                # lost on the way: ask again (the adapter answers a replay from its memo)
-        return _expect(await self._call(self.target, "hypervisor_adapter", self._prepare_msg()), IncomingPrepared)  # type: ignore[no-any-return]
+        if prepared is None:
+            prepared = _expect(await self._call(self.target, "hypervisor_adapter", self._prepare_msg()), IncomingPrepared)
+        if started is None:
+            started = _expect(await self._call(self.source, "hypervisor_adapter", self._perform_msg(prepared.uri)), MigrationStarted)
+        return prepared, started
 
-    async def _settle_prepare(self) -> None:
-        """Before cleaning the target: let an early PrepareIncoming be answered (or time out),
-        so the clean-up does not overtake the VM it must remove."""
-        task, self._prepare = self._prepare, None
+    async def _settle_launch(self) -> None:
+        """Before cleaning up: start nothing more, and let an early launch be answered (or
+        time out), so the clean-up does not overtake the VM or the migration it must undo."""
+        self._may_launch = False
+        task, self._launch = self._launch, None
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
 
     async def step_migrate_vm(self) -> tuple[str, dict[str, Any]]:
-        vm = VmSpec.model_validate(self.rec.data["vm"])
-        params = dict(self.rec.data.get("params", {}))
-        prepared = await self._prepared()
-        perform = PerformMigration(
-            migration_id=self.mid, vm_id=vm.vm_id, uri=prepared.uri, target_host=self.target, params=params, notify=self.ctx.notify_key
-        )
-        started = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted)
+        prepared, started = await self._launched()
+        perform = self._perform_msg(prepared.uri)
         result = started.finished
         begun = self.clock.monotonic()
         last_poll = begun
@@ -505,11 +535,10 @@ class MigrationSaga:
         return _expect(ans, MigrationStateSuccess).applied
 
     async def step_switch_over(self) -> tuple[str, dict[str, Any]]:
-        applied = await self._dirty_round(final=True)
         await self._call(self.target, "hypervisor_adapter", FinishIncoming(migration_id=self.mid, vm_id=self.rec.vm_id))
         # from here on the guest runs on the target: recovery only goes forward
         self.rec.data["vm_switched"] = True
-        return "complete", {"final_dirty_applied": applied}
+        return "complete", {}
 
     async def step_complete(self) -> tuple[str, dict[str, Any]]:
         vm_id = self.rec.vm_id
@@ -520,6 +549,10 @@ class MigrationSaga:
             self.rec.data["new_epoch"] = epoch
             await self._save("complete", "owner", {"owner": self.target, "epoch": epoch})
         self.ctx.on_owner(vm_id, self.target, int(epoch))
+        # past the switch the source only has to be cleared, and nothing on the target waits
+        # for that: its teardown goes now, beside the activation; step 8 takes the answers
+        if self._teardown is None:
+            self._teardown = asyncio.create_task(self._tear_down(), name=f"teardown:{self.mid}")
         msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s)
         # the plane and the reservation are independent (both idempotent, and past the switch
         # the saga only goes forward): one round trip for both
@@ -534,9 +567,25 @@ class MigrationSaga:
         return "teardown", {"epoch": epoch, "events_dispatched_on_target": ack.dispatched}
 
     async def step_teardown(self) -> tuple[None, dict[str, Any]]:
-        msg = SourceTeardown(migration_id=self.mid, vm_id=self.rec.vm_id)
-        await asyncio.gather(*(self._call(self.source, s, msg) for s in ("sensor", "managed_object", "hypervisor_adapter")))
+        task, self._teardown = self._teardown, None
+        if task is not None:
+            try:
+                await task
+                return None, {}
+            except StepFailed:
+                pass  # asked again below: each service answers a replay from what it recorded
+        await self._tear_down()
         return None, {}
+
+    async def _tear_down(self) -> list[Wire]:
+        msg = SourceTeardown(migration_id=self.mid, vm_id=self.rec.vm_id)
+        parent = trace.set_span_in_context(self._root) if self._root is not None else None
+        with tracer.start_as_current_span(
+            "source teardown", context=parent,
+            attributes={"ferry.migration_id": self.mid, "ferry.step": "teardown", "ferry.host": self.source},
+        ):
+            services = ("sensor", "managed_object", "hypervisor_adapter")
+            return list(await asyncio.gather(*(self._call(self.source, s, msg) for s in services)))
 
     # ---- plumbing -----------------------------------------------------------------------
     async def _call(self, host: str, service: str, msg: Wire, *, answered_by: str = "") -> Wire:
@@ -567,10 +616,13 @@ class MigrationSaga:
         assert last is not None
         raise last
 
-    async def _save(self, step: str, event: str, detail: dict[str, Any] | None = None) -> None:
+    async def _save(self, step: str, event: str, detail: dict[str, Any] | None = None, *,
+                    then: tuple[str, str] | None = None) -> None:
         async with self._save_lock:
             now = self.clock.now()
             self.rec.history.append(HistoryEntry(now, step, event, detail or {}))
+            if then is not None:
+                self.rec.history.append(HistoryEntry(now, then[0], then[1], {}))
             self.rec.updated_at = now
             try:
                 self.rec = await self.ctx.store.save(self.rec, owner=self.ctx.owner)
@@ -591,17 +643,28 @@ class MigrationSaga:
             detail=detail or {},
             at=self.clock.now(),
         )
-        prev = self._statuses
         if status == "progress":
-            # not awaited: a progress status is for people, the record is the truth
-            self._statuses = asyncio.create_task(self._publish_status(prev, event))
+            # not awaited: a progress status is for people, the record is the truth. It is a
+            # sample, not a log (the record's history is the log): while one is on its way, the
+            # newest waits and replaces any older one, so a busy broker gets fewer of them and
+            # a follower still sees the step the saga is in
+            self._next_progress = event
+            if self._statuses is None or self._statuses.done():
+                self._statuses = asyncio.create_task(self._publish_progress())
             return
-        self._statuses = None
-        await self._publish_status(prev, event)  # an outcome goes after every progress before it
+        # an outcome goes after the progress on its way, and supersedes one still waiting
+        self._next_progress = None
+        if self._statuses is not None:
+            await asyncio.gather(self._statuses, return_exceptions=True)
+            self._statuses = None
+        await self._publish_status(event)
 
-    async def _publish_status(self, prev: asyncio.Task[None] | None, event: MigrationStatusEvent) -> None:
-        if prev is not None:
-            await asyncio.gather(prev, return_exceptions=True)
+    async def _publish_progress(self) -> None:
+        while self._next_progress is not None:
+            event, self._next_progress = self._next_progress, None
+            await self._publish_status(event)
+
+    async def _publish_status(self, event: MigrationStatusEvent) -> None:
         try:
             # nobody may follow this migration (its record still says it all): not mandatory,
             # so the broker drops it instead of returning it
@@ -613,6 +676,17 @@ class MigrationSaga:
         d = self.rec.data
         keys = ("elements", "events_moved", "events_dispatched_on_target", "dirty_rounds", "vm_stats", "timings_ms", "epoch")
         return {k: d[k] for k in keys if k in d}
+
+
+async def _both(a: Awaitable[Wire], b: Awaitable[int]) -> tuple[Wire, int]:
+    """Run two calls together; if one fails, wait for the other before raising (a step ends
+    with nothing of its own still running)."""
+    first, second = await asyncio.gather(a, b, return_exceptions=True)
+    for r in (first, second):
+        if isinstance(r, BaseException):
+            raise r
+    assert not isinstance(first, BaseException) and not isinstance(second, BaseException)
+    return first, second
 
 
 def _expect(answer: Wire, model: type[Any]) -> Any:

@@ -190,7 +190,7 @@ class HypervisorAdapterService(HostService):
             raise FerryError(f"cannot prepare incoming vm {msg.vm_id!r}: {exc}", code="incoming_failed") from exc
         self.incoming[msg.migration_id] = msg.vm_id
         await self.state.put("incoming", msg.migration_id, msg.vm_id)
-        return IncomingPrepared(uri=uri)
+        return IncomingPrepared(uri=uri, source_resumable=self.source_resumable)
 
     async def on_finish_incoming(self, msg: FinishIncoming, ctx: Context) -> Done:
         if not await self.driver.finish_incoming(msg.vm_id):

@@ -158,6 +158,9 @@ class PrepareIncoming(Step):
 
 class IncomingPrepared(Wire):
     uri: Text
+    # hosts run the same driver kind: False (libvirt peer-to-peer) tells the saga not to start
+    # the VM's migration before the plane is staged, since a completed one cannot be undone
+    source_resumable: bool = True
 
 
 class PerformMigration(Step):

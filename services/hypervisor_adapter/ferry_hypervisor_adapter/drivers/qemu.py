@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ferry_common.messages.domain import VmSpec
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
 from .guest import STATUS_XP, GuestStatus, default_guest_image, guest_cmdline
 from .precopy import PrecopyWatch
+from .standby import Shape, StandbyPool, parse_shapes
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,10 @@ class QemuDriver:
     default: the repo's test guest, built on demand), ``qemu_binary``, ``accel`` (``tcg``;
     ``kvm:tcg`` uses KVM when present), ``machine`` (``pc``; must resolve to the same type on
     both hosts), ``listen_host`` (where incoming guests listen, ``127.0.0.1``),
-    ``finish_timeout_s`` (how long :meth:`finish_incoming` waits for ``running``).
+    ``finish_timeout_s`` (how long :meth:`finish_incoming` waits for ``running``),
+    ``standby`` (receiving processes kept ready per VM shape, see :mod:`.standby`; none by
+    default), ``standby_refill_s`` (how long after a migration took one its replacement is
+    started, 2 s: the saga's last steps run in that time and starting QEMU takes a core).
     """
 
     name = "qemu"
@@ -70,6 +75,8 @@ class QemuDriver:
         machine: str = "pc",
         listen_host: str = "127.0.0.1",
         finish_timeout_s: float = 10.0,
+        standby: str | None = None,
+        standby_refill_s: float = 2.0,
     ) -> None:
         self.host = host
         self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-qemu") / _safe(host)
@@ -82,6 +89,9 @@ class QemuDriver:
         self._clients: dict[str, Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._cancel_requested: set[str] = set()
+        self.standby = StandbyPool(parse_shapes(standby))
+        self.standby_refill_s = standby_refill_s
+        self._filling: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -90,8 +100,18 @@ class QemuDriver:
         if shutil.which(self.qemu_binary) is None:
             raise RuntimeError(f"{self.qemu_binary} not found (scripts/ensure-hypervisors.sh)")
         await self._image()
+        for leftover in sorted(self._standby_dir().glob("*")):  # a previous run's: not known ready
+            await self._kill_dir(leftover)
+        self._fill_standby()
 
     async def close(self) -> None:
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._filling
+        for name in self.standby.names():
+            await self._kill_dir(self._standby_dir() / name)
+        self.standby.ready.clear()
         for client in list(self._clients.values()):
             with contextlib.suppress(Exception):
                 await client.disconnect()
@@ -147,7 +167,8 @@ class QemuDriver:
                 await self._kill(spec.vm_id)
             elif meta:
                 await self._kill(spec.vm_id)
-            await self._launch(spec, role="incoming")
+            if not await self._adopt_standby(spec):
+                await self._launch(spec, role="incoming")
             # port 0: QEMU binds a free port itself, so there is no race with other listeners
             await self._qmp(spec.vm_id, "migrate-incoming", {"uri": f"tcp:{self.listen_host}:0"})
             info = await self._qmp(spec.vm_id, "query-migrate")
@@ -169,8 +190,10 @@ class QemuDriver:
             await asyncio.sleep(0.02)
         if status == "running":
             self._update_meta(vm_id, role="guest")
-            return True
-        return False
+        # the pool is topped up a little after the migration that took a standby: starting
+        # QEMU costs a core for ~50 ms, which the saga's last steps should not have to share
+        self._fill_standby(self.standby_refill_s)
+        return status == "running"
 
     async def abort_incoming(self, vm_id: str) -> None:
         async with self._lock(vm_id):
@@ -178,6 +201,7 @@ class QemuDriver:
             # a finished incoming guest is a guest of this host now: not ours to tear down
             if meta and meta["role"] == "incoming":
                 await self._kill(vm_id)
+        self._fill_standby(self.standby_refill_s)
 
     # --- migration: source side -----------------------------------------------------------
 
@@ -304,6 +328,56 @@ class QemuDriver:
         """The guest's QEMU process id, if it runs."""
         return self._pid(vm_id) if self._alive(vm_id) else None
 
+    # --- standby receiving processes (see .standby) ---------------------------------------
+
+    def _standby_dir(self) -> Path:
+        return self.run_dir / ".standby"  # not a guest directory: list() and state() skip it
+
+    def _fill_standby(self, delay_s: float = 0.0) -> None:
+        if self.standby.wanted and (self._filling is None or self._filling.done()):
+            self._filling = asyncio.create_task(self._fill(delay_s), name=f"standby:{self.host}")
+
+    async def _fill(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        for shape in self.standby.missing():
+            name = f"{shape.memory_mib}-{shape.vcpus}-{uuid.uuid4().hex[:8]}"
+            spec = VmSpec(vm_id=name, memory_mib=shape.memory_mib, vcpus=shape.vcpus, driver=self.name)
+            try:
+                await self._launch(spec, role="incoming", vm_dir=self._standby_dir() / name)
+            except Exception:
+                log.exception("standby QEMU %s on %s not started", name, self.host)
+                return  # tried again at the next take
+            self.standby.add(shape, name)
+
+    async def _adopt_standby(self, spec: VmSpec) -> bool:
+        """Take a ready standby of the VM's shape as its receiving process (caller holds the
+        VM's lock and has cleared its directory); False if there is none."""
+        while (name := self.standby.take(Shape(spec.memory_mib, spec.vcpus))) is not None:
+            standby = self._standby_dir() / name
+            pid = _read_pid(standby)
+            if pid is None or not _process_alive(pid):
+                shutil.rmtree(standby, ignore_errors=True)
+                continue  # died while waiting: the next one, or a fresh launch
+            vm_dir = self._dir(spec.vm_id)
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            # a renamed directory keeps its unix socket and pidfile working: the process
+            # holds them by inode, and clients connect by the new path
+            standby.rename(vm_dir)
+            self._update_meta(spec.vm_id, spec=spec.model_dump(mode="json"), role="incoming", uri=None)
+            return True
+        return False
+
+    async def _kill_dir(self, vm_dir: Path) -> None:
+        pid = _read_pid(vm_dir)
+        if pid is not None and _process_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(500):
+                if not _process_alive(pid):
+                    break
+                await asyncio.sleep(0.01)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
     # --- processes ------------------------------------------------------------------------
 
     def _dir(self, vm_id: str) -> Path:
@@ -321,9 +395,7 @@ class QemuDriver:
     def _update_meta(self, vm_id: str, **changes: Any) -> None:
         meta = self._meta(vm_id) or {}
         meta.update(changes)
-        tmp = self._dir(vm_id) / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(self._dir(vm_id) / "meta.json")
+        _write_meta(self._dir(vm_id), meta)
 
     async def _image(self) -> Path:
         if self._guest_image is None:
@@ -332,8 +404,8 @@ class QemuDriver:
             raise FileNotFoundError(f"guest image {self._guest_image} not found")
         return self._guest_image
 
-    async def _launch(self, spec: VmSpec, role: str) -> None:
-        vm_dir = self._dir(spec.vm_id)
+    async def _launch(self, spec: VmSpec, role: str, vm_dir: Path | None = None) -> None:
+        vm_dir = vm_dir or self._dir(spec.vm_id)
         if vm_dir.exists():
             shutil.rmtree(vm_dir)
         vm_dir.mkdir(parents=True)
@@ -356,7 +428,7 @@ class QemuDriver:
         ]  # fmt: skip
         if role == "incoming":
             argv += ["-incoming", "defer"]
-        self._update_meta(spec.vm_id, spec=spec.model_dump(mode="json"), role=role, uri=None)
+        _write_meta(vm_dir, {"spec": spec.model_dump(mode="json"), "role": role, "uri": None})
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
@@ -368,10 +440,7 @@ class QemuDriver:
             )
 
     def _pid(self, vm_id: str) -> int | None:
-        try:
-            return int((self._dir(vm_id) / "pid").read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
+        return _read_pid(self._dir(vm_id))
 
     def _alive(self, vm_id: str) -> bool:
         pid = self._pid(vm_id)
@@ -430,6 +499,19 @@ class QemuDriver:
             return str((await self._qmp(vm_id, "query-status"))["status"])
         except QmpUnavailable:
             return None
+
+
+def _write_meta(vm_dir: Path, meta: dict[str, Any]) -> None:
+    tmp = vm_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(vm_dir / "meta.json")
+
+
+def _read_pid(vm_dir: Path) -> int | None:
+    try:
+        return int((vm_dir / "pid").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _safe(name: str) -> str:
