@@ -24,6 +24,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,12 +183,17 @@ class QemuDriver:
         if not meta:
             return False
         deadline = time.monotonic() + self.finish_timeout_s
-        while True:
-            status = await self._status_or_none(vm_id)
-            # just after the source reports completed the target may still be loading state
-            if status != "inmigrate" or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
+        try:
+            # the guest resumes here once its state is loaded (RESUME): seen at once
+            async with self._events(vm_id, ("RESUME", "MIGRATION")) as changed:
+                while True:
+                    status = await self._status_or_none(vm_id)
+                    # just after the source reports completed the target may still be loading state
+                    if status != "inmigrate" or time.monotonic() > deadline:
+                        break
+                    await changed(0.02)
+        except QmpUnavailable:
+            status = None
         if status == "running":
             self._update_meta(vm_id, role="guest")
         # the pool is topped up a little after the migration that took a standby: starting
@@ -228,10 +234,13 @@ class QemuDriver:
             return MigrationResult("failed", f"source QEMU gone: {exc}")
 
     async def _set_params(self, vm_id: str, params: MigrationParams) -> None:
+        # "events": QEMU announces each change of the migration's status (MIGRATION), so
+        # the end is seen at once instead of at the next poll
         await self._qmp(
             vm_id,
             "migrate-set-capabilities",
-            {"capabilities": [{"capability": "auto-converge", "state": params.auto_converge}]},
+            {"capabilities": [{"capability": "auto-converge", "state": params.auto_converge},
+                              {"capability": "events", "state": True}]},
         )
         bandwidth = (
             params.bandwidth_mibps * MIB if params.bandwidth_mibps else QEMU_DEFAULT_BANDWIDTH
@@ -245,6 +254,39 @@ class QemuDriver:
     async def _watch(
         self, vm_id: str, spec: VmSpec, params: MigrationParams, on_progress: ProgressCallback
     ) -> MigrationResult:
+        async with self._events(vm_id, ("MIGRATION",)) as changed:
+            return await self._follow(vm_id, spec, params, on_progress, changed)
+
+    @contextlib.asynccontextmanager
+    async def _events(self, vm_id: str, names: tuple[str, ...]) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+        """Yield ``wait(timeout)``: returns when QEMU sends one of the events ``names`` (a
+        migration status change, the guest resuming) or after ``timeout``, whichever is first;
+        a poll with a doorbell."""
+        from qemu.qmp import EventListener
+
+        client = await self._client(vm_id)
+        listener = EventListener(names)
+        client.register_listener(listener)
+
+        async def wait(timeout: float) -> None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(listener.get(), timeout)
+            listener.clear()
+
+        try:
+            yield wait
+        finally:
+            with contextlib.suppress(Exception):
+                client.remove_listener(listener)
+
+    async def _follow(
+        self,
+        vm_id: str,
+        spec: VmSpec,
+        params: MigrationParams,
+        on_progress: ProgressCallback,
+        changed: Callable[[float], Awaitable[None]],
+    ) -> MigrationResult:
         watch = PrecopyWatch(params, spec.memory_mib)
         last: dict[str, Any] = {}  # the last sample with figures: a cancelled migration has none
         while True:
@@ -254,7 +296,8 @@ class QemuDriver:
             if ram:
                 last = info
             if status == "completed":
-                await on_progress(_progress(status, ram, done=True))
+                info = await self._totalled(vm_id, info)
+                await on_progress(_progress(status, info.get("ram", ram), done=True))
                 return MigrationResult("completed", stats=_stats(info))
             if status == "failed":
                 return MigrationResult(
@@ -276,7 +319,17 @@ class QemuDriver:
                 if end.get("status") == "completed":  # it made it before the cancel
                     return MigrationResult("completed", stats=_stats(end))
                 return MigrationResult("failed", reason, _stats(end, last))
-            await asyncio.sleep(params.poll_interval_s)
+            await changed(params.poll_interval_s)
+
+    async def _totalled(self, vm_id: str, info: dict[str, Any]) -> dict[str, Any]:
+        """``query-migrate`` once QEMU has totalled the figures: its MIGRATION event says
+        completed a moment before (total time still 0), and the event wakes us that early."""
+        for _ in range(100):
+            if info.get("total-time"):
+                break
+            await asyncio.sleep(0.001)
+            info = await self._qmp(vm_id, "query-migrate")
+        return info
 
     async def _cancel_and_wait(self, vm_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
         await self._qmp(vm_id, "migrate_cancel")
