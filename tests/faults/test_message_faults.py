@@ -31,9 +31,9 @@ TIMEOUTS = SagaTimeouts(reply_s=0.4, attempts=3, status_poll_s=0.3, forward_retr
                         forward_retry_max_s=0.3, lease_s=5.0)
 STEP_TYPES: dict[str, tuple[str, ...]] = {
     "admission": ("StartMigration",),
-    "freeze_events": ("FreezeEvents",),
+    "freeze_events": ("FreezeEvents", "StageEvents"),
     "management_state": ("ExportManagementState", "ManagementState", "FetchModules"),
-    "event_state": ("StageEvents", "SendEventState", "ManagementEventState", "ExportDirtyObjects"),
+    "event_state": ("SendEventState", "ManagementEventState", "ExportDirtyObjects"),
     "migrate_vm": ("PrepareIncoming", "PerformMigration", "ExportDirtyObjects", "MigrationState"),
     "switch_over": ("FinishIncoming",),
     "complete": ("MigrationComplete", "CommitReservation"),

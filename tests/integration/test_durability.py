@@ -62,8 +62,12 @@ async def restart_host(c: Cluster, host: str, states: dict[tuple[str, str], Stat
 
 async def crash_coordinator(c: Cluster) -> None:
     old = c.coordinator
-    for task in list(old.running.values()):
+    tasks = list(old.running.values())
+    for task in tasks:
         task.cancel()
+    for task in tasks:  # a saga may have died of the crash already (raised in work beside a step)
+        with contextlib.suppress(asyncio.CancelledError, Crash):
+            await task
     await old.stop()
     await old.endpoint.close()
     c.coordinator = build_coordinator(old.endpoint.bus, c.store, clock=c.clock, timeouts=TIMEOUTS)

@@ -60,21 +60,27 @@ async def test_completed_migration_moves_plane_state_and_events(cluster: Cluster
 
 async def test_events_queued_during_migration_are_dispatched_on_target_once_in_order(
         cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Events that arrive once the source has frozen them (after the VM was copied) wait in
-    its queue, go to the target, and are acted on there once each, in time order, by the
-    policies whose state carried on from the source."""
+    """Events that arrive once the source has frozen them (after the VM was copied), before
+    the target's sensor takes the events' key, wait in the source's queue, go to the target,
+    and are acted on there once each, in time order, by the policies whose state carried on
+    from the source."""
+    from ferry_common.messages.commands import FreezeEvents, StageEvents
+
     await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)  # ~0.5 s
     await cluster.send_events("vm1", 5)
     await cluster.settle("vm1")
     frozen, go = asyncio.Event(), asyncio.Event()
-    real = MigrationSaga.step_event_state
+    real = MigrationSaga._call
 
-    async def held(self: MigrationSaga) -> Any:
-        frozen.set()
-        await go.wait()
-        return await real(self)
+    async def held(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+        if isinstance(msg, StageEvents):
+            await go.wait()  # the target binds the key only when the test says
+        answer = await real(self, host, service, msg, **kw)
+        if isinstance(msg, FreezeEvents):
+            frozen.set()
+        return answer
 
-    monkeypatch.setattr(MigrationSaga, "step_event_state", held)
+    monkeypatch.setattr(MigrationSaga, "_call", held)
     mid = await cluster.client.migrate("vm1", "host-b")
     await asyncio.wait_for(frozen.wait(), 20)
     queued = await cluster.send_events("vm1", 40)  # frozen on the source: queued there
@@ -90,6 +96,48 @@ async def test_events_queued_during_migration_are_dispatched_on_target_once_in_o
     assert [ts[i] for i in on_target] == sorted(ts[i] for i in on_target)
     after = cluster.host("host-b").managed_object.planes["vm1"].state["vm1.load"]
     assert after["high_samples"] == high_samples(cluster, "vm1")
+
+
+async def test_events_reaching_both_hosts_around_the_freeze_act_once(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target's sensor takes the events' key beside the source's freeze: events that
+    arrive between the two reach both hosts; the source acts on them, the target queues them
+    too, and skips them at dispatch (their ids came in the final dirty round)."""
+    from ferry_common.messages.commands import FreezeEvents, StageEvents
+
+    await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)
+    await cluster.send_events("vm1", 5)
+    await cluster.settle("vm1")
+    staged, go = asyncio.Event(), asyncio.Event()
+    real = MigrationSaga._call
+
+    async def held(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+        if isinstance(msg, FreezeEvents):
+            await go.wait()  # the source freezes only when the test says
+        answer = await real(self, host, service, msg, **kw)
+        if isinstance(msg, StageEvents):
+            staged.set()
+        return answer
+
+    monkeypatch.setattr(MigrationSaga, "_call", held)
+    mid = await cluster.client.migrate("vm1", "host-b")
+    await asyncio.wait_for(staged.wait(), 20)
+    both = await cluster.send_events("vm1", 30)  # bound on both hosts, the source still active
+    source = cluster.host("host-a").managed_object
+
+    async def acted() -> bool:
+        return all(e.id in source.ledger["vm1"] for e in both)
+    await until(acted, 10, "the source to act on the events that reached both hosts")
+    go.set()
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert outcome.status == "completed", outcome
+    later = await cluster.send_events("vm1", 5)
+    await assert_clean(cluster, "vm1", "host-b")
+    on_target = cluster.host("host-b").managed_object.ledger["vm1"]
+    assert not set(on_target) & {e.id for e in both}  # the target held them, and skipped them
+    assert on_target[-len(later):] == [e.id for e in later]
+    after = cluster.host("host-b").managed_object.planes["vm1"].state["vm1.load"]
+    assert after["seen"] == sum(1 for e in cluster.sent["vm1"] if e.element_id == "vm1")
 
 
 async def test_events_while_the_vm_precopies_act_on_the_source_and_their_state_moves(cluster: Cluster) -> None:
@@ -256,7 +304,7 @@ async def test_operator_cancel_rolls_back(cluster: Cluster) -> None:
 WAITS = [
     ("host-b", "migration_policy", "admission"),
     ("host-b", "managed_object", "management_state"),
-    ("host-b", "sensor", "event_state"),
+    ("host-b", "sensor", "freeze_events"),  # it takes the events' key beside the freeze
     ("host-b", "hypervisor_adapter", "migrate_vm"),
 ]
 

@@ -140,9 +140,11 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
         if h.parent.span_id in step_of and service.startswith("host/"):  # clients follow too
             under.setdefault(step_of[h.parent.span_id], set()).add(str((h.attributes or {})["ferry.service"]))
     assert under["step admission"] == {"host/host-b/migration_policy"}
-    assert under["step freeze_events"] == {"host/host-a/sensor"}
+    # the source freezes, and the target's sensor takes the events' key beside it
+    assert under["step freeze_events"] == {"host/host-a/sensor", "host/host-b/sensor"}
     assert "host/host-a/managed_object" in under["step management_state"]
-    # steps 3 and 4 go host to host: the target's handler is under the source's, which forwarded
+    # steps 3, 4 and 6 go host to host, and step 7 from the target's managed object to its
+    # sensor: the handler that answers is under the one that forwarded
     by_id = {s.context.span_id: s for s in trace}  # type: ignore[union-attr]
     for forwarded, target_service, forwarder in (
         ("handle ManagementState", "host/host-b/managed_object", "handle ExportManagementState"),
@@ -152,6 +154,11 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
         assert spans_of and all((h.attributes or {})["ferry.service"] == target_service for h in spans_of)
         parents = {by_id[h.parent.span_id].name for h in spans_of if h.parent is not None}
         assert parents == {forwarder}, parents
+    assert under["step complete"] == {"host/host-b/managed_object", "host/host-b/migration_policy"}
+    completes = {str((h.attributes or {})["ferry.service"]): h for h in handlers if h.name == "handle MigrationComplete"}
+    assert set(completes) == {"host/host-b/managed_object", "host/host-b/sensor"}
+    sensor_parent = completes["host/host-b/sensor"].parent
+    assert sensor_parent is not None and sensor_parent.span_id == completes["host/host-b/managed_object"].context.span_id  # type: ignore[union-attr]
     assert under["prepare incoming"] == {"host/host-b/hypervisor_adapter"}
     assert under["launch migration"] == {"host/host-a/hypervisor_adapter"}
     assert under["source teardown"] == {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"}

@@ -338,7 +338,15 @@ class MigrationSaga:
         return "management_state", {"reservation_id": ans.reservation_id}
 
     async def step_freeze_events(self) -> tuple[str, dict[str, Any]]:
-        ans = _expect(await self._call(self.source, "sensor", FreezeEvents(migration_id=self.mid, vm_id=self.rec.vm_id)), EventsFrozen)
+        # the target's sensor binds the events' key beside the freeze, not after it: an event
+        # that reaches both hosts in between is acted on by the source and its id goes over
+        # in the final dirty round, so the target's managed object skips it (the window is
+        # one round trip; the dirty rounds carry the last 4,096 ids)
+        frozen, _ = await asyncio.gather(
+            self._call(self.source, "sensor", FreezeEvents(migration_id=self.mid, vm_id=self.rec.vm_id)),
+            self._call(self.target, "sensor", StageEvents(migration_id=self.mid, vm_id=self.rec.vm_id)),
+        )
+        ans = _expect(frozen, EventsFrozen)
         return "event_state", {"queued_at_freeze": ans.queued}
 
     async def step_management_state(self) -> tuple[str, dict[str, Any]]:
@@ -382,9 +390,9 @@ class MigrationSaga:
             # resumed after a restart: the staged graph's ids come from replaying step 3
             await self.step_management_state()
         vm_id = self.rec.vm_id
-        await self._call(self.target, "sensor", StageEvents(migration_id=self.mid, vm_id=vm_id))
-        # the source's sensor sends its queue to the target's as ManagementEventState, and the
-        # target answers here: the events go from host to host once, not through the saga.
+        # the target's sensor was staged beside the freeze; the source's sensor sends its
+        # queue to the target's as ManagementEventState, and the target answers here: the
+        # events go from host to host once, not through the saga.
         # Beside it, the final dirty round: the source acts on nothing since the freeze, and
         # what it acted on until then is in the managed-object service's queue ahead of this
         send = self._call(
@@ -520,8 +528,16 @@ class MigrationSaga:
         # the final round resends everything changed since step 3: an export's answer lost
         # on the way (a timeout, then a retry) took its dirty bits with it, and only this
         # keeps those changes from being lost; the target applies them idempotently
-        export = ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final, since_export=final)
-        dirty = _expect(await self._call(self.source, "managed_object", export), DirtyObjects)
+        # host to host: the source sends the round to the target's managed object, which
+        # answers here (a source that does not forward answers DirtyObjects: relayed below)
+        export = ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final, since_export=final,
+                                    target_host=self.target)
+        ans = await self._call(self.source, "managed_object", export, answered_by=f"managed_object on {self.target}")
+        if isinstance(ans, MigrationStateSuccess):
+            return ans.applied
+        if isinstance(ans, ManagementStateFailed):
+            raise StepFailed("migration_state_failed", ans.reason)
+        dirty = _expect(ans, DirtyObjects)
         if not dirty.elements and not dirty.embots and not dirty.recent_event_ids:
             return 0
         ans = await self._call(
@@ -553,17 +569,17 @@ class MigrationSaga:
         # for that: its teardown goes now, beside the activation; step 8 takes the answers
         if self._teardown is None:
             self._teardown = asyncio.create_task(self._tear_down(), name=f"teardown:{self.mid}")
-        msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s)
-        # the plane and the reservation are independent (both idempotent, and past the switch
-        # the saga only goes forward): one round trip for both
-        plane, _ = await asyncio.gather(
-            self._call(self.target, "managed_object", msg),
+        msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s,
+                                then_sensor=True)
+        # the managed object activates the plane and passes the message on to the sensor
+        # (the plane is active before events reach it; the sensor answers, and the backlog goes
+        # out beside the saga's last step only); the reservation is independent (both are
+        # idempotent, and past the switch the saga only goes forward): one round trip for all
+        ack, _ = await asyncio.gather(
+            self._call(self.target, "managed_object", msg, answered_by=f"sensor on {self.target}"),
             self._call(self.target, "migration_policy", CommitReservation(migration_id=self.mid, vm_id=vm_id)),
         )
-        _expect(plane, MigrationCompleteAck)
-        # the sensor last: the plane is active before events reach it, and once the sensor
-        # answers, the backlog goes out beside the saga's last step only
-        ack = _expect(await self._call(self.target, "sensor", msg), MigrationCompleteAck)
+        ack = _expect(ack, MigrationCompleteAck)
         return "teardown", {"epoch": epoch, "events_dispatched_on_target": ack.dispatched}
 
     async def step_teardown(self) -> tuple[None, dict[str, Any]]:

@@ -92,7 +92,8 @@ class ManagedObjectService(HostService):
         r.add(ManagementState, self.on_state)  # not memoised: ModulesRequired is answered again
         r.add(ExportDirtyObjects, self.on_export_dirty)
         self.step(MigrationState, self.on_migration_state)
-        self.step(MigrationComplete, self.on_complete)
+        # not memoised: activating is idempotent itself, and a replay is passed on again
+        r.add(MigrationComplete, self.on_complete)
         self.step(SourceTeardown, self.on_teardown)
         self.step(CleanupTarget, self.on_cleanup_target)
         self.step(CleanupSource, self.on_cleanup_source)
@@ -332,20 +333,23 @@ class ManagedObjectService(HostService):
             plane.changed_elements.clear()
             plane.changed_embots.clear()
             plane.recent_at_export = plane.recent_at_round = plane.recent_next
-        elif plane.migration_id != msg.migration_id or plane.status != "exporting":
+        elif plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
-        # a replayed export sends the current state; dirt since the first export is in it
-        plane.dirty_elements.clear()
-        plane.dirty_embots.clear()
-        plane.recent_at_round = plane.recent_next
-        await self._save_meta(plane)
+        if plane.status == "exporting":
+            # a replayed export sends the current state; dirt since the first export is in it
+            plane.dirty_elements.clear()
+            plane.dirty_embots.clear()
+            plane.recent_at_round = plane.recent_next
+            await self._save_meta(plane)
+        # sealed (a coordinator that resumed after the final round replays step 3 for the
+        # staged graph's ids): nothing changes here any more, the target has it all
         if msg.target_host is None:
             return ManagementStateExport(graph=plane.graph())
         # host to host: the target stages the graph and answers the requester
         staged = ManagementState(migration_id=msg.migration_id, vm_id=msg.vm_id, graph=plane.graph(), modules=msg.modules)
         return Forward(host_command(msg.target_host, self.service), staged)
 
-    async def on_export_dirty(self, msg: ExportDirtyObjects, ctx: Context) -> Wire:
+    async def on_export_dirty(self, msg: ExportDirtyObjects, ctx: Context) -> Wire | Forward:
         plane = self._plane(msg.vm_id)
         if plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
             raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
@@ -362,7 +366,14 @@ class ManagedObjectService(HostService):
         if msg.final:
             plane.status = "sealed"
         await self._save_meta(plane)
-        return DirtyObjects(elements=elements, embots=embots, round=plane.dirty_round, recent_event_ids=recent)
+        if msg.target_host is None:
+            return DirtyObjects(elements=elements, embots=embots, round=plane.dirty_round, recent_event_ids=recent)
+        if not elements and not embots and not recent:
+            return MigrationStateSuccess(applied=0)  # nothing to send
+        # host to host, as the export: the target applies the round and answers the requester
+        return Forward(host_command(msg.target_host, self.service),
+                       MigrationState(migration_id=msg.migration_id, vm_id=msg.vm_id, elements=elements,
+                                      embots=embots, round=plane.dirty_round, recent_event_ids=recent))
 
     async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:
         plane = self.planes.get(msg.vm_id)
@@ -446,14 +457,17 @@ class ManagedObjectService(HostService):
         await self._drop_stale_recent(plane)
         return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
 
-    async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
+    async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire | Forward:
         done = self.planes.get(msg.vm_id)
-        if done is not None and done.status == "active" and msg.epoch and done.epoch == msg.epoch:
-            return MigrationCompleteAck()  # done before a crash took the answer with it
-        plane = self._staged(msg.vm_id, msg.migration_id)
-        plane.status, plane.migration_id, plane.epoch = "active", None, msg.epoch
-        self.ledger.setdefault(msg.vm_id, [])
-        await self._save_meta(plane)
+        if done is None or done.status != "active" or not msg.epoch or done.epoch != msg.epoch:
+            plane = self._staged(msg.vm_id, msg.migration_id)
+            plane.status, plane.migration_id, plane.epoch = "active", None, msg.epoch
+            self.ledger.setdefault(msg.vm_id, [])
+            await self._save_meta(plane)
+        # else done before a crash took the answer with it
+        if msg.then_sensor:
+            # the plane is active: the sensor may hand it the backlog now, and answers for both
+            return Forward(host_command(self.host, "sensor"), msg)
         return MigrationCompleteAck()
 
     async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:

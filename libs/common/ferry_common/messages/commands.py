@@ -210,6 +210,9 @@ class ConfirmSource(Step):
 class ExportDirtyObjects(Step):
     final: bool = False
     since_export: bool = False  # everything changed since step 3, not just since the last round
+    # set: the source sends the round straight to the target's managed object as MigrationState
+    # (the target answers the requester); unset: the source answers with DirtyObjects
+    target_host: Name | None = None
 
 
 class DirtyObjects(Wire):
@@ -236,6 +239,9 @@ class MigrationStateSuccess(Wire):
 class MigrationComplete(Step):
     epoch: int = 0
     lease_s: float = 10.0  # the target owns the VM from now, for this long before renewing
+    # to the managed object: once the plane is active, pass this on to the host's sensor,
+    # which answers the requester (the sensor must not dispatch to a plane not yet active)
+    then_sensor: bool = False
 
 
 class MigrationCompleteAck(Wire):
