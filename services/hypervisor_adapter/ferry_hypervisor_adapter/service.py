@@ -82,6 +82,8 @@ class HypervisorAdapterService(HostService):
         # saga did not see the answer): CleanupTarget must destroy them too
         self.adopted: dict[str, str] = {}
         self._inventory_task: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
+        self._announce_again = False
         r = self.router
         r.add(CreateVm, self.on_create)
         r.add(DestroyVm, self.on_destroy)
@@ -128,10 +130,11 @@ class HypervisorAdapterService(HostService):
         self._inventory_task = asyncio.create_task(self._inventory_loop())
 
     async def stop(self) -> None:
-        if self._inventory_task is not None:
-            self._inventory_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._inventory_task
+        for task in (self._announcing, self._inventory_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for o in self.outgoing.values():
             if o.task is not None and not o.task.done():
                 o.task.cancel()
@@ -147,6 +150,22 @@ class HypervisorAdapterService(HostService):
         )
         with contextlib.suppress(FerryError):  # nobody listening yet is fine
             await self.endpoint.send(inventory(self.host), inv)
+
+    def announce(self) -> None:
+        """Publish the inventory beside the answer in hand rather than before it: it is an
+        announcement (where a migrating VM is, the saga's record says); one goes out at a
+        time, and again if something changed meanwhile."""
+        self._announce_again = True
+        if self._announcing is None or self._announcing.done():
+            self._announcing = asyncio.create_task(self._announce())
+
+    async def _announce(self) -> None:
+        while self._announce_again:
+            self._announce_again = False
+            try:
+                await self.publish_inventory()
+            except Exception:
+                log.exception("inventory of %s not published", self.host)
 
     async def _inventory_loop(self) -> None:
         while True:
@@ -203,7 +222,7 @@ class HypervisorAdapterService(HostService):
             await self.state.delete("adopted", oldest)
         self.incoming.pop(msg.migration_id, None)
         await self.state.delete("incoming", msg.migration_id)
-        await self.publish_inventory()
+        self.announce()
         return Done()
 
     async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
@@ -317,7 +336,7 @@ class HypervisorAdapterService(HostService):
         await self.driver.confirm_source(msg.vm_id)
         self.outgoing.pop(msg.migration_id, None)
         await self.state.delete("outgoing", msg.migration_id)
-        await self.publish_inventory()
+        self.announce()
         return Done()
 
     # ---- inspection -------------------------------------------------------------------

@@ -423,12 +423,7 @@ class QemuDriver:
     async def _kill_dir(self, vm_dir: Path) -> None:
         pid = _read_pid(vm_dir)
         if pid is not None and _process_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            for _ in range(500):
-                if not _process_alive(pid):
-                    break
-                await asyncio.sleep(0.01)
+            await _kill_and_wait(pid)
         shutil.rmtree(vm_dir, ignore_errors=True)
 
     # --- processes ------------------------------------------------------------------------
@@ -504,15 +499,7 @@ class QemuDriver:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.disconnect()
-        pid = self._pid(vm_id)
-        if pid is not None and _process_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            for _ in range(500):  # SIGKILL takes effect within milliseconds; 5 s at most
-                if not _process_alive(pid):
-                    break
-                await asyncio.sleep(0.01)
-        shutil.rmtree(self._dir(vm_id), ignore_errors=True)
+        await self._kill_dir(self._dir(vm_id))
 
     # --- QMP ------------------------------------------------------------------------------
 
@@ -571,6 +558,40 @@ def _safe(name: str) -> str:
     """A short file-name-safe form of a name, unique through a hash suffix."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:24]
     return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+async def _kill_and_wait(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGKILL ``pid`` and return once it has exited: a pidfd (opened before the signal, so
+    the pid cannot be reused in between) becomes readable at once; polled where there is none."""
+    fd: int | None = None
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        if fd is not None:
+            os.close(fd)
+        return
+    if fd is None:
+        for _ in range(int(timeout_s / 0.005)):
+            if not _process_alive(pid):
+                return
+            await asyncio.sleep(0.005)
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(exited, timeout_s)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def _process_alive(pid: int) -> bool:
