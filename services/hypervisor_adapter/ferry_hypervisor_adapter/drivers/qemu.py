@@ -399,7 +399,7 @@ class QemuDriver:
                 await self._launch(spec, role="incoming", vm_dir=self._standby_dir() / name)
             except Exception:
                 log.exception("standby QEMU %s on %s not started", name, self.host)
-                return  # tried again at the next take
+                return  # tried again once the next incoming migration is over
             self.standby.add(shape, name)
 
     async def _adopt_standby(self, spec: VmSpec) -> bool:
