@@ -22,7 +22,8 @@ INVOLVED = {
     ("source", "sensor"): ("freeze_events", "event_state"),
     ("source", "managed_object"): ("management_state", "event_state"),
     ("source", "migration_policy"): ("migrate_vm",),
-    ("source", "hypervisor_adapter"): ("migrate_vm", "teardown"),
+    # the source's teardown is sent when step 7 begins: killed then, it is in flight
+    ("source", "hypervisor_adapter"): ("migrate_vm", "complete"),
     ("target", "sensor"): ("event_state", "complete"),
     ("target", "managed_object"): ("management_state", "complete"),
     ("target", "migration_policy"): ("admission", "complete"),
