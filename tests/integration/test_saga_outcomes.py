@@ -11,9 +11,11 @@ import pytest
 
 from ferry_cli.cluster import HostOptions
 from ferry_common.messages.commands import (
+    FreezeEvents,
     ManagedObjectInstantiationError,
     ManagementEventStateFailed,
     ManagementStateFailed,
+    StageEvents,
 )
 from ferry_coordinator.saga import MigrationSaga
 from tests.harness import Cluster, inject_answer, inspect_problems, make_cluster, until
@@ -41,6 +43,24 @@ async def assert_clean(c: Cluster, vm_id: str, where: str) -> None:
     assert await inspect_problems(c, vm_id, where) == []
 
 
+def hold_saga(monkeypatch: pytest.MonkeyPatch, held: type, answered: type) -> tuple[asyncio.Event, asyncio.Event]:
+    """The saga's request of type ``held`` waits until the test sets ``go``; ``seen`` is set
+    once a request of type ``answered`` was answered. Returns (seen, go)."""
+    seen, go = asyncio.Event(), asyncio.Event()
+    real = MigrationSaga._call
+
+    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+        if isinstance(msg, held):
+            await go.wait()
+        answer = await real(self, host, service, msg, **kw)
+        if isinstance(msg, answered):
+            seen.set()
+        return answer
+
+    monkeypatch.setattr(MigrationSaga, "_call", call)
+    return seen, go
+
+
 # ---- completed ---------------------------------------------------------------------------
 async def test_completed_migration_moves_plane_state_and_events(cluster: Cluster) -> None:
     await cluster.create_vm("host-a", "vm1")
@@ -64,23 +84,11 @@ async def test_events_queued_during_migration_are_dispatched_on_target_once_in_o
     the target's sensor takes the events' key, wait in the source's queue, go to the target,
     and are acted on there once each, in time order, by the policies whose state carried on
     from the source."""
-    from ferry_common.messages.commands import FreezeEvents, StageEvents
-
     await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)  # ~0.5 s
     await cluster.send_events("vm1", 5)
     await cluster.settle("vm1")
-    frozen, go = asyncio.Event(), asyncio.Event()
-    real = MigrationSaga._call
-
-    async def held(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
-        if isinstance(msg, StageEvents):
-            await go.wait()  # the target binds the key only when the test says
-        answer = await real(self, host, service, msg, **kw)
-        if isinstance(msg, FreezeEvents):
-            frozen.set()
-        return answer
-
-    monkeypatch.setattr(MigrationSaga, "_call", held)
+    # the target binds the key only when the test says
+    frozen, go = hold_saga(monkeypatch, held=StageEvents, answered=FreezeEvents)
     mid = await cluster.client.migrate("vm1", "host-b")
     await asyncio.wait_for(frozen.wait(), 20)
     queued = await cluster.send_events("vm1", 40)  # frozen on the source: queued there
@@ -103,23 +111,11 @@ async def test_events_reaching_both_hosts_around_the_freeze_act_once(
     """The target's sensor takes the events' key beside the source's freeze: events that
     arrive between the two reach both hosts; the source acts on them, the target queues them
     too, and skips them at dispatch (their ids came in the final dirty round)."""
-    from ferry_common.messages.commands import FreezeEvents, StageEvents
-
     await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)
     await cluster.send_events("vm1", 5)
     await cluster.settle("vm1")
-    staged, go = asyncio.Event(), asyncio.Event()
-    real = MigrationSaga._call
-
-    async def held(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
-        if isinstance(msg, FreezeEvents):
-            await go.wait()  # the source freezes only when the test says
-        answer = await real(self, host, service, msg, **kw)
-        if isinstance(msg, StageEvents):
-            staged.set()
-        return answer
-
-    monkeypatch.setattr(MigrationSaga, "_call", held)
+    # the source freezes only when the test says
+    staged, go = hold_saga(monkeypatch, held=FreezeEvents, answered=StageEvents)
     mid = await cluster.client.migrate("vm1", "host-b")
     await asyncio.wait_for(staged.wait(), 20)
     both = await cluster.send_events("vm1", 30)  # bound on both hosts, the source still active
