@@ -14,10 +14,11 @@ import pytest
 
 from ferry_cli.cluster import HOST_SERVICES, build_coordinator, build_service
 from ferry_common.state import SqliteStateStore, StateStore
+from ferry_common.tracing import installed
 from ferry_coordinator.saga import STEPS, MigrationSaga
 from ferry_coordinator.store.sqlite import SqliteSagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
-from tests.harness import Cluster, inspect_problems, make_cluster
+from tests.harness import Cluster, inspect_problems, make_cluster, new_bus
 
 TIMEOUTS = SagaTimeouts(reply_s=1.0, attempts=2, status_poll_s=0.3, forward_retry_s=0.05,
                         forward_retry_max_s=0.3, lease_s=1.0)
@@ -61,6 +62,8 @@ async def restart_host(c: Cluster, host: str, states: dict[tuple[str, str], Stat
 
 
 async def crash_coordinator(c: Cluster) -> None:
+    """The coordinator dies and a new one starts on the same store. On RabbitMQ its
+    connection dies with it, as a process's does: the new one connects afresh."""
     old = c.coordinator
     tasks = list(old.running.values())
     for task in tasks:
@@ -70,8 +73,19 @@ async def crash_coordinator(c: Cluster) -> None:
             await task
     await old.stop()
     await old.endpoint.close()
-    c.coordinator = build_coordinator(old.endpoint.bus, c.store, clock=c.clock, timeouts=TIMEOUTS)
+    tracing = installed()
+    if tracing is not None and tracing.bus_exporter is not None:
+        await tracing.bus_exporter.detach(old.endpoint)
+    bus = old.endpoint.bus
+    if c.kind == "rabbitmq":
+        c.buses.remove(bus)
+        await bus.close()
+        bus = await new_bus(c.kind, c.vhost)
+        c.buses.append(bus)
+    c.coordinator = build_coordinator(bus, c.store, clock=c.clock, timeouts=TIMEOUTS)
     await c.coordinator.start()
+    if tracing is not None and tracing.bus_exporter is not None:
+        tracing.bus_exporter.attach(c.coordinator.endpoint)
 
 
 # requests the saga sends beside another step belong to the step they serve: the VM's

@@ -162,8 +162,14 @@ class _AmqpConsumer:
         self.queue = queue
         self.channel = channel
         self.tag = tag
+        self._cancelled = False
 
     async def cancel(self) -> None:
+        # once: a service and its endpoint both cancel what they serve, and a second
+        # Basic.Cancel or Channel.Close for a channel already closed is a connection error
+        if self._cancelled:
+            return
+        self._cancelled = True
         # bounded: with the broker gone, a robust channel waits for it to come back, and a
         # service told to stop (SIGTERM) would never get to exit
         with contextlib.suppress(Exception):
