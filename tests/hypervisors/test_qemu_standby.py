@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,3 +85,48 @@ async def test_an_incoming_guest_of_a_kept_shape_lands_in_a_standby_process(gues
         await pair.teardown()
         shutil.rmtree(base, ignore_errors=True)
     assert spare and not any(p is not None and _process_alive(p) for p in spare)  # close ends them
+
+
+async def test_a_standby_whose_port_was_hit_while_waiting_is_not_taken(guest_image: Path) -> None:
+    """A standby listens before it is taken; a stray connection that ends its wait leaves it
+    unusable, and the incoming VM gets a fresh process instead."""
+    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
+    require("qemu.qmp (pip)", _importable("qemu.qmp"))
+    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    source = QemuDriver("host-a", run_dir=base / "a", guest_image=guest_image)
+    target = QemuDriver("host-b", run_dir=base / "b", guest_image=guest_image, standby="128", standby_refill_s=60)
+    pair = Pair(source, target, lambda vm_id: None, "qemu")
+    try:
+        await target.start()
+        (name,) = await _ready(target, Shape(128))
+        standby_dir = target.run_dir / ".standby" / name
+        standby_pid = _read_pid(standby_dir)
+        uri = json.loads((standby_dir / "meta.json").read_text())["uri"]
+        host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"not a migration stream\n" * 64)  # QEMU gives up on this stream
+        await writer.drain()
+        writer.close()
+        for _ in range(250):
+            if standby_pid is None or not _process_alive(standby_pid):
+                break
+            await asyncio.sleep(0.02)
+
+        await source.start()
+        spec = pair.spec(memory_mib=128)
+        await source.create(spec)
+        await pair.wait_booted(source, spec.vm_id)
+        params = MigrationParams()
+        uri = await target.prepare_incoming(spec, params)
+        assert target.pid(spec.vm_id) not in (None, standby_pid)
+        assert not standby_dir.exists()
+
+        async def ignore(_: MigrationProgress) -> None:
+            return None
+        result = await source.migrate(spec.vm_id, uri, params, ignore)
+        assert result.outcome == "completed", result
+        assert await target.finish_incoming(spec.vm_id)
+        assert await pair.advancing(target, spec.vm_id)
+    finally:
+        await pair.teardown()
+        shutil.rmtree(base, ignore_errors=True)

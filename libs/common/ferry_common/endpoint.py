@@ -160,7 +160,7 @@ class Endpoint:
 
     async def request(self, routing_key: str, model: Wire, *, timeout: float) -> Wire:
         """Send a request and wait for its reply; an ``ErrorReply`` raises ``RemoteError``."""
-        await self._ensure_reply_queue()
+        await self.open_replies()
         correlation = new_id()
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = fut
@@ -190,7 +190,9 @@ class Endpoint:
             return fut.result()
         raise StepTimeout(f"no answer to {what} within {timeout:g}s")
 
-    async def _ensure_reply_queue(self) -> None:
+    async def open_replies(self) -> None:
+        """Declare and consume this endpoint's reply queue now rather than at the first
+        request: a requester that starts ready does not make its first request wait for it."""
         if self._reply_consumer is None:
             spec = QueueSpec(f"reply.{self.instance}", (reply_key(self.instance),), durable=False, prefetch=256)
             self._reply_consumer = await self.bus.consume(spec, self._on_reply)

@@ -98,6 +98,8 @@ class CoordinatorService:
     async def start(self) -> None:
         shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY, TELEMETRY_SPANS), prefetch=128)
         private = QueueSpec(f"coordinator.{self.owner}", ("inventory.*", self.notify_key), durable=False, prefetch=256)
+        # every saga step is a request: the replies' queue is there before the first one
+        await self.endpoint.open_replies()
         # private first: inventory must be known before requests are judged
         self._consumers.append(await self.endpoint.serve(private, self.private))
         self._consumers.append(await self.endpoint.serve(shared, self.router))

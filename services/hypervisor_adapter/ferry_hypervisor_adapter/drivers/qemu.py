@@ -168,15 +168,19 @@ class QemuDriver:
                 await self._kill(spec.vm_id)
             elif meta:
                 await self._kill(spec.vm_id)
-            if not await self._adopt_standby(spec):
+            uri = await self._adopt_standby(spec)
+            if uri is None:
                 await self._launch(spec, role="incoming")
-            # port 0: QEMU binds a free port itself, so there is no race with other listeners
-            await self._qmp(spec.vm_id, "migrate-incoming", {"uri": f"tcp:{self.listen_host}:0"})
-            info = await self._qmp(spec.vm_id, "query-migrate")
-            port = int(info["socket-address"][0]["port"])
-            uri = f"tcp:{self.listen_host}:{port}"
+                uri = await self._listen(spec.vm_id)
             self._update_meta(spec.vm_id, uri=uri)
             return uri
+
+    async def _listen(self, key: str) -> str:
+        """Have the receiving process ``key`` listen for the stream; its URI."""
+        # port 0: QEMU binds a free port itself, so there is no race with other listeners
+        await self._qmp(key, "migrate-incoming", {"uri": f"tcp:{self.listen_host}:0"})
+        info = await self._qmp(key, "query-migrate")
+        return f"tcp:{self.listen_host}:{int(info['socket-address'][0]['port'])}"
 
     async def finish_incoming(self, vm_id: str) -> bool:
         meta = self._meta(vm_id)
@@ -395,30 +399,48 @@ class QemuDriver:
         for shape in self.standby.missing():
             name = f"{shape.memory_mib}-{shape.vcpus}-{uuid.uuid4().hex[:8]}"
             spec = VmSpec(vm_id=name, memory_mib=shape.memory_mib, vcpus=shape.vcpus, driver=self.name)
+            vm_dir = self._standby_dir() / name
+            key = _standby_key(name)
             try:
-                await self._launch(spec, role="incoming", vm_dir=self._standby_dir() / name)
+                await self._launch(spec, role="incoming", vm_dir=vm_dir)
+                # connected and listening already: taking it is then a rename, not a QMP
+                # handshake and two commands inside the saga's time
+                await self._client(key, sock=vm_dir / "qmp.sock")
+                _write_meta(vm_dir, {**(_read_meta(vm_dir) or {}), "uri": await self._listen(key)})
             except Exception:
                 log.exception("standby QEMU %s on %s not started", name, self.host)
+                await self._forget_client(key)
+                await self._kill_dir(vm_dir)
                 return  # tried again once the next incoming migration is over
             self.standby.add(shape, name)
 
-    async def _adopt_standby(self, spec: VmSpec) -> bool:
+    async def _adopt_standby(self, spec: VmSpec) -> str | None:
         """Take a ready standby of the VM's shape as its receiving process (caller holds the
-        VM's lock and has cleared its directory); False if there is none."""
+        VM's lock and has cleared its directory); the URI it listens on, None if there is none."""
         while (name := self.standby.take(Shape(spec.memory_mib, spec.vcpus))) is not None:
             standby = self._standby_dir() / name
+            client = self._clients.pop(_standby_key(name), None)
             pid = _read_pid(standby)
-            if pid is None or not _process_alive(pid):
-                shutil.rmtree(standby, ignore_errors=True)
+            uri = (_read_meta(standby) or {}).get("uri")
+            if client is None or client.runstate.name != "RUNNING" or pid is None or not _process_alive(pid) or not uri:
+                with contextlib.suppress(Exception):
+                    if client is not None:
+                        await client.disconnect()
+                await self._kill_dir(standby)
                 continue  # died while waiting: the next one, or a fresh launch
             vm_dir = self._dir(spec.vm_id)
             shutil.rmtree(vm_dir, ignore_errors=True)
             # a renamed directory keeps its unix socket and pidfile working: the process
-            # holds them by inode, and clients connect by the new path
+            # holds them by inode, and its QMP client stays connected
             standby.rename(vm_dir)
-            self._update_meta(spec.vm_id, spec=spec.model_dump(mode="json"), role="incoming", uri=None)
-            return True
-        return False
+            self._clients[spec.vm_id] = client
+            self._update_meta(spec.vm_id, spec=spec.model_dump(mode="json"), role="incoming", uri=uri)
+            if await self._status_or_none(spec.vm_id) != "inmigrate":
+                # something reached its port and ended it while it waited: not usable
+                await self._kill(spec.vm_id)
+                continue
+            return str(uri)
+        return None
 
     async def _kill_dir(self, vm_dir: Path) -> None:
         pid = _read_pid(vm_dir)
@@ -435,10 +457,7 @@ class QemuDriver:
         return self._locks.setdefault(vm_id, asyncio.Lock())
 
     def _meta(self, vm_id: str) -> dict[str, Any] | None:
-        try:
-            return dict(json.loads((self._dir(vm_id) / "meta.json").read_text()))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return _read_meta(self._dir(vm_id))
 
     def _update_meta(self, vm_id: str, **changes: Any) -> None:
         meta = self._meta(vm_id) or {}
@@ -495,15 +514,14 @@ class QemuDriver:
         return pid is not None and _process_alive(pid)
 
     async def _kill(self, vm_id: str) -> None:
-        client = self._clients.pop(vm_id, None)
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+        await self._forget_client(vm_id)
         await self._kill_dir(self._dir(vm_id))
 
     # --- QMP ------------------------------------------------------------------------------
 
-    async def _client(self, vm_id: str) -> Any:
+    async def _client(self, vm_id: str, sock: Path | None = None) -> Any:
+        """The connected QMP client of ``vm_id`` (a guest's, or a standby's by its key and
+        ``sock``), connecting on first use or after the connection broke."""
         from qemu.qmp import QMPClient  # lazy: only the qemu driver needs it
 
         client = self._clients.get(vm_id)
@@ -512,15 +530,23 @@ class QemuDriver:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.disconnect()
-        if not self._alive(vm_id):
-            raise QmpUnavailable(f"no QEMU process for {vm_id}")
+        if sock is None:
+            if not self._alive(vm_id):
+                raise QmpUnavailable(f"no QEMU process for {vm_id}")
+            sock = self._dir(vm_id) / "qmp.sock"
         client = QMPClient(f"ferry-{self.host}-{vm_id}")
         try:
-            await client.connect(str(self._dir(vm_id) / "qmp.sock"))
+            await client.connect(str(sock))
         except Exception as exc:
             raise QmpUnavailable(f"cannot connect to QMP of {vm_id}: {exc}") from exc
         self._clients[vm_id] = client
         return client
+
+    async def _forget_client(self, key: str) -> None:
+        client = self._clients.pop(key, None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
 
     async def _qmp(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         from qemu.qmp import ExecuteError
@@ -545,6 +571,18 @@ def _write_meta(vm_dir: Path, meta: dict[str, Any]) -> None:
     tmp = vm_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(meta))
     tmp.replace(vm_dir / "meta.json")
+
+
+def _read_meta(vm_dir: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((vm_dir / "meta.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _standby_key(name: str) -> str:
+    # a standby's QMP client is kept under a key no VM id can take (ids begin with a letter or digit)
+    return f".standby/{name}"
 
 
 def _read_pid(vm_dir: Path) -> int | None:
