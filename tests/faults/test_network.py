@@ -26,7 +26,7 @@ CI = {
     "stall 3s": [("coordinator", "event_state"), ("target/managed_object", "management_state")],
     "stall replies 3s": [("target/sensor", "event_state")],
     "sigstop 5s": [("target/managed_object", "management_state"), ("source/sensor", "freeze_events"),
-                   ("target/hypervisor_adapter", "switch_over")],
+                   ("target/hypervisor_adapter", "freeze_events")],  # FinishIncoming is sent then
     "down 6s": [("target/managed_object", "management_state"), ("target/hypervisor_adapter", "migrate_vm"),
                 ("target/managed_object", "complete")],
 }

@@ -27,7 +27,8 @@ INVOLVED = {
     ("target", "sensor"): ("event_state", "complete"),
     ("target", "managed_object"): ("management_state", "complete"),
     ("target", "migration_policy"): ("admission", "complete"),
-    ("target", "hypervisor_adapter"): ("migrate_vm", "switch_over"),
+    # FinishIncoming goes when step 2 begins (step 6b takes its answer): killed then, it is in flight
+    ("target", "hypervisor_adapter"): ("migrate_vm", "freeze_events"),
 }
 
 

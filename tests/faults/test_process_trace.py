@@ -30,6 +30,8 @@ UNDER = {
     "prepare incoming": {"host/host-b/hypervisor_adapter"},
     "launch migration": {"host/host-a/hypervisor_adapter"},
     "step migrate_vm": {"host/host-a/managed_object"},  # the dirty rounds
+    # the guest confirmed on the target beside steps 2 and 4, taken at step 6b
+    "finish incoming": {"host/host-b/hypervisor_adapter"},
     # sent when step 7 begins, beside it
     "source teardown": {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"},
 }

@@ -89,8 +89,10 @@ async def crash_coordinator(c: Cluster) -> None:
 
 
 # requests the saga sends beside another step belong to the step they serve: the VM's
-# migration is launched beside step 3 and the source torn down beside step 7
-BESIDE = {"PrepareIncoming": "migrate_vm", "PerformMigration": "migrate_vm", "SourceTeardown": "teardown"}
+# migration is launched beside step 3, the guest confirmed on the target beside steps 2
+# and 4, and the source torn down beside step 7
+BESIDE = {"PrepareIncoming": "migrate_vm", "PerformMigration": "migrate_vm", "FinishIncoming": "switch_over",
+          "SourceTeardown": "teardown"}
 
 
 def step_of(saga: MigrationSaga, msg: Any) -> str:

@@ -118,11 +118,13 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
 
     children = [s for s in trace if s.parent is not None and s.parent.span_id == root.context.span_id]  # type: ignore[union-attr]
     steps = [s for s in children if s.name.startswith("step ")]
-    # the receiving VM is started and the VM's migration launched beside step 3, and the
-    # source torn down beside step 7, each in a span of its own under the root
-    beside = [s for s in children if s.name in ("prepare incoming", "launch migration", "source teardown")]
-    assert sorted(s.name for s in beside) == ["launch migration", "prepare incoming", "source teardown"]
-    assert len(children) == len(steps) + 3, [s.name for s in children]
+    # the receiving VM is started and the VM's migration launched beside step 3, the guest
+    # confirmed on the target beside steps 2 and 4, and the source torn down beside step 7,
+    # each in a span of its own under the root
+    names = ("prepare incoming", "launch migration", "finish incoming", "source teardown")
+    beside = [s for s in children if s.name in names]
+    assert sorted(s.name for s in beside) == sorted(names)
+    assert len(children) == len(steps) + len(names), [s.name for s in children]
     assert [s.name for s in sorted(steps, key=lambda s: s.start_time or 0)] == [f"step {n}" for n in STEPS]
     for s in steps:
         a = s.attributes or {}
@@ -161,6 +163,8 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
     assert sensor_parent is not None and sensor_parent.span_id == completes["host/host-b/managed_object"].context.span_id  # type: ignore[union-attr]
     assert under["prepare incoming"] == {"host/host-b/hypervisor_adapter"}
     assert under["launch migration"] == {"host/host-a/hypervisor_adapter"}
+    assert under["finish incoming"] == {"host/host-b/hypervisor_adapter"}
+    assert "step switch_over" not in under  # it takes the answer FinishIncoming got beside steps 2 and 4
     assert under["source teardown"] == {"host/host-a/sensor", "host/host-a/managed_object", "host/host-a/hypervisor_adapter"}
 
     # the hypervisor's background migration and its finish notice belong to the trace too

@@ -129,6 +129,7 @@ class MigrationSaga:
         self._may_launch = True  # cleared by a rollback: nothing new is started on the hosts then
         # the source's teardown, sent beside the target's activation (step 7); step 8 takes it
         self._teardown: asyncio.Task[list[Wire]] | None = None
+        self._switch: asyncio.Task[Wire] | None = None
         # progress statuses go out in order beside the steps, not in their way; one waits at
         # most, and a newer one replaces it (see _status)
         self._statuses: asyncio.Task[None] | None = None
@@ -243,6 +244,7 @@ class MigrationSaga:
             span.add_event("compensation", {"reason": str(self.rec.data.get("reason", ""))})
             await self._save("compensate", "started")
             await self._settle_launch()
+            await self._settle_switch()
             if await self._source_lost_after_completion():
                 span.add_event("forward", {"reason": "the source VM is gone; its only copy runs on the target"})
                 return
@@ -338,6 +340,7 @@ class MigrationSaga:
         return "management_state", {"reservation_id": ans.reservation_id}
 
     async def step_freeze_events(self) -> tuple[str, dict[str, Any]]:
+        self._start_switch()
         # the target's sensor binds the events' key beside the freeze, not after it: an event
         # that reaches both hosts in between is acted on by the source and its id goes over
         # in the final dirty round, so the target's managed object skips it (the window is
@@ -550,8 +553,35 @@ class MigrationSaga:
             raise StepFailed("migration_state_failed", ans.reason)
         return _expect(ans, MigrationStateSuccess).applied
 
+    def _start_switch(self) -> None:
+        """Ask the target's adapter to confirm the guest runs there (FinishIncoming) once the
+        hypervisor is through, beside the freeze and the event transfer rather than after
+        them: the answer is taken at step 6b, which stays the point past which recovery goes
+        forward only. Until then a rollback destroys the target's copy, confirmed or not, as
+        it does for a copy the hypervisor finished (QEMU resumes it on its own)."""
+        if self._switch is None:
+            self._switch = asyncio.create_task(self._finish_incoming(), name=f"switch:{self.mid}")
+
+    async def _finish_incoming(self) -> Wire:
+        parent = trace.set_span_in_context(self._root) if self._root is not None else None
+        with tracer.start_as_current_span(
+            "finish incoming", context=parent,
+            attributes={"ferry.migration_id": self.mid, "ferry.step": "switch_over", "ferry.host": self.target},
+        ):
+            return await self._call(self.target, "hypervisor_adapter", FinishIncoming(migration_id=self.mid, vm_id=self.rec.vm_id))
+
+    async def _settle_switch(self) -> None:
+        """Before cleaning up: let a FinishIncoming on its way be answered (or time out), so
+        the target's clean-up comes after it, not before."""
+        task, self._switch = self._switch, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
     async def step_switch_over(self) -> tuple[str, dict[str, Any]]:
-        await self._call(self.target, "hypervisor_adapter", FinishIncoming(migration_id=self.mid, vm_id=self.rec.vm_id))
+        task, self._switch = self._switch, None
+        if task is None:  # resumed after a restart: asked now (the adapter answers a replay alike)
+            task = asyncio.create_task(self._finish_incoming())
+        await task
         # from here on the guest runs on the target: recovery only goes forward
         self.rec.data["vm_switched"] = True
         return "complete", {}
