@@ -19,6 +19,21 @@ _start:
 1:  hlt
     jmp 1b
 
+/* IRQ0 (the PIT): count the tick, end the interrupt at the PIC. */
+    .globl irq0_stub
+irq0_stub:
+    pushl %eax
+    incl irq_ticks
+    movb $0x20, %al
+    outb %al, $0x20
+    popl %eax
+    iret
+
+/* Everything else (only a spurious IRQ7 can come: the other lines are masked). */
+    .globl ignore_stub
+ignore_stub:
+    iret
+
     .bss
     .align 16
     .space 16384

@@ -1,7 +1,9 @@
 /* The dirtying guest: writes one word into each page of a region of `dirty_mib` MiB,
  * round after round, at `rate_mibps` MiB/s of pages (0: as fast as it can), so a
- * pre-copy migration always has dirty pages to resend. Time comes from the PIT,
- * which QEMU emulates against its virtual clock (it stops while the VM is paused). */
+ * pre-copy migration always has dirty pages to resend. Time comes from the PIT's
+ * interrupt, which QEMU emulates against its virtual clock (it stops while the VM is
+ * paused). With nothing to write (idle, or ahead of its rate) the vCPU halts until the
+ * next tick, as an idle OS does, instead of spinning a host core. */
 #include "status.h"
 
 typedef unsigned int u32;
@@ -34,26 +36,60 @@ static void serial_putu(u32 v) {
     serial_puts(&buf[i]);
 }
 
-/* PIT channel 0 in mode 2 counting down from 65536; ticks() accumulates the deltas,
- * so it must be called at least every 55 ms (every loop iteration does). */
-static u32 pit_last;
-static u64 pit_total;
+/* The PIT interrupts (IRQ0, vector 0x20 once the PIC is remapped) TICK_HZ times a
+ * second; entry.S counts them in irq_ticks. */
+#define PIT_DIVISOR 1193u /* ~1000 Hz */
+volatile u32 irq_ticks;
 
-static void pit_init(void) {
-    outb(0x43, 0x34); /* channel 0, lo/hi, mode 2 */
-    outb(0x40, 0);
-    outb(0x40, 0);
-    pit_last = 0;
+struct idt_entry {
+    unsigned short offset_lo, selector;
+    unsigned char zero, flags;
+    unsigned short offset_hi;
+} __attribute__((packed));
+
+struct idt_ptr {
+    unsigned short limit;
+    u32 base;
+} __attribute__((packed));
+
+static struct idt_entry idt[256];
+extern void irq0_stub(void);
+extern void ignore_stub(void);
+
+static void idt_set(int vector, void (*handler)(void), unsigned short cs) {
+    u32 at = (u32)handler;
+    idt[vector].offset_lo = (unsigned short)(at & 0xffffu);
+    idt[vector].selector = cs;
+    idt[vector].zero = 0;
+    idt[vector].flags = 0x8e; /* present, ring 0, 32-bit interrupt gate */
+    idt[vector].offset_hi = (unsigned short)(at >> 16);
 }
 
-static u64 ticks(void) {
-    outb(0x43, 0x00); /* latch channel 0 */
-    u32 lo = inb(0x40), hi = inb(0x40);
-    u32 now = (hi << 8) | lo;
-    pit_total += (pit_last - now) & 0xffffu;
-    pit_last = now;
-    return pit_total;
+static void interrupts_init(void) {
+    unsigned short cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs)); /* the loader's flat code segment */
+    for (int v = 0; v < 256; v++) idt_set(v, ignore_stub, cs);
+    idt_set(0x20, irq0_stub, cs);
+    struct idt_ptr ptr = {sizeof(idt) - 1, (u32)idt};
+    __asm__ volatile("lidt %0" ::"m"(ptr));
+    /* PICs: vectors 0x20-0x2f, every line masked but the PIT's */
+    outb(0x20, 0x11); outb(0xa0, 0x11);
+    outb(0x21, 0x20); outb(0xa1, 0x28);
+    outb(0x21, 0x04); outb(0xa1, 0x02);
+    outb(0x21, 0x01); outb(0xa1, 0x01);
+    outb(0x21, 0xfe); outb(0xa1, 0xff);
+    /* PIT channel 0, lo/hi, mode 2 (rate generator) */
+    outb(0x43, 0x34);
+    outb(0x40, PIT_DIVISOR & 0xffu);
+    outb(0x40, PIT_DIVISOR >> 8);
+    __asm__ volatile("sti");
 }
+
+/* Time since the PIT started, in PIT input cycles (PIT_HZ a second). */
+static u64 ticks(void) { return (u64)irq_ticks * PIT_DIVISOR; }
+
+/* Sleep until the next interrupt (sti;hlt: no tick is lost between the two). */
+static void halt(void) { __asm__ volatile("sti; hlt" ::: "memory"); }
 
 /* Find "key=<digits>" in the command line; `fallback` if absent. */
 static u32 param(const char *cmdline, const char *key, u32 fallback) {
@@ -85,7 +121,7 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
     st->uptime_ms = 0;
     st->pages = 0;
     st->magic = STATUS_MAGIC;
-    pit_init();
+    interrupts_init();
     serial_puts("ferry-guest: dirty_pages=");
     serial_putu(region_pages);
     serial_puts(" rate_mibps=");
@@ -102,13 +138,14 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
         st->heartbeat++;
         while ((u64)(ms + 1) * PIT_HZ <= elapsed * 1000u) ms++;
         st->uptime_ms = ms;
-        if (!region_pages) continue;
+        if (!region_pages) {
+            halt();
+            continue;
+        }
         /* the budget allows rate MiB/s worth of pages since boot; bursts of 64 pages */
-        if (rate_mibps) {
-            if (written * PIT_HZ >= elapsed * pages_per_s) {
-                __asm__ volatile("pause");
-                continue;
-            }
+        if (rate_mibps && written * PIT_HZ >= elapsed * pages_per_s) {
+            halt();
+            continue;
         }
         for (u32 i = 0; i < 64; i++) {
             volatile u32 *word = (volatile u32 *)(REGION_START + next * PAGE);

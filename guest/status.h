@@ -9,7 +9,7 @@
 
 struct status {
     unsigned int magic;     /* STATUS_MAGIC once the guest runs */
-    unsigned int heartbeat; /* +1 on every loop iteration, also while rate-limited */
+    unsigned int heartbeat; /* +1 on every loop iteration, also while idle or rate-limited (each tick) */
     unsigned int uptime_ms; /* PIT time since boot */
     unsigned int pages;     /* pages dirtied so far */
 };
