@@ -584,13 +584,16 @@ class MigrationSaga:
         await task
         # from here on the guest runs on the target: recovery only goes forward
         self.rec.data["vm_switched"] = True
-        return "complete", {}
+        # and the plane's ownership moves with it, recorded (in the write that ends this
+        # step) before the target hears of it at step 7
+        epoch = int(self.rec.data.get("epoch", 0)) + 1
+        self.rec.history.append(HistoryEntry(self.clock.now(), "switch_over", "owner", {"owner": self.target, "epoch": epoch}))
+        return "complete", {"new_epoch": epoch}
 
     async def step_complete(self) -> tuple[str, dict[str, Any]]:
         vm_id = self.rec.vm_id
         epoch = self.rec.data.get("new_epoch")
-        if epoch is None:
-            # ownership moves before the target hears of it, and is recorded first
+        if epoch is None:  # a record written before the switch-over step recorded it
             epoch = int(self.rec.data.get("epoch", 0)) + 1
             self.rec.data["new_epoch"] = epoch
             await self._save("complete", "owner", {"owner": self.target, "epoch": epoch})
