@@ -22,8 +22,9 @@ async def sess(procs: ProcCluster) -> AsyncIterator[Session]:
     await s.close()
 
 
+# the step whose request fails: FinishIncoming goes out when step 2 begins (6b takes its answer)
 @pytest.mark.parametrize(("fail", "step"), [("migrate", "migrate_vm"), ("incoming", "migrate_vm"),
-                                            ("finish", "switch_over")])
+                                            ("finish", "freeze_events")])
 async def test_hypervisor_failure(procs: ProcCluster, sess: Session, fail: str, step: str) -> None:
     async def nothing(source: str, target: str, mid: str) -> None:
         return None
