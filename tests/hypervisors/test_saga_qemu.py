@@ -20,6 +20,7 @@ import pytest
 
 from ferry_common.errors import FerryError
 from ferry_common.messages.commands import FinishIncoming
+from ferry_hypervisor_adapter.drivers.qemu import _read_pid
 from tests.harness import Cluster
 
 from .conftest import _importable
@@ -48,7 +49,9 @@ async def cluster(guest_image: Path, rabbitmq_available: None) -> AsyncIterator[
         "qemu",
         {
             "host-a": {"run_dir": str(base / "a"), "guest_image": str(guest_image)},
-            "host-b": {"run_dir": str(base / "b"), "guest_image": str(guest_image)},
+            # the target keeps a receiving QEMU of the guests' shape ready: every saga here
+            # lands in one (and a rollback kills the one it took)
+            "host-b": {"run_dir": str(base / "b"), "guest_image": str(guest_image), "standby": "128:2"},
         },
     )
     async with saga_cluster(opts) as c:
@@ -59,10 +62,18 @@ async def cluster(guest_image: Path, rabbitmq_available: None) -> AsyncIterator[
 async def test_completed_saga_moves_dirtying_guest_plane_and_events(cluster: Cluster) -> None:
     g = await start_guest(cluster, DIRTY_GUEST)
     await asyncio.sleep(0.5)  # the guest has written its whole region once
+    target = g.driver("host-b")
+    for _ in range(500):
+        if target.standby.names():
+            break
+        await asyncio.sleep(0.02)
+    (standby,) = target.standby.names()
+    standby_pid = _read_pid(target.run_dir / ".standby" / standby)
     g.start_stream()
     mid = await cluster.client.migrate(g.vm_id, "host-b")
     outcome = await cluster.client.outcome(mid, timeout=60)
     await g.stop_stream()
+    assert standby_pid is not None and target.pid(g.vm_id) == standby_pid  # landed in the standby
 
     async def source_gone() -> bool:
         # the source QEMU sat in postmigrate (vCPU stopped) until teardown quit it

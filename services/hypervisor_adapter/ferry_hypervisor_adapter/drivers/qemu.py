@@ -418,14 +418,12 @@ class QemuDriver:
         """Take a ready standby of the VM's shape as its receiving process (caller holds the
         VM's lock and has cleared its directory); the URI it listens on, None if there is none."""
         while (name := self.standby.take(Shape(spec.memory_mib, spec.vcpus))) is not None:
-            standby = self._standby_dir() / name
-            client = self._clients.pop(_standby_key(name), None)
+            standby, key = self._standby_dir() / name, _standby_key(name)
+            client = self._clients.get(key)
             pid = _read_pid(standby)
             uri = (_read_meta(standby) or {}).get("uri")
             if client is None or client.runstate.name != "RUNNING" or pid is None or not _process_alive(pid) or not uri:
-                with contextlib.suppress(Exception):
-                    if client is not None:
-                        await client.disconnect()
+                await self._forget_client(key)
                 await self._kill_dir(standby)
                 continue  # died while waiting: the next one, or a fresh launch
             vm_dir = self._dir(spec.vm_id)
@@ -433,7 +431,7 @@ class QemuDriver:
             # a renamed directory keeps its unix socket and pidfile working: the process
             # holds them by inode, and its QMP client stays connected
             standby.rename(vm_dir)
-            self._clients[spec.vm_id] = client
+            self._clients[spec.vm_id] = self._clients.pop(key)
             self._update_meta(spec.vm_id, spec=spec.model_dump(mode="json"), role="incoming", uri=uri)
             if await self._status_or_none(spec.vm_id) != "inmigrate":
                 # something reached its port and ended it while it waited: not usable
