@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
@@ -52,12 +55,27 @@ _RUNNING, _PAUSED, _SHUTDOWN, _SHUTOFF, _CRASHED, _PMSUSPENDED = 1, 3, 4, 5, 6, 
 _PAUSED_MIGRATION, _PAUSED_STARTING_UP = 2, 11
 _JOB_NONE = 0
 _OP_MIGRATION_IN = 4
+# how long a poll of the migration job may take before it counts as no answer
+_QUERY_TIMEOUT_S = 1.0
+
+T = TypeVar("T")
 
 
 def _lv() -> Any:
     import libvirt  # lazy: only this driver needs the bindings
 
     return libvirt
+
+
+# libvirt calls block a thread each; a stuck one (an abort under load, a query waiting for the
+# domain's monitor) keeps its thread until libvirt lets go. They get threads of their own, so a
+# few stuck calls cannot use up the process's default executor and stall everything else
+_THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ferry-libvirt")
+
+
+async def _blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run the blocking libvirt call ``fn(*args)`` on the driver's threads."""
+    return await asyncio.get_running_loop().run_in_executor(_THREADS, functools.partial(fn, *args))
 
 
 def encode_uri(dconnuri: str, miguri: str) -> str:
@@ -135,21 +153,21 @@ class LibvirtDriver:
         # libvirt prints every error to stderr by default; they reach us as exceptions anyway
         lv.registerErrorHandler(lambda _ctx, _err: None, None)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._conn = await asyncio.to_thread(lv.open, self.uri)
+        self._conn = await _blocking(lv.open, self.uri)
         if self._guest_image is None:
-            self._guest_image = await asyncio.to_thread(default_guest_image)
+            self._guest_image = await _blocking(default_guest_image)
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(conn.close)
+                await _blocking(conn.close)
 
     async def create(self, spec: VmSpec) -> None:
         dom = await self._lookup(spec.vm_id)
-        if dom is not None and await asyncio.to_thread(dom.isActive):
+        if dom is not None and await _blocking(dom.isActive):
             return
-        await asyncio.to_thread(self._connection().createXML, self._domain_xml(spec), 0)
+        await _blocking(self._connection().createXML, self._domain_xml(spec), 0)
 
     async def destroy(self, vm_id: str) -> None:
         self._marker(vm_id).unlink(missing_ok=True)
@@ -157,18 +175,18 @@ class LibvirtDriver:
         if dom is None:
             return
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(dom.destroy)
+            await _blocking(dom.destroy)
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(dom.undefine)
+            await _blocking(dom.undefine)
 
     async def list(self) -> list[VmSpec]:
         lv = _lv()
-        domains = await asyncio.to_thread(
+        domains = await _blocking(
             self._connection().listAllDomains, lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE
         )
         out = []
         for dom in domains:
-            spec = await asyncio.to_thread(self._spec_of, dom)
+            spec = await _blocking(self._spec_of, dom)
             if spec is not None and await self.state(spec.vm_id) in ("running", "paused"):
                 out.append(spec)
         return out
@@ -178,13 +196,14 @@ class LibvirtDriver:
         if dom is None:
             return "absent"
         try:
-            state, reason = await asyncio.to_thread(dom.state)
+            state, reason = await _blocking(dom.state)
             if state == _RUNNING:
                 return "running"
             if state in (_SHUTDOWN, _SHUTOFF, _CRASHED):
                 return "shutoff"
             if state == _PAUSED and reason in (_PAUSED_MIGRATION, _PAUSED_STARTING_UP):
-                job = await asyncio.to_thread(dom.jobStats)
+                # waited for (not bounded like the polls): a state must not be a guess
+                job = await _blocking(dom.jobStats)
                 if job.get("type", _JOB_NONE) != _JOB_NONE:
                     return (
                         "inmigrate" if job.get("operation") == _OP_MIGRATION_IN else "postmigrate"
@@ -232,7 +251,7 @@ class LibvirtDriver:
             dom = await self._lookup(vm_id)
             if dom is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(dom.destroy)
+                    await _blocking(dom.destroy)
         marker.unlink(missing_ok=True)
 
     # --- migration: source side -----------------------------------------------------------
@@ -252,10 +271,10 @@ class LibvirtDriver:
             return MigrationResult("failed", f"vm {vm_id} is not on {self.host}")
         if await self.state(vm_id) != "running":
             return MigrationResult("failed", f"vm {vm_id} is not running on {self.host}")
-        spec = await asyncio.to_thread(self._spec_of, dom)
-        memory_mib = spec.memory_mib if spec else (await asyncio.to_thread(dom.maxMemory)) // 1024
+        spec = await _blocking(self._spec_of, dom)
+        memory_mib = spec.memory_mib if spec else (await _blocking(dom.maxMemory)) // 1024
 
-        await asyncio.to_thread(dom.migrateSetMaxDowntime, params.downtime_limit_ms, 0)
+        await _blocking(dom.migrateSetMaxDowntime, params.downtime_limit_ms, 0)
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
         if params.auto_converge:
             flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
@@ -266,14 +285,14 @@ class LibvirtDriver:
         }
         self._cancel_requested.discard(vm_id)
         watch = PrecopyWatch(params, memory_mib)
-        job = asyncio.create_task(asyncio.to_thread(dom.migrateToURI3, dconnuri, call, flags))
+        job = asyncio.create_task(_blocking(dom.migrateToURI3, dconnuri, call, flags))
         last: dict[str, Any] = {}
         reason: str | None = None
         abort: asyncio.Task[bool] | None = None
         try:
             while not job.done():
                 stats = await _job_stats(dom)
-                if stats.get("memory_total"):
+                if stats and stats.get("memory_total"):
                     last = stats
                     sample = _progress("active", stats)
                     await on_progress(sample)
@@ -322,8 +341,7 @@ class LibvirtDriver:
         dom = await self._lookup(vm_id)
         if dom is None:
             return  # gone: either never here or already migrated (nothing left to resume)
-        job = await _job_stats(dom)
-        if job.get("type", _JOB_NONE) != _JOB_NONE:
+        if _job_running(await _job_stats(dom)):
             self._cancel_requested.add(vm_id)
             if vm_id not in self._aborts or self._aborts[vm_id].done():
                 self._aborts[vm_id] = asyncio.create_task(self._abort(vm_id, dom))
@@ -335,12 +353,13 @@ class LibvirtDriver:
         ``abortJob`` was seen here (TCG, a loaded host) to block for minutes while the job
         went on, and a second abort to stop it at once; so no call is awaited without a
         bound, and while the job runs QEMU's own ``migrate_cancel`` and ``abortJob`` take
-        turns."""
+        turns. The job's figures may not come either while the monitor is held (CI saw a
+        saga wait past a minute on them): an unanswered query counts as a job still running."""
         lv = _lv()
 
-        async def bounded(fn: Any, *args: Any) -> None:
+        async def bounded(fn: Any, *args: Any, bound: float = self.abort_grace_s) -> None:
             with contextlib.suppress(lv.libvirtError, TimeoutError):
-                await asyncio.wait_for(asyncio.to_thread(fn, *args), self.abort_grace_s)
+                await asyncio.wait_for(_blocking(fn, *args), bound)
 
         def migrate_cancel(d: Any) -> None:
             import libvirt_qemu
@@ -354,14 +373,15 @@ class LibvirtDriver:
         try:
             for attempt in range(4):
                 await asyncio.sleep(self.abort_grace_s)
-                if (await _job_stats(dom)).get("type", _JOB_NONE) == _JOB_NONE:
+                if not _job_running(await _job_stats(dom)):
                     return True
                 log.warning("vm %s: migration job still running %.0fs after the abort; trying again",
                             vm_id, (attempt + 1) * self.abort_grace_s)
-                await bounded(migrate_cancel if attempt % 2 == 0 else abort_job, dom)
+                # waited for briefly: a stuck call keeps its thread, not this loop
+                await bounded(migrate_cancel if attempt % 2 == 0 else abort_job, dom, bound=_QUERY_TIMEOUT_S)
         finally:
             first.cancel()
-        return (await _job_stats(dom)).get("type", _JOB_NONE) == _JOB_NONE
+        return not _job_running(await _job_stats(dom))
 
     async def confirm_source(self, vm_id: str) -> None:
         state = await self.state(vm_id)
@@ -380,7 +400,7 @@ class LibvirtDriver:
         dom = await self._lookup(vm_id)
         if dom is None:
             raise LookupError(f"no domain {vm_id} on {self.host}")
-        raw = await asyncio.to_thread(dom.memoryPeek, STATUS_ADDR, 16, lv.VIR_MEMORY_PHYSICAL)
+        raw = await _blocking(dom.memoryPeek, STATUS_ADDR, 16, lv.VIR_MEMORY_PHYSICAL)
         return GuestStatus.from_bytes(bytes(raw))
 
     # --- helpers ----------------------------------------------------------------------------
@@ -395,7 +415,7 @@ class LibvirtDriver:
 
     async def _lookup(self, vm_id: str) -> Any:
         try:
-            return await asyncio.to_thread(self._connection().lookupByName, domain_name(vm_id))
+            return await _blocking(self._connection().lookupByName, domain_name(vm_id))
         except _lv().libvirtError:
             return None
 
@@ -434,11 +454,21 @@ class LibvirtDriver:
 </domain>"""
 
 
-async def _job_stats(dom: Any) -> dict[str, Any]:
+async def _job_stats(dom: Any) -> dict[str, Any] | None:
+    """The domain's job figures; ``{}`` once the domain left (the migration finished between
+    two polls), None if libvirt did not answer within ``_QUERY_TIMEOUT_S`` (the query waits
+    for the domain's monitor, which a stuck abort or a busy QEMU can hold for minutes)."""
     try:
-        return dict(await asyncio.to_thread(dom.jobStats))
+        return dict(await asyncio.wait_for(_blocking(dom.jobStats), _QUERY_TIMEOUT_S))
     except _lv().libvirtError:
-        return {}  # the domain left (migration finished) between two polls
+        return {}
+    except TimeoutError:
+        return None
+
+
+def _job_running(stats: dict[str, Any] | None) -> bool:
+    """Whether a migration job may still run: an unanswered query counts as yes."""
+    return stats is None or stats.get("type", _JOB_NONE) != _JOB_NONE
 
 
 async def _runs_at(dconnuri: str, vm_id: str) -> bool:
@@ -452,7 +482,7 @@ async def _runs_at(dconnuri: str, vm_id: str) -> bool:
         finally:
             conn.close()
 
-    return await asyncio.to_thread(check)
+    return await _blocking(check)
 
 
 async def _completed_stats(dconnuri: str, vm_id: str, last: dict[str, Any]) -> dict[str, Any]:
@@ -472,7 +502,7 @@ async def _completed_stats(dconnuri: str, vm_id: str, last: dict[str, Any]) -> d
         finally:
             conn.close()
 
-    done = await asyncio.to_thread(fetch)
+    done = await _blocking(fetch)
     return _stats(done, completed=True) if done else _stats(last)
 
 
