@@ -42,13 +42,24 @@ async def _ready(driver: QemuDriver, shape: Shape, count: int = 1) -> list[str]:
     raise AssertionError(f"no standby of {shape} became ready")
 
 
-async def test_an_incoming_guest_of_a_kept_shape_lands_in_a_standby_process(guest_image: Path) -> None:
+def _standby_pair(guest_image: Path, base: Path, refill_s: float) -> Pair:
+    """A source keeping no standbys and a target keeping one 128 MiB process ready."""
     require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
     require("qemu.qmp (pip)", _importable("qemu.qmp"))
-    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
     source = QemuDriver("host-a", run_dir=base / "a", guest_image=guest_image)
-    target = QemuDriver("host-b", run_dir=base / "b", guest_image=guest_image, standby="128", standby_refill_s=0.2)
-    pair = Pair(source, target, lambda vm_id: None, "qemu")
+    target = QemuDriver("host-b", run_dir=base / "b", guest_image=guest_image, standby="128",
+                        standby_refill_s=refill_s)
+    return Pair(source, target, lambda vm_id: None, "qemu")
+
+
+async def _ignore(_: MigrationProgress) -> None:
+    return None
+
+
+async def test_an_incoming_guest_of_a_kept_shape_lands_in_a_standby_process(guest_image: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    pair = _standby_pair(guest_image, base, refill_s=0.2)
+    source, target = pair.source, pair.target
     try:
         await source.start()
         await target.start()
@@ -66,9 +77,7 @@ async def test_an_incoming_guest_of_a_kept_shape_lands_in_a_standby_process(gues
         assert await target.state(spec.vm_id) == "inmigrate"
         assert target.standby.names() == []  # its replacement starts once this migration is over
 
-        async def ignore(_: MigrationProgress) -> None:
-            return None
-        result = await source.migrate(spec.vm_id, uri, params, ignore)
+        result = await source.migrate(spec.vm_id, uri, params, _ignore)
         assert result.outcome == "completed", result
         assert await target.finish_incoming(spec.vm_id)
         await _ready(target, Shape(128))  # replaced
@@ -90,12 +99,9 @@ async def test_an_incoming_guest_of_a_kept_shape_lands_in_a_standby_process(gues
 async def test_a_standby_whose_port_was_hit_while_waiting_is_not_taken(guest_image: Path) -> None:
     """A standby listens before it is taken; a stray connection that ends its wait leaves it
     unusable, and the incoming VM gets a fresh process instead."""
-    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
-    require("qemu.qmp (pip)", _importable("qemu.qmp"))
     base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
-    source = QemuDriver("host-a", run_dir=base / "a", guest_image=guest_image)
-    target = QemuDriver("host-b", run_dir=base / "b", guest_image=guest_image, standby="128", standby_refill_s=60)
-    pair = Pair(source, target, lambda vm_id: None, "qemu")
+    pair = _standby_pair(guest_image, base, refill_s=60)
+    source, target = pair.source, pair.target
     try:
         await target.start()
         (name,) = await _ready(target, Shape(128))
@@ -121,9 +127,7 @@ async def test_a_standby_whose_port_was_hit_while_waiting_is_not_taken(guest_ima
         assert target.pid(spec.vm_id) not in (None, standby_pid)
         assert not standby_dir.exists()
 
-        async def ignore(_: MigrationProgress) -> None:
-            return None
-        result = await source.migrate(spec.vm_id, uri, params, ignore)
+        result = await source.migrate(spec.vm_id, uri, params, _ignore)
         assert result.outcome == "completed", result
         assert await target.finish_incoming(spec.vm_id)
         assert await pair.advancing(target, spec.vm_id)

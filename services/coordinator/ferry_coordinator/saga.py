@@ -25,7 +25,6 @@ from ferry_common.messages.commands import (
     CleanupSource,
     CleanupTarget,
     CommitReservation,
-    DirtyObjects,
     Done,
     EventsFrozen,
     ExportDirtyObjects,
@@ -44,7 +43,6 @@ from ferry_common.messages.commands import (
     MigrationDenied,
     MigrationPermitted,
     MigrationStarted,
-    MigrationState,
     MigrationStateSuccess,
     ModulesFetched,
     ModulesRequired,
@@ -532,23 +530,10 @@ class MigrationSaga:
         # on the way (a timeout, then a retry) took its dirty bits with it, and only this
         # keeps those changes from being lost; the target applies them idempotently
         # host to host: the source sends the round to the target's managed object, which
-        # answers here (a source that does not forward answers DirtyObjects: relayed below)
+        # answers here (the source answers itself when nothing changed)
         export = ExportDirtyObjects(migration_id=self.mid, vm_id=vm_id, final=final, since_export=final,
                                     target_host=self.target)
         ans = await self._call(self.source, "managed_object", export, answered_by=f"managed_object on {self.target}")
-        if isinstance(ans, MigrationStateSuccess):
-            return ans.applied
-        if isinstance(ans, ManagementStateFailed):
-            raise StepFailed("migration_state_failed", ans.reason)
-        dirty = _expect(ans, DirtyObjects)
-        if not dirty.elements and not dirty.embots and not dirty.recent_event_ids:
-            return 0
-        ans = await self._call(
-            self.target,
-            "managed_object",
-            MigrationState(migration_id=self.mid, vm_id=vm_id, elements=dirty.elements, embots=dirty.embots,
-                           round=dirty.round, recent_event_ids=dirty.recent_event_ids),
-        )
         if isinstance(ans, ManagementStateFailed):
             raise StepFailed("migration_state_failed", ans.reason)
         return _expect(ans, MigrationStateSuccess).applied
@@ -592,11 +577,7 @@ class MigrationSaga:
 
     async def step_complete(self) -> tuple[str, dict[str, Any]]:
         vm_id = self.rec.vm_id
-        epoch = self.rec.data.get("new_epoch")
-        if epoch is None:  # a record written before the switch-over step recorded it
-            epoch = int(self.rec.data.get("epoch", 0)) + 1
-            self.rec.data["new_epoch"] = epoch
-            await self._save("complete", "owner", {"owner": self.target, "epoch": epoch})
+        epoch = self.rec.data["new_epoch"]  # recorded by step 6b
         self.ctx.on_owner(vm_id, self.target, int(epoch))
         # past the switch the source only has to be cleared, and nothing on the target waits
         # for that: its teardown goes now, beside the activation; step 8 takes the answers

@@ -168,11 +168,11 @@ class QemuDriver:
                 await self._kill(spec.vm_id)
             elif meta:
                 await self._kill(spec.vm_id)
-            uri = await self._adopt_standby(spec)
+            uri = await self._adopt_standby(spec)  # recorded in its meta as it is taken
             if uri is None:
                 await self._launch(spec, role="incoming")
                 uri = await self._listen(spec.vm_id)
-            self._update_meta(spec.vm_id, uri=uri)
+                self._update_meta(spec.vm_id, uri=uri)
             return uri
 
     async def _listen(self, key: str) -> str:
@@ -525,9 +525,7 @@ class QemuDriver:
         client = self._clients.get(vm_id)
         if client is not None and client.runstate.name == "RUNNING":
             return client
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+        await self._forget_client(vm_id)
         if sock is None:
             if not self._alive(vm_id):
                 raise QmpUnavailable(f"no QEMU process for {vm_id}")
