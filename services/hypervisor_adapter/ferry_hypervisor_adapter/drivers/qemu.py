@@ -93,6 +93,7 @@ class QemuDriver:
         self.standby = StandbyPool(parse_shapes(standby))
         self.standby_refill_s = standby_refill_s
         self._filling: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # QMP clients of killed processes
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -114,9 +115,9 @@ class QemuDriver:
             await self._kill_dir(self._standby_dir() / name)
         self.standby.ready.clear()
         for client in list(self._clients.values()):
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+            await _disconnect(client)
         self._clients.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def create(self, spec: VmSpec) -> None:
         async with self._lock(spec.vm_id):
@@ -512,8 +513,15 @@ class QemuDriver:
         return pid is not None and _process_alive(pid)
 
     async def _kill(self, vm_id: str) -> None:
-        await self._forget_client(vm_id)
+        # the process goes first: a QMP disconnect from a live QEMU waits for its reader and
+        # writer to wind down (~2 ms), and the source's teardown is on the saga's last step
+        client = self._clients.pop(vm_id, None)
         await self._kill_dir(self._dir(vm_id))
+        if client is not None:
+            # and its client is wound down beside what follows (1-3 ms even then)
+            task = asyncio.create_task(_disconnect(client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # --- QMP ------------------------------------------------------------------------------
 
@@ -541,8 +549,7 @@ class QemuDriver:
     async def _forget_client(self, key: str) -> None:
         client = self._clients.pop(key, None)
         if client is not None:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+            await _disconnect(client)
 
     async def _qmp(self, vm_id: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         from qemu.qmp import ExecuteError
@@ -561,6 +568,11 @@ class QemuDriver:
             return str((await self._qmp(vm_id, "query-status"))["status"])
         except QmpUnavailable:
             return None
+
+
+async def _disconnect(client: Any) -> None:
+    with contextlib.suppress(Exception):
+        await client.disconnect()
 
 
 def _write_meta(vm_dir: Path, meta: dict[str, Any]) -> None:
