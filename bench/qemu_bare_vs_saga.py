@@ -1,10 +1,12 @@
 """Bare QEMU live migration versus the same migration run as a Ferry saga.
 
 Part (a), here: :func:`bare_migration` times one migration of the test guest between two
-QEMU processes on this machine through the QEMU driver alone (no bus, no saga), and
-:func:`bare_series` repeats it and reports medians. Part (b) plugs in as another
-``async def ...(guest, memory_mib, params) -> dict`` with the same keys, registered in
-:data:`RUNNERS`, so both print side by side.
+QEMU processes on this machine through the QEMU driver alone (no bus, no saga). Part (b)
+plugs in as another ``async def ...(guest, memory_mib, params) -> dict`` with the same keys,
+registered in :data:`RUNNERS`, so both print side by side. The runs are interleaved, one of
+each runner and guest per round (:func:`interleaved`): this machine's speed drifts within
+minutes, and a series run after the other would carry the drift into the comparison; the
+overhead is also given as the median of each round's saga-minus-bare difference.
 
     .venv/bin/python bench/qemu_bare_vs_saga.py --reps 5 [--json]
 
@@ -19,6 +21,7 @@ import asyncio
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -92,19 +95,27 @@ async def bare_migration(
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def bare_series(
-    runner: Runner,
-    guest: dict[str, int],
+async def interleaved(
+    runners: dict[str, Runner],
+    guests: dict[str, dict[str, int]],
     reps: int,
     memory_mib: int = 128,
     params: MigrationParams | None = None,
-) -> dict[str, Any]:
-    """``reps`` runs of ``runner``; the median of every timing key and the raw runs."""
-    runs = [await runner(guest, memory_mib, params or MigrationParams()) for _ in range(reps)]
-    medians = {
-        k: statistics.median(r[k] for r in runs) for k in TIMING_KEYS if all(k in r for r in runs)
-    }
-    return {"reps": reps, "median": medians, "runs": runs}
+) -> dict[str, dict[str, Any]]:
+    """``reps`` rounds, each one run of every runner with every guest; per ``runner/guest``,
+    the median of every timing key and the raw runs in round order."""
+    runs: dict[str, list[dict[str, Any]]] = {f"{r}/{g}": [] for r in runners for g in guests}
+    for _ in range(reps):
+        for guest_name, guest in guests.items():
+            for name, runner in runners.items():
+                runs[f"{name}/{guest_name}"].append(await runner(guest, memory_mib, params or MigrationParams()))
+    return {key: series(rs) for key, rs in runs.items()}
+
+
+def series(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every timing key over ``runs``, and the runs."""
+    medians = {k: statistics.median(r[k] for r in runs) for k in TIMING_KEYS if all(k in r for r in runs)}
+    return {"reps": len(runs), "median": medians, "runs": runs}
 
 
 
@@ -147,8 +158,6 @@ class _StepClock:
 
 async def _publish_events(url: str, vm_id: str, count: int) -> None:
     """Publish ``count`` events of ``vm_id`` from this (separate) process, as a producer would."""
-    import sys
-
     from ferry_cli.sample import event
     from ferry_common.bus.amqp import AmqpBus
     from ferry_common.bus.topology import vm_events
@@ -183,8 +192,6 @@ async def saga_migration(
     ``wall_ms`` runs from the MigrateRequest until the client sees ``completed``; the QEMU
     figures are the saga's record (``data["vm_stats"]``).
     """
-    import sys
-
     sys.path.insert(0, str(REPO))  # for tests.harness
     from ferry_cli.cluster import HostOptions
     from ferry_cli.sample import graph
@@ -306,16 +313,18 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     SAGA_CONFIG["events"] = args.events
     SAGA_CONFIG["standby"] = 0 if args.no_standby else 1
     build_guest()
+    stray = stray_qemu()
+    if stray:
+        # an idle guest takes a few per cent of a core, a busy one a whole core: the runs
+        # below share two cores with them (guests outlive a stopped adapter, as on a real host)
+        print(f"warning: {len(stray)} QEMU processes already run here and take CPU from these runs "
+              f"(pids {', '.join(map(str, stray[:10]))}{', ...' if len(stray) > 10 else ''})", file=sys.stderr)
     guests = {
         "idle": GUESTS["idle"],
         "dirty": {"guest_dirty_mib": args.dirty_mib, "guest_rate_mibps": args.rate_mibps},
     }
-    report: dict[str, Any] = {}
-    for name in args.runners.split(","):
-        for guest_name, guest in guests.items():
-            report[f"{name}/{guest_name}"] = await bare_series(
-                RUNNERS[name], guest, args.reps, args.memory_mib
-            )
+    runners = {name: RUNNERS[name] for name in args.runners.split(",")}
+    report: dict[str, Any] = await interleaved(runners, guests, args.reps, args.memory_mib)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -324,7 +333,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
             med = series["median"]
             print(f"{key:<16}" + "".join(f"{med.get(k, float('nan')):>18.1f}" for k in TIMING_KEYS))
     report["comparison"] = compare(report)
-    report["config"] = {**SAGA_CONFIG, "memory_mib": args.memory_mib}
+    report["config"] = {**SAGA_CONFIG, "memory_mib": args.memory_mib, "stray_qemu_processes": len(stray)}
     if not args.json:
         for guest_name, row in report["comparison"].items():
             print(f"{guest_name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
@@ -332,6 +341,21 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         await asyncio.to_thread(Path(args.out).write_text, json.dumps(report, indent=2))
     return report
+
+
+def stray_qemu() -> list[int]:
+    """Pids of QEMU processes running before the benchmark starts any."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if Path(argv0.decode(errors="replace")).name.startswith("qemu-system"):
+            pids.append(int(proc.name))
+    return sorted(pids)
 
 
 def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -350,6 +374,10 @@ def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "saga_wall_ms": round(b, 1),
             "ratio": round(b / a, 2),
             "overhead_ms": round(b - a, 1),
+            # the same rounds' runs side by side: drift between rounds cancels out
+            "overhead_paired_ms": round(
+                statistics.median(sg["wall_ms"] - br["wall_ms"] for sg, br in zip(runs, bare["runs"], strict=True)), 1
+            ),
             "blackout_ms": round(saga["median"]["blackout_ms"], 1),
             "blackout_minus_bare_wall_ms": round(saga["median"]["blackout_ms"] - a, 1),
             "blackout_minus_migrate_vm_step_ms": round(
@@ -370,8 +398,6 @@ def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) == 5 and sys.argv[1] == "--publish":  # the saga runner's producer process
         asyncio.run(_publish_events(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     else:
