@@ -57,6 +57,7 @@ from ferry_common.messages.commands import (
 from ferry_common.messages.domain import Module, VmSpec
 from ferry_common.messages.public import MigrationStatusEvent
 from ferry_common.messages.public import Status as PublicStatus
+from ferry_common.sampler import LatestSender
 from ferry_common.telemetry import migration_span, trace_ids, tracer
 
 from .store import HistoryEntry, SagaRecord, SagaStore
@@ -128,10 +129,8 @@ class MigrationSaga:
         # the source's teardown, sent beside the target's activation (step 7); step 8 takes it
         self._teardown: asyncio.Task[list[Wire]] | None = None
         self._switch: asyncio.Task[Wire] | None = None
-        # progress statuses go out in order beside the steps, not in their way; one waits at
-        # most, and a newer one replaces it (see _status)
-        self._statuses: asyncio.Task[None] | None = None
-        self._next_progress: MigrationStatusEvent | None = None
+        # progress statuses go out in order beside the steps, not in their way (see _status)
+        self._progress: LatestSender[MigrationStatusEvent] = LatestSender(self._publish_status)
         self._root: trace.Span | None = None
 
     @property
@@ -678,21 +677,12 @@ class MigrationSaga:
             # sample, not a log (the record's history is the log): while one is on its way, the
             # newest waits and replaces any older one, so a busy broker gets fewer of them and
             # a follower still sees the step the saga is in
-            self._next_progress = event
-            if self._statuses is None or self._statuses.done():
-                self._statuses = asyncio.create_task(self._publish_progress())
+            self._progress.offer(event)
             return
         # an outcome goes after the progress on its way, and supersedes one still waiting
-        self._next_progress = None
-        if self._statuses is not None:
-            await asyncio.gather(self._statuses, return_exceptions=True)
-            self._statuses = None
+        self._progress.drop()
+        await self._progress.flush()
         await self._publish_status(event)
-
-    async def _publish_progress(self) -> None:
-        while self._next_progress is not None:
-            event, self._next_progress = self._next_progress, None
-            await self._publish_status(event)
 
     async def _publish_status(self, event: MigrationStatusEvent) -> None:
         try:

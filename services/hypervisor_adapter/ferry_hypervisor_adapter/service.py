@@ -40,6 +40,7 @@ from ferry_common.messages.commands import (
     VmMigrationFinished,
 )
 from ferry_common.messages.public import HostInventory, MigrationStatusEvent
+from ferry_common.sampler import LatestSender
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 from ferry_common.telemetry import tracer
@@ -279,6 +280,10 @@ class HypervisorAdapterService(HostService):
                     span.set_status(Status(StatusCode.ERROR, out.result.reason or out.result.outcome))
 
     async def _run_migration(self, out: Outgoing, uri: str, params: MigrationParams) -> None:
+        # the driver's watch hands its samples over and goes on: a slow broker neither delays
+        # its polls and timeouts nor the notice that the migration ended
+        progress: LatestSender[MigrationStatusEvent] = LatestSender(self._publish_progress)
+
         async def on_progress(p: MigrationProgress) -> None:
             out.progress.append(p.to_dict())
             trace.get_current_span().add_event("progress", p.to_dict())
@@ -292,8 +297,7 @@ class HypervisorAdapterService(HostService):
                 detail=p.to_dict(),
                 at=self.endpoint.clock.now(),
             )
-            with contextlib.suppress(FerryError):
-                await self.endpoint.send(migration_status("progress"), event, mandatory=False)
+            progress.offer(event)
 
         try:
             result = await self.driver.migrate(out.vm_id, uri, params, on_progress)
@@ -316,6 +320,11 @@ class HypervisorAdapterService(HostService):
             except FerryError as exc:
                 # the saga asks again with PerformMigration and gets the result then
                 log.info("finish of %s not delivered: %s", out.migration_id, exc.reason)
+        await progress.flush()
+
+    async def _publish_progress(self, event: MigrationStatusEvent) -> None:
+        with contextlib.suppress(FerryError):
+            await self.endpoint.send(migration_status("progress"), event, mandatory=False)
 
     async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Done:
         out = self.outgoing.get(msg.migration_id)
