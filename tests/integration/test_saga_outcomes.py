@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ferry_cli.cluster import HostOptions
+from ferry_common.bus.topology import migration_status
 from ferry_common.messages.commands import (
     FreezeEvents,
     ManagedObjectInstantiationError,
@@ -257,6 +258,34 @@ async def test_failure_answer_rolls_back(cluster: Cluster, service: str, mtype: 
     await assert_clean(cluster, "vm1", "host-a")
     state = cluster.host("host-a").managed_object.planes["vm1"].state["vm1.load"]
     assert state["high_samples"] == high_samples(cluster, "vm1")
+
+
+async def test_progress_samples_held_by_the_broker_do_not_hold_the_migration(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source adapter's progress samples go beside the driver's watch: with every one
+    held on its way, the migration still completes (a held sample used to stop the watch,
+    its timeouts and the notice that the migration ended)."""
+    adapter = cluster.host("host-a").adapter
+    held, release = asyncio.Event(), asyncio.Event()
+    real = adapter.endpoint.send
+
+    async def send(key: str, msg: Any, **kw: Any) -> None:
+        if key == migration_status("progress") and getattr(msg, "step", None) == "migrate_vm":
+            held.set()
+            await release.wait()
+        await real(key, msg, **kw)
+
+    monkeypatch.setattr(adapter.endpoint, "send", send)
+    await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)  # ~0.5 s
+    await cluster.send_events("vm1", 8)
+    try:
+        outcome = await asyncio.wait_for(cluster.migrate("vm1", "host-b"), 30)
+        assert held.is_set(), "the driver sent no progress sample"
+        assert outcome.status == "completed", outcome
+        await assert_clean(cluster, "vm1", "host-b")
+    finally:
+        release.set()
 
 
 async def test_vm_migration_failure_rolls_back(cluster: Cluster) -> None:
