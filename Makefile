@@ -35,8 +35,9 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: bench-control bench-scale bench-sensor ## All benchmarks of the control plane
 
-bench-control: $(STAMP) ## Concurrent migrations per second against the real RabbitMQ
+bench-control: $(STAMP) ## Concurrent migrations per second against the real RabbitMQ (hosts apart, then one process)
 	bash scripts/ensure-services.sh
+	$(PY) bench/control_plane.py --host-process
 	$(PY) bench/control_plane.py
 
 bench-scale: $(STAMP) ## 10k elements and 100k queued events: management-plane time
