@@ -7,10 +7,11 @@ import os
 import re
 import subprocess
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry_cli.client import FerryClient
+from ferry_cli.client import STATUSES, FerryClient
 from ferry_cli.cluster import Host, HostOptions, build_coordinator, build_host
 from ferry_cli.sample import MODULES, graph, vm_spec
 from ferry_common.bus.amqp import AmqpBus
@@ -168,7 +169,10 @@ async def make_cluster(
     clock: Clock | None = None,
     auth: Any = None,
     client_identity: str = "client/test",
+    watch: Sequence[str] = STATUSES,
 ) -> Cluster:
+    """A coordinator and ``hosts`` on a fresh broker, and a client watching the statuses
+    ``watch`` (every one by default)."""
     clock = clock or SystemClock()
     vhost = make_vhost() if kind == "rabbitmq" else None
     shared = MemoryBus() if kind == "memory" else None
@@ -195,7 +199,7 @@ async def make_cluster(
         built[name] = h
     client_auth = auth(client_identity) if auth is not None else None
     client = FerryClient(Endpoint(await bus(), client_identity, clock=clock, auth=client_auth), timeout=5.0)
-    await client.watch()
+    await client.watch(watch)
     cluster = Cluster(kind, buses, coordinator, built, client, store, clock, vhost=vhost)
 
     async def known() -> bool:

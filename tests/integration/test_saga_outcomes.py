@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from ferry_cli.client import TERMINAL
 from ferry_cli.cluster import HostOptions
 from ferry_common.bus.topology import migration_status
 from ferry_common.messages.commands import (
@@ -258,6 +259,18 @@ async def test_failure_answer_rolls_back(cluster: Cluster, service: str, mtype: 
     await assert_clean(cluster, "vm1", "host-a")
     state = cluster.host("host-a").managed_object.planes["vm1"].state["vm1.load"]
     assert state["high_samples"] == high_samples(cluster, "vm1")
+
+
+async def test_a_client_can_watch_the_outcomes_alone(bus_kind: str) -> None:
+    """``watch(TERMINAL)``: the outcome arrives and nothing else is routed to the client."""
+    c = await make_cluster(bus_kind, ("host-a", "host-b"), watch=TERMINAL)
+    try:
+        await c.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)  # ~0.5 s: progress on the way
+        outcome = await c.migrate("vm1", "host-b")
+        assert outcome.status == "completed", outcome
+        assert {e.status for e in c.client._history} == {"completed"}
+    finally:
+        await c.close()
 
 
 async def test_progress_samples_held_by_the_broker_do_not_hold_the_migration(

@@ -53,8 +53,10 @@ class FerryClient:
         self._followers: list[asyncio.Queue[MigrationStatusEvent]] = []
         self._history: list[MigrationStatusEvent] = []
 
-    async def watch(self) -> None:
-        """Start receiving ``migration.*`` events (call before migrating to miss nothing)."""
+    async def watch(self, statuses: Sequence[str] = STATUSES) -> None:
+        """Start receiving ``migration.<status>`` events (call before migrating to miss
+        nothing): every status by default, or only ``statuses`` (``TERMINAL`` for a client
+        that waits for outcomes and shows no progress: the broker routes it less)."""
         if self._watching:
             return
         self._watching = True
@@ -67,7 +69,7 @@ class FerryClient:
                 q.put_nowait(msg)
 
         router.add(MigrationStatusEvent, on_status)
-        keys = tuple(migration_status(s) for s in STATUSES)
+        keys = tuple(migration_status(s) for s in statuses)
         spec = QueueSpec(f"watch.{self.endpoint.instance}", keys, durable=False, prefetch=1024)
         await self.endpoint.serve(spec, router)
 
