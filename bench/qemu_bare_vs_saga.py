@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ferry_cli.client import STATUSES, TERMINAL
 from ferry_common.messages.domain import VmSpec
 from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
 from ferry_hypervisor_adapter.drivers.guest import build_guest
@@ -127,7 +128,7 @@ SAGA_CONFIG: dict[str, int] = {"events": 5000, "standby": 1}
 REPO = Path(__file__).resolve().parents[1]
 SAGA_EXTRA_ELEMENTS = 40
 # the statuses the saga's client watches (--watch-all: every one, as `ferry migrate` does)
-SAGA_WATCH: list[str] = ["completed", "rolled_back", "rejected"]
+SAGA_WATCH: list[str] = list(TERMINAL)
 
 
 class _StepClock:
@@ -318,8 +319,6 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="saga: the client watches every status, as `ferry migrate` does, in the services' process")
     args = parser.parse_args(argv)
     if args.watch_all:
-        from ferry_cli.client import STATUSES
-
         SAGA_WATCH[:] = STATUSES
     SAGA_CONFIG["events"] = args.events
     SAGA_CONFIG["standby"] = 0 if args.no_standby else 1
