@@ -44,6 +44,8 @@ PROCESS_ENV = {
     "FERRY_SAGA_LEASE_S": "3",
     "FERRY_SAGA_REPLY_S": "2",
     "FERRY_SAGA_STATUS_POLL_S": "0.5",
+    # every step announced: the suite aims its faults at steps by the progress statuses
+    "FERRY_PROGRESS_INTERVAL_S": "0",
     "FERRY_INVENTORY_INTERVAL_S": "0.5",
 }
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from ferry_common.clock import FakeClock
 from ferry_common.sampler import LatestSender
 
 
@@ -80,3 +81,34 @@ async def test_a_failed_send_ends_only_its_item(caplog: pytest.LogCaptureFixture
 async def test_flush_with_nothing_offered_returns() -> None:
     sender: LatestSender[int] = LatestSender(Gate().send)
     await asyncio.wait_for(sender.flush(), 1.0)
+
+
+async def test_with_an_interval_the_newest_goes_once_it_has_passed() -> None:
+    clock = FakeClock()
+    gate = Gate()
+    gate.release.set()
+    sender: LatestSender[int] = LatestSender(gate.send, interval_s=1.0, clock=clock)
+    sender.offer(1)
+    await sender.flush()  # nothing went before: at once
+    for i in range(2, 6):
+        sender.offer(i)
+        await clock.advance(0.1)
+    assert gate.sent == [1], "an item went before the interval had passed"
+    await clock.advance(0.6)  # 1.0 s after the first
+    await sender.flush()
+    assert gate.sent == [1, 5]
+
+
+async def test_sent_now_starts_the_interval_and_drop_ends_the_wait_at_once() -> None:
+    clock = FakeClock()
+    gate = Gate()
+    gate.release.set()
+    sender: LatestSender[int] = LatestSender(gate.send, interval_s=1.0, clock=clock)
+    sender.sent_now()  # as if one had gone elsewhere (a saga's `accepted`)
+    sender.offer(1)
+    await clock.advance(0.5)
+    assert gate.sent == []
+    sender.drop()  # an outcome supersedes it: no waiting out the interval
+    await asyncio.wait_for(sender.flush(), 1.0)
+    await clock.advance(2.0)
+    assert gate.sent == []

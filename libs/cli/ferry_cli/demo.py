@@ -67,7 +67,8 @@ async def run_demo(*, rate: float = 400.0) -> int:
     d = Demo(rate=rate)
     bus = MemoryBus()
     store = MemorySagaStore()
-    coordinator = build_coordinator(bus, store, timeouts=SagaTimeouts(reply_s=5.0, lease_s=30.0))
+    # every step announced: the demo prints them one by one
+    coordinator = build_coordinator(bus, store, timeouts=SagaTimeouts(reply_s=5.0, lease_s=30.0, progress_interval_s=0.0))
     await coordinator.start()
     # spans of each migration go over the bus to the coordinator, for the trace at the end
     shipper = setup_tracing("ferry-demo", bus_exporter=BusSpanExporter()).bus_exporter

@@ -47,10 +47,12 @@ def _env_float(name: str) -> float | None:
 def saga_timeouts_from_env() -> SagaTimeouts:
     """The saga's timeouts, with overrides for tests and drills: ``FERRY_SAGA_LEASE_S`` (a
     replica's hold on a saga, so how soon a crashed coordinator's sagas are resumed),
-    ``FERRY_SAGA_REPLY_S`` (the wait for each answer) and ``FERRY_SAGA_STATUS_POLL_S``."""
+    ``FERRY_SAGA_REPLY_S`` (the wait for each answer), ``FERRY_SAGA_STATUS_POLL_S`` and
+    ``FERRY_PROGRESS_INTERVAL_S`` (a migration's progress statuses at most once per this)."""
     overrides: dict[str, float] = {}
     for env, key in (("FERRY_SAGA_LEASE_S", "lease_s"), ("FERRY_SAGA_REPLY_S", "reply_s"),
-                     ("FERRY_SAGA_STATUS_POLL_S", "status_poll_s")):
+                     ("FERRY_SAGA_STATUS_POLL_S", "status_poll_s"),
+                     ("FERRY_PROGRESS_INTERVAL_S", "progress_interval_s")):
         value = _env_float(env)
         if value is not None:
             overrides[key] = value

@@ -130,7 +130,10 @@ class MigrationSaga:
         self._teardown: asyncio.Task[list[Wire]] | None = None
         self._switch: asyncio.Task[Wire] | None = None
         # progress statuses go out in order beside the steps, not in their way (see _status)
-        self._progress: LatestSender[MigrationStatusEvent] = LatestSender(self._publish_status)
+        self._progress: LatestSender[MigrationStatusEvent] = LatestSender(
+            self._publish_status, interval_s=self.t.progress_interval_s, clock=self.clock
+        )
+        self._progress.sent_now()  # `accepted` went out as the saga began
         self._root: trace.Span | None = None
 
     @property

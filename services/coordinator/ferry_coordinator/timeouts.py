@@ -18,3 +18,8 @@ class SagaTimeouts:
     lease_s: float = 15.0  # a replica's hold on a saga
     max_module_rounds: int = 16
     ownership_lease_s: float = 10.0  # how long a host may dispatch a VM's events unrenewed
+    # a migration's progress statuses go out at most once per this (the newest waits, an
+    # outcome supersedes it; 0: at the start of every step). Followers are people and
+    # dashboards, and every status is a broker publish: one per step cost a sixth of the
+    # control plane's rate with hundreds of VMs migrating at once
+    progress_interval_s: float = 1.0
