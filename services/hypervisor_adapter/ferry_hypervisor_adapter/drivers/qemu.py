@@ -410,8 +410,7 @@ class QemuDriver:
                 _write_meta(vm_dir, {**(_read_meta(vm_dir) or {}), "uri": await self._listen(key)})
             except Exception:
                 log.exception("standby QEMU %s on %s not started", name, self.host)
-                await self._forget_client(key)
-                await self._kill_dir(vm_dir)
+                await self._end(vm_dir, key)
                 return  # tried again once the next incoming migration is over
             self.standby.add(shape, name)
 
@@ -424,8 +423,7 @@ class QemuDriver:
             pid = _read_pid(standby)
             uri = (_read_meta(standby) or {}).get("uri")
             if client is None or client.runstate.name != "RUNNING" or pid is None or not _process_alive(pid) or not uri:
-                await self._forget_client(key)
-                await self._kill_dir(standby)
+                await self._end(standby, key)
                 continue  # died while waiting: the next one, or a fresh launch
             vm_dir = self._dir(spec.vm_id)
             shutil.rmtree(vm_dir, ignore_errors=True)
@@ -513,10 +511,14 @@ class QemuDriver:
         return pid is not None and _process_alive(pid)
 
     async def _kill(self, vm_id: str) -> None:
+        await self._end(self._dir(vm_id), vm_id)
+
+    async def _end(self, vm_dir: Path, key: str) -> None:
+        """Kill the process of ``vm_dir`` and forget its QMP client (kept under ``key``)."""
         # the process goes first: a QMP disconnect from a live QEMU waits for its reader and
         # writer to wind down (~2 ms), and the source's teardown is on the saga's last step
-        client = self._clients.pop(vm_id, None)
-        await self._kill_dir(self._dir(vm_id))
+        client = self._clients.pop(key, None)
+        await self._kill_dir(vm_dir)
         if client is not None:
             # and its client is wound down beside what follows (1-3 ms even then)
             task = asyncio.create_task(_disconnect(client))
