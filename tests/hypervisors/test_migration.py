@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
@@ -144,3 +145,20 @@ async def test_target_dying_mid_migration_keeps_the_source_running(pair: Pair) -
     await _assert_source_kept(pair, vm_id)
     await pair.target.abort_incoming(vm_id)
     assert await pair.target.state(vm_id) == "absent"
+
+
+async def test_qemu_commands_sent_together_share_one_qmp_connection(qemu_pair: Pair, guest_image: Path) -> None:
+    """QEMU serves one QMP client at a time: commands that reach a driver together before it
+    has connected (an adapter just restarted, the migration's pipelined queries) share the
+    connection the first one makes; a second connection would wait for its greeting forever."""
+    from ferry_hypervisor_adapter.drivers.qemu import QemuDriver
+
+    vm_id, _ = await _start_source(qemu_pair)
+    await qemu_pair.source.close()  # the adapter stopped; its guest runs on
+    fresh = QemuDriver("host-a", run_dir=qemu_pair.source.run_dir, guest_image=guest_image)
+    try:
+        states = await asyncio.wait_for(asyncio.gather(*(fresh.state(vm_id) for _ in range(3))), 10)
+        assert states == ["running"] * 3
+    finally:
+        await fresh.close()
+    assert await qemu_pair.source.state(vm_id) == "running"  # closing a driver leaves its guests running
