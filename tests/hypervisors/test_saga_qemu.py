@@ -8,6 +8,7 @@ while its management plane moves between the two hosts' services and events keep
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,8 +21,8 @@ import pytest
 
 from ferry_common.errors import FerryError
 from ferry_common.messages.commands import FinishIncoming
-from ferry_hypervisor_adapter.drivers.qemu import _read_pid
-from tests.harness import Cluster
+from ferry_hypervisor_adapter.drivers.qemu import _process_alive, _read_pid
+from tests.harness import Cluster, until
 
 from .conftest import _importable
 from .saga_support import (
@@ -59,15 +60,25 @@ async def cluster(guest_image: Path, rabbitmq_available: None) -> AsyncIterator[
     shutil.rmtree(base, ignore_errors=True)
 
 
+async def _standby_announced(cluster: Cluster, vm_id: str) -> str:
+    """The name of host-b's ready standby, once the coordinator has seen it in an inventory
+    (a saga then takes it beside its admission)."""
+    target = cluster.host("host-b").adapter.driver
+    located = cluster.coordinator.hosts.locate(vm_id)
+    assert located is not None
+    async def announced() -> bool:
+        return bool(target.standby.names()) and cluster.coordinator.hosts.ready_for("host-b", located[1])
+
+    await until(announced, 10, "host-b's standby in its inventory")
+    (standby,) = target.standby.names()
+    return str(standby)
+
+
 async def test_completed_saga_moves_dirtying_guest_plane_and_events(cluster: Cluster) -> None:
     g = await start_guest(cluster, DIRTY_GUEST)
     await asyncio.sleep(0.5)  # the guest has written its whole region once
     target = g.driver("host-b")
-    for _ in range(500):
-        if target.standby.names():
-            break
-        await asyncio.sleep(0.02)
-    (standby,) = target.standby.names()
+    standby = await _standby_announced(cluster, g.vm_id)
     standby_pid = _read_pid(target.run_dir / ".standby" / standby)
     g.start_stream()
     mid = await cluster.client.migrate(g.vm_id, "host-b")
@@ -82,6 +93,42 @@ async def test_completed_saga_moves_dirtying_guest_plane_and_events(cluster: Clu
     await assert_completed(cluster, g, mid, outcome, source_gone)
     rec = await cluster.store.get(mid)
     assert rec is not None and rec.data["events_dispatched_on_target"] >= 0
+    assert rec.data["target_ready"] is True  # taken beside the admission
+
+
+async def test_a_denied_migration_gives_back_the_receiving_process_it_took(guest_image: Path, rabbitmq_available: None) -> None:
+    """The saga takes host-b's ready standby beside asking host-b's policy, which refuses
+    host-a as a source: the migration is rejected, the standby it took is gone with nothing
+    left of the VM on host-b, and the guest runs on at host-a."""
+    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
+    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    opts = host_options(
+        "qemu",
+        {
+            "host-a": {"run_dir": str(base / "a"), "guest_image": str(guest_image)},
+            "host-b": {"run_dir": str(base / "b"), "guest_image": str(guest_image), "standby": "128:2"},
+        },
+    )
+    opts["host-b"] = dataclasses.replace(opts["host-b"], allowed_sources=("host-c",))
+    async with saga_cluster(opts) as c:
+        g = await start_guest(c, {})
+        target = g.driver("host-b")
+        standby = await _standby_announced(c, g.vm_id)
+        standby_pid = _read_pid(target.run_dir / ".standby" / standby)
+        assert standby_pid is not None
+
+        mid = await c.client.migrate(g.vm_id, "host-b")
+        outcome = await c.client.outcome(mid, timeout=60)
+
+        assert outcome.status == "rejected" and outcome.code == "source_not_allowed", outcome
+        rec = await c.store.get(mid)
+        assert rec is not None and rec.data["target_ready"] is True
+        assert not _process_alive(standby_pid), "the standby taken for the denied migration still runs"
+        assert await target.state(g.vm_id) == "absent"
+        assert c.host("host-b").adapter.incoming == {}
+        assert await g.driver("host-a").state(g.vm_id) == "running"
+        assert await g.advancing("host-a")
+    shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_non_converging_guest_rolls_back_on_completion_timeout(cluster: Cluster) -> None:

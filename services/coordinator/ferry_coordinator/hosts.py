@@ -22,6 +22,12 @@ class HostRegistry:
     def known(self, host: str) -> bool:
         return host in self.hosts
 
+    def ready_for(self, host: str, vm: VmSpec) -> bool:
+        """Whether ``host`` said, in its last inventory, that it keeps a receiving process of
+        ``vm``'s shape running (a hint: another migration may have taken it since)."""
+        inv = self.hosts.get(host)
+        return inv is not None and f"{vm.memory_mib}:{vm.vcpus}" in inv.ready_incoming
+
     def locate(self, vm_id: str) -> tuple[str, VmSpec] | None:
         """The host running ``vm_id`` and its spec, preferring what a saga just did."""
         hint = self.moved.get(vm_id)

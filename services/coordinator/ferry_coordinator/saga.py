@@ -124,8 +124,11 @@ class MigrationSaga:
         # the receiving VM is started, and the VM's migration launched, while the management
         # plane is exported (step 3), off the critical path; step 5 takes their answers (or
         # asks again after a restart)
-        self._launch: asyncio.Task[tuple[IncomingPrepared, MigrationStarted | None]] | None = None
+        self._launch: asyncio.Task[tuple[IncomingPrepared | None, MigrationStarted | None]] | None = None
         self._may_launch = True  # cleared by a rollback: nothing new is started on the hosts then
+        # a launch begun beside the admission (the target keeps a receiving process ready)
+        # takes that process at once and waits here for the policy's answer before going on
+        self._permit: asyncio.Future[bool] | None = None
         # the source's teardown, sent beside the target's activation (step 7); step 8 takes it
         self._teardown: asyncio.Task[list[Wire]] | None = None
         self._switch: asyncio.Task[Wire] | None = None
@@ -172,6 +175,7 @@ class MigrationSaga:
                         await self._forward_step()
             except LostLease:
                 root.add_event("lease lost", {"owner": self.ctx.owner})
+                self._refuse_launch()  # the replica that took over decides; a launch waiting here ends
                 return self.rec
             root.set_attribute("ferry.outcome", self.rec.status)
             root.set_attribute("ferry.retry_count", sum(int(n) for n in self.rec.data.get("retries", {}).values()))
@@ -328,16 +332,34 @@ class MigrationSaga:
     # ---- the steps --------------------------------------------------------------------
     async def step_admission(self) -> tuple[str, dict[str, Any]]:
         vm = VmSpec.model_validate(self.rec.data["vm"])
-        ans = await self._call(
-            self.target,
-            "migration_policy",
-            StartMigration(migration_id=self.mid, vm_id=vm.vm_id, source_host=self.source, target_host=self.target, vm=vm),
-        )
-        if isinstance(ans, MigrationDenied):
-            raise StepFailed(ans.code, ans.reason)
-        ans = _expect(ans, MigrationPermitted)
+        if self.rec.data.get("target_ready"):
+            # taking a receiving process that already runs starts nothing on the target, so
+            # it is asked beside the policy rather than after it; the VM's migration still
+            # waits for the permit
+            self._start_launch(permitted=False)
+        try:
+            ans = await self._call(
+                self.target,
+                "migration_policy",
+                StartMigration(migration_id=self.mid, vm_id=vm.vm_id, source_host=self.source, target_host=self.target, vm=vm),
+            )
+            if isinstance(ans, MigrationDenied):
+                raise StepFailed(ans.code, ans.reason)
+            ans = _expect(ans, MigrationPermitted)
+        except StepFailed:
+            await self._release_ready()
+            raise
         self._start_launch()
         return "management_state", {"reservation_id": ans.reservation_id}
+
+    async def _release_ready(self) -> None:
+        """The admission ended without a permit: a receiving process taken beside it goes
+        (a rejection undoes nothing else, since nothing else was started)."""
+        if self._launch is None:
+            return
+        await self._settle_launch()
+        msg = CleanupTarget(migration_id=self.mid, vm_id=self.rec.vm_id)
+        await self._cleanup_target_one("hypervisor_adapter", msg)
 
     async def step_freeze_events(self) -> tuple[str, dict[str, Any]]:
         self._start_switch()
@@ -413,16 +435,17 @@ class MigrationSaga:
         ok = _expect(ans, ManagementEventStateSuccess)
         return "switch_over", {"events_moved": ok.staged, "final_dirty_applied": applied}
 
-    def _prepare_msg(self) -> PrepareIncoming:
+    def _prepare_msg(self, *, ready_only: bool = False) -> PrepareIncoming:
         vm = VmSpec.model_validate(self.rec.data["vm"])
         params = dict(self.rec.data.get("params", {}))
-        return PrepareIncoming(migration_id=self.mid, vm_id=vm.vm_id, vm=vm, source_host=self.source, params=params)
+        return PrepareIncoming(migration_id=self.mid, vm_id=vm.vm_id, vm=vm, source_host=self.source, params=params,
+                               ready_only=ready_only)
 
     def _perform_msg(self, uri: str) -> PerformMigration:
         return PerformMigration(migration_id=self.mid, vm_id=self.rec.vm_id, uri=uri, target_host=self.target,
                                 params=dict(self.rec.data.get("params", {})), notify=self.ctx.notify_key)
 
-    def _start_launch(self) -> None:
+    def _start_launch(self, *, permitted: bool = True) -> None:
         """Start the receiving VM now and, once it listens, the VM's migration, in the
         background (both idempotent on the hosts, and undone by the clean-up): launching QEMU
         takes 50-250 ms and the pre-copy as long as it takes, and neither needs the plane, so
@@ -431,20 +454,46 @@ class MigrationSaga:
 
         Only where a completed migration can still be undone (the source resumes, the target's
         copy is destroyed): with libvirt's peer-to-peer migration the source is gone once it
-        completes, so the VM moves only after the plane was staged on the target."""
-        if self._launch is None:
-            self._launch = asyncio.create_task(self._launch_early(), name=f"launch:{self.mid}")
+        completes, so the VM moves only after the plane was staged on the target.
 
-    async def _launch_early(self) -> tuple[IncomingPrepared, MigrationStarted | None]:
+        Not ``permitted`` (beside the admission): only a receiving process that already runs
+        is taken, and the rest waits until a later call permits it or the clean-up refuses."""
+        if self._permit is None:
+            self._permit = asyncio.get_running_loop().create_future()
+        if permitted and not self._permit.done():
+            self._permit.set_result(True)
+        if self._launch is None:
+            self._launch = asyncio.create_task(self._launch_early(self._permit), name=f"launch:{self.mid}")
+
+    async def _launch_early(self, permit: asyncio.Future[bool]) -> tuple[IncomingPrepared | None, MigrationStarted | None]:
         parent = trace.set_span_in_context(self._root) if self._root is not None else None
         attrs = {"ferry.migration_id": self.mid, "ferry.step": "migrate_vm"}
-        with tracer.start_as_current_span("prepare incoming", context=parent, attributes={**attrs, "ferry.host": self.target}):
-            prepared = _expect(await self._call(self.target, "hypervisor_adapter", self._prepare_msg()), IncomingPrepared)
+        prepared: IncomingPrepared | None = None
+        if not permit.done():
+            with tracer.start_as_current_span("take ready incoming", context=parent, attributes={**attrs, "ferry.host": self.target}):
+                try:
+                    prepared = _expect(await self._call(self.target, "hypervisor_adapter", self._prepare_msg(ready_only=True)),
+                                       IncomingPrepared)
+                except StepFailed:
+                    prepared = None  # asked for properly below, once permitted
+            if prepared is not None and not prepared.uri:
+                prepared = None  # none was ready after all
+        if not await permit:
+            return prepared, None
+        if prepared is None:
+            with tracer.start_as_current_span("prepare incoming", context=parent, attributes={**attrs, "ferry.host": self.target}):
+                prepared = _expect(await self._call(self.target, "hypervisor_adapter", self._prepare_msg()), IncomingPrepared)
         if not prepared.source_resumable or not self._may_launch or self.rec.cancel_requested or self.ctx.cancel_reason(self.mid):
             return prepared, None
         with tracer.start_as_current_span("launch migration", context=parent, attributes={**attrs, "ferry.host": self.source}):
             started = _expect(await self._call(self.source, "hypervisor_adapter", self._perform_msg(prepared.uri)), MigrationStarted)
         return prepared, started
+
+    def _refuse_launch(self) -> None:
+        """Start nothing more on the hosts: a launch waiting for its permit returns."""
+        self._may_launch = False
+        if self._permit is not None and not self._permit.done():
+            self._permit.set_result(False)
 
     async def _launched(self) -> tuple[IncomingPrepared, MigrationStarted]:
         """The receiving VM's answer and the started migration's: from the early launch, or
@@ -468,7 +517,7 @@ class MigrationSaga:
     async def _settle_launch(self) -> None:
         """Before cleaning up: start nothing more, and let an early launch be answered (or
         time out), so the clean-up does not overtake the VM or the migration it must undo."""
-        self._may_launch = False
+        self._refuse_launch()
         task, self._launch = self._launch, None
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)

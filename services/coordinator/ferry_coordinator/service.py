@@ -155,6 +155,7 @@ class CoordinatorService:
             return Done(detail={"migration_id": mid, "status": "rejected", "code": code, "reason": reason})
         assert located is not None
         record.data["vm"] = located[1].model_dump(mode="json")
+        record.data["target_ready"] = self.hosts.ready_for(msg.target_host, located[1])
         owner = await self.owner_of(msg.vm_id)
         record.data["epoch"] = owner[1] if owner else 0
         params = dict(located[1].params.get("migration", {})) if isinstance(located[1].params.get("migration"), dict) else {}

@@ -148,6 +148,7 @@ class HypervisorAdapterService(HostService):
             vms=await self.driver.list(),
             capacity_mib=int(getattr(self.driver, "capacity_mib", 0) or 0),
             driver=self.driver.name,
+            ready_incoming=list(self.driver.ready_shapes()),
         )
         with contextlib.suppress(FerryError):  # nobody listening yet is fine
             await self.endpoint.send(inventory(self.host), inv)
@@ -205,9 +206,14 @@ class HypervisorAdapterService(HostService):
     async def on_prepare(self, msg: PrepareIncoming, ctx: Context) -> Wire:
         params = MigrationParams.from_dict(dict(msg.params))
         try:
-            uri = await self.driver.prepare_incoming(msg.vm, params)
+            if msg.ready_only:
+                uri = await self.driver.take_ready_incoming(msg.vm)
+            else:
+                uri = await self.driver.prepare_incoming(msg.vm, params)
         except Exception as exc:
             raise FerryError(f"cannot prepare incoming vm {msg.vm_id!r}: {exc}", code="incoming_failed") from exc
+        if uri is None:
+            return IncomingPrepared(uri="", source_resumable=self.source_resumable)
         self.incoming[msg.migration_id] = msg.vm_id
         await self.state.put("incoming", msg.migration_id, msg.vm_id)
         return IncomingPrepared(uri=uri, source_resumable=self.source_resumable)

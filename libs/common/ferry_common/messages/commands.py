@@ -154,10 +154,13 @@ class PrepareIncoming(Step):
     vm: VmSpec
     source_host: Name
     params: JsonObject = Field(default_factory=dict)
+    # asked beside admission, before the policy allowed the migration: take a receiving process
+    # that already runs (a standby) and start nothing; the answer's uri is empty if none is ready
+    ready_only: bool = False
 
 
 class IncomingPrepared(Wire):
-    uri: Text
+    uri: Text  # empty: asked ready_only and nothing was ready
     # hosts run the same driver kind: False (libvirt peer-to-peer) tells the saga not to start
     # the VM's migration before the plane is staged, since a completed one cannot be undone
     source_resumable: bool = True

@@ -65,6 +65,9 @@ class HostInventory(Wire):
     vms: list[VmSpec] = Field(default_factory=list, max_length=10_000)
     capacity_mib: int = Field(ge=0)
     driver: Name = "sim"
+    # VM shapes ("MEMORY_MIB:VCPUS") with a receiving process already running here: a saga
+    # takes one beside its admission instead of after it
+    ready_incoming: list[Name] = Field(default_factory=list, max_length=64)
 
 
 class VmEvent(Event):

@@ -133,6 +133,14 @@ class Driver(Protocol):
     async def prepare_incoming(self, spec: VmSpec, params: MigrationParams) -> str:
         """Start a receiving guest and return the URI the source must migrate to."""
 
+    async def take_ready_incoming(self, spec: VmSpec) -> str | None:
+        """Like :meth:`prepare_incoming`, but only with a receiving process that already runs
+        (one kept ready, or one prepared before for ``spec``): its URI, or None, and nothing
+        is started. Asked before the migration is allowed, so it must cost nothing to undo."""
+
+    def ready_shapes(self) -> tuple[str, ...]:
+        """``"MEMORY_MIB:VCPUS"`` of the VM shapes :meth:`take_ready_incoming` can serve now."""
+
     async def migrate(
         self, vm_id: str, uri: str, params: MigrationParams, on_progress: ProgressCallback
     ) -> MigrationResult:

@@ -214,6 +214,12 @@ class LibvirtDriver:
 
     # --- migration: target side -----------------------------------------------------------
 
+    async def take_ready_incoming(self, spec: VmSpec) -> str | None:
+        return None  # peer-to-peer: the source's daemon starts the receiving domain itself
+
+    def ready_shapes(self) -> tuple[str, ...]:
+        return ()
+
     async def prepare_incoming(self, spec: VmSpec, params: MigrationParams) -> str:
         marker = self._marker(spec.vm_id)
         if marker.exists():

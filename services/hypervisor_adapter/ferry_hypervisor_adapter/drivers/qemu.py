@@ -159,6 +159,17 @@ class QemuDriver:
     # --- migration: target side -----------------------------------------------------------
 
     async def prepare_incoming(self, spec: VmSpec, params: MigrationParams) -> str:
+        uri = await self._prepare(spec, launch=True)
+        assert uri is not None
+        return uri
+
+    async def take_ready_incoming(self, spec: VmSpec) -> str | None:
+        return await self._prepare(spec, launch=False)
+
+    def ready_shapes(self) -> tuple[str, ...]:
+        return tuple(sorted(f"{s.memory_mib}:{s.vcpus}" for s, names in self.standby.ready.items() if names))
+
+    async def _prepare(self, spec: VmSpec, *, launch: bool) -> str | None:
         async with self._lock(spec.vm_id):
             meta = self._meta(spec.vm_id)
             if meta and self._alive(spec.vm_id):
@@ -172,7 +183,7 @@ class QemuDriver:
             elif meta:
                 await self._kill(spec.vm_id)
             uri = await self._adopt_standby(spec)  # recorded in its meta as it is taken
-            if uri is None:
+            if uri is None and launch:
                 await self._launch(spec, role="incoming")
                 uri = await self._listen(spec.vm_id)
                 self._update_meta(spec.vm_id, uri=uri)

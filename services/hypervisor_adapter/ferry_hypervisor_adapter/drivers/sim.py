@@ -92,6 +92,12 @@ class SimDriver:
             self._save()
         return f"sim://{self.host}/{spec.vm_id}"
 
+    async def take_ready_incoming(self, spec: VmSpec) -> str | None:
+        return None  # nothing is kept running ahead of a migration
+
+    def ready_shapes(self) -> tuple[str, ...]:
+        return ()
+
     async def migrate(
         self, vm_id: str, uri: str, params: MigrationParams, on_progress: ProgressCallback
     ) -> MigrationResult:
