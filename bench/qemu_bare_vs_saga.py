@@ -225,8 +225,9 @@ async def saga_migration(
         await asyncio.sleep(1.0)  # boot, and let a dirtying guest touch its whole region
         if SAGA_CONFIG["standby"]:
             pool = cluster.host("host-b").adapter.driver.standby
-            for _ in range(500):  # the target's standby process is up (it starts at once)
-                if pool.names():
+            spec = VmSpec(vm_id=vm_id, memory_mib=memory_mib, vcpus=GUEST_VCPUS, driver="qemu")
+            for _ in range(500):  # the target's standby is up (it starts at once) and in its inventory
+                if pool.names() and cluster.coordinator.hosts.ready_for("host-b", spec):
                     break
                 await asyncio.sleep(0.02)
         clock = _StepClock()

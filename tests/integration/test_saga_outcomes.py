@@ -191,6 +191,19 @@ async def test_target_fetches_missing_modules_recursively(cluster: Cluster) -> N
         "ferry.core@1.0", "ferry.metrics@2.1", "ferry.load@1.3"}
 
 
+async def test_a_module_missing_on_both_hosts_rolls_back_as_an_instantiation_error(cluster: Cluster) -> None:
+    """The target asks the source for the modules it lacks, host to host; a dependency the
+    source no longer has either ends the transfer with an instantiation error, answered to
+    the saga by the source, and the migration rolls back."""
+    await cluster.create_vm("host-a", "vm1")
+    await cluster.send_events("vm1", 4)
+    del cluster.host("host-a").managed_object.modules._modules["ferry.metrics@2.1"]
+    outcome = await cluster.migrate("vm1", "host-b")
+    assert (outcome.status, outcome.code, outcome.step) == ("rolled_back", "instantiation_error", "management_state")
+    assert "modules unknown on both hosts: ferry.metrics@2.1" in (outcome.reason or "")
+    await assert_clean(cluster, "vm1", "host-a")
+
+
 async def test_the_same_migration_id_twice_starts_one_migration(cluster: Cluster) -> None:
     await cluster.create_vm("host-a", "vm1")
     await cluster.client.migrate("vm1", "host-b", migration_id="m-twice")

@@ -406,8 +406,11 @@ class MigrationSaga:
                 raise StepFailed("instantiation_error", ans.reason)
             ok = _expect(ans, ManagementStateSuccess)
             self.element_ids = ok.element_ids
-            return "migrate_vm", {"elements": len(ok.element_ids), "module_rounds": fetched_rounds,
-                                   "modules_fetched": [f"{m.name}@{m.version}" for m in modules]}
+            # the target fetches what it lacks from the source itself and says so in its answer;
+            # rounds made here are those a target without a source to ask sent back
+            fetched = dict.fromkeys([*(f"{m.name}@{m.version}" for m in modules), *ok.modules_fetched])
+            return "migrate_vm", {"elements": len(ok.element_ids), "module_rounds": fetched_rounds + ok.module_rounds,
+                                   "modules_fetched": list(fetched)}
         raise StepFailed("instantiation_error", "module dependencies nested too deep")
 
     async def step_event_state(self) -> tuple[str, dict[str, Any]]:

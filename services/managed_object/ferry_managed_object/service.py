@@ -44,7 +44,7 @@ from ferry_common.messages.commands import (
     SourceTeardown,
 )
 from ferry_common.messages.domain import Element, Embot, Module
-from ferry_common.messages.limits import MAX_MODULES
+from ferry_common.messages.limits import MAX_MODULE_ROUNDS, MAX_MODULES
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
@@ -311,9 +311,10 @@ class ManagedObjectService(HostService):
                 log.info("outbox of %s waits for the next dispatch: %s", vm_id, exc.reason)
 
     # ---- migration, source side -----------------------------------------------------
-    async def on_fetch_modules(self, msg: FetchModules, ctx: Context) -> ModulesFetched:
+    async def on_fetch_modules(self, msg: FetchModules, ctx: Context) -> Wire | Forward:
         """The modules asked for and, after them, every module they depend on (transitively)
-        that this host has: the target would ask for those next."""
+        that this host has: the target would ask for those next. Asked by the target (host to
+        host), the graph goes to it again with them."""
         found: dict[str, Module] = {}
         todo = list(msg.refs)
         while todo and len(found) < MAX_MODULES:
@@ -324,9 +325,25 @@ class ManagedObjectService(HostService):
             if module is not None:
                 found[ref.key] = module
                 todo.extend(module.depends)
-        return ModulesFetched(modules=list(found.values()))
+        if msg.target_host is None:
+            return ModulesFetched(modules=list(found.values()))
+        plane = self.planes.get(msg.vm_id)
+        if plane is None or plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
+            # late: the export it belongs to was rolled back meanwhile, and a fetch must not
+            # start another (the requester gave up on this answer)
+            return ManagementStateFailed(reason=f"vm {msg.vm_id!r} is not exported for migration {msg.migration_id}")
+        lacking = [r.key for r in msg.refs if r.key not in found]
+        if lacking:
+            return ManagedObjectInstantiationError(reason=f"modules unknown on both hosts: {', '.join(lacking)}")
+        export = ExportManagementState(migration_id=msg.migration_id, vm_id=msg.vm_id, target_host=msg.target_host,
+                                       modules=list(found.values()))
+        return await self._export(export, module_round=msg.module_round, supplied=msg.supplied)
 
     async def on_export(self, msg: ExportManagementState, ctx: Context) -> Wire | Forward:
+        return await self._export(msg)
+
+    async def _export(self, msg: ExportManagementState, *, module_round: int = 0,
+                      supplied: list[str] | None = None) -> Wire | Forward:
         plane = self._plane(msg.vm_id)
         if plane.status == "active":
             plane.status, plane.migration_id = "exporting", msg.migration_id
@@ -346,7 +363,8 @@ class ManagedObjectService(HostService):
         if msg.target_host is None:
             return ManagementStateExport(graph=plane.graph())
         # host to host: the target stages the graph and answers the requester
-        staged = ManagementState(migration_id=msg.migration_id, vm_id=msg.vm_id, graph=plane.graph(), modules=msg.modules)
+        staged = ManagementState(migration_id=msg.migration_id, vm_id=msg.vm_id, graph=plane.graph(), modules=msg.modules,
+                                 source_host=self.host, module_round=module_round, supplied=supplied or [])
         return Forward(host_command(msg.target_host, self.service), staged)
 
     async def on_export_dirty(self, msg: ExportDirtyObjects, ctx: Context) -> Wire | Forward:
@@ -392,11 +410,11 @@ class ManagedObjectService(HostService):
         return Done()
 
     # ---- migration, target side -----------------------------------------------------
-    async def on_state(self, msg: ManagementState, ctx: Context) -> Wire:
+    async def on_state(self, msg: ManagementState, ctx: Context) -> Wire | Forward:
         existing = self.planes.get(msg.vm_id)
         if existing is not None:
             if existing.status == "staged" and existing.migration_id == msg.migration_id:
-                return ManagementStateSuccess(element_ids=list(existing.elements))
+                return ManagementStateSuccess(element_ids=list(existing.elements), **_fetched(msg))
             raise Conflict(f"vm {msg.vm_id!r} already has a {existing.status} plane on {self.host!r}")
         graph = msg.graph
         if graph.vm_id != msg.vm_id:
@@ -421,7 +439,14 @@ class ManagedObjectService(HostService):
             await self._save_modules(list(msg.modules))
             resolution = self.modules.resolve(graph.manifest)
             if resolution.missing:
-                return ModulesRequired(missing=resolution.missing)
+                if msg.source_host is None or msg.module_round >= MAX_MODULE_ROUNDS:
+                    return ModulesRequired(missing=resolution.missing)
+                # asked of the source directly: it sends the graph again with them, and the
+                # answer still goes to whoever asked for the transfer
+                fetch = FetchModules(migration_id=msg.migration_id, vm_id=msg.vm_id, refs=resolution.missing,
+                                     target_host=self.host, module_round=msg.module_round + 1,
+                                     supplied=_fetched(msg)["modules_fetched"])
+                return Forward(host_command(msg.source_host, self.service), fetch)
             check_graph(graph, self.modules, self.engine)
         except (ModuleError, TypeResolutionError) as exc:
             return ManagedObjectInstantiationError(reason=str(exc))
@@ -430,7 +455,7 @@ class ManagedObjectService(HostService):
         plane = self.planes[msg.vm_id] = VmPlane.from_graph(graph, "staged", msg.migration_id)
         await self._save_plane(plane)
         # the plane itself, not a lookup: a clean-up handled meanwhile may have dropped it
-        return ManagementStateSuccess(element_ids=list(plane.elements))
+        return ManagementStateSuccess(element_ids=list(plane.elements), **_fetched(msg))
 
     async def on_migration_state(self, msg: MigrationState, ctx: Context) -> Wire:
         plane = self._staged(msg.vm_id, msg.migration_id)
@@ -507,3 +532,9 @@ class ManagedObjectService(HostService):
         if plane.migration_id != migration_id or plane.status != "staged":
             raise Conflict(f"vm {vm_id!r} is {plane.status} here, not staged for {migration_id}")
         return plane
+
+
+def _fetched(msg: ManagementState) -> dict[str, Any]:
+    """What a transfer's answer says of the modules taken from the source on the way."""
+    return {"modules_fetched": [*msg.supplied, *(f"{m.name}@{m.version}" for m in msg.modules)],
+            "module_rounds": msg.module_round}

@@ -12,7 +12,16 @@ from pydantic import Field
 
 from .base import Wire
 from .domain import Element, Embot, Event, ManagementGraph, Module, ModuleRef, VmSpec
-from .limits import MAX_ELEMENTS, MAX_EVENTS, MAX_MODULES, MAX_RECENT_IDS, JsonObject, Name, Text
+from .limits import (
+    MAX_ELEMENTS,
+    MAX_EVENTS,
+    MAX_MODULE_ROUNDS,
+    MAX_MODULES,
+    MAX_RECENT_IDS,
+    JsonObject,
+    Name,
+    Text,
+)
 
 
 class Step(Wire):
@@ -83,10 +92,18 @@ class ManagementStateExport(Wire):
 
 
 class ManagementState(Step):
-    """Target managed-object: stage the graph; ``modules`` answers a ``ModulesRequired``."""
+    """Target managed-object: stage the graph; ``modules`` answers a ``ModulesRequired``.
+
+    With ``source_host`` a target that lacks modules asks that host's managed object for them
+    itself (:class:`FetchModules` with ``target_host``), which sends the graph again with them:
+    the requester hears only the end of it. ``module_round`` counts those rounds and
+    ``supplied`` names the modules earlier rounds brought."""
 
     graph: ManagementGraph
     modules: list[Module] = Field(default_factory=list, max_length=MAX_MODULES)
+    source_host: Name | None = None
+    module_round: int = Field(default=0, ge=0, le=MAX_MODULE_ROUNDS)
+    supplied: list[Name] = Field(default_factory=list, max_length=MAX_MODULES)
 
 
 class ModulesRequired(Wire):
@@ -96,7 +113,14 @@ class ModulesRequired(Wire):
 
 
 class FetchModules(Step):
+    """Source managed-object: the modules ``refs`` and their dependencies. With ``target_host``
+    (the target asking, host to host) the answer is the graph again, forwarded to that host's
+    managed object with the modules found, or an instantiation error if some are unknown here too."""
+
     refs: list[ModuleRef] = Field(max_length=MAX_MODULES)
+    target_host: Name | None = None
+    module_round: int = Field(default=0, ge=0, le=MAX_MODULE_ROUNDS)
+    supplied: list[Name] = Field(default_factory=list, max_length=MAX_MODULES)
 
 
 class ModulesFetched(Wire):
@@ -105,6 +129,9 @@ class ModulesFetched(Wire):
 
 class ManagementStateSuccess(Wire):
     element_ids: list[Name] = Field(max_length=MAX_ELEMENTS)
+    # modules the target took from the source host to host on the way, and in how many rounds
+    modules_fetched: list[Name] = Field(default_factory=list, max_length=MAX_MODULES)
+    module_rounds: int = Field(default=0, ge=0, le=MAX_MODULE_ROUNDS)
 
 
 class ManagementStateFailed(Wire):

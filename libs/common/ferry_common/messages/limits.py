@@ -15,6 +15,7 @@ MAX_POLICIES = 64
 MAX_ACTIONS = 16
 MAX_DEPENDS = 64
 MAX_MODULES = 256
+MAX_MODULE_ROUNDS = 16  # fetches of missing modules in one transfer (dependencies nested this deep)
 MAX_RECENT_IDS = 4096  # a VM's dedup window as it travels (the ids of the events acted on last)
 MAX_JSON_DEPTH = 8
 MAX_JSON_ITEMS = 256
