@@ -66,6 +66,7 @@ async def _standby_announced(cluster: Cluster, vm_id: str) -> str:
     target = cluster.host("host-b").adapter.driver
     located = cluster.coordinator.hosts.locate(vm_id)
     assert located is not None
+
     async def announced() -> bool:
         return bool(target.standby.names()) and cluster.coordinator.hosts.ready_for("host-b", located[1])
 

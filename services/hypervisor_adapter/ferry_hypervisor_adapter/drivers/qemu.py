@@ -600,9 +600,9 @@ def _qmp_client_class() -> type[Any]:
     """``QMPClient`` that formats a message for its debug log only when that log is on.
 
     The library renders every message it sends or receives as indented JSON (the standard
-    library's pure-Python encoder) before the logger drops the line; for a migration's
-    ``query-migrate`` replies that was a twentieth of a busy adapter's CPU. Imported lazily:
-    only this driver needs the package."""
+    library's pure-Python encoder) before the logger drops the line: about a twentieth of the
+    CPU of the QEMU bench's services, mostly ``query-migrate`` replies. Imported lazily: only
+    this driver needs the package."""
     from qemu.qmp import QMPClient
     from qemu.qmp.message import Message
 
