@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ferry_common.messages.domain import VmSpec
-from ferry_common.messages.public import HostInventory
+from ferry_common.messages.public import HostInventory, incoming_shape
 
 
 @dataclass
@@ -26,7 +26,7 @@ class HostRegistry:
         """Whether ``host`` said, in its last inventory, that it keeps a receiving process of
         ``vm``'s shape running (a hint: another migration may have taken it since)."""
         inv = self.hosts.get(host)
-        return inv is not None and f"{vm.memory_mib}:{vm.vcpus}" in inv.ready_incoming
+        return inv is not None and incoming_shape(vm.memory_mib, vm.vcpus) in inv.ready_incoming
 
     def locate(self, vm_id: str) -> tuple[str, VmSpec] | None:
         """The host running ``vm_id`` and its spec, preferring what a saga just did."""

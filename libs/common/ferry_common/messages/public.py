@@ -70,6 +70,11 @@ class HostInventory(Wire):
     ready_incoming: list[Name] = Field(default_factory=list, max_length=64)
 
 
+def incoming_shape(memory_mib: int, vcpus: int) -> str:
+    """A VM shape as ``HostInventory.ready_incoming`` names it."""
+    return f"{memory_mib}:{vcpus}"
+
+
 class VmEvent(Event):
     """A service-plane event as a producer publishes it on ``vm.<vm_id>.event``."""
 

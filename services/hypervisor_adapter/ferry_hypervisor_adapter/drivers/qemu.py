@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry_common.messages.domain import VmSpec
+from ferry_common.messages.public import incoming_shape
 
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
 from .guest import STATUS_XP, GuestStatus, default_guest_image, guest_cmdline
@@ -167,7 +168,7 @@ class QemuDriver:
         return await self._prepare(spec, launch=False)
 
     def ready_shapes(self) -> tuple[str, ...]:
-        return tuple(sorted(f"{s.memory_mib}:{s.vcpus}" for s, names in self.standby.ready.items() if names))
+        return tuple(sorted(incoming_shape(s.memory_mib, s.vcpus) for s, names in self.standby.ready.items() if names))
 
     async def _prepare(self, spec: VmSpec, *, launch: bool) -> str | None:
         async with self._lock(spec.vm_id):
