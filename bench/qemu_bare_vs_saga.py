@@ -31,6 +31,7 @@ from typing import Any
 
 from ferry_cli.client import STATUSES, TERMINAL
 from ferry_common.messages.domain import VmSpec
+from ferry_common.runtime import tune_gc
 from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
 from ferry_hypervisor_adapter.drivers.guest import build_guest
 from ferry_hypervisor_adapter.drivers.qemu import QemuDriver
@@ -50,6 +51,7 @@ TIMING_KEYS = (
     "prepare_ms",
     "blackout_ms",
     "migrate_vm_ms",
+    "floor_rtt_ms",
 )
 
 Runner = Callable[[dict[str, int], int, MigrationParams], Awaitable[dict[str, Any]]]
@@ -181,6 +183,43 @@ async def _publish_events(url: str, vm_id: str, count: int) -> None:
     await bus.close()
 
 
+async def floor_rtt_ms(url: str, samples: int = 40) -> float:
+    """The median of ``samples`` request/replies through two :class:`Endpoint` s on ``url``,
+    each as one saga step goes (a durable quorum queue, publisher confirms, mandatory routing,
+    a traced and signed message each way): this machine's yardstick, taken in the saga's
+    own process beside it, for the hops the saga's overhead is made of."""
+    from ferry_common.bus.amqp import AmqpBus
+    from ferry_common.bus.interfaces import QueueSpec
+    from ferry_common.endpoint import Context, Endpoint, Router
+    from ferry_common.messages.commands import Health, HealthCheck
+
+    buses = [AmqpBus(url, name=f"bench-floor-{i}") for i in range(2)]
+    for bus in buses:
+        await bus.connect()
+    server, client = Endpoint(buses[0], "bench/echo"), Endpoint(buses[1], "bench/echo-client")
+    router = Router()
+
+    async def echo(msg: HealthCheck, ctx: Context) -> Health:
+        return Health(service="echo")
+
+    router.add(HealthCheck, echo)
+    await server.serve(QueueSpec("ferry.bench.echo", ("bench.echo",), durable=True, prefetch=256), router)
+    try:
+        for _ in range(10):  # the reply queue, the channels and the code paths warm
+            await client.request("bench.echo", HealthCheck(), timeout=30)
+        rtts = []
+        for _ in range(samples):
+            t = time.perf_counter()
+            await client.request("bench.echo", HealthCheck(), timeout=30)
+            rtts.append((time.perf_counter() - t) * 1000)
+    finally:
+        await client.close()
+        await server.close()
+        for bus in buses:
+            await bus.close()
+    return statistics.median(rtts)
+
+
 async def saga_migration(
     guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None
 ) -> dict[str, Any]:
@@ -264,6 +303,8 @@ async def saga_migration(
                 break
             await asyncio.sleep(0.01)
         drained_ms = (time.perf_counter() - started) * 1000
+        assert cluster.vhost is not None
+        floor = await floor_rtt_ms(amqp_url(cluster.vhost))
         steps = dict(rec.data.get("timings_ms", {}))
         return {
             "wall_ms": round(wall_ms, 3),
@@ -279,6 +320,7 @@ async def saga_migration(
             "events_queued_at_freeze": rec.data.get("queued_at_freeze", 0),
             "events_published_ms": round(events_published_ms, 1),
             "events_drained_ms": round(drained_ms, 1),
+            "floor_rtt_ms": round(floor, 3),
         }
     finally:
         for h in cluster.hosts.values():
@@ -323,6 +365,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
         SAGA_WATCH[:] = STATUSES
     SAGA_CONFIG["events"] = args.events
     SAGA_CONFIG["standby"] = 0 if args.no_standby else 1
+    tune_gc()  # what every service process does at start (``ferry up``, ``ferry service``)
     build_guest()
     stray = stray_qemu()
     if stray:
@@ -389,6 +432,13 @@ def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             # the same rounds' runs side by side: drift between rounds cancels out
             "overhead_paired_ms": round(
                 statistics.median(sg["wall_ms"] - br["wall_ms"] for sg, br in zip(runs, bare["runs"], strict=True)), 1
+            ),
+            # the overhead in this run's own yardstick (see floor_rtt_ms): comparable between
+            # machines, and between hours of this one, where milliseconds are not
+            "floor_rtt_ms": round(saga["median"]["floor_rtt_ms"], 2),
+            "overhead_in_floor_rtts": round(
+                statistics.median((sg["wall_ms"] - br["wall_ms"]) / sg["floor_rtt_ms"]
+                                  for sg, br in zip(runs, bare["runs"], strict=True)), 1
             ),
             "blackout_ms": round(saga["median"]["blackout_ms"], 1),
             "blackout_minus_bare_wall_ms": round(saga["median"]["blackout_ms"] - a, 1),

@@ -347,6 +347,21 @@ async def test_vm_migration_failure_rolls_back(cluster: Cluster) -> None:
     await assert_clean(cluster, "vm1", "host-a")
 
 
+async def test_a_guest_that_is_not_running_on_the_source_is_not_migrated(cluster: Cluster) -> None:
+    # paused by its operator after the request was accepted: the source adapter's driver
+    # refuses it, and the saga rolls back with the guest still paused where it was
+    await cluster.create_vm("host-a", "vm1", memory_mib=256)
+    await cluster.send_events("vm1", 8)
+    cluster.host("host-a").adapter.driver.vms["vm1"].state = "paused"
+    outcome = await cluster.migrate("vm1", "host-b")
+    assert (outcome.status, outcome.code) == ("rolled_back", "vm_migration_failed"), outcome
+    assert "not running" in (outcome.reason or "")
+    assert await cluster.host("host-a").adapter.driver.state("vm1") == "paused"
+    assert await cluster.host("host-b").adapter.driver.state("vm1") == "absent"
+    cluster.host("host-a").adapter.driver.vms["vm1"].state = "running"
+    await assert_clean(cluster, "vm1", "host-a")
+
+
 async def test_target_that_cannot_start_the_guest_rolls_back(cluster: Cluster) -> None:
     await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="incoming")
     outcome = await cluster.migrate("vm1", "host-b")
