@@ -162,3 +162,19 @@ async def test_qemu_commands_sent_together_share_one_qmp_connection(qemu_pair: P
     finally:
         await fresh.close()
     assert await qemu_pair.source.state(vm_id) == "running"  # closing a driver leaves its guests running
+
+
+async def test_a_source_resumed_after_its_migration_completed_is_not_torn_down(qemu_pair: Pair) -> None:
+    """The teardown of a source whose migration this driver saw complete skips asking QEMU
+    what it runs, unless the guest was resumed since: a cancel after the switch-over (QEMU's
+    ``cont``) keeps it, so a late teardown must find it running and leave it alone."""
+    pair = qemu_pair
+    vm_id, spec = await _start_source(pair)
+    params = MigrationParams()
+    uri = await pair.target.prepare_incoming(spec, params)
+    result = await pair.source.migrate(vm_id, uri, params, Recorder())
+    assert result.outcome == "completed", result
+    await pair.source.cancel_migration(vm_id)  # after the copy: the source resumes the guest
+    await pair.target.destroy(vm_id)
+    await pair.source.confirm_source(vm_id)
+    await _assert_source_kept(pair, vm_id)

@@ -19,6 +19,7 @@ from ferry_common.messages.commands import (
     ManagedObjectInstantiationError,
     ManagementEventStateFailed,
     ManagementStateFailed,
+    MigrationComplete,
     StageEvents,
 )
 from ferry_coordinator.saga import MigrationSaga
@@ -108,6 +109,57 @@ async def test_events_queued_during_migration_are_dispatched_on_target_once_in_o
     assert [ts[i] for i in on_target] == sorted(ts[i] for i in on_target)
     after = cluster.host("host-b").managed_object.planes["vm1"].state["vm1.load"]
     assert after["high_samples"] == high_samples(cluster, "vm1")
+
+
+async def test_a_backlog_that_reaches_the_target_plane_before_its_completion_activates_it(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 7 tells the target's managed object and sensor at once. Here the managed object's
+    MigrationComplete waits until the sensor has dispatched the backlog: the dispatch names
+    the migration that made the host the owner, so the staged plane takes it as that
+    completion, acts on every event once, in order, and nothing is refused or dead-lettered;
+    the managed object's own MigrationComplete, when it comes, finds the work done."""
+    await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)
+    await cluster.send_events("vm1", 5)
+    await cluster.settle("vm1")
+    frozen, stage = asyncio.Event(), asyncio.Event()
+    release = asyncio.Event()
+    target = cluster.host("host-b")
+    real = MigrationSaga._call
+
+    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+        if isinstance(msg, StageEvents):
+            await stage.wait()
+        if isinstance(msg, MigrationComplete) and service == "managed_object":
+            await release.wait()
+        answer = await real(self, host, service, msg, **kw)
+        if isinstance(msg, FreezeEvents):
+            frozen.set()
+        return answer
+
+    monkeypatch.setattr(MigrationSaga, "_call", call)
+    mid = await cluster.client.migrate("vm1", "host-b")
+    await asyncio.wait_for(frozen.wait(), 20)
+    queued = await cluster.send_events("vm1", 40)  # frozen on the source: the backlog
+    await asyncio.sleep(0.1)
+    stage.set()
+    # the sensor drains the backlog while the managed object has not heard of the completion
+    async def acted() -> bool:
+        return len(target.managed_object.ledger.get("vm1", [])) >= len(queued)
+
+    await until(acted, 20,
+                "the backlog acted on by the target before its managed object heard of the completion")
+    plane = target.managed_object.planes["vm1"]
+    assert (plane.status, plane.migration_id) == ("active", None)
+    assert plane.epoch >= 1
+    release.set()
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert outcome.status == "completed", outcome
+    assert target.managed_object.planes["vm1"].epoch == plane.epoch
+    await assert_clean(cluster, "vm1", "host-b")
+    on_target = target.managed_object.ledger["vm1"]
+    assert on_target[: len(queued)] == [e.id for e in queued]
+    assert target.managed_object.endpoint.stats["dead_lettered"] == 0
+    assert target.sensor.endpoint.stats["dead_lettered"] == 0
 
 
 async def test_events_reaching_both_hosts_around_the_freeze_act_once(

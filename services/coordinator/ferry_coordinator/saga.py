@@ -637,14 +637,15 @@ class MigrationSaga:
         # for that: its teardown goes now, beside the activation; step 8 takes the answers
         if self._teardown is None:
             self._teardown = asyncio.create_task(self._tear_down(), name=f"teardown:{self.mid}")
-        msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s,
-                                then_sensor=True)
-        # the managed object activates the plane and passes the message on to the sensor
-        # (the plane is active before events reach it; the sensor answers, and the backlog goes
-        # out beside the saga's last step only); the reservation is independent (both are
-        # idempotent, and past the switch the saga only goes forward): one round trip for all
-        ack, _ = await asyncio.gather(
-            self._call(self.target, "managed_object", msg, answered_by=f"sensor on {self.target}"),
+        msg = MigrationComplete(migration_id=self.mid, vm_id=vm_id, epoch=int(epoch), lease_s=self.t.ownership_lease_s)
+        # the target's managed object activates the plane and its sensor takes the VM's events
+        # (the backlog goes out beside the saga's last step); a dispatch that reaches the plane
+        # first activates it (it names this migration), so neither waits for the other. The
+        # reservation is independent too: all idempotent, and past the switch the saga only
+        # goes forward: one round trip for all
+        _, ack, _ = await asyncio.gather(
+            self._call(self.target, "managed_object", msg),
+            self._call(self.target, "sensor", msg),
             self._call(self.target, "migration_policy", CommitReservation(migration_id=self.mid, vm_id=vm_id)),
         )
         ack = _expect(ack, MigrationCompleteAck)

@@ -204,6 +204,10 @@ class ManagedObjectService(HostService):
     # ---- dispatch: the embots at work ---------------------------------------------
     async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> Done:
         plane = self._plane(msg.vm_id)
+        if plane.status == "staged" and msg.completed_by and msg.epoch and plane.migration_id == msg.completed_by:
+            # the sensor was told of the completion first (step 7 tells both at once): only
+            # the owner's sensor dispatches, and it became the owner by this migration
+            await self._activate(plane, msg.epoch)
         if plane.status not in ("active", "exporting"):
             # fencing: only the owner's plane acts on events. While it is exported (the VM
             # pre-copies, then until the sensor's freeze) it acts on events as before; the
@@ -482,18 +486,18 @@ class ManagedObjectService(HostService):
         await self._drop_stale_recent(plane)
         return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
 
-    async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire | Forward:
+    async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
         done = self.planes.get(msg.vm_id)
         if done is None or done.status != "active" or not msg.epoch or done.epoch != msg.epoch:
-            plane = self._staged(msg.vm_id, msg.migration_id)
-            plane.status, plane.migration_id, plane.epoch = "active", None, msg.epoch
-            self.ledger.setdefault(msg.vm_id, [])
-            await self._save_meta(plane)
-        # else done before a crash took the answer with it
-        if msg.then_sensor:
-            # the plane is active: the sensor may hand it the backlog now, and answers for both
-            return Forward(host_command(self.host, "sensor"), msg)
+            await self._activate(self._staged(msg.vm_id, msg.migration_id), msg.epoch)
+        # else done before (a crash took the answer with it, or a dispatch of the sensor's came first)
         return MigrationCompleteAck()
+
+    async def _activate(self, plane: VmPlane, epoch: int) -> None:
+        """Step 7 on the target: the staged plane becomes the VM's, under ownership ``epoch``."""
+        plane.status, plane.migration_id, plane.epoch = "active", None, epoch
+        self.ledger.setdefault(plane.vm_id, [])
+        await self._save_meta(plane)
 
     async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
         plane = self.planes.get(msg.vm_id)

@@ -29,6 +29,7 @@ class VmEvents:
     frozen_at: float | None = None
     seq: int = 0  # key of the next queued event in the state store
     completed_by: str | None = None  # the migration that made this host the owner, if one did
+    epoch: int = 0  # the ownership epoch that migration gave
     # a backlog is being dispatched: live events wait behind it, so none overtakes it
     draining: bool = False
     # a dispatch failed (the connection went): live events are held, in time order, until
@@ -36,7 +37,8 @@ class VmEvents:
     suspended: bool = False
 
     def meta(self) -> dict[str, object]:
-        return {"mode": self.mode, "migration_id": self.migration_id, "completed_by": self.completed_by}
+        return {"mode": self.mode, "migration_id": self.migration_id, "completed_by": self.completed_by,
+                "epoch": self.epoch}
 
     def first_time(self, event_id: str) -> bool:
         """False for an id seen lately (a duplicate delivery); remembers a bounded window."""

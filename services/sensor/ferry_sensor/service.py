@@ -108,7 +108,8 @@ class SensorService(HostService):
     # ---- durable state: what the sensor must not lose across its own restart --------------
     async def restore(self) -> None:
         for vm_id, meta in await self.state.items("vm"):
-            vm = VmEvents(vm_id, meta["mode"], meta.get("migration_id"), completed_by=meta.get("completed_by"))
+            vm = VmEvents(vm_id, meta["mode"], meta.get("migration_id"), completed_by=meta.get("completed_by"),
+                          epoch=int(meta.get("epoch", 0)))
             stored = await self.state.items(_queue_ns(vm_id))
             for _, ids in await self.state.items(_drained_ns(vm_id)):
                 for event_id in ids:  # answered chunks of a drain the restart interrupted
@@ -358,8 +359,11 @@ class SensorService(HostService):
 
     async def _send(self, vm_id: str, events: list[Event], *, drain: bool = False) -> None:
         key = host_command(self.host, "managed_object")
+        vm = self.vms.get(vm_id)
+        completed_by, epoch = (vm.completed_by, vm.epoch) if vm is not None else (None, 0)
         for i in range(0, len(events), DISPATCH_BATCH):
-            msg = DispatchEvents(vm_id=vm_id, events=events[i : i + DISPATCH_BATCH])
+            msg = DispatchEvents(vm_id=vm_id, events=events[i : i + DISPATCH_BATCH], completed_by=completed_by,
+                                 epoch=epoch)
             if drain:
                 # a backlog goes a chunk at a time, each once the managed-object service has
                 # acted on the one before: its queue never holds the whole backlog, and what
@@ -462,11 +466,11 @@ class SensorService(HostService):
         if vm is None or vm.migration_id != msg.migration_id:
             raise Conflict(f"vm {msg.vm_id!r} is not staged for migration {msg.migration_id}")
         backlog = vm.queued
-        vm.mode, vm.migration_id, vm.completed_by = "active", None, msg.migration_id
+        vm.mode, vm.migration_id, vm.completed_by, vm.epoch = "active", None, msg.migration_id, msg.epoch
         try:
             await self._save(vm)
         except BaseException:
-            vm.mode, vm.migration_id, vm.completed_by = "staged", msg.migration_id, None
+            vm.mode, vm.migration_id, vm.completed_by, vm.epoch = "staged", msg.migration_id, None, 0
             raise
         self.leases.grant(msg.vm_id, msg.lease_s)
         # The merged queue is durable and this host owns the VM: the backlog is dispatched

@@ -269,9 +269,6 @@ class MigrationStateSuccess(Wire):
 class MigrationComplete(Step):
     epoch: int = 0
     lease_s: float = 10.0  # the target owns the VM from now, for this long before renewing
-    # to the managed object: once the plane is active, pass this on to the host's sensor,
-    # which answers the requester (the sensor must not dispatch to a plane not yet active)
-    then_sensor: bool = False
 
 
 class MigrationCompleteAck(Wire):
@@ -336,10 +333,19 @@ class SetAttributes(Wire):
 
 
 class DispatchEvents(Wire):
-    """Sensor to managed-object: events in time order, for an active VM."""
+    """Sensor to managed-object: events in time order, for an active VM.
+
+    ``completed_by`` and ``epoch``: the migration that made the sensor's host the VM's owner,
+    and the ownership epoch it gave (none for a VM that never moved). Step 7 tells the
+    managed object and the sensor at once, so a dispatch can arrive before the managed
+    object's own ``MigrationComplete``: a plane still staged for that migration takes the
+    dispatch as the completion it is.
+    """
 
     vm_id: Name
     events: list[Event] = Field(max_length=MAX_EVENTS)
+    completed_by: Name | None = None
+    epoch: int = Field(default=0, ge=0)
 
 
 class Inspect(Wire):

@@ -93,6 +93,9 @@ class QemuDriver:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._cancel_requested: set[str] = set()
+        # guests whose migration away this driver saw complete, by the pid of the process left
+        # in postmigrate: its teardown needs no status query first
+        self._handed_over: dict[str, int | None] = {}
         self.standby = StandbyPool(parse_shapes(standby))
         self.standby_refill_s = standby_refill_s
         self._filling: asyncio.Task[None] | None = None
@@ -243,14 +246,18 @@ class QemuDriver:
             info, run = await asyncio.gather(self._qmp(vm_id, "query-migrate"), self._qmp(vm_id, "query-status"))
             status = run["status"]
             if info.get("status") == "completed" and status == "postmigrate":
-                return MigrationResult("completed", stats=_stats(info))  # a replayed call
-            if info.get("status") not in _ACTIVE:  # otherwise attach to the running one
-                if status != "running":
-                    return MigrationResult("failed", f"vm {vm_id} is {status}, not running")
-                await self._set_params(vm_id, params)
-                self._cancel_requested.discard(vm_id)
-                await self._qmp(vm_id, "migrate", {"uri": uri})
-            return await self._watch(vm_id, spec, params, on_progress)
+                result = MigrationResult("completed", stats=_stats(info))  # a replayed call
+            else:
+                if info.get("status") not in _ACTIVE:  # otherwise attach to the running one
+                    if status != "running":
+                        return MigrationResult("failed", f"vm {vm_id} is {status}, not running")
+                    await self._set_params(vm_id, params)
+                    self._cancel_requested.discard(vm_id)
+                    await self._qmp(vm_id, "migrate", {"uri": uri})
+                result = await self._watch(vm_id, spec, params, on_progress)
+            if result.outcome == "completed":
+                self._handed_over[vm_id] = self._pid(vm_id)
+            return result
         except QmpUnavailable as exc:
             return MigrationResult("failed", f"source QEMU gone: {exc}")
 
@@ -374,6 +381,7 @@ class QemuDriver:
             elif (await self._qmp(vm_id, "query-status"))["status"] == "postmigrate":
                 # cancelled after the switch-over: the source still holds the guest's state and
                 # resumes it; the saga aborts the target's copy (abort_incoming) alongside
+                self._handed_over.pop(vm_id, None)
                 await self._qmp(vm_id, "cont")
         except QmpUnavailable:
             return
@@ -381,7 +389,13 @@ class QemuDriver:
     async def confirm_source(self, vm_id: str) -> None:
         async with self._lock(vm_id):
             meta = self._meta(vm_id)
+            handed_over = self._handed_over.pop(vm_id, None)
             if not meta:
+                return
+            if handed_over is not None and handed_over == self._pid(vm_id):
+                # the process this driver saw hand its guest over, not resumed since: no need to
+                # ask it what it runs (a guest started here again is another process)
+                await self._kill(vm_id)
                 return
             status = await self._status_or_none(vm_id)
             if status is None or status in ("postmigrate", "paused"):
