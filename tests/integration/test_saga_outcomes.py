@@ -13,8 +13,11 @@ import pytest
 
 from ferry_cli.client import TERMINAL
 from ferry_cli.cluster import HostOptions
-from ferry_common.bus.topology import migration_status
+from ferry_cli.sample import event as sample_event
+from ferry_common.bus.topology import host_command, migration_status
+from ferry_common.errors import RemoteError
 from ferry_common.messages.commands import (
+    DispatchEvents,
     FreezeEvents,
     ManagedObjectInstantiationError,
     ManagementEventStateFailed,
@@ -160,6 +163,39 @@ async def test_a_backlog_that_reaches_the_target_plane_before_its_completion_act
     assert on_target[: len(queued)] == [e.id for e in queued]
     assert target.managed_object.endpoint.stats["dead_lettered"] == 0
     assert target.sensor.endpoint.stats["dead_lettered"] == 0
+
+
+async def test_a_dispatch_from_another_sender_does_not_activate_a_staged_plane(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the target's own sensor may stand in for step 7: a DispatchEvents naming the
+    migration but sent by anyone else is refused (dead-lettered, the sender told), and the
+    plane stays staged until the saga's MigrationComplete."""
+    await cluster.create_vm("host-a", "vm1", memory_mib=512, sim_bandwidth_mibps=1024)
+    await cluster.settle("vm1")
+    reached, release = asyncio.Event(), asyncio.Event()
+    target = cluster.host("host-b")
+    real = MigrationSaga._call
+
+    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+        if isinstance(msg, MigrationComplete):
+            reached.set()
+            await release.wait()
+        return await real(self, host, service, msg, **kw)
+
+    monkeypatch.setattr(MigrationSaga, "_call", call)
+    mid = await cluster.client.migrate("vm1", "host-b")
+    await asyncio.wait_for(reached.wait(), 20)
+    forged = DispatchEvents(vm_id="vm1", events=[sample_event("vm1", 999, 1.0)], completed_by=mid, epoch=99)
+    refused = target.managed_object.endpoint.stats["dead_lettered"]
+    with pytest.raises(RemoteError, match="staged"):
+        await cluster.client.endpoint.request(host_command("host-b", "managed_object"), forged, timeout=5)
+    assert target.managed_object.endpoint.stats["dead_lettered"] == refused + 1
+    assert target.managed_object.planes["vm1"].status == "staged"
+    release.set()
+    outcome = await cluster.client.outcome(mid, timeout=30)
+    assert outcome.status == "completed", outcome
+    assert target.managed_object.planes["vm1"].epoch != 99
+    await assert_clean(cluster, "vm1", "host-b")
 
 
 async def test_events_reaching_both_hosts_around_the_freeze_act_once(

@@ -204,9 +204,11 @@ class ManagedObjectService(HostService):
     # ---- dispatch: the embots at work ---------------------------------------------
     async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> Done:
         plane = self._plane(msg.vm_id)
-        if plane.status == "staged" and msg.completed_by and msg.epoch and plane.migration_id == msg.completed_by:
-            # the sensor was told of the completion first (step 7 tells both at once): only
-            # the owner's sensor dispatches, and it became the owner by this migration
+        if (plane.status == "staged" and msg.completed_by and msg.epoch and plane.migration_id == msg.completed_by
+                and ctx.sender == f"host/{self.host}/sensor"):
+            # this host's sensor was told of the completion first (step 7 tells both at once):
+            # it dispatches only as the owner, and it became the owner by this migration. Only
+            # that sender counts: a dispatch from anyone else must not move ownership
             await self._activate(plane, msg.epoch)
         if plane.status not in ("active", "exporting"):
             # fencing: only the owner's plane acts on events. While it is exported (the VM
