@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from ferry_cli.cluster import Host, HostOptions, build_coordinator, build_host
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.bus.interfaces import Bus, Consumer, DeliveryHandler, Message, QueueSpec
 from ferry_common.bus.memory import MemoryBus
-from ferry_common.endpoint import Endpoint
+from ferry_common.endpoint import Context, Endpoint, Router
+from ferry_common.messages.commands import Health, HealthCheck
 from ferry_common.runtime import tune_gc
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import MemorySagaStore
@@ -101,6 +103,44 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2, default=str) + "\n")
     return path
+
+
+# ---- the messaging floor: one request/reply as a saga step makes it ---------------------
+@asynccontextmanager
+async def echo_pair(server_bus: Bus, client_bus: Bus) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+    """An echo service and a client on two buses, each an :class:`Endpoint` as every saga
+    step uses (durable queue, confirms, mandatory routing, tracing, signing); yields
+    ``call(timeout)``, one request/reply."""
+    server = Endpoint(server_bus, "bench/echo")
+    client = Endpoint(client_bus, "bench/echo-client")
+    router = Router()
+
+    async def echo(msg: HealthCheck, ctx: Context) -> Health:
+        return Health(service="echo")
+
+    async def call(timeout: float) -> None:
+        await client.request("bench.echo", HealthCheck(), timeout=timeout)
+
+    router.add(HealthCheck, echo)
+    await server.serve(QueueSpec("ferry.bench.echo", ("bench.echo",), durable=True, prefetch=256), router)
+    try:
+        yield call
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def round_trips_ms(call: Callable[[float], Awaitable[None]], samples: int, *, warmup: int) -> list[float]:
+    """``samples`` timed calls one after another, after ``warmup`` untimed ones (the reply
+    queue, the channels and the code paths warm)."""
+    for _ in range(warmup):
+        await call(30)
+    rtts = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        await call(30)
+        rtts.append((time.perf_counter() - t) * 1000)
+    return rtts
 
 
 # ---- RabbitMQ vhosts ------------------------------------------------------------------

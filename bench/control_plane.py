@@ -49,9 +49,11 @@ from _common import (  # noqa: E402
     ONE_PROCESS,
     BenchCluster,
     amqp_url,
+    echo_pair,
     median,
     pct,
     ratio,
+    round_trips_ms,
     start_cluster,
     table,
     wait_for,
@@ -61,9 +63,8 @@ from _common import (  # noqa: E402
 from ferry_cli.sample import MODULES, graph, vm_spec  # noqa: E402
 from ferry_common.bus.interfaces import QueueSpec  # noqa: E402
 from ferry_common.bus.topology import migration_status  # noqa: E402
-from ferry_common.endpoint import Context, Endpoint, Router  # noqa: E402
+from ferry_common.endpoint import Context, Router  # noqa: E402
 from ferry_common.ids import new_id  # noqa: E402
-from ferry_common.messages.commands import Health, HealthCheck  # noqa: E402
 from ferry_common.messages.public import MigrateRequest, MigrationStatusEvent  # noqa: E402
 
 TERMINAL = ("completed", "rolled_back", "rejected")
@@ -180,35 +181,17 @@ async def one_alone(cluster: BenchCluster, outcomes: Outcomes, vm: str, target: 
 # ---- the messaging floor ----------------------------------------------------------------------
 async def endpoint_rpc(cluster: BenchCluster, sequential: int, concurrent: int, inflight: int) -> dict[str, float]:
     """Request/reply through two Endpoints, exactly as a saga step goes (durable queue, confirms)."""
-    server = Endpoint(await cluster.new_bus(), "bench/echo")
-    client = Endpoint(await cluster.new_bus(), "bench/echo-client")
-    router = Router()
-
-    async def echo(msg: HealthCheck, ctx: Context) -> Health:
-        return Health(service="echo")
-
-    router.add(HealthCheck, echo)
-    await server.serve(QueueSpec("ferry.bench.echo", ("bench.echo",), durable=True, prefetch=256), router)
-    try:
-        for _ in range(50):  # warm up: reply queue, channels, code paths
-            await client.request("bench.echo", HealthCheck(), timeout=30)
-        rtts = []
-        for _ in range(sequential):
-            t = time.perf_counter()
-            await client.request("bench.echo", HealthCheck(), timeout=30)
-            rtts.append((time.perf_counter() - t) * 1000)
+    async with echo_pair(await cluster.new_bus(), await cluster.new_bus()) as call:
+        rtts = await round_trips_ms(call, sequential, warmup=50)
         sem = asyncio.Semaphore(inflight)
 
         async def one() -> None:
             async with sem:
-                await client.request("bench.echo", HealthCheck(), timeout=60)
+                await call(60)
 
         t = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(concurrent)))
         rate = concurrent / (time.perf_counter() - t)
-    finally:
-        await client.close()
-        await server.close()
     return {"rtt_ms": median(rtts), "rtt_ms_p95": pct(rtts, 95), "rpc_per_s": rate}
 
 

@@ -188,33 +188,17 @@ async def floor_rtt_ms(url: str, samples: int = 40) -> float:
     each as one saga step goes (a durable quorum queue, publisher confirms, mandatory routing,
     a traced and signed message each way): this machine's yardstick, taken in the saga's
     own process beside it, for the hops the saga's overhead is made of."""
+    from _common import echo_pair, round_trips_ms  # bench/ is this script's directory
+
     from ferry_common.bus.amqp import AmqpBus
-    from ferry_common.bus.interfaces import QueueSpec
-    from ferry_common.endpoint import Context, Endpoint, Router
-    from ferry_common.messages.commands import Health, HealthCheck
 
     buses = [AmqpBus(url, name=f"bench-floor-{i}") for i in range(2)]
-    for bus in buses:
-        await bus.connect()
-    server, client = Endpoint(buses[0], "bench/echo"), Endpoint(buses[1], "bench/echo-client")
-    router = Router()
-
-    async def echo(msg: HealthCheck, ctx: Context) -> Health:
-        return Health(service="echo")
-
-    router.add(HealthCheck, echo)
-    await server.serve(QueueSpec("ferry.bench.echo", ("bench.echo",), durable=True, prefetch=256), router)
     try:
-        for _ in range(10):  # the reply queue, the channels and the code paths warm
-            await client.request("bench.echo", HealthCheck(), timeout=30)
-        rtts = []
-        for _ in range(samples):
-            t = time.perf_counter()
-            await client.request("bench.echo", HealthCheck(), timeout=30)
-            rtts.append((time.perf_counter() - t) * 1000)
+        for bus in buses:
+            await bus.connect()
+        async with echo_pair(*buses) as call:
+            rtts = await round_trips_ms(call, samples, warmup=10)
     finally:
-        await client.close()
-        await server.close()
         for bus in buses:
             await bus.close()
     return statistics.median(rtts)
