@@ -30,6 +30,16 @@ daemon_pid() {
     && echo "$pid"
 }
 
+# its socket takes a connection (a few tries: a daemon under load answers late)
+answers() {
+  local i
+  for i in 1 2 3 4 5; do
+    [[ -S "$STATE/$1/sock/libvirt-sock" ]] && virsh -q -c "$(uri_of "$1")" version >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
 # a stable per-host UUID, different for every host name
 host_uuid() {
   local h
@@ -68,8 +78,14 @@ CONF
 start_one() {
   local h="$1" idx="$2" d="$STATE/$1"
   if daemon_pid "$h" >/dev/null; then
-    echo "libvirtd[$h] already running (pid $(daemon_pid "$h")): $(uri_of "$h")"
-    return 0
+    if answers "$h"; then
+      echo "libvirtd[$h] already running (pid $(daemon_pid "$h")): $(uri_of "$h")"
+      return 0
+    fi
+    # alive but deaf: a run killed while it started or stopped this daemon can leave the
+    # process without its socket, and every client would fail to connect
+    echo "libvirtd[$h] runs (pid $(daemon_pid "$h")) but does not answer on its socket: restarting it" >&2
+    stop_one "$h" >/dev/null
   fi
   write_config "$h" "$idx"
   rm -f "$d/sock/"* "$d/libvirtd.pid"
