@@ -37,6 +37,26 @@ def saga(
     )
 
 
+@contextlib.asynccontextmanager
+async def handles(url: str) -> AsyncIterator[MakeStore]:
+    """``make_store`` for a backend opened by URL: every call opens a handle of its own onto
+    the same storage (its own connection or pool), and all are closed on the way out."""
+    from ferry_coordinator.store import open_store
+
+    opened: list[SagaStore] = []
+
+    async def make() -> SagaStore:
+        store = await open_store(url)
+        opened.append(store)
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in opened:
+            await store.close()
+
+
 class SagaStoreSuite:
     """Abstract: subclass it (``TestXxxSagaStore``) and override ``make_store``."""
 

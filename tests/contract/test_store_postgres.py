@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from ferry_coordinator.store import SagaStore, open_store
 from ferry_coordinator.store.postgres import PostgresSagaStore
 
-from .store_suite import MakeStore, SagaStoreSuite, saga
+from .store_suite import MakeStore, SagaStoreSuite, handles, saga
 
 pytestmark = pytest.mark.postgres
 
@@ -45,17 +44,8 @@ class TestPostgresSagaStore(SagaStoreSuite):
     @pytest.fixture
     async def make_store(self, pg_schema: str) -> AsyncIterator[MakeStore]:
         # Each handle is its own pool, like two coordinator replicas.
-        url = _with_schema(POSTGRES_URL, pg_schema)
-        opened: list[SagaStore] = []
-
-        async def make() -> SagaStore:
-            store = await open_store(url)
-            opened.append(store)
-            return store
-
-        yield make
-        for store in opened:
-            await store.close()
+        async with handles(_with_schema(POSTGRES_URL, pg_schema)) as make:
+            yield make
 
 
 async def test_sagas_survive_reopening(pg_schema: str) -> None:

@@ -7,27 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from ferry_coordinator.store import SagaStore, open_store
+from ferry_coordinator.store import open_store
 from ferry_coordinator.store.sqlite import SqliteSagaStore
 
-from .store_suite import MakeStore, SagaStoreSuite, saga
+from .store_suite import MakeStore, SagaStoreSuite, handles, saga
 
 
 class TestSqliteSagaStore(SagaStoreSuite):
     @pytest.fixture
     async def make_store(self, tmp_path: Path) -> AsyncIterator[MakeStore]:
         # Each handle is its own connection to one file, like coordinators sharing a disk.
-        url = f"sqlite:///{tmp_path / 'sagas.db'}"
-        opened: list[SagaStore] = []
-
-        async def make() -> SagaStore:
-            store = await open_store(url)
-            opened.append(store)
-            return store
-
-        yield make
-        for store in opened:
-            await store.close()
+        async with handles(f"sqlite:///{tmp_path / 'sagas.db'}") as make:
+            yield make
 
 
 async def test_sagas_survive_reopening(tmp_path: Path) -> None:
