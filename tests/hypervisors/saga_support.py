@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -177,12 +179,55 @@ async def assert_rolled_back(c: Cluster, g: Guest, outcome: MigrationStatusEvent
     assert await inspect_problems(c, g.vm_id, "host-a") == []
 
 
+class RollbackSuite:
+    """The rollbacks every driver must make, run unchanged by each driver's module: a
+    ``Test...`` subclass there supplies a ``cluster`` fixture of its driver and
+    :meth:`target_pid`. Each ends with the guest running on host-a only, its plane active
+    there and its events intact, and nothing of it left on host-b."""
+
+    def target_pid(self, g: Guest) -> int | None:
+        """The pid of the QEMU process that receives ``g`` on host-b."""
+        raise NotImplementedError
+
+    async def test_non_converging_guest_rolls_back_on_completion_timeout(self, cluster: Cluster) -> None:
+        g = await start_guest(cluster, STUCK_GUEST)
+        g.start_stream(every_s=0.05)
+        mid = await cluster.client.migrate(g.vm_id, "host-b", params=CAPPED)
+        outcome = await cluster.client.outcome(mid, timeout=60)
+        await g.stop_stream()
+        assert "completion timeout" in (outcome.reason or ""), outcome
+        await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
+
+    async def test_operator_cancel_mid_migration_rolls_back(self, cluster: Cluster) -> None:
+        g = await start_guest(cluster, STUCK_GUEST)
+        g.start_stream(every_s=0.05)
+        mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
+        await wait_progress(cluster, mid)
+        await cluster.client.cancel(mid)
+        outcome = await cluster.client.outcome(mid, timeout=60)
+        await g.stop_stream()
+        await assert_rolled_back(cluster, g, outcome, code="cancelled")
+
+    async def test_target_qemu_killed_mid_migration_rolls_back(self, cluster: Cluster) -> None:
+        g = await start_guest(cluster, STUCK_GUEST)
+        g.start_stream(every_s=0.05)
+        mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
+        await wait_progress(cluster, mid)
+        pid = self.target_pid(g)
+        assert pid is not None, "no receiving QEMU on host-b"
+        os.kill(pid, signal.SIGKILL)
+        outcome = await cluster.client.outcome(mid, timeout=60)
+        await g.stop_stream()
+        await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
+
+
 __all__ = [
     "CAPPED",
     "DIRTY_GUEST",
     "STUCK_GUEST",
     "TCG_TIMEOUTS",
     "Guest",
+    "RollbackSuite",
     "assert_completed",
     "assert_rolled_back",
     "host_options",

@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
+from ferry_hypervisor_adapter.drivers.base import (
+    MigrationParams,
+    MigrationProgress,
+    MigrationResult,
+)
 
 from .conftest import Pair
 
@@ -38,6 +42,17 @@ async def _start_source(pair: Pair, **guest: int) -> tuple[str, object]:
     await pair.source.create(spec)
     await pair.wait_booted(pair.source, spec.vm_id)
     return spec.vm_id, spec
+
+
+async def _under_way(pair: Pair) -> tuple[str, asyncio.Task[MigrationResult]]:
+    """A never-converging guest's migration, once pre-copy has sent some memory."""
+    vm_id, spec = await _start_source(pair, **STUCK)
+    params = MigrationParams(**CAPPED)
+    uri = await pair.target.prepare_incoming(spec, params)
+    progress = Recorder()
+    migration = asyncio.create_task(pair.source.migrate(vm_id, uri, params, progress))
+    await asyncio.wait_for(progress.seen.wait(), 20)
+    return vm_id, migration
 
 
 async def _assert_source_kept(pair: Pair, vm_id: str) -> None:
@@ -112,12 +127,7 @@ async def test_stall_timeout_cancels_a_migration_without_progress(pair: Pair) ->
 
 
 async def test_operator_cancel_keeps_the_source_running(pair: Pair) -> None:
-    vm_id, spec = await _start_source(pair, **STUCK)
-    params = MigrationParams(**CAPPED)
-    uri = await pair.target.prepare_incoming(spec, params)
-    progress = Recorder()
-    migration = asyncio.create_task(pair.source.migrate(vm_id, uri, params, progress))
-    await asyncio.wait_for(progress.seen.wait(), 20)
+    vm_id, migration = await _under_way(pair)
 
     await pair.source.cancel_migration(vm_id)
     result = await asyncio.wait_for(migration, 20)
@@ -131,12 +141,7 @@ async def test_operator_cancel_keeps_the_source_running(pair: Pair) -> None:
 
 
 async def test_target_dying_mid_migration_keeps_the_source_running(pair: Pair) -> None:
-    vm_id, spec = await _start_source(pair, **STUCK)
-    params = MigrationParams(**CAPPED)
-    uri = await pair.target.prepare_incoming(spec, params)
-    progress = Recorder()
-    migration = asyncio.create_task(pair.source.migrate(vm_id, uri, params, progress))
-    await asyncio.wait_for(progress.seen.wait(), 20)
+    vm_id, migration = await _under_way(pair)
 
     pair.kill_target(vm_id)
     result = await asyncio.wait_for(migration, 30)

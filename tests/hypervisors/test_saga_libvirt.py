@@ -8,9 +8,7 @@ source domain, so once libvirt reports completion the saga can only go forward.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,16 +22,13 @@ from tests.harness import Cluster
 
 from .conftest import _libvirt_qemu_pid
 from .saga_support import (
-    CAPPED,
     DIRTY_GUEST,
-    STUCK_GUEST,
     Guest,
+    RollbackSuite,
     assert_completed,
-    assert_rolled_back,
     host_options,
     saga_cluster,
     start_guest,
-    wait_progress,
 )
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.rabbitmq]
@@ -74,38 +69,9 @@ async def test_completed_saga_moves_dirtying_guest_plane_and_events(cluster: Clu
     await assert_completed(cluster, g, mid, outcome, source_gone(g))
 
 
-async def test_non_converging_guest_rolls_back_on_completion_timeout(cluster: Cluster) -> None:
-    g = await start_guest(cluster, STUCK_GUEST)
-    g.start_stream(every_s=0.05)
-    mid = await cluster.client.migrate(g.vm_id, "host-b", params=CAPPED)
-    outcome = await cluster.client.outcome(mid, timeout=60)
-    await g.stop_stream()
-    assert "completion timeout" in (outcome.reason or ""), outcome
-    await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
-
-
-async def test_operator_cancel_mid_migration_rolls_back(cluster: Cluster) -> None:
-    g = await start_guest(cluster, STUCK_GUEST)
-    g.start_stream(every_s=0.05)
-    mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
-    await wait_progress(cluster, mid)
-    await cluster.client.cancel(mid)
-    outcome = await cluster.client.outcome(mid, timeout=60)
-    await g.stop_stream()
-    await assert_rolled_back(cluster, g, outcome, code="cancelled")
-
-
-async def test_target_qemu_killed_mid_migration_rolls_back(cluster: Cluster) -> None:
-    g = await start_guest(cluster, STUCK_GUEST)
-    g.start_stream(every_s=0.05)
-    mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
-    await wait_progress(cluster, mid)
-    pid = _libvirt_qemu_pid("b", g.vm_id)
-    assert pid is not None, "no target QEMU under libvirt"
-    os.kill(pid, signal.SIGKILL)
-    outcome = await cluster.client.outcome(mid, timeout=60)
-    await g.stop_stream()
-    await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
+class TestRollbacks(RollbackSuite):
+    def target_pid(self, g: Guest) -> int | None:
+        return _libvirt_qemu_pid("b", g.vm_id)
 
 
 async def test_failure_after_p2p_completion_goes_forward(cluster: Cluster) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import shutil
-import signal
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,16 +24,15 @@ from tests.harness import Cluster, until
 
 from .conftest import _importable
 from .saga_support import (
-    CAPPED,
     DIRTY_GUEST,
-    STUCK_GUEST,
+    Guest,
+    RollbackSuite,
     assert_completed,
     assert_rolled_back,
     host_options,
     require,
     saga_cluster,
     start_guest,
-    wait_progress,
 )
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq]
@@ -132,38 +129,9 @@ async def test_a_denied_migration_gives_back_the_receiving_process_it_took(guest
     shutil.rmtree(base, ignore_errors=True)
 
 
-async def test_non_converging_guest_rolls_back_on_completion_timeout(cluster: Cluster) -> None:
-    g = await start_guest(cluster, STUCK_GUEST)
-    g.start_stream(every_s=0.05)
-    mid = await cluster.client.migrate(g.vm_id, "host-b", params=CAPPED)
-    outcome = await cluster.client.outcome(mid, timeout=60)
-    await g.stop_stream()
-    assert "completion timeout" in (outcome.reason or ""), outcome
-    await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
-
-
-async def test_operator_cancel_mid_migration_rolls_back(cluster: Cluster) -> None:
-    g = await start_guest(cluster, STUCK_GUEST)
-    g.start_stream(every_s=0.05)
-    mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
-    await wait_progress(cluster, mid)
-    await cluster.client.cancel(mid)
-    outcome = await cluster.client.outcome(mid, timeout=60)
-    await g.stop_stream()
-    await assert_rolled_back(cluster, g, outcome, code="cancelled")
-
-
-async def test_target_qemu_killed_mid_migration_rolls_back(cluster: Cluster) -> None:
-    g = await start_guest(cluster, STUCK_GUEST)
-    g.start_stream(every_s=0.05)
-    mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
-    await wait_progress(cluster, mid)
-    pid = g.driver("host-b").pid(g.vm_id)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    outcome = await cluster.client.outcome(mid, timeout=60)
-    await g.stop_stream()
-    await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
+class TestRollbacks(RollbackSuite):
+    def target_pid(self, g: Guest) -> int | None:
+        return g.driver("host-b").pid(g.vm_id)  # type: ignore[no-any-return]
 
 
 async def test_failure_after_hypervisor_completed_destroys_target_and_resumes_source(cluster: Cluster) -> None:
