@@ -67,6 +67,9 @@ def _options(settings: Settings, host: str) -> HostOptions:
     if settings.driver == "qemu" and os.environ.get("FERRY_QEMU_STANDBY"):
         # receiving QEMU processes kept ready per VM shape, e.g. "512:2=2,2048:4"
         driver_options["standby"] = os.environ["FERRY_QEMU_STANDBY"]
+    if settings.driver == "qemu" and os.environ.get("FERRY_QEMU_TLS_DIR"):
+        # the migration stream over mutual TLS: the fleet's CA and this host's certificate
+        driver_options["tls_dir"] = os.environ["FERRY_QEMU_TLS_DIR"]
     return HostOptions(
         driver=settings.driver,
         driver_options=driver_options,

@@ -44,6 +44,11 @@ MIB = 1024 * 1024
 QEMU_DEFAULT_BANDWIDTH = 128 * MIB
 _ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
 _UNIX_PATH_MAX = 107
+# QEMU's x509 credentials directory: the fleet's CA, and this host's certificate and key as the
+# server of incoming streams and as the client of outgoing ones (the same pair may serve both,
+# with serverAuth and clientAuth in its extended key usage)
+TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
+TLS_IN, TLS_OUT = "ferry-tls-in", "ferry-tls-out"  # the credentials' ids in every QEMU process
 
 
 class QmpUnavailable(RuntimeError):
@@ -61,7 +66,9 @@ class QemuDriver:
     ``finish_timeout_s`` (how long :meth:`finish_incoming` waits for ``running``),
     ``standby`` (receiving processes kept ready per VM shape, see :mod:`.standby`; none by
     default), ``standby_refill_s`` (how long after a migration took one its replacement is
-    started, 2 s: the saga's last steps run in that time and starting QEMU takes a core).
+    started, 2 s: the saga's last steps run in that time and starting QEMU takes a core),
+    ``tls_dir`` (encrypt the migration stream with mutual TLS, see :data:`TLS_FILES`; off by
+    default).
     """
 
     name = "qemu"
@@ -80,8 +87,12 @@ class QemuDriver:
         finish_timeout_s: float = 10.0,
         standby: str | None = None,
         standby_refill_s: float = 2.0,
+        tls_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = host
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir else None  # QEMU runs from / once daemonized
+        if self.tls_dir is not None and "," in str(self.tls_dir):
+            raise ValueError(f"tls_dir {self.tls_dir} contains a comma, which QEMU's -object cannot carry")
         self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-qemu") / _safe(host)
         self._guest_image = Path(guest_image) if guest_image else None
         self.qemu_binary = qemu_binary
@@ -108,6 +119,10 @@ class QemuDriver:
         if shutil.which(self.qemu_binary) is None:
             raise RuntimeError(f"{self.qemu_binary} not found (scripts/ensure-hypervisors.sh)")
         await self._image()
+        if self.tls_dir is not None:
+            missing = [f for f in TLS_FILES if not (self.tls_dir / f).is_file()]
+            if missing:
+                raise RuntimeError(f"migration TLS: {', '.join(missing)} missing in {self.tls_dir}")
         for leftover in sorted(self._standby_dir().glob("*")):  # a previous run's: not known ready
             await self._kill_dir(leftover)
         self._fill_standby()
@@ -195,6 +210,10 @@ class QemuDriver:
 
     async def _listen(self, key: str) -> str:
         """Have the receiving process ``key`` listen for the stream; its URI."""
+        if self.tls_dir is not None:
+            # before it listens: a stream that does not open with a TLS handshake signed by
+            # the fleet's CA, from a certificate of its own, is refused
+            await self._qmp(key, "migrate-set-parameters", {"tls-creds": TLS_IN})
         # port 0: QEMU binds a free port itself, so there is no race with other listeners
         await self._qmp(key, "migrate-incoming", {"uri": f"tcp:{self.listen_host}:0"})
         info = await self._qmp(key, "query-migrate")
@@ -267,6 +286,12 @@ class QemuDriver:
         bandwidth = (
             params.bandwidth_mibps * MIB if params.bandwidth_mibps else QEMU_DEFAULT_BANDWIDTH
         )
+        settings: dict[str, Any] = {"downtime-limit": params.downtime_limit_ms, "max-bandwidth": bandwidth}
+        if self.tls_dir is not None:
+            # the target's certificate is checked against the host of the URI it listens on;
+            # a process started before TLS was configured has no such credentials and fails
+            # here, so its migration rolls back instead of going out in clear
+            settings["tls-creds"] = TLS_OUT
         await asyncio.gather(
             self._qmp(
                 vm_id,
@@ -274,11 +299,7 @@ class QemuDriver:
                 {"capabilities": [{"capability": "auto-converge", "state": params.auto_converge},
                                   {"capability": "events", "state": True}]},
             ),
-            self._qmp(
-                vm_id,
-                "migrate-set-parameters",
-                {"downtime-limit": params.downtime_limit_ms, "max-bandwidth": bandwidth},
-            ),
+            self._qmp(vm_id, "migrate-set-parameters", settings),
         )
 
     async def _watch(
@@ -523,6 +544,12 @@ class QemuDriver:
             "-pidfile", str(vm_dir / "pid"),
             "-daemonize",
         ]  # fmt: skip
+        if self.tls_dir is not None:
+            # both ends in every process: a guest received today is migrated out tomorrow
+            argv += [
+                "-object", f"tls-creds-x509,id={TLS_IN},endpoint=server,verify-peer=on,dir={self.tls_dir}",
+                "-object", f"tls-creds-x509,id={TLS_OUT},endpoint=client,verify-peer=on,dir={self.tls_dir}",
+            ]  # fmt: skip
         if role == "incoming":
             argv += ["-incoming", "defer"]
         _write_meta(vm_dir, {"spec": spec.model_dump(mode="json"), "role": role, "uri": None})
