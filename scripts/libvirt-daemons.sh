@@ -11,7 +11,10 @@
 # bind mounts of a per-host directory, with its own host_uuid and migration port range. The
 # sockets live outside those mounts ($STATE/HOST/sock) so clients and the other daemon (for
 # peer-to-peer migration) reach them. Needs root, util-linux (unshare) and libvirt-daemon.
-# State: $FERRY_LIBVIRT_STATE (default /tmp/ferry-libvirt).
+# State: $FERRY_LIBVIRT_STATE (default /tmp/ferry-libvirt). Migration ports: from
+# $FERRY_LIBVIRT_PORT_BASE (default 49152), 100 per host. With $FERRY_LIBVIRT_TLS_DIR, each
+# daemon takes its migration TLS credentials from $FERRY_LIBVIRT_TLS_DIR/HOST (QEMU's x509
+# layout) and refuses migrations in clear text (migrate_tls_force).
 set -euo pipefail
 
 STATE="${FERRY_LIBVIRT_STATE:-/tmp/ferry-libvirt}"
@@ -60,7 +63,7 @@ host_uuid = "$(host_uuid "$h")"
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 CONF
   # migration ports: a distinct range of 100 per host (Ferry passes an explicit port anyway)
-  local port_min=$((49152 + idx * 100))
+  local port_min=$((${FERRY_LIBVIRT_PORT_BASE:-49152} + idx * 100))
   cat >"$d/etc/qemu.conf" <<CONF
 user = "root"
 group = "root"
@@ -73,6 +76,13 @@ stdio_handler = "file"
 migration_port_min = $port_min
 migration_port_max = $((port_min + 99))
 CONF
+  if [[ -n "${FERRY_LIBVIRT_TLS_DIR:-}" ]]; then
+    cat >>"$d/etc/qemu.conf" <<CONF
+migrate_tls_x509_cert_dir = "$FERRY_LIBVIRT_TLS_DIR/$h"
+migrate_tls_x509_verify = 1
+migrate_tls_force = 1
+CONF
+  fi
 }
 
 start_one() {

@@ -1,4 +1,4 @@
-"""What ``ferry service host`` hands the QEMU driver from the environment."""
+"""What ``ferry service host`` hands the QEMU and libvirt drivers from the environment."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ def test_the_qemu_driver_gets_its_standby_and_migration_tls_from_the_environment
     assert opts.driver_options == {"standby": "512:2=2", "tls_dir": "/etc/ferry/migration-tls"}
 
 
-def test_without_them_the_migration_stream_is_not_configured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FERRY_QEMU_STANDBY", raising=False)
-    monkeypatch.delenv("FERRY_QEMU_TLS_DIR", raising=False)
-    assert _options(Settings(driver="qemu", state_dir=""), "host-a").driver_options == {}
+def test_the_libvirt_driver_migrates_over_tls_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_LIBVIRT_MIGRATE_TLS", "1")
+    monkeypatch.setenv("FERRY_QEMU_TLS_DIR", "/etc/ferry/migration-tls")  # the qemu driver's, not this one's
+    assert _options(Settings(driver="libvirt", state_dir=""), "host-a").driver_options == {"tls": True}
+    monkeypatch.setenv("FERRY_LIBVIRT_MIGRATE_TLS", "0")
+    assert _options(Settings(driver="libvirt", state_dir=""), "host-a").driver_options == {}

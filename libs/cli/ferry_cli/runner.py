@@ -70,6 +70,9 @@ def _options(settings: Settings, host: str) -> HostOptions:
     if settings.driver == "qemu" and os.environ.get("FERRY_QEMU_TLS_DIR"):
         # the migration stream over mutual TLS: the fleet's CA and this host's certificate
         driver_options["tls_dir"] = os.environ["FERRY_QEMU_TLS_DIR"]
+    if settings.driver == "libvirt" and os.environ.get("FERRY_LIBVIRT_MIGRATE_TLS", "").lower() in ("1", "true", "yes"):
+        # VIR_MIGRATE_TLS: the daemons' own certificates (migrate_tls_x509_cert_dir)
+        driver_options["tls"] = True
     return HostOptions(
         driver=settings.driver,
         driver_options=driver_options,

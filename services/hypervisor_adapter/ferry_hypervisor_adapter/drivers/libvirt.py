@@ -109,7 +109,9 @@ class LibvirtDriver:
     ``domain_type`` (``qemu`` = TCG; ``kvm`` where available), ``finish_timeout_s``,
     ``abort_grace_s`` (how long an aborted migration job may keep running before QEMU is told
     to cancel directly, and again; after four times that the migration is reported failed and
-    the saga's clean-up of the target ends the stream).
+    the saga's clean-up of the target ends the stream), ``tls`` (migrate with
+    ``VIR_MIGRATE_TLS``: the stream over mutual TLS with the daemons' own certificates,
+    ``migrate_tls_x509_cert_dir`` in their qemu.conf; off by default).
     """
 
     name = "libvirt"
@@ -129,8 +131,10 @@ class LibvirtDriver:
         domain_type: str = "qemu",
         finish_timeout_s: float = 10.0,
         abort_grace_s: float = 5.0,
+        tls: bool = False,
     ) -> None:
         self.host = host
+        self.tls = tls
         self.uri = uri
         self.peer_uri = peer_uri or uri
         self.migration_host = migration_host
@@ -284,6 +288,10 @@ class LibvirtDriver:
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
         if params.auto_converge:
             flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
+        if self.tls:
+            # both daemons set up QEMU's TLS credentials from their migrate_tls_x509_cert_dir,
+            # and the source checks the target's certificate against the migration URI's host
+            flags |= lv.VIR_MIGRATE_TLS
         call = {
             lv.VIR_MIGRATE_PARAM_URI: miguri,
             lv.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: urlsplit(miguri).hostname or self.migration_host,
