@@ -21,6 +21,11 @@ from typing import Any
 import pytest
 
 from ferry_common.messages.domain import VmSpec
+from ferry_hypervisor_adapter.drivers.base import (
+    MigrationParams,
+    MigrationProgress,
+    MigrationResult,
+)
 from ferry_hypervisor_adapter.drivers.guest import GuestStatus, build_guest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +83,21 @@ class Pair:
             for vm_id in self.vm_ids:
                 await driver.destroy(vm_id)
             await driver.close()
+
+    async def migrate_new_guest(self) -> tuple[str, MigrationResult]:
+        """Start an idle guest on the source and migrate it to the target with the default
+        parameters; its id and how the migration ended."""
+        spec = VmSpec(vm_id=f"t-{uuid.uuid4().hex[:8]}", memory_mib=128, driver=self.kind)
+        self.vm_ids.add(spec.vm_id)
+        await self.source.create(spec)
+        await self.wait_booted(self.source, spec.vm_id)
+        params = MigrationParams()
+        uri = await self.target.prepare_incoming(spec, params)
+
+        async def ignore(_: MigrationProgress) -> None:
+            pass
+
+        return spec.vm_id, await self.source.migrate(spec.vm_id, uri, params, ignore)
 
     async def wait_booted(self, driver: Any, vm_id: str, timeout_s: float = 10.0) -> GuestStatus:
         """Wait until the guest's status block is valid (it has booted)."""

@@ -13,14 +13,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from ferry_common.messages.domain import VmSpec
-from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
 from tests.pki import new_ca, qemu_x509_dir
 
 from .conftest import DAEMONS, Pair, _importable, require
@@ -71,25 +68,10 @@ async def drivers(guest_image: Path, tls_daemons: dict[str, str]) -> AsyncIterat
     shutil.rmtree(base, ignore_errors=True)
 
 
-async def _migrate(pair: Pair) -> tuple[str, str, str | None]:
-    spec = VmSpec(vm_id=f"t-{uuid.uuid4().hex[:8]}", memory_mib=128, driver="libvirt")
-    pair.vm_ids.add(spec.vm_id)
-    await pair.source.create(spec)
-    await pair.wait_booted(pair.source, spec.vm_id)
-    params = MigrationParams()
-    uri = await pair.target.prepare_incoming(spec, params)
-
-    async def ignore(_: MigrationProgress) -> None:
-        pass
-
-    result = await pair.source.migrate(spec.vm_id, uri, params, ignore)
-    return spec.vm_id, result.outcome, result.reason
-
-
 async def test_the_guest_moves_over_tls_between_the_daemons(drivers: dict[bool, Pair]) -> None:
     pair = drivers[True]
-    vm_id, outcome, reason = await _migrate(pair)
-    assert outcome == "completed", reason
+    vm_id, result = await pair.migrate_new_guest()
+    assert result.outcome == "completed", result
     assert await pair.target.finish_incoming(vm_id)
     assert await pair.advancing(pair.target, vm_id), "guest does not run on the target"
     assert await pair.source.state(vm_id) == "absent"  # peer to peer: libvirt ended the source
@@ -97,8 +79,8 @@ async def test_the_guest_moves_over_tls_between_the_daemons(drivers: dict[bool, 
 
 async def test_a_migration_in_clear_text_is_refused_and_the_guest_stays(drivers: dict[bool, Pair]) -> None:
     pair = drivers[False]
-    vm_id, outcome, reason = await _migrate(pair)
-    assert outcome == "failed" and "TLS" in (reason or ""), reason
+    vm_id, result = await pair.migrate_new_guest()
+    assert result.outcome == "failed" and "TLS" in (result.reason or ""), result
     assert await pair.source.state(vm_id) == "running"
     assert await pair.advancing(pair.source, vm_id), "the source guest stopped"
     await pair.target.abort_incoming(vm_id)

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
-from ferry_common.messages.domain import VmSpec
-from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
 from ferry_hypervisor_adapter.drivers.qemu import QemuDriver, _read_pid
 from tests.pki import cert_pem, new_ca, qemu_x509_dir
 
@@ -43,28 +41,27 @@ async def _pair(base: Path, guest_image: Path, source_tls: Path | None, target_t
     return Pair(source, target, lambda vm_id: None, "qemu")
 
 
-async def _migrate(pair: Pair) -> tuple[str, str]:
-    """Start a guest on the source and migrate it; its id and the migration's outcome."""
-    spec = VmSpec(vm_id=f"t-{uuid.uuid4().hex[:8]}", memory_mib=128, driver="qemu")
-    pair.vm_ids.add(spec.vm_id)
-    await pair.source.create(spec)
-    await pair.wait_booted(pair.source, spec.vm_id)
-    params = MigrationParams()
-    uri = await pair.target.prepare_incoming(spec, params)
-
-    async def ignore(_: MigrationProgress) -> None:
-        pass
-
-    result = await pair.source.migrate(spec.vm_id, uri, params, ignore)
-    return spec.vm_id, result.outcome
+async def _assert_refused(base: Path, guest_image: Path, source_tls: Path | None, target_tls: Path) -> None:
+    """A migration between drivers with these credentials fails, and the guest stays on the source."""
+    pair = await _pair(base, guest_image, source_tls, target_tls)
+    try:
+        vm_id, result = await pair.migrate_new_guest()
+        assert result.outcome == "failed", result
+        assert await pair.source.state(vm_id) == "running"
+        assert await pair.advancing(pair.source, vm_id), "the source guest stopped"
+        await pair.target.abort_incoming(vm_id)
+        assert await pair.target.state(vm_id) == "absent"
+    finally:
+        await pair.teardown()
 
 
-async def _assert_refused(pair: Pair, vm_id: str, outcome: str) -> None:
-    assert outcome == "failed"
-    assert await pair.source.state(vm_id) == "running"
-    assert await pair.advancing(pair.source, vm_id), "the source guest stopped"
-    await pair.target.abort_incoming(vm_id)
-    assert await pair.target.state(vm_id) == "absent"
+def _certified_by_another_ca(d: Path, host: str, fleet_ca: x509.Certificate) -> Path:
+    """Credentials for ``host`` from another CA that also trust the fleet's CA (QEMU checks its
+    own certificate against its CA file at start): only the other end's check can refuse it."""
+    rogue, rogue_issuer = new_ca("another CA")
+    qemu_x509_dir(d, rogue, rogue_issuer, host)
+    (d / "ca-cert.pem").write_bytes(cert_pem(rogue) + cert_pem(fleet_ca))
+    return d
 
 
 async def test_the_guest_moves_over_tls_between_hosts_of_one_fleet(base: Path, guest_image: Path) -> None:
@@ -72,8 +69,8 @@ async def test_the_guest_moves_over_tls_between_hosts_of_one_fleet(base: Path, g
     pair = await _pair(base, guest_image, qemu_x509_dir(base / "tls-a", ca, issuer, "host-a"),
                        qemu_x509_dir(base / "tls-b", ca, issuer, "host-b"))
     try:
-        vm_id, outcome = await _migrate(pair)
-        assert outcome == "completed"
+        vm_id, result = await pair.migrate_new_guest()
+        assert result.outcome == "completed", result
         assert await pair.target.finish_incoming(vm_id)
         assert await pair.advancing(pair.target, vm_id), "guest does not run on the target"
         assert await pair.source.state(vm_id) == "postmigrate"
@@ -99,8 +96,8 @@ async def test_a_ready_receiving_process_takes_the_stream_over_tls(base: Path, g
             await asyncio.sleep(0.02)
         (standby,) = target.standby.names()
         standby_pid = _read_pid(target.run_dir / ".standby" / standby)
-        vm_id, outcome = await _migrate(pair)
-        assert outcome == "completed"
+        vm_id, result = await pair.migrate_new_guest()
+        assert result.outcome == "completed", result
         assert standby_pid is not None and target.pid(vm_id) == standby_pid  # landed in the ready one
         assert await target.finish_incoming(vm_id)
         assert await pair.advancing(target, vm_id), "guest does not run on the target"
@@ -110,38 +107,19 @@ async def test_a_ready_receiving_process_takes_the_stream_over_tls(base: Path, g
 
 async def test_a_target_that_requires_tls_refuses_a_stream_in_clear(base: Path, guest_image: Path) -> None:
     ca, issuer = new_ca("fleet CA")
-    pair = await _pair(base, guest_image, None, qemu_x509_dir(base / "tls-b", ca, issuer, "host-b"))
-    try:
-        await _assert_refused(pair, *await _migrate(pair))
-    finally:
-        await pair.teardown()
+    await _assert_refused(base, guest_image, None, qemu_x509_dir(base / "tls-b", ca, issuer, "host-b"))
 
 
 async def test_a_target_refuses_a_source_whose_certificate_another_ca_signed(base: Path, guest_image: Path) -> None:
     ca, issuer = new_ca("fleet CA")
-    rogue, rogue_issuer = new_ca("another CA")
-    # the source trusts the fleet's CA as well as its own (QEMU checks its own certificate
-    # against its CA file at start), so only the target's check of the source can refuse
-    source_tls = qemu_x509_dir(base / "tls-a", rogue, rogue_issuer, "host-a")
-    (source_tls / "ca-cert.pem").write_bytes(cert_pem(rogue) + cert_pem(ca))
-    pair = await _pair(base, guest_image, source_tls, qemu_x509_dir(base / "tls-b", ca, issuer, "host-b"))
-    try:
-        await _assert_refused(pair, *await _migrate(pair))
-    finally:
-        await pair.teardown()
+    await _assert_refused(base, guest_image, _certified_by_another_ca(base / "tls-a", "host-a", ca),
+                          qemu_x509_dir(base / "tls-b", ca, issuer, "host-b"))
 
 
 async def test_a_source_refuses_a_target_whose_certificate_another_ca_signed(base: Path, guest_image: Path) -> None:
     ca, issuer = new_ca("fleet CA")
-    rogue, rogue_issuer = new_ca("another CA")
-    # the target trusts the fleet's CA too, so only the source's check of the target can refuse
-    target_tls = qemu_x509_dir(base / "tls-b", rogue, rogue_issuer, "host-b")
-    (target_tls / "ca-cert.pem").write_bytes(cert_pem(rogue) + cert_pem(ca))
-    pair = await _pair(base, guest_image, qemu_x509_dir(base / "tls-a", ca, issuer, "host-a"), target_tls)
-    try:
-        await _assert_refused(pair, *await _migrate(pair))
-    finally:
-        await pair.teardown()
+    await _assert_refused(base, guest_image, qemu_x509_dir(base / "tls-a", ca, issuer, "host-a"),
+                          _certified_by_another_ca(base / "tls-b", "host-b", ca))
 
 
 async def test_a_driver_without_its_credentials_does_not_start(base: Path, guest_image: Path) -> None:
