@@ -189,6 +189,16 @@ class RollbackSuite:
         """The pid of the QEMU process that receives ``g`` on host-b."""
         raise NotImplementedError
 
+    @staticmethod
+    async def _under_way(cluster: Cluster) -> tuple[Guest, str]:
+        """A never-converging guest's migration (no completion timeout to end it), events
+        flowing, once pre-copy has sent some memory; the guest and the migration's id."""
+        g = await start_guest(cluster, STUCK_GUEST)
+        g.start_stream(every_s=0.05)
+        mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
+        await wait_progress(cluster, mid)
+        return g, mid
+
     async def test_non_converging_guest_rolls_back_on_completion_timeout(self, cluster: Cluster) -> None:
         g = await start_guest(cluster, STUCK_GUEST)
         g.start_stream(every_s=0.05)
@@ -199,20 +209,14 @@ class RollbackSuite:
         await assert_rolled_back(cluster, g, outcome, code="vm_migration_failed")
 
     async def test_operator_cancel_mid_migration_rolls_back(self, cluster: Cluster) -> None:
-        g = await start_guest(cluster, STUCK_GUEST)
-        g.start_stream(every_s=0.05)
-        mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
-        await wait_progress(cluster, mid)
+        g, mid = await self._under_way(cluster)
         await cluster.client.cancel(mid)
         outcome = await cluster.client.outcome(mid, timeout=60)
         await g.stop_stream()
         await assert_rolled_back(cluster, g, outcome, code="cancelled")
 
     async def test_target_qemu_killed_mid_migration_rolls_back(self, cluster: Cluster) -> None:
-        g = await start_guest(cluster, STUCK_GUEST)
-        g.start_stream(every_s=0.05)
-        mid = await cluster.client.migrate(g.vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
-        await wait_progress(cluster, mid)
+        g, mid = await self._under_way(cluster)
         pid = self.target_pid(g)
         assert pid is not None, "no receiving QEMU on host-b"
         os.kill(pid, signal.SIGKILL)

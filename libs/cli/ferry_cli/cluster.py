@@ -10,7 +10,7 @@ from typing import Any
 from ferry_common.bus.interfaces import Bus
 from ferry_common.clock import Clock, SystemClock
 from ferry_common.endpoint import Endpoint
-from ferry_common.security import Authenticator
+from ferry_common.security import Authenticator, host_identity
 from ferry_common.service import HostService
 from ferry_common.state import SqliteStateStore, StateStore
 from ferry_coordinator.service import CoordinatorService
@@ -88,7 +88,7 @@ def build_service(
     """One host service, unstarted; ``state`` is where it keeps what survives a restart."""
     clock = clock or SystemClock()
     options = options or HostOptions()
-    identity = f"host/{host}/{name}"
+    identity = host_identity(host, name)
     endpoint = Endpoint(bus, identity, clock=clock, auth=auth(identity))
     if name == "sensor":
         return SensorService(host, endpoint, state)

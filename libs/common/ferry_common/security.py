@@ -12,6 +12,11 @@ from typing import Protocol
 from .bus.interfaces import Message
 
 
+def host_identity(host: str, service: str) -> str:
+    """The identity a host service sends as (and is authenticated as), e.g. ``host/host-a/sensor``."""
+    return f"host/{host}/{service}"
+
+
 class Authenticator(Protocol):
     def sign(self, message: Message) -> Message:
         """Return ``message`` with whatever headers prove who sent it."""

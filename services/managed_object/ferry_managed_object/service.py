@@ -46,6 +46,7 @@ from ferry_common.messages.commands import (
 from ferry_common.messages.domain import Element, Embot, Module
 from ferry_common.messages.limits import MAX_MODULE_ROUNDS, MAX_MODULES
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
+from ferry_common.security import host_identity
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 
@@ -205,7 +206,7 @@ class ManagedObjectService(HostService):
     async def on_dispatch(self, msg: DispatchEvents, ctx: Context) -> Done:
         plane = self._plane(msg.vm_id)
         if (plane.status == "staged" and msg.completed_by and msg.epoch and plane.migration_id == msg.completed_by
-                and ctx.sender == f"host/{self.host}/sensor"):
+                and ctx.sender == host_identity(self.host, "sensor")):
             # this host's sensor was told of the completion first (step 7 tells both at once):
             # it dispatches only as the owner, and it became the owner by this migration. Only
             # that sender counts: a dispatch from anyone else must not move ownership
