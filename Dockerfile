@@ -31,6 +31,7 @@ RUN if [ "$WITH_LIBVIRT" = "true" ]; then \
     fi
 WORKDIR /src
 COPY pyproject.toml ./
+COPY apps/ apps/
 COPY libs/ libs/
 COPY services/ services/
 RUN pip wheel --wheel-dir /wheels ".[${EXTRAS}]" \

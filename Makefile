@@ -30,8 +30,8 @@ test-fast: $(STAMP) ## Only what runs on the in-process bus
 	FERRY_ONLY_MEMORY=1 $(PY) -m pytest -q -m "not rabbitmq and not postgres and not qemu and not libvirt" tests/unit tests/contract tests/integration
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check libs services tests bench
-	$(VENV)/bin/mypy libs/common/ferry_common libs/cli/ferry_cli services
+	$(VENV)/bin/ruff check apps libs services tests bench
+	$(VENV)/bin/mypy libs/common/ferry_common apps/cli/ferry_cli apps/testing/ferry_testing services
 
 bench: bench-control bench-scale bench-sensor ## All benchmarks of the control plane
 

@@ -60,7 +60,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from ferry_cli.sample import MODULES, graph, vm_spec  # noqa: E402
+from ferry_testing.sample import MODULES, graph, vm_spec  # noqa: E402
 from ferry_common.bus.interfaces import QueueSpec  # noqa: E402
 from ferry_common.bus.topology import migration_status  # noqa: E402
 from ferry_common.endpoint import Context, Router  # noqa: E402

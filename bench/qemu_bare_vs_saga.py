@@ -40,7 +40,7 @@ GUESTS: dict[str, dict[str, int]] = {
     "idle": {"guest_dirty_mib": 0, "guest_rate_mibps": 0},
     "dirty": {"guest_dirty_mib": 16, "guest_rate_mibps": 0},
 }
-GUEST_VCPUS = 2  # as the saga's sample VM (ferry_cli.sample.vm_spec): both parts move the same machine
+GUEST_VCPUS = 2  # as the saga's sample VM (ferry_testing.sample.vm_spec): both parts move the same machine
 TIMING_KEYS = (
     "wall_ms",
     "total_time_ms",
@@ -163,7 +163,7 @@ class _StepClock:
 
 async def _publish_events(url: str, vm_id: str, count: int) -> None:
     """Publish ``count`` events of ``vm_id`` from this (separate) process, as a producer would."""
-    from ferry_cli.sample import event
+    from ferry_testing.sample import event
     from ferry_common.bus.amqp import AmqpBus
     from ferry_common.bus.topology import vm_events
     from ferry_common.endpoint import Endpoint
@@ -220,7 +220,7 @@ async def saga_migration(
     """
     sys.path.insert(0, str(REPO))  # for tests.harness
     from ferry_cli.cluster import HostOptions
-    from ferry_cli.sample import graph
+    from ferry_testing.sample import graph
     from tests.harness import amqp_url, make_cluster
 
     params = params or MigrationParams()

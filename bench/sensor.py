@@ -37,7 +37,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from ferry_cli.sample import MODULES, event, graph, vm_spec  # noqa: E402
+from ferry_testing.sample import MODULES, event, graph, vm_spec  # noqa: E402
 from ferry_common.bus.interfaces import Delivery, Message, QueueSpec  # noqa: E402
 from ferry_common.endpoint import Context, Endpoint, Router  # noqa: E402
 from ferry_common.messages import encode  # noqa: E402

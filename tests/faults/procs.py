@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ferry_cli.client import TERMINAL, FerryClient
-from ferry_cli.sample import MODULES, graph, vm_spec
-from ferry_cli.verify import inspect_all, problems, replay, state_problems
+from ferry_testing.sample import MODULES, graph, vm_spec
+from ferry_testing.verify import inspect_all, problems, replay, state_problems
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.endpoint import Endpoint
 from ferry_common.errors import FerryError
@@ -216,7 +216,7 @@ class Session:
         raise TimeoutError(f"the coordinator never saw {vm_id} on {host}")
 
     async def send_events(self, vm_id: str, n: int) -> None:
-        from ferry_cli.sample import event
+        from ferry_testing.sample import event
 
         out = self.sent.setdefault(vm_id, [])
         for _ in range(n):

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 import tests.harness as harness
-from ferry_cli.sample import graph
-from ferry_cli.verify import inspect_all, replay, state_problems
+from ferry_testing.sample import graph
+from ferry_testing.verify import inspect_all, replay, state_problems
 from ferry_common.bus.interfaces import QueueSpec
 from ferry_common.bus.memory import MemoryBus
 from ferry_coordinator.saga import STEPS

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ferry_cli.sample import CORE, LOAD, METRICS, MODULES
+from ferry_testing.sample import CORE, LOAD, METRICS, MODULES
 from ferry_common.bus.memory import MemoryBus
 from ferry_common.bus.topology import host_command
 from ferry_common.errors import RemoteError

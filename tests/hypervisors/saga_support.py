@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry_cli.cluster import HostOptions
-from ferry_cli.sample import graph
+from ferry_testing.sample import graph
 from ferry_common.messages.public import MigrationStatusEvent
 from ferry_coordinator.timeouts import SagaTimeouts
 from tests.harness import Cluster, inspect_problems, make_cluster

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ferry_cli.sample import event
+from ferry_testing.sample import event
 from ferry_common.bus.interfaces import Message
 from ferry_common.bus.topology import vm_events
 from ferry_common.messages.domain import Event

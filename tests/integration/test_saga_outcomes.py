@@ -13,7 +13,7 @@ import pytest
 
 from ferry_cli.client import TERMINAL
 from ferry_cli.cluster import HostOptions
-from ferry_cli.sample import event as sample_event
+from ferry_testing.sample import event as sample_event
 from ferry_common.bus.topology import host_command, migration_status
 from ferry_common.errors import RemoteError
 from ferry_common.messages.commands import (

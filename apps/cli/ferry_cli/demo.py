@@ -21,8 +21,8 @@ from ferry_coordinator.timeouts import SagaTimeouts
 from .client import FerryClient
 from .cluster import HostOptions, build_coordinator, build_host
 from .render import render_trace
-from .sample import MODULES, event, graph, vm_spec
-from .verify import inspect_all, problems, replay, state_problems
+from ferry_testing.sample import MODULES, event, graph, vm_spec
+from ferry_testing.verify import inspect_all, problems, replay, state_problems
 
 HOSTS = ["host-a", "host-b", "host-c"]
 VM = "web-01"

@@ -175,7 +175,7 @@ async def _trace(args: argparse.Namespace) -> int:
 
 
 async def _vm_create(args: argparse.Namespace) -> int:
-    from .sample import MODULES, graph, vm_spec
+    from ferry_testing.sample import MODULES, graph, vm_spec
 
     async with _client() as client:
         spec = vm_spec(args.vm, memory_mib=args.memory, **_params(args.param))
@@ -210,7 +210,7 @@ async def _events(args: argparse.Namespace) -> int:
 
     from ferry_common.messages.public import MAX_BATCH, VmEvent
 
-    from .sample import event
+    from ferry_testing.sample import event
 
     if not 1 <= args.batch <= MAX_BATCH:
         print(f"--batch must be between 1 and {MAX_BATCH}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ferry_cli.client import STATUSES, FerryClient
 from ferry_cli.cluster import Host, HostOptions, build_coordinator, build_host
-from ferry_cli.sample import MODULES, graph, vm_spec
+from .sample import MODULES, graph, vm_spec
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.bus.interfaces import Bus
 from ferry_common.bus.memory import MemoryBus
@@ -84,7 +84,7 @@ class Cluster:
         await until(placed, timeout, f"coordinator to see {vm_id} on {host}")
 
     async def send_events(self, vm_id: str, n: int, **kw: Any) -> list[Event]:
-        from ferry_cli.sample import event
+        from .sample import event
         out = []
         start = len(self.sent.get(vm_id, []))
         for i in range(start, start + n):
@@ -97,7 +97,7 @@ class Cluster:
 
     async def send_batches(self, vm_id: str, n: int, size: int, **kw: Any) -> list[Event]:
         """Like :meth:`send_events`, as ``VmEventBatch`` messages of ``size`` events."""
-        from ferry_cli.sample import event
+        from .sample import event
         out = []
         start = len(self.sent.get(vm_id, []))
         for i in range(start, start + n):
@@ -268,7 +268,7 @@ def inject_answer(host: Host, service: str, message_type: str, answer: Any) -> N
 
 
 async def inspect_problems(c: Cluster, vm_id: str, where: str) -> list[str]:
-    from ferry_cli.verify import inspect_all, problems
+    from .verify import inspect_all, problems
 
     await c.settle(vm_id)
 

@@ -12,7 +12,7 @@ from ferry_common.messages.domain import Event, ManagementGraph
 from ferry_managed_object.plane import VmPlane, apply_event
 from ferry_managed_object.policy import PolicyEngine
 
-from .client import FerryClient
+from ferry_cli.client import FerryClient
 
 Inspections = dict[str, dict[str, dict[str, Any]]]  # host -> service -> data
 

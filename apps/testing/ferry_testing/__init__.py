@@ -1,0 +1,1 @@
+"""What tests, benchmarks and the demo share: cluster harness, sample graphs, verdicts."""
