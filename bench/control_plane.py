@@ -60,12 +60,12 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from ferry_testing.sample import MODULES, graph, vm_spec  # noqa: E402
 from ferry_common.bus.interfaces import QueueSpec  # noqa: E402
 from ferry_common.bus.topology import migration_status  # noqa: E402
 from ferry_common.endpoint import Context, Router  # noqa: E402
 from ferry_common.ids import new_id  # noqa: E402
 from ferry_common.messages.public import MigrateRequest, MigrationStatusEvent  # noqa: E402
+from ferry_testing.sample import MODULES, graph, vm_spec  # noqa: E402
 
 TERMINAL = ("completed", "rolled_back", "rejected")
 

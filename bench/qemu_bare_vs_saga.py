@@ -163,11 +163,11 @@ class _StepClock:
 
 async def _publish_events(url: str, vm_id: str, count: int) -> None:
     """Publish ``count`` events of ``vm_id`` from this (separate) process, as a producer would."""
-    from ferry_testing.sample import event
     from ferry_common.bus.amqp import AmqpBus
     from ferry_common.bus.topology import vm_events
     from ferry_common.endpoint import Endpoint
     from ferry_common.messages.public import VmEvent
+    from ferry_testing.sample import event
 
     bus = AmqpBus(url, name="bench-producer")
     await bus.connect()

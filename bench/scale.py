@@ -47,13 +47,13 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from ferry_testing.sample import CORE, LOAD, MODULES, TRACK_LAST, event, vm_spec  # noqa: E402
 from ferry_common.bus.topology import MIGRATION_REQUESTED, host_command  # noqa: E402
 from ferry_common.ids import new_id  # noqa: E402
 from ferry_common.messages.commands import EventsFrozen, FreezeEvents, InstallModules  # noqa: E402
 from ferry_common.messages.domain import Element, Embot, ManagementGraph  # noqa: E402
 from ferry_common.messages.public import MAX_BATCH, MigrateRequest, VmEvent, VmEventBatch  # noqa: E402
 from ferry_coordinator.store import SagaRecord  # noqa: E402
+from ferry_testing.sample import CORE, LOAD, MODULES, TRACK_LAST, event, vm_spec  # noqa: E402
 
 SOURCE, TARGET = "host-a", "host-b"
 EMBOT_SPAN = 50

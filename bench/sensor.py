@@ -37,12 +37,12 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from ferry_testing.sample import MODULES, event, graph, vm_spec  # noqa: E402
 from ferry_common.bus.interfaces import Delivery, Message, QueueSpec  # noqa: E402
 from ferry_common.endpoint import Context, Endpoint, Router  # noqa: E402
 from ferry_common.messages import encode  # noqa: E402
 from ferry_common.messages.base import Wire  # noqa: E402
 from ferry_common.messages.public import VmEvent, VmEventBatch  # noqa: E402
+from ferry_testing.sample import MODULES, event, graph, vm_spec  # noqa: E402
 
 HOST = "host-a"
 

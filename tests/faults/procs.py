@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from ferry_cli.client import TERMINAL, FerryClient
-from ferry_testing.sample import MODULES, graph, vm_spec
-from ferry_testing.verify import inspect_all, problems, replay, state_problems
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.endpoint import Endpoint
 from ferry_common.errors import FerryError
 from ferry_common.messages.domain import Event
 from ferry_common.messages.public import MigrationStatusEvent, VmEvent
+from ferry_testing.sample import MODULES, graph, vm_spec
+from ferry_testing.verify import inspect_all, problems, replay, state_problems
 from tests.faults.proxy import ProxyThread
 from tests.harness import amqp_url
 

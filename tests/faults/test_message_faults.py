@@ -16,12 +16,12 @@ import orjson
 import pytest
 
 import tests.harness as harness
-from ferry_testing.sample import graph
-from ferry_testing.verify import inspect_all, replay, state_problems
 from ferry_common.bus.interfaces import QueueSpec
 from ferry_common.bus.memory import MemoryBus
 from ferry_coordinator.saga import STEPS
 from ferry_coordinator.timeouts import SagaTimeouts
+from ferry_testing.sample import graph
+from ferry_testing.verify import inspect_all, replay, state_problems
 from tests.faults.faulty_bus import FaultyBus, Rule
 from tests.faults.report import RESULTS, Case
 from tests.harness import Cluster, inspect_problems, make_cluster

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from ferry_testing.sample import CORE, LOAD, METRICS, MODULES
 from ferry_common.bus.memory import MemoryBus
 from ferry_common.bus.topology import host_command
 from ferry_common.errors import RemoteError
@@ -38,6 +37,7 @@ from ferry_common.messages.domain import (
 )
 from ferry_common.messages.limits import MAX_ELEMENTS
 from ferry_managed_object.policy import _state_problem
+from ferry_testing.sample import CORE, LOAD, METRICS, MODULES
 from tests.harness import Cluster, check_invariants, make_cluster
 
 TARGET = "host-b"

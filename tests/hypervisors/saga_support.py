@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry_cli.cluster import HostOptions
-from ferry_testing.sample import graph
 from ferry_common.messages.public import MigrationStatusEvent
 from ferry_coordinator.timeouts import SagaTimeouts
+from ferry_testing.sample import graph
 from tests.harness import Cluster, inspect_problems, make_cluster
 
 from .conftest import require

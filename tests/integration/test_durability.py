@@ -186,9 +186,9 @@ async def test_every_host_service_restarts_at_every_step(durable: Cluster, step:
 
 
 async def test_a_restarted_service_answers_a_replayed_step_the_same(durable: Cluster) -> None:
-    from ferry_testing.sample import vm_spec
     from ferry_common.bus.topology import host_command
     from ferry_common.messages.commands import StartMigration
+    from ferry_testing.sample import vm_spec
 
     c = durable
     msg = StartMigration(migration_id="m-replay", vm_id="vm9", source_host="host-a", target_host="host-b",

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from ferry_testing.sample import event
 from ferry_common.bus.interfaces import Message
 from ferry_common.bus.topology import vm_events
 from ferry_common.messages.domain import Event
+from ferry_testing.sample import event
 from tests.harness import Cluster, make_cluster, until
 
 

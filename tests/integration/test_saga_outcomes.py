@@ -13,7 +13,6 @@ import pytest
 
 from ferry_cli.client import TERMINAL
 from ferry_cli.cluster import HostOptions
-from ferry_testing.sample import event as sample_event
 from ferry_common.bus.topology import host_command, migration_status
 from ferry_common.errors import RemoteError
 from ferry_common.messages.commands import (
@@ -26,6 +25,7 @@ from ferry_common.messages.commands import (
     StageEvents,
 )
 from ferry_coordinator.saga import MigrationSaga
+from ferry_testing.sample import event as sample_event
 from tests.harness import FAST, Cluster, inject_answer, inspect_problems, make_cluster, until
 
 

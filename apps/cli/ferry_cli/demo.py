@@ -13,16 +13,16 @@ from ferry_common.bus.memory import MemoryBus
 from ferry_common.endpoint import Endpoint
 from ferry_common.messages.domain import Event
 from ferry_common.messages.public import MigrationStatusEvent, VmEvent
-from ferry_common.runtime import tune_gc
-from ferry_common.tracing import BusSpanExporter, setup_tracing
+from ferry_common.settings import Settings
 from ferry_coordinator.store import MemorySagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
+from ferry_testing.sample import MODULES, event, graph, vm_spec
+from ferry_testing.verify import inspect_all, problems, replay, state_problems
 
+from . import wiring
 from .client import FerryClient
 from .cluster import HostOptions, build_coordinator, build_host
 from .render import render_trace
-from ferry_testing.sample import MODULES, event, graph, vm_spec
-from ferry_testing.verify import inspect_all, problems, replay, state_problems
 
 HOSTS = ["host-a", "host-b", "host-c"]
 VM = "web-01"
@@ -62,8 +62,9 @@ class Demo:
             self.line(f"  => {e.status.upper()}{why}")
 
 
-async def run_demo(*, rate: float = 400.0) -> int:
-    tune_gc()
+async def run_demo(*, rate: float = 400.0, settings: Settings | None = None) -> int:
+    settings = settings or Settings()
+    wiring.gc(settings)
     d = Demo(rate=rate)
     bus = MemoryBus()
     store = MemorySagaStore()
@@ -71,7 +72,7 @@ async def run_demo(*, rate: float = 400.0) -> int:
     coordinator = build_coordinator(bus, store, timeouts=SagaTimeouts(reply_s=5.0, lease_s=30.0, progress_interval_s=0.0))
     await coordinator.start()
     # spans of each migration go over the bus to the coordinator, for the trace at the end
-    shipper = setup_tracing("ferry-demo", bus_exporter=BusSpanExporter()).bus_exporter
+    shipper = wiring.tracing(settings, "ferry-demo").bus_exporter
     if shipper is not None:
         shipper.attach(coordinator.endpoint)
     options = {

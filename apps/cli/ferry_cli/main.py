@@ -209,7 +209,6 @@ async def _events(args: argparse.Namespace) -> int:
     import time
 
     from ferry_common.messages.public import MAX_BATCH, VmEvent
-
     from ferry_testing.sample import event
 
     if not 1 <= args.batch <= MAX_BATCH:

@@ -11,13 +11,11 @@ from typing import Any
 
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.health import HealthServer
-from ferry_common.runtime import tune_gc
 from ferry_common.settings import Settings
-from ferry_common.signing import auth_factory_from_env
-from ferry_common.tracing import BusSpanExporter, setup_tracing
 from ferry_coordinator.store import open_store
 from ferry_coordinator.timeouts import SagaTimeouts
 
+from . import wiring
 from .cluster import (
     HOST_SERVICES,
     LEDGER_MAX,
@@ -39,23 +37,15 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-def _env_float(name: str) -> float | None:
-    raw = os.environ.get(name)
-    return float(raw) if raw else None
-
-
-def saga_timeouts_from_env() -> SagaTimeouts:
-    """The saga's timeouts, with overrides for tests and drills: ``FERRY_SAGA_LEASE_S`` (a
+def saga_timeouts(settings: Settings) -> SagaTimeouts:
+    """The saga's timeouts, with the overrides tests and drills set: ``FERRY_SAGA_LEASE_S`` (a
     replica's hold on a saga, so how soon a crashed coordinator's sagas are resumed),
     ``FERRY_SAGA_REPLY_S`` (the wait for each answer), ``FERRY_SAGA_STATUS_POLL_S`` and
     ``FERRY_PROGRESS_INTERVAL_S`` (a migration's progress statuses at most once per this)."""
-    overrides: dict[str, float] = {}
-    for env, key in (("FERRY_SAGA_LEASE_S", "lease_s"), ("FERRY_SAGA_REPLY_S", "reply_s"),
-                     ("FERRY_SAGA_STATUS_POLL_S", "status_poll_s"),
-                     ("FERRY_PROGRESS_INTERVAL_S", "progress_interval_s")):
-        value = _env_float(env)
-        if value is not None:
-            overrides[key] = value
+    overrides = {key: value for key, value in (
+        ("lease_s", settings.saga_lease_s), ("reply_s", settings.saga_reply_s),
+        ("status_poll_s", settings.saga_status_poll_s), ("progress_interval_s", settings.progress_interval_s),
+    ) if value is not None}
     return SagaTimeouts(**overrides)  # type: ignore[arg-type]
 
 
@@ -64,24 +54,26 @@ def _options(settings: Settings, host: str) -> HostOptions:
     if settings.driver == "sim" and settings.state_dir:
         os.makedirs(os.path.join(settings.state_dir, host), exist_ok=True)
         driver_options["state_file"] = os.path.join(settings.state_dir, host, "sim-hypervisor.json")
-    if settings.driver == "qemu" and os.environ.get("FERRY_QEMU_STANDBY"):
+    if settings.driver == "qemu" and settings.qemu_standby:
         # receiving QEMU processes kept ready per VM shape, e.g. "512:2=2,2048:4"
-        driver_options["standby"] = os.environ["FERRY_QEMU_STANDBY"]
-    if settings.driver == "qemu" and os.environ.get("FERRY_QEMU_TLS_DIR"):
+        driver_options["standby"] = settings.qemu_standby
+    if settings.driver == "qemu" and settings.qemu_tls_dir:
         # the migration stream over mutual TLS: the fleet's CA and this host's certificate
-        driver_options["tls_dir"] = os.environ["FERRY_QEMU_TLS_DIR"]
-    if settings.driver == "libvirt" and os.environ.get("FERRY_LIBVIRT_MIGRATE_TLS", "").lower() in ("1", "true", "yes"):
+        driver_options["tls_dir"] = settings.qemu_tls_dir
+    if settings.driver == "libvirt" and settings.libvirt_migrate_tls:
         # VIR_MIGRATE_TLS: the daemons' own certificates (migrate_tls_x509_cert_dir)
         driver_options["tls"] = True
+    if settings.driver in ("qemu", "libvirt") and settings.guest_image:
+        driver_options["guest_image"] = settings.guest_image
     return HostOptions(
         driver=settings.driver,
         driver_options=driver_options,
         allowed_sources=settings.allowed_sources,
         capacity_mib=settings.capacity_mib,
-        # how often the adapter announces its VMs (FERRY_INVENTORY_INTERVAL_S; tests shorten it)
-        inventory_interval_s=_env_float("FERRY_INVENTORY_INTERVAL_S") or 5.0,
-        # how many dispatched event ids each VM's audit trail keeps here (FERRY_LEDGER_MAX)
-        ledger_max=int(os.environ.get("FERRY_LEDGER_MAX") or LEDGER_MAX),
+        # how often the adapter announces its VMs (tests shorten it)
+        inventory_interval_s=settings.inventory_interval_s,
+        # how many dispatched event ids each VM's audit trail keeps here
+        ledger_max=settings.ledger_max or LEDGER_MAX,
     )
 
 
@@ -98,12 +90,13 @@ async def run_up(settings: Settings, hosts: list[str], *, coordinator: bool = Tr
 
 
 async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinator: bool) -> int:
-    tune_gc()
-    auth = auth_factory_from_env()
+    wiring.gc(settings)
+    auth = wiring.auth_factory(settings)
+    name = "ferry-" + ("coordinator" if coordinator else services[0][1])
     # before any service starts, so their first spans are recorded: OTLP as OTEL_* says, and
     # migration spans shipped to the coordinator (ferry trace) unless FERRY_TRACE_COLLECT=0
-    tracing = setup_tracing("ferry-" + ("coordinator" if coordinator else services[0][1]), bus_exporter=BusSpanExporter())
-    bus = AmqpBus.from_env(settings.amqp_url, name="ferry-" + ("coordinator" if coordinator else services[0][1]))
+    tracing = wiring.tracing(settings, name)
+    bus = wiring.bus(settings, name)
     await bus.connect()
     started: list[Any] = []
     # every service's state store: closed on the way out (an open aiosqlite connection's
@@ -115,11 +108,12 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
     try:
         await health.start()
         if coordinator:
-            store = await open_store(settings.store_url)
-            c = build_coordinator(bus, store, auth=auth, timeouts=saga_timeouts_from_env())
+            store_url = settings.store_url.get_secret_value()
+            store = await open_store(store_url)
+            c = build_coordinator(bus, store, auth=auth, timeouts=saga_timeouts(settings))
             await c.start()
             started.append(c)
-            print(f"coordinator up (store {settings.store_url.split('@')[-1]})", flush=True)
+            print(f"coordinator up (store {store_url.split('@')[-1]})", flush=True)
         for name, host in services:
             states = await open_states(settings.state_dir, host, (name,))
             opened.extend(states.values())

@@ -13,7 +13,6 @@ from typing import Any
 
 from ferry_cli.client import STATUSES, FerryClient
 from ferry_cli.cluster import Host, HostOptions, build_coordinator, build_host
-from .sample import MODULES, graph, vm_spec
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.bus.interfaces import Bus
 from ferry_common.bus.memory import MemoryBus
@@ -25,6 +24,8 @@ from ferry_common.tracing import BusSpanExporter, installed, setup_tracing
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import MemorySagaStore, SagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
+
+from .sample import MODULES, graph, vm_spec
 
 AMQP_BASE = os.environ.get("FERRY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 FAST = SagaTimeouts(reply_s=1.0, attempts=2, status_poll_s=0.5, forward_retry_s=0.05, forward_retry_max_s=0.5, lease_s=5.0)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ferry_cli.client import FerryClient
 from ferry_common.messages.domain import Event, ManagementGraph
 from ferry_managed_object.plane import VmPlane, apply_event
 from ferry_managed_object.policy import PolicyEngine
-
-from ferry_cli.client import FerryClient
 
 Inspections = dict[str, dict[str, dict[str, Any]]]  # host -> service -> data
 

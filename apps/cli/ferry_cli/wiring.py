@@ -1,0 +1,41 @@
+"""What the entry points build from :class:`~ferry_common.settings.Settings`: the bus, the
+signing keys, tracing and the collector's thresholds (each module keeps its own parsing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ferry_common.bus.amqp import AmqpBus
+from ferry_common.runtime import tune_gc
+from ferry_common.security import Authenticator
+from ferry_common.settings import Settings
+from ferry_common.signing import auth_factory_from_env, authenticator_from_env
+from ferry_common.tls import TlsSettings, tls_context
+from ferry_common.tracing import BusSpanExporter, Tracing, setup_tracing
+
+
+def bus(settings: Settings, name: str) -> AmqpBus:
+    """A bus on ``AMQP_URL`` with TLS as ``FERRY_AMQP_*`` configures it (unconnected)."""
+    url = settings.amqp_url.get_secret_value()
+    tls = TlsSettings(ca_file=settings.amqp_ca_file, cert_file=settings.amqp_cert_file, key_file=settings.amqp_key_file)
+    return AmqpBus(url, ssl_context=tls_context(url, tls), name=name, coalesce=settings.amqp_coalesce)
+
+
+def auth_factory(settings: Settings) -> Callable[[str], Authenticator]:
+    """``identity -> authenticator`` for a process hosting several services."""
+    return auth_factory_from_env(environ=settings.signing_env())
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    """The authenticator of a process with one identity (``FERRY_IDENTITY``)."""
+    return authenticator_from_env(environ=settings.signing_env())
+
+
+def tracing(settings: Settings, service_name: str, *, collect: bool = True) -> Tracing:
+    """Install tracing as ``OTEL_*`` and ``FERRY_TRACE_COLLECT`` say (spans shipped over the bus)."""
+    return setup_tracing(service_name, bus_exporter=BusSpanExporter() if collect else None, env=settings.tracing_env())
+
+
+def gc(settings: Settings) -> tuple[int, int, int]:
+    """The collector's thresholds of ``FERRY_GC_THRESHOLD`` (Ferry's default when unset)."""
+    return tune_gc({"FERRY_GC_THRESHOLD": settings.gc_threshold} if settings.gc_threshold else {})
