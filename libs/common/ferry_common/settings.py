@@ -21,72 +21,68 @@ __all__ = ["Settings", "SettingsError", "env_name", "load_settings"]
 MASK = "**********"
 
 
-def _env(alias: str) -> Any:
-    return Field(validation_alias=AliasChoices(alias))
-
-
 class Settings(BaseSettings):
     """Ferry's settings, from ``FERRY_*``, ``AMQP_URL`` and the standard ``OTEL_*`` variables."""
 
     model_config = SettingsConfigDict(env_prefix="FERRY_", populate_by_name=True, extra="ignore", frozen=True)
 
     # ---- broker ------------------------------------------------------------------------
-    amqp_url: SecretStr = Field(SecretStr("amqp://guest:guest@127.0.0.1:5672/"), validation_alias=AliasChoices("AMQP_URL", "amqp_url"),
+    amqp_url: SecretStr = Field(default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"), validation_alias=AliasChoices("AMQP_URL", "amqp_url"),
                                 description="RabbitMQ URL (amqps:// for TLS); holds the password")
-    amqp_ca_file: str | None = Field(None, description="PEM bundle the broker's certificate must chain to")
-    amqp_cert_file: str | None = Field(None, description="this service's client certificate (mutual TLS)")
-    amqp_key_file: str | None = Field(None, description="the key of FERRY_AMQP_CERT_FILE")
-    amqp_coalesce: bool = Field(True, description="several small messages of one lane share an AMQP publish")
+    amqp_ca_file: str | None = Field(default=None, description="PEM bundle the broker's certificate must chain to")
+    amqp_cert_file: str | None = Field(default=None, description="this service's client certificate (mutual TLS)")
+    amqp_key_file: str | None = Field(default=None, description="the key of FERRY_AMQP_CERT_FILE")
+    amqp_coalesce: bool = Field(default=True, description="several small messages of one lane share an AMQP publish")
     # ---- this process ------------------------------------------------------------------
     host: str = Field(default_factory=lambda: os.uname().nodename, description="this host's name (ferry service)")
-    identity: str | None = Field(None, description="this process's signing identity, e.g. host/host-a/sensor")
-    health_port: int = Field(8080, ge=0, le=65535, description="port of /healthz, /readyz and /metrics")
-    gc_threshold: str | None = Field(None, description="the collector's thresholds, e.g. 20000,20,50 (or 'default')")
+    identity: str | None = Field(default=None, description="this process's signing identity, e.g. host/host-a/sensor")
+    health_port: int = Field(default=8080, ge=0, le=65535, description="port of /healthz, /readyz and /metrics")
+    gc_threshold: str | None = Field(default=None, description="the collector's thresholds, e.g. 20000,20,50 (or 'default')")
     # ---- coordinator -------------------------------------------------------------------
-    store_url: SecretStr = Field(SecretStr("sqlite:///ferry-coordinator.db"),
+    store_url: SecretStr = Field(default=SecretStr("sqlite:///ferry-coordinator.db"),
                                  description="saga store: sqlite:///PATH or postgresql://... (may hold a password)")
-    saga_lease_s: float | None = Field(None, gt=0, description="a replica's hold on a saga (how soon a crashed one's are resumed)")
-    saga_reply_s: float | None = Field(None, gt=0, description="the saga's wait for each answer")
-    saga_status_poll_s: float | None = Field(None, gt=0, description="how often the saga polls a migration's status")
-    progress_interval_s: float | None = Field(None, ge=0, description="a migration's progress statuses at most once per this")
+    saga_lease_s: float | None = Field(default=None, gt=0, description="a replica's hold on a saga (how soon a crashed one's are resumed)")
+    saga_reply_s: float | None = Field(default=None, gt=0, description="the saga's wait for each answer")
+    saga_status_poll_s: float | None = Field(default=None, gt=0, description="how often the saga polls a migration's status")
+    progress_interval_s: float | None = Field(default=None, ge=0, description="a migration's progress statuses at most once per this")
     # ---- host services -----------------------------------------------------------------
-    driver: Literal["sim", "qemu", "libvirt"] = Field("sim", description="hypervisor driver of the adapter")
-    state_dir: str = Field(".ferry/state", description="where host services keep their SQLite state ('' keeps it in memory)")
-    allowed_sources: Annotated[tuple[str, ...], NoDecode] = Field(("*",), description="hosts this one accepts VMs from (comma-separated)")
-    capacity_mib: int | None = Field(None, ge=0, description="memory this host offers to incoming VMs")
-    inventory_interval_s: float = Field(5.0, gt=0, description="how often the adapter announces its VMs")
-    ledger_max: int | None = Field(None, ge=1, description="dispatched event ids each VM's audit trail keeps (service default 10000)")
-    qemu_standby: str | None = Field(None, description="receiving QEMU processes kept ready per VM shape, e.g. 512:2=2,2048:4")
-    qemu_tls_dir: str | None = Field(None, description="CA and host certificate for QEMU's migration stream over TLS")
-    libvirt_migrate_tls: bool = Field(False, description="libvirt migrates with VIR_MIGRATE_TLS")
-    guest_dir: str | None = Field(None, description="sources of the test guest (default: the repo's guest/)")
-    guest_image: str | None = Field(None, description="the guest kernel image (default: built from FERRY_GUEST_DIR)")
+    driver: Literal["sim", "qemu", "libvirt"] = Field(default="sim", description="hypervisor driver of the adapter")
+    state_dir: str = Field(default=".ferry/state", description="where host services keep their SQLite state ('' keeps it in memory)")
+    allowed_sources: Annotated[tuple[str, ...], NoDecode] = Field(default=("*",), description="hosts this one accepts VMs from (comma-separated)")
+    capacity_mib: int | None = Field(default=None, ge=0, description="memory this host offers to incoming VMs")
+    inventory_interval_s: float = Field(default=5.0, gt=0, description="how often the adapter announces its VMs")
+    ledger_max: int | None = Field(default=None, ge=1, description="dispatched event ids each VM's audit trail keeps (service default 10000)")
+    qemu_standby: str | None = Field(default=None, description="receiving QEMU processes kept ready per VM shape, e.g. 512:2=2,2048:4")
+    qemu_tls_dir: str | None = Field(default=None, description="CA and host certificate for QEMU's migration stream over TLS")
+    libvirt_migrate_tls: bool = Field(default=False, description="libvirt migrates with VIR_MIGRATE_TLS")
+    guest_dir: str | None = Field(default=None, description="sources of the test guest (default: the repo's guest/)")
+    guest_image: str | None = Field(default=None, description="the guest kernel image (default: built from FERRY_GUEST_DIR)")
     # ---- message signing ---------------------------------------------------------------
-    auth: Literal["", "none", "ed25519"] = Field("", description="ed25519 to sign and verify; none or unset for neither")
-    keys_dir: str | None = Field(None, description="key directory (keys, trust.json, permissions.json)")
-    key_name: str | None = Field(None, description="which NAME.key to sign with (default: trust.json's choice)")
-    permissions_file: str | None = Field(None, description="permissions JSON (default: FERRY_KEYS_DIR/permissions.json)")
-    auth_max_age_s: float = Field(300.0, gt=0, description="oldest signed message accepted")
-    auth_max_skew_s: float = Field(30.0, ge=0, description="how far ahead a sender's clock may be")
-    auth_replay_window: int = Field(100_000, ge=1, description="message ids remembered against replays")
+    auth: Literal["", "none", "ed25519"] = Field(default="", description="ed25519 to sign and verify; none or unset for neither")
+    keys_dir: str | None = Field(default=None, description="key directory (keys, trust.json, permissions.json)")
+    key_name: str | None = Field(default=None, description="which NAME.key to sign with (default: trust.json's choice)")
+    permissions_file: str | None = Field(default=None, description="permissions JSON (default: FERRY_KEYS_DIR/permissions.json)")
+    auth_max_age_s: float = Field(default=300.0, gt=0, description="oldest signed message accepted")
+    auth_max_skew_s: float = Field(default=30.0, ge=0, description="how far ahead a sender's clock may be")
+    auth_replay_window: int = Field(default=100_000, ge=1, description="message ids remembered against replays")
     # ---- tracing (the standard OpenTelemetry variables, read by the SDK too) -----------
-    trace_collect: bool = Field(True, description="ship migration spans to the coordinator (ferry trace)")
-    otel_sdk_disabled: bool = Field(False, validation_alias=AliasChoices("OTEL_SDK_DISABLED", "otel_sdk_disabled"),
+    trace_collect: bool = Field(default=True, description="ship migration spans to the coordinator (ferry trace)")
+    otel_sdk_disabled: bool = Field(default=False, validation_alias=AliasChoices("OTEL_SDK_DISABLED", "otel_sdk_disabled"),
                                     description="turn tracing off altogether")
-    otel_service_name: str | None = Field(None, validation_alias=AliasChoices("OTEL_SERVICE_NAME", "otel_service_name"),
+    otel_service_name: str | None = Field(default=None, validation_alias=AliasChoices("OTEL_SERVICE_NAME", "otel_service_name"),
                                           description="service.name of this process's spans")
-    otel_traces_exporter: str | None = Field(None, validation_alias=AliasChoices("OTEL_TRACES_EXPORTER", "otel_traces_exporter"),
+    otel_traces_exporter: str | None = Field(default=None, validation_alias=AliasChoices("OTEL_TRACES_EXPORTER", "otel_traces_exporter"),
                                              description="otlp to export spans (or none)")
-    otel_traces_sampler: str | None = Field(None, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER", "otel_traces_sampler"),
+    otel_traces_sampler: str | None = Field(default=None, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER", "otel_traces_sampler"),
                                             description="the SDK's sampler (default parent-based always-on)")
     otel_exporter_otlp_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
         description="OTLP collector (all signals)")
     otel_exporter_otlp_traces_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otel_exporter_otlp_traces_endpoint"),
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otel_exporter_otlp_traces_endpoint"),
         description="OTLP collector for traces")
     otel_exporter_otlp_headers: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_HEADERS", "otel_exporter_otlp_headers"),
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_HEADERS", "otel_exporter_otlp_headers"),
         description="headers for the OTLP collector (often a token)")
 
     @field_validator("*", mode="before")
