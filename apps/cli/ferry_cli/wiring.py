@@ -10,15 +10,12 @@ from ferry_common.runtime import tune_gc
 from ferry_common.security import Authenticator
 from ferry_common.settings import Settings
 from ferry_common.signing import auth_factory_from_env, authenticator_from_env
-from ferry_common.tls import TlsSettings, tls_context
 from ferry_common.tracing import BusSpanExporter, Tracing, setup_tracing
 
 
 def bus(settings: Settings, name: str) -> AmqpBus:
     """A bus on ``AMQP_URL`` with TLS as ``FERRY_AMQP_*`` configures it (unconnected)."""
-    url = settings.amqp_url.get_secret_value()
-    tls = TlsSettings(ca_file=settings.amqp_ca_file, cert_file=settings.amqp_cert_file, key_file=settings.amqp_key_file)
-    return AmqpBus(url, ssl_context=tls_context(url, tls), name=name, coalesce=settings.amqp_coalesce)
+    return AmqpBus.from_settings(settings, name=name)
 
 
 def auth_factory(settings: Settings) -> Callable[[str], Authenticator]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 from typing import Any
 
@@ -26,10 +25,12 @@ from aio_pika.abc import (
     AbstractRobustExchange,
     AbstractRobustQueue,
 )
+from pydantic import SecretStr
 
 from .. import metrics
 from ..errors import FerryError, InvalidMessage, Transient, Unroutable
 from ..ids import new_id
+from ..settings import Settings
 from ..tls import TlsSettings, tls_context
 from .batch import BATCH_CONTENT_TYPE, BATCH_TYPE, Lanes, batchable, pack, unpack
 from .interfaces import DeliveryHandler, Message, QueueSpec
@@ -182,13 +183,11 @@ class AmqpBus:
     """RabbitMQ through one robust connection: a publishing channel plus one channel per consumer."""
 
     def __init__(self, url: str, *, ssl_context: ssl.SSLContext | None = None, name: str = "ferry",
-                 coalesce: bool | None = None) -> None:
+                 coalesce: bool = True) -> None:
         self.url = url
         self.ssl_context = ssl_context
         self.name = name
-        # FERRY_AMQP_COALESCE=0 sends every message as itself (the contract is the same either way)
-        if coalesce is None:
-            coalesce = os.environ.get("FERRY_AMQP_COALESCE", "1") != "0"
+        # coalesce=False (FERRY_AMQP_COALESCE=0) sends every message as itself (same contract)
         self._lanes = Lanes(self._send) if coalesce else None
         self.amqp_published = 0  # AMQP messages, batches counting once
         self._conn: AbstractRobustConnection | None = None
@@ -200,9 +199,17 @@ class AmqpBus:
         self._consumers: dict[str, _AmqpConsumer] = {}
 
     @classmethod
+    def from_settings(cls, settings: Settings, *, name: str = "ferry") -> AmqpBus:
+        """A bus on ``AMQP_URL`` with TLS and coalescing as the settings say (unconnected)."""
+        url = settings.amqp_url.get_secret_value()
+        tls = TlsSettings(ca_file=settings.amqp_ca_file, cert_file=settings.amqp_cert_file,
+                          key_file=settings.amqp_key_file)
+        return cls(url, ssl_context=tls_context(url, tls), name=name, coalesce=settings.amqp_coalesce)
+
+    @classmethod
     def from_env(cls, url: str, *, name: str = "ferry") -> AmqpBus:
-        """A bus for ``url`` with TLS as ``FERRY_AMQP_*`` configures it (:mod:`ferry_common.tls`)."""
-        return cls(url, ssl_context=tls_context(url, TlsSettings.from_env()), name=name)
+        """:meth:`from_settings` for ``url``, the rest from the environment (tests, scripts)."""
+        return cls.from_settings(Settings(amqp_url=SecretStr(url)), name=name)
 
     async def connect(self) -> None:
         kwargs: dict[str, Any] = {"client_properties": {"connection_name": self.name}}
