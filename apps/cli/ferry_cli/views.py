@@ -181,15 +181,18 @@ class MigrateProgress:
             return
         if e.status == "progress" and e.detail.get("percent") is not None:
             d = e.detail
+            if self._step is None:  # step statuses are paced: the first may be this sample
+                self._step = e.step or "migrate_vm"
+                self._progress.update(self._task, description=self._step)
             self._progress.update(
-                self._task, description=e.step or "migrate_vm", completed=float(d.get("percent") or 0.0),
+                self._task, completed=float(d.get("percent") or 0.0),
                 remaining=f"{d.get('remaining_bytes', 0) / MIB:.0f} MiB left", dirty=_dirty(d).strip(),
                 passes=f"pass {d.get('passes')}" if d.get("passes") else "")
         elif e.status == "progress":
-            if self._step and self._step != e.step:
-                self._progress.console.print(f"  [dim]done[/] {escape(self._step)}")
-            self._step = e.step
+            done, self._step = self._step, e.step
             self._progress.update(self._task, description=e.step or "")
+            if done and done != e.step:
+                self._progress.console.print(f"  [dim]done[/] {escape(done)}")
         else:
             if e.status == "completed":
                 self._progress.update(self._task, completed=100, description="completed")
