@@ -75,6 +75,9 @@ class Settings(BaseSettings):
                                              description="otlp to export spans (or none)")
     otel_traces_sampler: str | None = Field(default=None, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER", "otel_traces_sampler"),
                                             description="the SDK's sampler (default parent-based always-on)")
+    otel_resource_attributes: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_RESOURCE_ATTRIBUTES", "otel_resource_attributes"),
+        description="extra resource attributes of spans, e.g. k8s.node.name=...")
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
         description="OTLP collector (all signals)")
