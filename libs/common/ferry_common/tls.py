@@ -1,4 +1,4 @@
-"""TLS to the broker, configured from the environment.
+"""TLS to the broker, configured by ``FERRY_AMQP_*`` (fields of :class:`ferry_common.settings.Settings`).
 
 ``AMQP_URL=amqps://...`` alone verifies the broker against the system's CAs. A private CA,
 and a client certificate for mutual TLS, come from files (in Kubernetes, a Secret mounted
@@ -12,7 +12,6 @@ The broker's hostname (the URL's host) is always verified; there is no switch to
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ class TlsSettings:
     key_file: str | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> TlsSettings:
-        e = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str]) -> TlsSettings:
+        """From a mapping of ``FERRY_AMQP_*`` variables (services get theirs from Settings)."""
+        e = env
         return cls(
             ca_file=e.get("FERRY_AMQP_CA_FILE") or None,
             cert_file=e.get("FERRY_AMQP_CERT_FILE") or None,
