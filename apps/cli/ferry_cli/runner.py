@@ -92,11 +92,11 @@ async def run_up(settings: Settings, hosts: list[str], *, coordinator: bool = Tr
 async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinator: bool) -> int:
     wiring.gc(settings)
     auth = wiring.auth_factory(settings)
-    name = "ferry-" + ("coordinator" if coordinator else services[0][1])
+    process = "ferry-" + ("coordinator" if coordinator else services[0][1])
     # before any service starts, so their first spans are recorded: OTLP as OTEL_* says, and
     # migration spans shipped to the coordinator (ferry trace) unless FERRY_TRACE_COLLECT=0
-    tracing = wiring.tracing(settings, name)
-    bus = wiring.bus(settings, name)
+    tracing = wiring.tracing(settings, process)
+    bus = wiring.bus(settings, process)
     await bus.connect()
     started: list[Any] = []
     # every service's state store: closed on the way out (an open aiosqlite connection's
