@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("vm")
     show.set_defaults(func=_vm_show)
 
+    _plane_parser(sub)
+
     ev = sub.add_parser("events", help="send service-plane events to a VM")
     ev.add_argument("vm")
     ev.add_argument("--count", type=int, default=10)
@@ -203,6 +205,38 @@ async def _vm_show(args: argparse.Namespace) -> int:
                 for embot, state in plane["embots"].items():
                     print(f"    embot {embot}: {json.dumps(state, default=str)}")
     return 0
+
+
+def _plane_parser(sub: Any) -> None:
+    plane = sub.add_parser("plane", help="a VM's management plane as a YAML or JSON file")
+    plane_sub = plane.add_subparsers(metavar="ACTION")
+    apply = plane_sub.add_parser("apply", help="create or update a VM's plane from a file (idempotent)")
+    apply.add_argument("-f", "--file", required=True)
+    apply.add_argument("--vm", help="apply it to this VM instead of the file's")
+    apply.add_argument("--on", dest="host", help="the VM's host (default: where the coordinator sees it)")
+    apply.set_defaults(func=_plane_apply)
+    get = plane_sub.add_parser("get", help="print a VM's plane as a file")
+    get.add_argument("vm")
+    get.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    get.add_argument("--on", dest="host", help="the VM's host (default: where the coordinator sees it)")
+    get.set_defaults(func=_plane_get)
+
+
+async def _plane_apply(args: argparse.Namespace) -> int:
+    from ferry_common.planes.commands import apply_command, read_plane
+
+    doc = read_plane(args.file, args.vm)
+    if doc is None:
+        return 2
+    async with _client() as client:
+        return await apply_command(client.endpoint, doc, host=args.host)
+
+
+async def _plane_get(args: argparse.Namespace) -> int:
+    from ferry_common.planes.commands import get_command
+
+    async with _client() as client:
+        return await get_command(client.endpoint, args.vm, fmt=args.output, host=args.host)
 
 
 async def _events(args: argparse.Namespace) -> int:
