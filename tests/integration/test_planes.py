@@ -13,13 +13,16 @@ import pytest
 
 from ferry_cli.sample import vm_spec
 from ferry_common.bus.topology import host_command
+from ferry_common.endpoint import Endpoint
 from ferry_common.errors import RemoteError
 from ferry_common.messages.commands import ActivateVmEvents, CreateVm
 from ferry_common.messages.domain import Policy
 from ferry_common.messages.plane import PlaneDocument, PlaneEmbot
+from ferry_common.messages.planes import ApplyPlane, GetPlane
 from ferry_common.planes.commands import apply_command, get_command, read_plane
 from ferry_common.planes.loader import load_plane, parse_plane
 from ferry_common.planes.remote import apply_plane, get_plane
+from ferry_common.signing import auth_factory_from_env, init_keydir
 from tests.harness import Cluster, make_cluster, until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -169,3 +172,28 @@ async def test_a_plane_is_not_changed_while_its_vm_migrates(cluster: Cluster) ->
     ans = await apply_command(cluster.client.endpoint, edited(doc), err=err)
     assert ans == 0, err.getvalue()
     assert set(target.planes["vm1"].embots) == {"vm1.load", "vm1.disks", "vm1.audit"}
+
+
+async def test_only_clients_may_apply_a_plane_when_messages_are_signed(tmp_path: Path, bus_kind: str) -> None:
+    keys = init_keydir(tmp_path / "keys", hosts=["host-a", "host-b"], clients=["test"])
+    auth = auth_factory_from_env(environ={"FERRY_AUTH": "ed25519", "FERRY_KEYS_DIR": str(keys)})
+    c = await make_cluster(bus_kind, ("host-a", "host-b"), auth=auth)
+    try:
+        await c.create_vm("host-a", "vm1", memory_mib=256)
+        doc = read_plane(str(EXAMPLES / "web-server.yaml"), "vm1")
+        assert doc is not None
+        # a signed client's apply is taken
+        assert (await apply_plane(c.client.endpoint, "host-a", edited(doc))).result == "updated"
+        # another host's services, though trusted, may not change (or read) a plane
+        mo = c.host("host-a").managed_object
+        before = mo.endpoint.stats["unauthenticated"]
+        host_b = Endpoint(c.client.endpoint.bus, "host/host-b/managed_object", auth=auth("host/host-b/managed_object"))
+        await host_b.send(host_command("host-a", "managed_object"), ApplyPlane(plane=doc))
+        await host_b.send(host_command("host-a", "managed_object"), GetPlane(vm_id="vm1"))
+
+        async def refused() -> bool:
+            return mo.endpoint.stats["unauthenticated"] >= before + 2
+        await until(refused, 5.0, "the managed object to refuse both")
+        assert "vm1.audit" in mo.planes["vm1"].embots  # the host's apply changed nothing
+    finally:
+        await c.close()
