@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from ferry_common.planes.commands import apply_command, get_command, read_plane
 from ferry_common.planes.loader import load_plane, parse_plane
 from ferry_common.planes.remote import apply_plane, get_plane
 from ferry_common.signing import auth_factory_from_env, init_keydir
-from tests.harness import Cluster, make_cluster, until
+from tests.harness import Cluster, amqp_url, make_cluster, until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -54,6 +56,11 @@ async def test_apply_creates_then_is_idempotent_and_get_prints_the_file_back(clu
     assert set(mo.planes["db-01"].embots) == {"db-01.data-disk", "db-01.service"}
     stored = {k for k, _ in await mo.state.items("eb.db-01")}
     assert stored == {"db-01.data-disk", "db-01.service"}
+    # the VM's events now reach its plane
+    sent = await cluster.send_events("db-01", 4, element="db-01.data")
+    await cluster.settle("db-01")
+    assert mo.ledger["db-01"] == [e.id for e in sent]
+    assert mo.planes["db-01"].state["db-01.data-disk"]["io_errors"] == 1  # the 4th is a disk error
     again = await apply_plane(cluster.client.endpoint, "host-a", doc)
     assert again.result == "unchanged" and not (again.added or again.removed or again.changed)
     # get prints what was applied, in the file's form (policies named where they were)
@@ -195,5 +202,38 @@ async def test_only_clients_may_apply_a_plane_when_messages_are_signed(tmp_path:
             return mo.endpoint.stats["unauthenticated"] >= before + 2
         await until(refused, 5.0, "the managed object to refuse both")
         assert "vm1.audit" in mo.planes["vm1"].embots  # the host's apply changed nothing
+    finally:
+        await c.close()
+
+
+@pytest.mark.rabbitmq
+async def test_the_ferry_command_applies_and_gets_a_plane(rabbitmq_available: None, tmp_path: Path) -> None:
+    """``ferry plane apply`` and ``ferry plane get`` as a person runs them, against RabbitMQ."""
+    c = await make_cluster("rabbitmq", ("host-a", "host-b"))
+    try:
+        await guest_without_plane(c, "host-a", "db-07")
+        env = {**os.environ, "AMQP_URL": amqp_url(c.vhost or ""), "FERRY_AUTH": "none"}
+
+        async def ferry(*args: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("ferry")), *args, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode or 0, out.decode(), err.decode()
+
+        code, out, err = await ferry("plane", "apply", "-f", str(EXAMPLES / "database.yaml"), "--vm", "db-07")
+        assert code == 0, err
+        assert out.startswith("plane of db-07 on host-a: created")
+        code, out, err = await ferry("plane", "get", "db-07", "-o", "yaml")
+        assert code == 0, err
+        got = tmp_path / "db-07.yaml"
+        got.write_text(out)
+        assert load_plane(got) == read_plane(str(EXAMPLES / "database.yaml"), "db-07")
+        code, out, err = await ferry("plane", "apply", "-f", str(got))
+        assert (code, out.strip()) == (0, "plane of db-07 on host-a: unchanged"), err
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("vm: db-07\nelements:\n  - id: db-07\n    type: vm\n    module: ferry.core@1.0\n    colour: red\n")
+        code, out, err = await ferry("plane", "apply", "-f", str(bad))
+        assert code == 2 and err.strip().endswith(f"{bad}:6: elements.0.colour: unknown field 'colour'"), err
     finally:
         await c.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..bus.topology import COORDINATOR_QUERY, host_command
 from ..endpoint import Endpoint
 from ..errors import FerryError
-from ..messages.commands import Inspect, Inspection
+from ..messages.commands import ActivateVmEvents, Inspect, Inspection
 from ..messages.plane import PlaneDocument
 from ..messages.planes import ApplyPlane, GetPlane, PlaneApplied, PlaneFound
 
@@ -28,8 +28,12 @@ async def host_of(endpoint: Endpoint, vm_id: str, *, timeout: float = 10.0) -> s
 
 
 async def apply_plane(endpoint: Endpoint, host: str, doc: PlaneDocument, *, timeout: float = 10.0) -> PlaneApplied:
+    """Apply ``doc`` on ``host``; a plane created there then takes the VM's events (as a plane
+    registered with the VM does), which the sensor does not before the plane exists."""
     ans = await endpoint.request(host_command(host, "managed_object"), ApplyPlane(plane=doc), timeout=timeout)
     assert isinstance(ans, PlaneApplied)
+    if ans.result == "created":
+        await endpoint.request(host_command(host, "sensor"), ActivateVmEvents(vm_id=doc.vm), timeout=timeout)
     return ans
 
 
