@@ -25,6 +25,7 @@ from ferry_common.planes.commands import apply_command, get_command, read_plane
 from ferry_common.planes.loader import load_plane, parse_plane
 from ferry_common.planes.remote import apply_plane, get_plane
 from ferry_common.signing import auth_factory_from_env, init_keydir
+from ferry_managed_object.service import ManagedObjectService
 from tests.harness import Cluster, amqp_url, make_cluster, until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -47,6 +48,11 @@ async def guest_without_plane(c: Cluster, host: str, vm_id: str) -> None:
 async def test_apply_creates_then_is_idempotent_and_get_prints_the_file_back(cluster: Cluster) -> None:
     await guest_without_plane(cluster, "host-a", "db-01")
     doc = load_plane(EXAMPLES / "database.yaml")
+    # not where the VM runs: refused, no plane made there
+    with pytest.raises(RemoteError) as elsewhere:
+        await apply_plane(cluster.client.endpoint, "host-b", doc)
+    assert elsewhere.value.code == "vm_not_here" and "absent on 'host-b'" in elsewhere.value.reason
+    assert "db-01" not in cluster.host("host-b").managed_object.planes
     out, err = io.StringIO(), io.StringIO()
     # the host is found where the coordinator sees the VM
     assert await apply_command(cluster.client.endpoint, doc, out=out, err=err) == 0, err.getvalue()
@@ -132,6 +138,16 @@ async def test_updating_a_running_plane_keeps_the_state_of_what_stays(cluster: C
     assert stored["vm1.load"]["state"]["seen"] == 10
     # the same update again changes nothing
     assert (await apply_plane(cluster.client.endpoint, "host-a", edited(doc))).result == "unchanged"
+    # what is stored is the updated plane: a restart restores it as it is
+    restarted = ManagedObjectService("host-a", mo.endpoint, mo.state)
+    await restarted.restore()
+    again = restarted.planes["vm1"]
+    assert (again.state, again.embots.keys(), again.elements) == (plane.state, plane.embots.keys(), plane.elements)
+    read = [(await m.plane_files.on_get(GetPlane(vm_id="vm1"), None)).plane  # type: ignore[arg-type]
+            for m in (restarted, mo)]
+    # (stored by id, the elements and embots come back in the order of their ids)
+    assert [({e.id: e for e in d.elements}, {b.id: b for b in d.embots}, d.modules) for d in read] == \
+        [({e.id: e for e in read[1].elements}, {b.id: b for b in read[1].embots}, read[1].modules)] * 2
 
     # events go on from the kept state, each acted on once
     await cluster.send_events("vm1", 3)

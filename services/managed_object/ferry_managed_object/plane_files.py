@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from ferry_common.bus.topology import host_command
 from ferry_common.endpoint import Context
-from ferry_common.errors import Conflict, InvalidMessage
+from ferry_common.errors import Conflict, FerryError, InvalidMessage
+from ferry_common.messages.commands import Inspect, Inspection
 from ferry_common.messages.domain import Embot, ManagementGraph, Module, Policy
 from ferry_common.messages.planes import ApplyPlane, GetPlane, PlaneApplied, PlaneFound
 from ferry_common.planes.convert import PlaneError, to_document, to_graph
@@ -31,6 +33,16 @@ class PlaneMigrating(Conflict):
     """The plane is part of a migration: it changes once the migration has ended."""
 
     code = "plane_migrating"
+
+
+class NotHere(Conflict):
+    """The VM does not run on this host: its plane is made where it runs."""
+
+    code = "vm_not_here"
+
+
+# how long a plane's creation waits for this host's hypervisor adapter to say the VM runs here
+ADAPTER_TIMEOUT_S = 5.0
 
 
 class PlaneFiles:
@@ -81,8 +93,26 @@ class PlaneFiles:
         await svc._save_plane(plane)
         return PlaneApplied(vm_id=vm, result="updated", modules_installed=[_key(m) for m in new], **diff)
 
+    async def _vm_runs_here(self, vm_id: str) -> None:
+        """Only where the VM runs may its plane be made: one made elsewhere (a stale placement,
+        a VM that has moved on) would be a second active plane."""
+        svc = self.svc
+        try:
+            ans = await svc.endpoint.request(host_command(svc.host, "hypervisor_adapter"), Inspect(vm_id=vm_id),
+                                             timeout=ADAPTER_TIMEOUT_S)
+        except FerryError as exc:
+            raise FerryError(f"the hypervisor adapter of {svc.host!r} did not say whether {vm_id!r} runs here: "
+                             f"{exc.reason}", code="adapter_unavailable") from None
+        vms = ans.data.get("vms") if isinstance(ans, Inspection) else None
+        state = vms.get(vm_id, "absent") if isinstance(vms, dict) else "absent"
+        if state != "running":
+            raise NotHere(f"vm {vm_id!r} is {state} on {svc.host!r}, not running: apply its plane where it runs")
+
     async def _create(self, graph: ManagementGraph, new: list[Module]) -> PlaneApplied:
         svc = self.svc
+        await self._vm_runs_here(graph.vm_id)
+        if graph.vm_id in svc.planes:  # made meanwhile, by another apply or a migration
+            raise Conflict(f"vm {graph.vm_id!r} got a plane on {svc.host!r} meanwhile: apply again")
         for m in new:
             svc.modules.install(m)
         plane = svc.planes[graph.vm_id] = VmPlane.from_graph(graph, "active")
