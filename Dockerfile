@@ -34,6 +34,7 @@ COPY pyproject.toml ./
 COPY apps/ apps/
 COPY libs/ libs/
 COPY services/ services/
+COPY examples/ examples/
 RUN pip wheel --wheel-dir /wheels ".[${EXTRAS}]" \
     && if [ "$WITH_LIBVIRT" = "true" ]; then pip wheel --wheel-dir /wheels "libvirt-python>=9.0"; fi
 

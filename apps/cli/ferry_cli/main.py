@@ -29,6 +29,8 @@ vm_app = typer.Typer(help="create a VM with its management graph, or show one", 
 keys_app = typer.Typer(help="message-signing keys", no_args_is_help=True)
 app.add_typer(vm_app, name="vm")
 app.add_typer(keys_app, name="keys")
+plane_app = typer.Typer(help="a VM's management plane as a YAML or JSON file", no_args_is_help=True)
+app.add_typer(plane_app, name="plane")
 
 Json = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of a table")]
 Params = Annotated[list[str] | None, typer.Option("--param", help="KEY=VALUE (JSON values parsed), repeatable")]
@@ -198,6 +200,45 @@ def trace(migration_id: str, as_json: Json = False) -> None:
             return 1
         print(render_trace(spans))
         return 0
+
+    _run(go())
+
+
+# ---- management planes from files (docs/planes.md) -----------------------------------------
+OnHost = Annotated[str | None, typer.Option("--on", help="the VM's host (default: where the coordinator sees it)")]
+
+
+@plane_app.command("apply")
+def plane_apply(file: Annotated[str, typer.Option("-f", "--file", help="the plane file (YAML or JSON)")],
+                vm: Annotated[str | None, typer.Option(help="apply it to this VM instead of the file's")] = None,
+                host: OnHost = None) -> None:
+    """create or update a VM's plane from a file (idempotent)"""
+    from ferry_common.planes.commands import apply_command, read_plane
+
+    doc = read_plane(file, vm)
+    if doc is None:
+        raise typer.Exit(2)
+
+    async def go() -> int:
+        async with _client() as client:
+            return await apply_command(client.endpoint, doc, host=host)
+
+    _run(go())
+
+
+@plane_app.command("get")
+def plane_get(vm: str, output: Annotated[str, typer.Option("-o", "--output", help="yaml or json")] = "yaml",
+              host: OnHost = None) -> None:
+    """print a VM's plane as a file"""
+    from ferry_common.planes.commands import get_command
+
+    if output not in ("yaml", "json"):
+        print(f"ferry plane get: -o must be yaml or json, not {output!r}", file=sys.stderr)
+        raise typer.Exit(2)
+
+    async def go() -> int:
+        async with _client() as client:
+            return await get_command(client.endpoint, vm, fmt=output, host=host)
 
     _run(go())
 

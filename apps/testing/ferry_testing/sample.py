@@ -1,4 +1,4 @@
-"""A realistic management graph for demos, tests and benchmarks.
+"""The demo's management plane, for demos, tests and benchmarks: ``examples/web-server.yaml``.
 
 Three modules, one depending on another: ``ferry.core`` (element types),
 ``ferry.metrics`` (depends on core) and ``ferry.load`` (depends on metrics; the
@@ -8,85 +8,61 @@ after it, from the source.
 
 from __future__ import annotations
 
-from ferry_common.messages.domain import (
-    Action,
-    Element,
-    Embot,
-    Event,
-    ManagementGraph,
-    Module,
-    Policy,
-    VmSpec,
-)
+import sys
+from functools import cache
+from pathlib import Path
 
-CORE = Module(name="ferry.core", version="1.0", element_types=["vm", "disk", "nic", "service"])
-METRICS = Module(name="ferry.metrics", version="2.1", depends=[CORE.ref()], element_types=["meter"])
-LOAD = Module(
-    name="ferry.load",
-    version="1.3",
-    depends=[METRICS.ref()],
-    policies=[],
-)
-MODULES = [CORE, METRICS, LOAD]
+from ferry_common.messages.domain import Element, Event, ManagementGraph, Module, Policy, VmSpec
+from ferry_common.messages.plane import PlaneDocument
+from ferry_common.planes.convert import modules_of, retarget, to_graph
+from ferry_common.planes.loader import load_plane
 
-HIGH_LOAD = Policy(
-    name="count-high-load",
-    trigger=["cpu.load"],
-    condition="event.data.value > 0.8",
-    actions=[
-        Action(kind="increment", key="high_samples"),
-        Action(kind="set", key="last_high", value="event.data.value"),
-    ],
-)
-LOAD_ALARM = Policy(
-    name="alarm-on-sustained-load",
-    trigger=["cpu.load"],
-    condition="has(state.high_samples) && state.high_samples >= 3",
-    actions=[Action(kind="alarm", key="sustained-load", value="{'samples': state.high_samples}")],
-)
-TRACK_LAST = Policy(
-    name="remember-last-event",
-    trigger=["*"],
-    condition="true",
-    actions=[Action(kind="set", key="last_event", value="event.id"), Action(kind="increment", key="seen")],
-)
-DISK_ERRORS = Policy(
-    name="disk-errors",
-    trigger=["disk.error"],
-    actions=[Action(kind="increment", key="errors"), Action(kind="alarm", key="disk-error", value="event.data")],
-)
+SAMPLE_FILE = "web-server.yaml"
+
+
+def examples_dir() -> Path:
+    """``examples/`` of the source tree, or where an installed Ferry put it (share/ferry)."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "examples" / SAMPLE_FILE).is_file():
+            return parent / "examples"
+    return Path(sys.prefix) / "share" / "ferry" / "examples"
+
+
+@cache
+def document() -> PlaneDocument:
+    return load_plane(examples_dir() / SAMPLE_FILE)
+
+
+MODULES: list[Module] = modules_of(document(), lambda key: None)
+CORE, METRICS, LOAD = MODULES
+
+
+def _policy(name: str) -> Policy:
+    return next(p for p in LOAD.policies if p.name == name)
+
+
+HIGH_LOAD = _policy("count-high-load")
+LOAD_ALARM = _policy("alarm-on-sustained-load")
+TRACK_LAST = _policy("remember-last-event")
+DISK_ERRORS = _policy("disk-errors")
 
 
 def vm_spec(vm_id: str, *, memory_mib: int = 2048, **params: object) -> VmSpec:
     return VmSpec(vm_id=vm_id, memory_mib=memory_mib, vcpus=2, params=dict(params))
 
 
-def graph(vm_id: str, *, disks: int = 2, nics: int = 2, services: int = 3, extra_elements: int = 0) -> ManagementGraph:
-    """The VM element, its dependents, and embots watching them."""
-    core, load = CORE.ref().key, LOAD.ref().key
-    elements = [Element(id=vm_id, vm_id=vm_id, type="vm", module=core, attributes={"state": "running"})]
-    for i in range(disks):
-        elements.append(Element(id=f"{vm_id}.disk{i}", vm_id=vm_id, type="disk", module=core, depends_on=[vm_id],
-                                attributes={"size_gib": 20 * (i + 1)}))
-    for i in range(nics):
-        elements.append(Element(id=f"{vm_id}.nic{i}", vm_id=vm_id, type="nic", module=core, depends_on=[vm_id],
-                                attributes={"mac": f"52:54:00:00:00:{i:02x}"}))
-    for i in range(services):
-        deps = [f"{vm_id}.disk{i % max(disks, 1)}"] if disks else [vm_id]
-        elements.append(Element(id=f"{vm_id}.svc{i}", vm_id=vm_id, type="service", module=core, depends_on=deps,
-                                attributes={"name": f"svc-{i}"}))
-    for i in range(extra_elements):
-        elements.append(Element(id=f"{vm_id}.m{i}", vm_id=vm_id, type="service", module=core, depends_on=[vm_id]))
-    embots = [
-        Embot(id=f"{vm_id}.load", module=load, elements=[vm_id], policies=[HIGH_LOAD, LOAD_ALARM, TRACK_LAST]),
-        Embot(id=f"{vm_id}.disks", module=load, elements=[e.id for e in elements if e.type == "disk"] or [vm_id],
-              policies=[DISK_ERRORS, TRACK_LAST]),
-        Embot(id=f"{vm_id}.services", module=load, elements=[e.id for e in elements if e.type == "service"] or [vm_id],
-              policies=[TRACK_LAST]),
-    ]
-    return ManagementGraph(
-        vm_id=vm_id, elements=elements, embots=embots, manifest=[CORE.ref(), LOAD.ref()]  # ferry.metrics comes in as a dependency
-    )
+def graph(vm_id: str, *, extra_elements: int = 0) -> ManagementGraph:
+    """The example's plane for ``vm_id``, and ``extra_elements`` more services on the VM,
+    watched by its services' embot."""
+    g, _ = to_graph(retarget(document(), vm_id), {m.ref().key: m for m in MODULES}.get)
+    if not extra_elements:
+        return g
+    core = CORE.ref().key
+    extra = [Element(id=f"{vm_id}.m{i}", vm_id=vm_id, type="service", module=core, depends_on=[vm_id])
+             for i in range(extra_elements)]
+    embots = [b.model_copy(update={"elements": [*b.elements, *(e.id for e in extra)]})
+              if b.id == f"{vm_id}.services" else b for b in g.embots]
+    return g.model_copy(update={"elements": [*g.elements, *extra], "embots": embots})
 
 
 def event(vm_id: str, n: int, ts: float, *, element: str | None = None) -> Event:

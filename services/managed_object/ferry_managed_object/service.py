@@ -45,6 +45,7 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.domain import Element, Embot, Module
 from ferry_common.messages.limits import MAX_MODULE_ROUNDS, MAX_MODULES
+from ferry_common.messages.planes import ApplyPlane, GetPlane
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
 from ferry_common.security import host_identity
 from ferry_common.service import HostService
@@ -52,6 +53,7 @@ from ferry_common.state import StateStore
 
 from .modules import ModuleError, ModuleRegistry
 from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_graph
+from .plane_files import PlaneFiles
 from .policy import Effect, PolicyEngine
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class ManagedObjectService(HostService):
         r.add(InstallModules, self.on_install)
         r.add(DispatchEvents, self.on_dispatch)
         r.add(SetAttributes, self.on_set_attributes)
+        # a VM's plane as a document (ferry plane apply/get)
+        self.plane_files = PlaneFiles(self)
+        r.add(ApplyPlane, self.plane_files.on_apply)
+        r.add(GetPlane, self.plane_files.on_get)
         r.add(Inspect, self.on_inspect)
         r.add(FetchModules, self.on_fetch_modules)
         r.add(ExportManagementState, self.on_export)
