@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from ferry_testing.sample import vm_spec
 from ferry_common.bus.topology import host_command
 from ferry_common.endpoint import Endpoint
 from ferry_common.errors import RemoteError
@@ -26,6 +25,7 @@ from ferry_common.planes.loader import load_plane, parse_plane
 from ferry_common.planes.remote import apply_plane, get_plane
 from ferry_common.signing import auth_factory_from_env, init_keydir
 from ferry_managed_object.service import ManagedObjectService
+from ferry_testing.sample import vm_spec
 from tests.harness import Cluster, amqp_url, make_cluster, until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

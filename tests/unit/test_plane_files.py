@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ferry_testing.sample import MODULES, graph
 from ferry_common.messages.plane import PlaneDocument
 from ferry_common.planes import schema
 from ferry_common.planes.convert import PlaneError, retarget, to_document, to_graph
 from ferry_common.planes.loader import PlaneFileError, load_plane, parse_plane
 from ferry_common.planes.render import render_plane
+from ferry_testing.sample import MODULES, graph
 
 EXAMPLES = sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.*"))
 
