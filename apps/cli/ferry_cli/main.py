@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Coroutine
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -205,6 +206,11 @@ def trace(migration_id: str, as_json: Json = False) -> None:
 
 
 # ---- management planes from files (docs/planes.md) -----------------------------------------
+class PlaneFormat(StrEnum):
+    yaml = "yaml"
+    json = "json"
+
+
 OnHost = Annotated[str | None, typer.Option("--on", help="the VM's host (default: where the coordinator sees it)")]
 
 
@@ -227,18 +233,14 @@ def plane_apply(file: Annotated[str, typer.Option("-f", "--file", help="the plan
 
 
 @plane_app.command("get")
-def plane_get(vm: str, output: Annotated[str, typer.Option("-o", "--output", help="yaml or json")] = "yaml",
+def plane_get(vm: str, output: Annotated[PlaneFormat, typer.Option("-o", "--output")] = PlaneFormat.yaml,
               host: OnHost = None) -> None:
     """print a VM's plane as a file"""
     from ferry_common.planes.commands import get_command
 
-    if output not in ("yaml", "json"):
-        print(f"ferry plane get: -o must be yaml or json, not {output!r}", file=sys.stderr)
-        raise typer.Exit(2)
-
     async def go() -> int:
         async with _client() as client:
-            return await get_command(client.endpoint, vm, fmt=output, host=host)
+            return await get_command(client.endpoint, vm, fmt=output.value, host=host)
 
     _run(go())
 
