@@ -82,6 +82,8 @@ class BalancerState:
     caller: a replica taking over restores it and neither repeats nor forgets a cooldown)."""
 
     rounds_above: int = 0
+    #: the threshold was held and the balancer is bringing the imbalance down to the target
+    active: bool = False
     #: vm id -> clock.now() when the balancer's last move of it started
     moved_at: dict[str, float] = field(default_factory=dict)
 
@@ -116,13 +118,16 @@ class Balancer:
         spread = Spread.of(utils)
         current = spread.value
         version = inventory_version(fleet)
-        if current <= rules.threshold:
-            self.state.rounds_above = 0
+        state = self.state
+        if current <= rules.target or (current <= rules.threshold and not state.active):
+            state.rounds_above, state.active = 0, False
             return Evaluation(current, 0, version, idle="balanced")
-        self.state.rounds_above += 1
-        held = self.state.rounds_above
-        if held < rules.hold_rounds:
+        if current > rules.threshold:
+            state.rounds_above += 1
+        held = state.rounds_above
+        if not state.active and held < rules.hold_rounds:
             return Evaluation(current, held, version, idle="holding")
+        state.active = True
         if work.busy or work.other:
             return Evaluation(current, held, version, idle="yielding")
         slots = rules.max_in_flight - len(work.automatic)

@@ -17,6 +17,11 @@ class BalanceRules:
     #: imbalance (coefficient of variation of host utilisation, :mod:`.metric`) above which the
     #: fleet is out of balance; Proxmox's default
     threshold: float = 0.3
+    #: once it has started, the balancer goes on until the imbalance is at or under this, then
+    #: waits for the threshold to be held again: it does not stop just under the threshold for
+    #: the next drift to take the fleet back over it (DRS also balances to a target, not to
+    #: the edge)
+    target: float = 0.2
     #: consecutive evaluations the imbalance must stay above the threshold before a move:
     #: a spike that passes by itself moves nothing (Proxmox: 3 rounds)
     hold_rounds: int = 3
@@ -41,5 +46,7 @@ class BalanceRules:
                 raise ValueError(f"balance rule {f.name} must be a finite number >= 0, not {value!r}")
         if self.hold_rounds < 1 or self.source_hosts < 1:
             raise ValueError("balance rules hold_rounds and source_hosts must be at least 1")
+        if self.target > self.threshold:
+            raise ValueError(f"balance rule target ({self.target}) must not exceed threshold ({self.threshold})")
         if self.interval_s <= 0:
             raise ValueError("balance rule interval_s must be positive")
