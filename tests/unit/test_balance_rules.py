@@ -20,7 +20,7 @@ from tests.unit.balance_fixtures import fleet, lopsided, vm
 
 
 def balancer(clock: FakeClock | None = None, **rules: float) -> Balancer:
-    return Balancer(CapacityPlacement(), BalanceRules(**rules), clock or FakeClock())  # type: ignore[arg-type]
+    return Balancer(CapacityPlacement(), BalanceRules(**rules), clock or FakeClock())
 
 
 def test_the_metric_is_the_coefficient_of_variation_of_dominant_shares() -> None:
