@@ -56,9 +56,22 @@ def test_a_round_under_the_threshold_restarts_the_count() -> None:
 def test_nothing_moves_under_the_threshold_however_long() -> None:
     b = balancer(hold_rounds=1, threshold=0.3, target=0.1)
     # utilisations 0.5 and 0.75: imbalance 0.2, a move would lower it but it is under 0.3
-    f = fleet({"h1": [vm("a", 4.0), vm("b", 4.0)], "h2": [vm("c", 4.0), vm("d", 4.0), vm("e", 4.0)]})
+    f = fleet({"h1": [vm(f"a{i}", 1.0) for i in range(8)], "h2": [vm(f"b{i}", 1.0) for i in range(12)]})
+    assert imbalance([host_utilisation(h) for h in f.hosts]) == pytest.approx(0.2)
+    assert balancer(hold_rounds=1, threshold=0.15, target=0.1).evaluate(f).proposals != ()
     for _ in range(10):
         assert b.evaluate(f).proposals == ()
+
+
+def test_once_started_it_balances_down_to_the_target_not_just_under_the_threshold() -> None:
+    # imbalance 0.25: between the target (0.2) and the threshold (0.3)
+    band = fleet({"h1": [vm(f"a{i}", 1.0) for i in range(6)], "h2": [vm(f"b{i}", 1.0) for i in range(10)]})
+    assert imbalance([host_utilisation(h) for h in band.hosts]) == pytest.approx(0.25)
+    idle = balancer(hold_rounds=1)
+    assert idle.evaluate(band).proposals == ()  # not started: the band is left alone
+    started = balancer(hold_rounds=1)
+    assert started.evaluate(lopsided()).proposals != ()
+    assert [p.move.source for p in started.evaluate(band).proposals] == ["h2"]  # goes on to 0.2
 
 
 def test_a_move_must_gain_at_least_min_gain() -> None:
