@@ -120,6 +120,7 @@ class Strategy:
     series: list[float] = field(default_factory=list)
     max_in_flight: int = 0
     moved_at: dict[str, list[float]] = field(default_factory=dict)
+    decide_s: list[float] = field(default_factory=list)  # wall time of each round's decision
 
     def start(self, moves: list[Move], model: LoadModel, now: float) -> None:
         by_id = {vm.vm_id: vm for vm in model.vms}

@@ -17,6 +17,7 @@ Run: ``make bench-balance`` or ``.venv/bin/python bench/balance_sim.py --help``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
@@ -71,7 +72,10 @@ def simulate(args: argparse.Namespace) -> tuple[list[Strategy], BalanceRules, fl
             model.step(args.round_s)
             for s in strategies:
                 s.series.append(fleet_imbalance(s, model, args.hosts))
-                s.start(s.decide(s, model, t), model, t)
+                t0 = time.perf_counter()
+                moves = s.decide(s, model, t)
+                s.decide_s.append(time.perf_counter() - t0)
+                s.start(moves, model, t)
         t += args.tick_s
     return strategies, rules, time.perf_counter() - began
 
@@ -90,6 +94,8 @@ def summary(s: Strategy, rules: BalanceRules, hours: float) -> dict[str, Any]:
         "imbalance_p95": round(sorted(s.series)[int(0.95 * (len(s.series) - 1))], 4),
         "moved_again_within_cooldown": again,
         "max_in_flight": s.max_in_flight,
+        "decision_ms_median": round(statistics.median(s.decide_s) * 1000, 2),
+        "decision_ms_p99": round(sorted(s.decide_s)[int(0.99 * (len(s.decide_s) - 1))] * 1000, 2),
     }
 
 
@@ -136,15 +142,15 @@ def main() -> None:
     goal = ferry_r["fraction_under_threshold"] >= 0.95 and ferry_r["migrations"] < greedy_r["migrations"]
     print(table(
         [[name, f"{r['fraction_under_threshold']:.1%}", r["migrations"], r["migrations_per_hour"],
-          r["imbalance_median"], r["imbalance_p95"], r["moved_again_within_cooldown"], r["max_in_flight"]]
+          r["imbalance_median"], r["imbalance_p95"], r["moved_again_within_cooldown"], r["max_in_flight"], r["decision_ms_median"]]
          for name, r in results.items()],
-        ["strategy", "under threshold", "migrations", "per hour", "median", "p95", "moved again <1h", "max in flight"],
+        ["strategy", "under threshold", "migrations", "per hour", "median", "p95", "moved again <1h", "max in flight", "decision ms"],
     ))
     print(f"goal (ferry >= 95 % under {rules.threshold}, fewer migrations than greedy): {'met' if goal else 'NOT met'}"
           f"  [{args.hosts} hosts, {args.vms} VMs, {args.hours:g} h, seed {args.seed}; {wall:.1f} s wall]")
     payload = {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rules": vars(rules) if hasattr(rules, "__dict__") else {},
+        "rules": dataclasses.asdict(rules),
         "results": results, "goal_met": goal, "wall_s": round(wall, 1),
         "series": {s.name: [round(x, 4) for x in s.series] for s in strategies},
     }
