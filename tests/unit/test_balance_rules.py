@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ferry_common.clock import FakeClock
 from ferry_coordinator.balance import (
     Balancer,
+    BalancerState,
     BalanceRules,
     CapacityPlacement,
     FleetError,
@@ -128,6 +131,21 @@ def test_moves_respect_capacity_and_reservations() -> None:
     f = fleet({"h1": [vm("a", 8.0), vm("b", 6.0)], "h2": [vm("c", 1.0)]}, reserved={"h2": 64 * 1024 - 2048})
     ev = balancer(hold_rounds=1, min_gain=0.0).evaluate(f)
     assert ev.proposals == ()
+
+
+async def test_a_replica_taking_over_keeps_the_hold_count_and_the_cooldowns() -> None:
+    clock = FakeClock()
+    first = balancer(clock, hold_rounds=3)
+    first.evaluate(lopsided())
+    first.evaluate(lopsided())
+    first.started("v0")
+    saved = json.loads(json.dumps(first.state.to_dict()))  # as the store keeps it
+    await clock.advance(60.0)
+    second = Balancer(CapacityPlacement(), first.rules, clock, BalancerState.from_dict(saved))
+    moves = second.evaluate(lopsided()).proposals  # the third round above the threshold
+    assert len(moves) == 1 and moves[0].move.vm_id != "v0"
+    with pytest.raises(ValueError, match="malformed"):
+        BalancerState.from_dict({"moved_at": {"v0": "soon"}})
 
 
 def test_bad_input_is_refused_clearly() -> None:

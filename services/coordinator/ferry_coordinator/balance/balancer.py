@@ -10,8 +10,9 @@ cooldown.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ferry_common.clock import Clock, SystemClock
 from ferry_common.messages.recommendations import ReasonKind
@@ -86,6 +87,18 @@ class BalancerState:
     active: bool = False
     #: vm id -> clock.now() when the balancer's last move of it started
     moved_at: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, for the saga store."""
+        return {"rounds_above": self.rounds_above, "active": self.active, "moved_at": dict(self.moved_at)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> BalancerState:
+        try:
+            moved = {str(k): float(v) for k, v in dict(raw.get("moved_at", {})).items()}
+            return cls(int(raw.get("rounds_above", 0)), bool(raw.get("active", False)), moved)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"balancer state is malformed: {exc}") from None
 
 
 class Balancer:
