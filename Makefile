@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-qemu soak clean
+.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-qemu bench-balance soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,6 +50,9 @@ bench-qemu: $(STAMP) ## Bare QMP migration vs the full saga with real QEMU
 	bash scripts/ensure-services.sh
 	bash scripts/ensure-hypervisors.sh
 	$(PY) bench/qemu_bare_vs_saga.py
+
+bench-balance: $(STAMP) ## Fleet balancing simulation: 100 hosts, 2,000 VMs, none vs greedy vs Ferry (plot in docs/img)
+	$(PY) bench/balance_sim.py
 
 soak: $(STAMP) ## The fault-injection suite in its long mode
 	bash scripts/ensure-services.sh
