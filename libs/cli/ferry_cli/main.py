@@ -96,12 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--url", default=None)
     health.set_defaults(func=_health)
 
-    keys = sub.add_parser("keys", help="message-signing keys")
-    keys_sub = keys.add_subparsers(metavar="ACTION")
-    gen = keys_sub.add_parser("generate", help="write NAME.key and NAME.pub into DIR")
-    gen.add_argument("--dir", required=True)
-    gen.add_argument("names", nargs="+")
-    gen.set_defaults(func=_keys_generate)
+    # the key CLI is ferry_common.signing.cli's (init, generate, keygen): one parser, two doors
+    keys = sub.add_parser("keys", help="message-signing keys (init, generate, keygen)", add_help=False)
+    keys.add_argument("args", nargs=argparse.REMAINDER)
+    keys.set_defaults(func=_keys)
     return p
 
 
@@ -241,13 +239,10 @@ async def _health(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-async def _keys_generate(args: argparse.Namespace) -> int:
-    from ferry_common.signing import generate_keypair
+async def _keys(args: argparse.Namespace) -> int:
+    from ferry_common.signing.cli import main as keys_main
 
-    for name in args.names:
-        generate_keypair(args.dir, name)
-        print(f"wrote {args.dir}/{name}.key and {name}.pub")
-    return 0
+    return keys_main(args.args or ["--help"], prog="ferry keys")
 
 
 # ---- helpers ---------------------------------------------------------------------------
