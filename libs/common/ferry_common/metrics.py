@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # the families are exported as they always were: no extra ``*_created`` series beside them
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: The ``Content-Type`` of :meth:`Registry.render` output.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4

@@ -16,6 +16,8 @@ from typing import Any
 
 import celpy
 from celpy import celtypes
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 
 from ferry_common.messages.domain import Action, Policy
 
@@ -77,7 +79,7 @@ class PolicyEngine:
             raise
         except Exception as exc:
             raise PolicyError(f"{expression!r} failed: {exc}") from None
-        if isinstance(result, celpy.CELEvalError):
+        if isinstance(result, CELEvalError):
             raise PolicyError(f"{expression!r} failed: {result}")
         return to_python(result)
 
@@ -146,16 +148,16 @@ class _Scope:
 
     def cel(self) -> dict[str, Any]:
         if self._cel is None:
-            self._cel = {k: celpy.json_to_cel(v) for k, v in self.plain.items()}
+            self._cel = {k: json_to_cel(v) for k, v in self.plain.items()}
         return self._cel
 
     def state_changed(self) -> None:
         if self._cel is not None:
-            self._cel["state"] = celpy.json_to_cel(self.plain["state"])
+            self._cel["state"] = json_to_cel(self.plain["state"])
 
 
 def check_cel(value: Any) -> None:
-    """Raise what ``celpy.json_to_cel`` raises on ``value``, without building CEL values."""
+    """Raise what ``json_to_cel`` raises on ``value``, without building CEL values."""
     if isinstance(value, bool | float | str) or value is None:
         return
     if isinstance(value, int):
@@ -169,7 +171,7 @@ def check_cel(value: Any) -> None:
         for v in value:
             check_cel(v)
     else:
-        celpy.json_to_cel(value)
+        json_to_cel(value)
 
 
 
