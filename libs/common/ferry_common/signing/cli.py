@@ -1,5 +1,8 @@
 """The one key CLI, behind both ``ferry keys ...`` and ``python -m ferry_common.signing ...``.
 
+:func:`run_init` and :func:`run_generate` are the commands' bodies, for a CLI toolkit's
+commands to call; :func:`main` is the argparse door.
+
 ``init DIR --host H --client C``
     a complete key directory (keys, ``trust.json``, ``permissions.json``);
 ``generate --dir DIR NAME...``
@@ -12,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .keys import generate_keypair, init_keydir
 
@@ -34,16 +38,20 @@ def parser(prog: str = "python -m ferry_common.signing") -> argparse.ArgumentPar
     return p
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m ferry_common.signing") -> int:
-    """Run one key command; 0 on success (argparse exits 2 on bad arguments)."""
-    args = parser(prog).parse_args(argv)
+def run_init(directory: str, hosts: Sequence[str], clients: Sequence[str], prog: str = "ferry keys") -> int:
+    """``init``: print the new key directory; 1 with the reason on stderr if it cannot be made."""
+    return _run(lambda: [init_keydir(directory, hosts, clients)], prog)
+
+
+def run_generate(directory: str, names: Sequence[str], prog: str = "ferry keys") -> int:
+    """``generate``/``keygen``: print each file written; 1 with the reason on stderr otherwise."""
+    return _run(lambda: [path for name in names for path in generate_keypair(directory, name)], prog)
+
+
+def _run(work: Callable[[], list[Path]], prog: str) -> int:
     try:
-        if args.cmd == "init":
-            print(init_keydir(args.directory, args.host, args.client))
-            return 0
-        for name in args.names:
-            for path in generate_keypair(args.directory, name):
-                print(path)
+        for path in work():
+            print(path)
     except FileExistsError as exc:
         # replacing a key is a rotation, done on purpose (docs/security.md)
         print(f"{prog}: {exc.filename} exists: not overwritten", file=sys.stderr)
@@ -52,3 +60,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ferry_common.
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ferry_common.signing") -> int:
+    """Run one key command; 0 on success (argparse exits 2 on bad arguments)."""
+    args = parser(prog).parse_args(argv)
+    if args.cmd == "init":
+        return run_init(args.directory, args.host, args.client, prog)
+    return run_generate(args.directory, args.names, prog)

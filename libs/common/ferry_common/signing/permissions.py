@@ -36,6 +36,9 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "RegisterManagementGraph": _EVERYONE,
     "ActivateVmEvents": _EVERYONE,
     "SetAttributes": _EVERYONE,
+    # a VM's plane as a file (ferry plane apply/get): only operators write or read it
+    "ApplyPlane": ["client/*"],
+    "GetPlane": ["client/*"],
     "VmEvent": _EVERYONE,
     "VmEventBatch": _EVERYONE,
     # everything else is service-to-service traffic
