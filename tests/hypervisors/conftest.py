@@ -1,4 +1,4 @@
-"""Fixtures for the real-hypervisor tests: the test guest, QEMU driver pairs, libvirt daemons.
+"""Fixtures for the hypervisor tests: the test guest, driver pairs (sim, QEMU, libvirt), libvirt daemons.
 
 Missing QEMU or libvirt makes these tests fail, not skip, so CI notices; set
 ``FERRY_SKIP_HYPERVISORS=1`` to skip them on a machine that cannot run them.
@@ -189,8 +189,24 @@ async def libvirt_pair(guest_image: Path, libvirt_daemons: dict[str, str]) -> As
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+async def sim_pair() -> AsyncIterator[Pair]:
+    """Two simulated hosts on one simulated network, so a migration sees its target die."""
+    from ferry_hypervisor_adapter.drivers.sim import SimDriver, SimNetwork
+
+    network = SimNetwork()
+    source = SimDriver("host-a", network=network)
+    target = SimDriver("host-b", network=network)
+    await source.start()
+    await target.start()
+    pair = Pair(source, target, target.kill, "sim")
+    yield pair
+    await pair.teardown()
+
+
 @pytest.fixture(
     params=[
+        "sim",
         pytest.param("qemu", marks=pytest.mark.qemu),
         pytest.param("libvirt", marks=pytest.mark.libvirt),
     ]

@@ -1,6 +1,8 @@
-"""Live migration through the real drivers (QEMU over QMP, libvirt peer-to-peer), one host pair.
+"""The driver contract: live migration through each driver (the simulation, QEMU over QMP,
+libvirt peer-to-peer), one host pair.
 
-Every test runs once per driver. The guest is the repo's dirtying multiboot guest (guest/),
+Every test taking ``pair`` runs unchanged once per driver; the ``qemu_pair`` ones need
+QEMU's own specifics. The guest is the repo's dirtying multiboot guest (guest/),
 whose heartbeat at a fixed address shows where its vCPU runs.
 """
 

@@ -11,7 +11,7 @@ import pytest
 from ferry_common.errors import StepTimeout
 from ferry_common.messages.commands import DispatchEvents
 from ferry_managed_object import plane as plane_module
-from ferry_sensor import service as sensor_module
+from ferry_sensor import dispatch as sensor_module
 from tests.harness import Cluster, make_cluster, until
 
 

@@ -328,15 +328,24 @@ def health(url: Annotated[str | None, typer.Option(help="default: this process's
     _run(go())
 
 
+@keys_app.command("init")
+def keys_init(directory: str,
+              host: Annotated[list[str] | None, typer.Option("--host", help="a host's key, repeatable")] = None,
+              client: Annotated[list[str] | None, typer.Option("--client", help="a client's key, repeatable")] = None,
+              ) -> None:
+    """create the fleet's keys, trust.json and permissions.json in DIRECTORY"""
+    from ferry_common.signing.cli import run_init
+
+    raise typer.Exit(run_init(directory, host or [], client or []))
+
+
 @keys_app.command("generate")
 def keys_generate(names: Annotated[list[str], typer.Argument(help="one key pair per name")],
                   directory: Annotated[str, typer.Option("--dir", help="where NAME.key and NAME.pub go")]) -> None:
     """write NAME.key and NAME.pub into DIR"""
-    from ferry_common.signing import generate_keypair
+    from ferry_common.signing.cli import run_generate
 
-    for name in names:
-        generate_keypair(directory, name)
-        print(f"wrote {directory}/{name}.key and {name}.pub")
+    raise typer.Exit(run_generate(directory, names))
 
 
 # ---- helpers -------------------------------------------------------------------------------

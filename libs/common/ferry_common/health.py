@@ -1,4 +1,4 @@
-"""Health and metrics endpoints: a tiny dependency-free asyncio HTTP server, and its client.
+"""Health and metrics endpoints, served by ``aiohttp.web``, and their client.
 
 Every Ferry service runs one :class:`HealthServer` (port ``FERRY_HEALTH_PORT``, default 8080):
 
@@ -30,13 +30,18 @@ healthchecks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import HttpVersion11, StreamReader, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
+from aiohttp.web_protocol import RequestHandler
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import REGISTRY, Registry
@@ -50,17 +55,6 @@ DEFAULT_READY_URL = f"http://127.0.0.1:{DEFAULT_PORT}/readyz"
 
 #: A readiness check: ``True`` when healthy; ``False`` or a reason string when not.
 Check = Callable[[], Awaitable[bool | str]]
-
-_MAX_REQUEST_HEAD = 8192
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    503: "Service Unavailable",
-}
-
 
 class HealthServer:
     """Serves ``/healthz``, ``/readyz`` and ``/metrics`` over plain HTTP/1.1.
@@ -89,7 +83,8 @@ class HealthServer:
         self.request_timeout = request_timeout
         self._checks: dict[str, Check] = {}
         self._ready = False
-        self._server: asyncio.Server | None = None
+        self._runner: web.ServerRunner | None = None
+        self._site: web.TCPSite | None = None
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> HealthServer:
@@ -100,8 +95,10 @@ class HealthServer:
     @property
     def port(self) -> int:
         """The bound port (the real one once started with port 0)."""
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
+        server = self._site._server if self._site is not None else None
+        sockets = getattr(server, "sockets", None)
+        if sockets:
+            return int(sockets[0].getsockname()[1])
         return self._port
 
     @property
@@ -123,16 +120,31 @@ class HealthServer:
 
     async def start(self) -> None:
         """Bind and start serving in the background."""
-        if self._server is not None:
+        if self._runner is not None:
             return
-        self._server = await asyncio.start_server(self._handle, self.host, self._port)
+        # aiohttp's low-level server: four fixed paths need no router, and its request factory
+        # lets every answer, a 400 to an unparsable request too, say HTTP/1.1
+        server = web.Server(
+            self._serve,
+            request_factory=_http11_request,
+            access_log=None,
+            keepalive_timeout=self.request_timeout,  # an idle or silent connection is closed
+        )
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner, self._site = runner, site
 
     async def close(self) -> None:
         """Stop serving and wait for the listener to close."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        runner, self._runner, self._site = self._runner, None, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def __aenter__(self) -> HealthServer:
         await self.start()
@@ -178,74 +190,44 @@ class HealthServer:
             return False, result or "check failed"
         return False, "check failed"
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.request_timeout)
-            except TimeoutError:
-                await self._respond(writer, 408, b"request timeout\n", "text/plain")
-                return
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                await self._respond(writer, 400, b"bad request\n", "text/plain")
-                return
-            if len(head) > _MAX_REQUEST_HEAD:
-                await self._respond(writer, 400, b"request head too large\n", "text/plain")
-                return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                await self._respond(writer, 400, b"bad request\n", "text/plain")
-                return
-            method, target = parts[0], parts[1]
-            path = urlsplit(target).path
-            head_only = method == "HEAD"
-            if method not in ("GET", "HEAD"):
-                await self._respond(
-                    writer, 405, b"method not allowed\n", "text/plain", allow="GET, HEAD"
-                )
-                return
-            if path in ("/healthz", "/livez"):
-                await self._respond(
-                    writer, 200, b'{"status":"ok"}\n', "application/json", head_only
-                )
-            elif path == "/readyz":
-                ok, report = await self.readiness()
-                body = (json.dumps(report, sort_keys=True) + "\n").encode()
-                await self._respond(writer, 200 if ok else 503, body, "application/json", head_only)
-            elif path == "/metrics":
-                body = self.registry.render().encode()
-                await self._respond(writer, 200, body, METRICS_CONTENT_TYPE, head_only)
-            else:
-                await self._respond(writer, 404, b"not found\n", "text/plain", head_only)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        # probes and scrapes are one request each: every answer closes its connection
+        if request.method not in ("GET", "HEAD"):
+            response = _text(405, b"method not allowed\n", Allow="GET, HEAD")
+        elif request.path in ("/healthz", "/livez"):
+            response = _answer(200, b'{"status":"ok"}\n', "application/json")
+        elif request.path == "/readyz":
+            ok, report = await self.readiness()
+            body = (json.dumps(report, sort_keys=True) + "\n").encode()
+            response = _answer(200 if ok else 503, body, "application/json")
+        elif request.path == "/metrics":
+            response = _answer(200, self.registry.render().encode(), METRICS_CONTENT_TYPE)
+        else:
+            response = _text(404, b"not found\n")
+        response.force_close()
+        return response
 
-    @staticmethod
-    async def _respond(
-        writer: asyncio.StreamWriter,
-        status: int,
-        body: bytes,
-        content_type: str,
-        head_only: bool = False,
-        allow: str | None = None,
-    ) -> None:
-        headers = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-        ]
-        if allow:
-            headers.append(f"Allow: {allow}")
-        writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
-        if not head_only:
-            writer.write(body)
-        await writer.drain()
+
+def _answer(status: int, body: bytes, content_type: str, **headers: str) -> web.Response:
+    fields = {"Content-Type": content_type, "Cache-Control": "no-store", **headers}
+    return web.Response(status=status, body=body, headers=fields)
+
+
+def _text(status: int, body: bytes, **headers: str) -> web.Response:
+    return _answer(status, body, "text/plain", **headers)
+
+
+def _http11_request(
+    message: RawRequestMessage,
+    payload: StreamReader,
+    protocol: RequestHandler,
+    writer: AbstractStreamWriter,
+    task: asyncio.Task[None],
+) -> web.BaseRequest:
+    # aiohttp echoes the request's version and takes 1.0 for one it could not parse; a server
+    # answers with the highest version it speaks (RFC 9110, 6.2)
+    message = message._replace(version=HttpVersion11)
+    return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop())
 
 
 async def probe(url: str = DEFAULT_READY_URL, timeout_s: float = 3.0) -> tuple[bool, str]:
@@ -253,44 +235,26 @@ async def probe(url: str = DEFAULT_READY_URL, timeout_s: float = 3.0) -> tuple[b
 
     Plain ``http://`` only (the health port is never TLS). Never raises for network
     errors: an unreachable server, or one silent for ``timeout_s`` seconds, is simply
-    unhealthy. ``ferry health`` exits 0
-    exactly when the first element is ``True``.
+    unhealthy. ``ferry health`` exits 0 exactly when the first element is ``True``.
     """
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         return False, f"unsupported URL {url!r}: only http://HOST[:PORT]/PATH"
-    host = parts.hostname
-    port = parts.port or 80
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
-    host_header = f"[{host}]" if ":" in host else host
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    headers = {"User-Agent": "ferry-health", "Connection": "close"}
     try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                request = (
-                    f"GET {target} HTTP/1.1\r\nHost: {host_header}:{port}\r\n"
-                    "User-Agent: ferry-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-                )
-                writer.write(request.encode("latin-1"))
-                await writer.drain()
-                raw = await reader.read()
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, headers=headers, allow_redirects=False) as response,
+        ):
+            status = response.status
+            text = (await response.text(errors="replace")).strip()
     except TimeoutError:
         return False, f"{url}: no answer within {timeout_s:g}s"
-    except OSError as exc:
-        return False, f"{url}: {exc.strerror or exc}"
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")
-    fields = status_line.split(" ", 2)
-    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
-        return False, f"{url}: not an HTTP answer: {status_line[:80]!r}"
-    status = int(fields[1])
-    text = body.decode("utf-8", "replace").strip()
+    except aiohttp.ClientResponseError as exc:
+        return False, f"{url}: not an HTTP answer: {exc.message[:80]!r}"
+    except (aiohttp.ClientError, OSError) as exc:
+        return False, f"{url}: {getattr(exc, 'strerror', None) or exc}"
     if 200 <= status < 300:
         return True, text
     return False, f"{url}: HTTP {status}: {text}" if text else f"{url}: HTTP {status}"
