@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, get_args
 
 from ferry_common.bus.interfaces import QueueSpec
@@ -21,6 +21,7 @@ from ferry_common.errors import FerryError
 from ferry_common.ids import new_id
 from ferry_common.messages.commands import (
     ActivateVmEvents,
+    AdoptVm,
     CreateVm,
     GetTrace,
     Inspect,
@@ -28,8 +29,11 @@ from ferry_common.messages.commands import (
     ListMigrations,
     MigrationList,
     RegisterManagementGraph,
+    ReleaseVm,
     SetAttributes,
+    StorageMode,
     TraceSpans,
+    VmAdopted,
 )
 from ferry_common.messages.domain import Event, ManagementGraph, Module, VmSpec
 from ferry_common.messages.public import (
@@ -152,6 +156,32 @@ class FerryClient:
             host_command(host, "managed_object"), RegisterManagementGraph(graph=graph, modules=modules), timeout=self.timeout
         )
         await self.endpoint.request(host_command(host, "sensor"), ActivateVmEvents(vm_id=spec.vm_id), timeout=self.timeout)
+
+    async def adopt_vm(self, host: str, domain: str, plane: Callable[[str], ManagementGraph], modules: list[Module],
+                       *, storage: StorageMode = "shared") -> VmSpec:
+        """Take a guest ``host``'s hypervisor already runs (a defined domain, by name or UUID)
+        under management with the plane ``plane(vm_id)``; if the plane is refused the guest is
+        given back, so nothing is left half-adopted."""
+        ans = await self.endpoint.request(host_command(host, "hypervisor_adapter"), AdoptVm(domain=domain, storage=storage),
+                                          timeout=self.timeout)
+        assert isinstance(ans, VmAdopted)
+        vm_id = ans.vm.vm_id
+        try:
+            await self.endpoint.request(host_command(host, "managed_object"),
+                                        RegisterManagementGraph(graph=plane(vm_id), modules=modules), timeout=self.timeout)
+        except Exception:
+            if not ans.already:
+                await self.endpoint.request(host_command(host, "hypervisor_adapter"), ReleaseVm(vm_id=vm_id),
+                                            timeout=self.timeout)
+            raise
+        await self.endpoint.request(host_command(host, "sensor"), ActivateVmEvents(vm_id=vm_id), timeout=self.timeout)
+        return ans.vm
+
+    async def release_vm(self, host: str, vm_id: str) -> None:
+        """Give an adopted guest back: its events, plane and management end on ``host``; the
+        guest runs on, still defined. Refused while it migrates."""
+        for service in ("sensor", "managed_object", "hypervisor_adapter"):
+            await self.endpoint.request(host_command(host, service), ReleaseVm(vm_id=vm_id), timeout=self.timeout)
 
     async def send_event(self, event: VmEvent) -> None:
         await self.endpoint.send(vm_events(event.vm_id), event)

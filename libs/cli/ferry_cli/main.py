@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--param", action="append", default=[], help="driver parameter KEY=VALUE")
     create.add_argument("--elements", type=int, default=0, help="extra managed elements")
     create.set_defaults(func=_vm_create)
+    adopt = vm_sub.add_parser("adopt", help="manage a guest the host's hypervisor already runs (libvirt)")
+    adopt.add_argument("domain", help="the defined domain's name or UUID")
+    adopt.add_argument("--on", dest="host", required=True)
+    adopt.add_argument("--plane", default="sample",
+                       help="'sample' (the sample graph) or a JSON file: {\"graph\": ManagementGraph, \"modules\": [...]}")
+    adopt.add_argument("--storage", choices=("shared", "copy"), default="shared",
+                       help="how its disks migrate (default shared; see docs/operations.md)")
+    adopt.set_defaults(func=_vm_adopt)
+    release = vm_sub.add_parser("release", help="stop managing an adopted guest (it runs on, still defined)")
+    release.add_argument("vm")
+    release.add_argument("--on", dest="host", required=True)
+    release.set_defaults(func=_vm_release)
     show = vm_sub.add_parser("show", help="where a VM and its management plane are, and their state")
     show.add_argument("vm")
     show.set_defaults(func=_vm_show)
@@ -181,6 +193,28 @@ async def _vm_create(args: argparse.Namespace) -> int:
         spec = vm_spec(args.vm, memory_mib=args.memory, **_params(args.param))
         await client.create_vm(args.host, spec, graph(args.vm, extra_elements=args.elements), MODULES)
     print(f"created {args.vm} on {args.host}")
+    return 0
+
+
+async def _vm_adopt(args: argparse.Namespace) -> int:
+    from .adopt import load_plane
+
+    try:
+        plane, modules = load_plane(args.plane)
+    except ValueError as exc:
+        print(f"ferry vm adopt: {exc}", file=sys.stderr)
+        return 2
+    async with _client() as client:
+        spec = await client.adopt_vm(args.host, args.domain, plane, modules, storage=args.storage)
+    print(f"adopted {spec.vm_id} on {args.host} (storage {spec.params.get('storage')}, "
+          f"{len(spec.params.get('disks') or [])} disks)")
+    return 0
+
+
+async def _vm_release(args: argparse.Namespace) -> int:
+    async with _client() as client:
+        await client.release_vm(args.host, args.vm)
+    print(f"released {args.vm} on {args.host}: it runs on, no longer managed")
     return 0
 
 

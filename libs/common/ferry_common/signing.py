@@ -90,6 +90,8 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "CreateVm": _EVERYONE,
     "RegisterManagementGraph": _EVERYONE,
     "ActivateVmEvents": _EVERYONE,
+    "AdoptVm": _EVERYONE,
+    "ReleaseVm": _EVERYONE,
     "SetAttributes": _EVERYONE,
     "VmEvent": _EVERYONE,
     "VmEventBatch": _EVERYONE,

@@ -44,6 +44,7 @@ from ferry_common.messages.commands import (
     ManagementEventStateSuccess,
     MigrationComplete,
     MigrationCompleteAck,
+    ReleaseVm,
     SendEventState,
     SourceTeardown,
     StageEvents,
@@ -91,6 +92,7 @@ class SensorService(HostService):
         r.add(VmEvent, self.on_event)
         r.add(VmEventBatch, self.on_batch)
         r.add(ActivateVmEvents, self.on_activate)
+        r.add(ReleaseVm, self.on_release)
         r.add(Inspect, self.on_inspect)
         self.step(FreezeEvents, self.on_freeze)
         r.add(ExportEventState, self.on_export)
@@ -388,6 +390,18 @@ class SensorService(HostService):
         # made by the redelivery (binding twice is a no-op at the broker)
         await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         return Done()
+
+    async def on_release(self, msg: ReleaseVm, ctx: Context) -> Done:
+        """The VM is given back to its operator: its events are no longer taken here."""
+        vm = self.vms.get(msg.vm_id)
+        if vm is not None:
+            if vm.mode != "active" or vm.queued:
+                raise Conflict(f"vm {msg.vm_id!r} is {vm.mode} on {self.host!r} (migrating); release it afterwards")
+            del self.vms[msg.vm_id]
+            self.leases.surrender(msg.vm_id)
+            await self.state.delete("vm", msg.vm_id)
+        await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
+        return Done(detail={"released": vm is not None})
 
     async def on_freeze(self, msg: FreezeEvents, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)
