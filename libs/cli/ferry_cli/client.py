@@ -17,7 +17,7 @@ from ferry_common.bus.topology import (
     vm_events,
 )
 from ferry_common.endpoint import Context, Endpoint, Router
-from ferry_common.errors import FerryError
+from ferry_common.errors import FerryError, RemoteError
 from ferry_common.ids import new_id
 from ferry_common.messages.commands import (
     ActivateVmEvents,
@@ -169,13 +169,20 @@ class FerryClient:
         try:
             await self.endpoint.request(host_command(host, "managed_object"),
                                         RegisterManagementGraph(graph=plane(vm_id), modules=modules), timeout=self.timeout)
+        except RemoteError as exc:
+            if not (ans.already and exc.code == "conflict"):  # adopted before, with its plane: kept
+                await self._undo_adopt(host, vm_id, ans.already)
+                raise
         except Exception:
-            if not ans.already:
-                await self.endpoint.request(host_command(host, "hypervisor_adapter"), ReleaseVm(vm_id=vm_id),
-                                            timeout=self.timeout)
+            await self._undo_adopt(host, vm_id, ans.already)
             raise
         await self.endpoint.request(host_command(host, "sensor"), ActivateVmEvents(vm_id=vm_id), timeout=self.timeout)
         return ans.vm
+
+    async def _undo_adopt(self, host: str, vm_id: str, already: bool) -> None:
+        if not already:
+            await self.endpoint.request(host_command(host, "hypervisor_adapter"), ReleaseVm(vm_id=vm_id),
+                                        timeout=self.timeout)
 
     async def release_vm(self, host: str, vm_id: str) -> None:
         """Give an adopted guest back: its events, plane and management end on ``host``; the
