@@ -186,8 +186,9 @@ class FerryClient:
 
     async def release_vm(self, host: str, vm_id: str) -> None:
         """Give an adopted guest back: its events, plane and management end on ``host``; the
-        guest runs on, still defined. Refused while it migrates."""
-        for service in ("sensor", "managed_object", "hypervisor_adapter"):
+        guest runs on, still defined. Refused while it migrates. The adapter goes first: it
+        refuses a guest it cannot give back (not adopted, migrating) before anything changed."""
+        for service in ("hypervisor_adapter", "sensor", "managed_object"):
             await self.endpoint.request(host_command(host, service), ReleaseVm(vm_id=vm_id), timeout=self.timeout)
 
     async def send_event(self, event: VmEvent) -> None:
