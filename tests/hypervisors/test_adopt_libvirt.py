@@ -282,6 +282,25 @@ async def test_rollback_leaves_the_domain_defined_on_the_source(cluster: Cluster
     assert await inspect_problems(cluster, vm_id, "host-a") == []
 
 
+async def test_shared_storage_moves_the_memory_only(cluster: Cluster, tiny: TinyDomains) -> None:
+    """A disk both daemons see at one path: the guest moves, nothing of its disk is copied,
+    and the target's domain runs on the same file."""
+    path = f"{LIBVIRT_STATE}/shared/{{name}}.raw"
+    name = tiny.define(cmdline="dirty_mib=8 rate_mibps=16", disk=path)
+    vm_id = await adopt(cluster, name, storage="shared")
+    mid = await cluster.client.migrate(vm_id, "host-b")
+    outcome = await cluster.client.outcome(mid, timeout=60)
+    assert outcome.status == "completed", outcome
+    driver = cluster.host("host-b").adapter.driver
+    assert _defined(driver.uri, name) == (True, True)
+    assert _defined(cluster.host("host-a").adapter.driver.uri, name) == (False, False)
+    samples = progress_events(cluster, mid)
+    assert samples and all(s.get("disk_total_bytes", 0) == 0 for s in samples), samples
+    moved = next(v for v in await driver.list() if v.vm_id == vm_id)
+    assert [d["path"] for d in moved.params["disks"]] == [path.format(name=name)]
+    assert await inspect_problems(cluster, vm_id, "host-b") == []
+
+
 async def _rejected(c: Cluster, vm_id: str, code: str) -> None:
     mid = await c.client.migrate(vm_id, "host-b")
     outcome = await c.client.outcome(mid, timeout=60)
@@ -303,6 +322,17 @@ async def test_admission_refuses_a_shared_disk_missing_on_the_target(cluster: Cl
     # under /var/lib/libvirt each daemon sees its own files: this disk is on host-a only
     name = tiny.define(disk=f"{lg.IMAGES}/{{name}}.raw")
     await _rejected(cluster, await adopt(cluster, name, storage="shared"), "disk_missing")
+
+
+async def test_admission_refuses_a_shared_disk_whose_directory_is_not_shared(cluster: Cluster, tiny: TinyDomains) -> None:
+    # the same path on both hosts, two different files: a probe made by host-b's daemon in the
+    # directory is not seen by host-a's, so the guest would run on host-b from another disk
+    disk = f"{lg.IMAGES}/{{name}}.raw"
+    name = tiny.define(disk=disk)
+    twin = lg.on_host("b", disk.format(name=name))
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lg.on_host("a", disk.format(name=name)), twin)
+    await _rejected(cluster, await adopt(cluster, name, storage="shared"), "disk_not_shared")
 
 
 async def test_admission_refuses_to_copy_over_a_disk_the_target_has(cluster: Cluster, tiny: TinyDomains) -> None:

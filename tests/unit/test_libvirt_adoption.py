@@ -30,8 +30,9 @@ DOMAIN = """<domain type='qemu'><name>db-1</name><vcpu placement='static'>2</vcp
 def test_describe_reads_what_admission_and_migration_need() -> None:
     facts = describe(DOMAIN)
     assert facts["disks"] == [
-        {"target": "vda", "path": "/var/lib/libvirt/images/db.qcow2", "type": "file", "format": "qcow2"},
-        {"target": "vdb", "path": "/dev/sdb", "type": "block", "format": "raw"},
+        {"target": "vda", "path": "/var/lib/libvirt/images/db.qcow2", "type": "file", "format": "qcow2",
+         "cache": "default"},
+        {"target": "vdb", "path": "/dev/sdb", "type": "block", "format": "raw", "cache": "default"},
     ]  # the CD-ROM and the shareable disk are not the migration's to carry
     assert facts["hostdevs"] == ["pci 0x03:0x0000:0x1:0x00"]
     assert facts["cpu"] == {"mode": "custom", "model": "Westmere"}
@@ -75,3 +76,11 @@ def test_plane_file_is_checked_and_names_the_file(tmp_path: Path) -> None:
         load_plane(str(tmp_path / "missing.json"))
     sample, _ = load_plane("sample")
     assert sample("x-1").vm_id == "x-1"
+
+
+def test_cli_adopt_refuses_a_bad_plane_file_before_reaching_any_host(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from ferry_cli.main import main
+
+    assert main(["vm", "adopt", "db-1", "--on", "host-a", "--plane", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err

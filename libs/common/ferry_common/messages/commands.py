@@ -416,7 +416,8 @@ class ReleaseVm(Wire):
 
 
 # the codes of IncomingCheck's refusals: admission denies with them, before anything starts
-INCOMING_REFUSALS = ("host_device", "cpu_unsupported", "disk_missing", "disk_exists", "disk_unsupported")
+INCOMING_REFUSALS = ("host_device", "cpu_unsupported", "disk_missing", "disk_not_shared", "disk_cache_unsafe",
+                     "disk_exists", "disk_unsupported")
 
 
 class Refusal(Wire):

@@ -446,7 +446,7 @@ class LibvirtDriver(AdoptedDomains):
             return None
 
     def _spec_of(self, dom: Any) -> VmSpec | None:
-        return libvirt_domains.ferry_spec(dom)  # None: not a Ferry guest
+        return libvirt_domains.ferry_spec(dom, self.peer_uri)  # None: not a Ferry guest
 
     def _domain_xml(self, spec: VmSpec) -> str:
         if self._guest_image is None:

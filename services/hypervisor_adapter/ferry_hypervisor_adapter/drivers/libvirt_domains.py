@@ -55,9 +55,11 @@ def lookup(conn: Any, ref: str) -> Any:
         raise AdoptionError(f"no domain {ref!r} on this host") from None
 
 
-def ferry_spec(dom: Any) -> VmSpec | None:
+def ferry_spec(dom: Any, daemon_uri: str | None = None) -> VmSpec | None:
     """The spec in the domain's Ferry metadata, None for a domain Ferry does not manage; an
-    adopted one is completed with its hardware as the live definition has it."""
+    adopted one is completed with its hardware as the live definition has it, and with
+    ``daemon_uri`` (how other hosts' daemons reach this one: a target checks through it that
+    a shared disk's directory is the same one)."""
     lv = _lv()
     try:
         raw = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
@@ -69,11 +71,13 @@ def ferry_spec(dom: Any) -> VmSpec | None:
     spec = VmSpec.model_validate(json.loads(text))
     if not spec.params.get("adopted"):
         return spec
-    return _with_hardware(dom, spec)
+    return _with_hardware(dom, spec, daemon_uri)
 
 
-def _with_hardware(dom: Any, spec: VmSpec) -> VmSpec:
+def _with_hardware(dom: Any, spec: VmSpec, daemon_uri: str | None) -> VmSpec:
     facts = describe(dom.XMLDesc(0))
+    if daemon_uri:
+        facts["source_daemon"] = daemon_uri
     for disk in facts["disks"]:
         try:
             disk["capacity"] = int(dom.blockInfo(disk["target"])[0])
@@ -99,7 +103,8 @@ def describe(xml: str) -> dict[str, Any]:
         path = None if src is None else (src.get("file") or src.get("dev"))
         disks.append({"target": target.get("dev") if target is not None else "", "path": path or "",
                       "type": d.get("type", "file"),
-                      "format": driver.get("type", "raw") if driver is not None else "raw"})
+                      "format": driver.get("type", "raw") if driver is not None else "raw",
+                      "cache": driver.get("cache", "default") if driver is not None else "default"})
     hostdevs = [
         " ".join(filter(None, (h.get("type"), _address(h)))) for h in root.findall("devices/hostdev")
     ]
@@ -197,7 +202,8 @@ def refusals(conn: Any, spec: VmSpec) -> list[Refusal]:
         why = _cpu_missing(conn, params, cpu)
         if why:
             out.append(Refusal(code="cpu_unsupported", reason=f"vm {spec.vm_id}: {why}"))
-    out.extend(storage.refusals(conn, spec.vm_id, params.get("storage", DEFAULT_STORAGE), params.get("disks") or []))
+    out.extend(storage.refusals(conn, spec.vm_id, params.get("storage", DEFAULT_STORAGE), params.get("disks") or [],
+                                params.get("source_daemon")))
     return out
 
 

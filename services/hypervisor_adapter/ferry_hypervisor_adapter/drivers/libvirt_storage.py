@@ -1,7 +1,11 @@
 """Disks of adopted libvirt domains across a migration, by the VM's storage mode.
 
 ``shared``: both hosts see the disk at the same path (NFS, a cluster file system); nothing is
-copied, and a path missing on the target is refused at admission. ``copy``: the disk is local
+copied. Admission proves the directory is the same one, as Nova does with a test file: the
+target's daemon creates a probe volume there and the source's daemon must see it. libvirt
+itself knows only some shared file systems by type and calls a migration of any other disk
+"unsafe"; once the probe proved the sharing (and the cache mode is ``none`` or ``directsync``,
+so the target reads no stale pages) the migration is made with ``VIR_MIGRATE_UNSAFE``. ``copy``: the disk is local
 to each host and libvirt copies it live with the memory (``VIR_MIGRATE_NON_SHARED_DISK``: the
 target's QEMU serves NBD, the source mirrors every writable disk into it); the target's file is
 created first, at the same path and size, and a path that already exists there is refused at
@@ -19,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from ferry_common.messages.commands import Refusal
 
-_POOLS = threading.Lock()  # a transient pool per directory: two checks must not create it twice
+_POOLS = threading.RLock()  # a transient pool per directory: two checks must not create it twice
 
 
 def _lv() -> Any:
@@ -36,10 +41,13 @@ def _lv() -> Any:
 
 def migration_options(params: dict[str, Any], persistent: bool) -> tuple[int, dict[str, Any]]:
     """Flags and migration parameters for an adopted domain: defined on the target if it is
-    persistent (undefined on the source only at the saga's teardown), disks copied in ``copy`` mode."""
+    persistent (undefined on the source only at the saga's teardown), disks copied in ``copy``
+    mode; in ``shared`` mode admission proved the sharing libvirt may not recognise."""
     lv = _lv()
     flags = lv.VIR_MIGRATE_PERSIST_DEST if persistent else 0
     extra: dict[str, Any] = {}
+    if params.get("storage", "shared") == "shared" and params.get("disks"):
+        flags |= lv.VIR_MIGRATE_UNSAFE
     if params.get("storage") == "copy":
         targets = [d["target"] for d in params.get("disks") or [] if d.get("target")]
         if targets:
@@ -98,7 +106,29 @@ def exists(conn: Any, path: str) -> bool:
         return pool is not None and _volume(pool, path) is not None
 
 
-def refusals(conn: Any, vm_id: str, mode: str, disks: list[dict[str, Any]]) -> list[Refusal]:
+def shared_with(conn: Any, source_uri: str, directory: str) -> bool:
+    """Whether the daemon at ``source_uri`` sees a probe file made in ``directory`` by the
+    daemon of ``conn``: the directory is one, shared, not two that look alike."""
+    lv = _lv()
+    name = f"ferry-probe-{uuid.uuid4().hex}.raw"
+    with _pool(conn, directory, build=False) as pool:
+        if pool is None:
+            return False
+        probe = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>0</capacity>"
+                               "<target><format type='raw'/></target></volume>", 0)
+        try:
+            source = lv.open(source_uri)
+            try:
+                with _pool(source, directory, build=False) as theirs:
+                    return theirs is not None and _volume(theirs, f"{directory}/{name}") is not None
+            finally:
+                source.close()
+        finally:
+            probe.delete(0)
+
+
+def refusals(conn: Any, vm_id: str, mode: str, disks: list[dict[str, Any]],
+             source_uri: str | None = None) -> list[Refusal]:
     out = []
     for d in disks:
         path = d.get("path") or ""
@@ -111,6 +141,12 @@ def refusals(conn: Any, vm_id: str, mode: str, disks: list[dict[str, Any]]) -> l
         if mode == "shared" and not there:
             out.append(Refusal(code="disk_missing", reason=f"vm {vm_id}: disk {path} (shared storage) "
                                "does not exist on the target"))
+        elif mode == "shared" and source_uri and not shared_with(conn, source_uri, os.path.dirname(path)):
+            out.append(Refusal(code="disk_not_shared", reason=f"vm {vm_id}: disk {path} exists on the target, "
+                               "but its directory is not the source's (a file made there is not seen there)"))
+        elif mode == "shared" and d.get("cache", "default") not in ("none", "directsync"):
+            out.append(Refusal(code="disk_cache_unsafe", reason=f"vm {vm_id}: disk {path} on shared storage has "
+                               f"cache mode {d.get('cache')!r}; only none or directsync are safe to migrate"))
         elif mode == "copy" and there:
             out.append(Refusal(code="disk_exists", reason=f"vm {vm_id}: disk {path} already exists on the "
                                "target; copying would overwrite it"))
