@@ -21,6 +21,7 @@ import pytest
 
 from ferry_cli.sample import MODULES, graph
 from ferry_common.bus.topology import host_command
+from ferry_common.errors import RemoteError
 from ferry_common.messages.commands import MigrationDenied, StartMigration
 from tests.harness import Cluster, inspect_problems, until
 
@@ -263,14 +264,16 @@ async def test_linux_guest_migrates_with_its_disk_copied(cluster: Cluster, linux
 
 
 async def test_rollback_leaves_the_domain_defined_on_the_source(cluster: Cluster, tiny: TinyDomains) -> None:
-    """A copy-mode migration cancelled mid-way: the guest runs on host-a, still defined and
-    managed there; host-b has no domain and no disk left."""
+    """A copy-mode migration cancelled mid-way (a release meanwhile is refused): the guest runs
+    on host-a, still defined and managed there; host-b has no domain and no disk left."""
     disk = f"{lg.IMAGES}/{{name}}.raw"
     name = tiny.define(cmdline="dirty_mib=64 rate_mibps=0", disk=disk)
     vm_id = await adopt(cluster, name, storage="copy")
     mid = await cluster.client.migrate(vm_id, "host-b", params={**CAPPED, "completion_timeout_min_s": 120})
     await wait_progress(cluster, mid)
     assert lg.on_host("b", disk.format(name=name)).exists(), "the target's disk was not created"
+    with pytest.raises(RemoteError, match="is migrating"):  # not given back half-way
+        await cluster.client.release_vm("host-a", vm_id)
     await cluster.client.cancel(mid)
     outcome = await cluster.client.outcome(mid, timeout=60)
     assert outcome.status == "rolled_back", outcome

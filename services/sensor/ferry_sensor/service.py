@@ -395,11 +395,14 @@ class SensorService(HostService):
         """The VM is given back to its operator: its events are no longer taken here."""
         vm = self.vms.get(msg.vm_id)
         if vm is not None:
-            if vm.mode != "active" or vm.queued:
+            if vm.mode != "active":
                 raise Conflict(f"vm {msg.vm_id!r} is {vm.mode} on {self.host!r} (migrating); release it afterwards")
             del self.vms[msg.vm_id]
             self.leases.surrender(msg.vm_id)
             await self.state.delete("vm", msg.vm_id)
+            await self.state.clear(_queue_ns(msg.vm_id))  # held for a lease: nobody manages it now
+            await self.state.clear(_drained_ns(msg.vm_id))
+            self._count_queued()
         await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
         return Done(detail={"released": vm is not None})
 
