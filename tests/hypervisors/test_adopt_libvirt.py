@@ -99,6 +99,7 @@ def linux_domain(daemon_dirs: dict[str, str]) -> Iterator[LinuxDomain]:
     for d in HOSTS.values():
         _forget(daemon_dirs[d], name)
         lg.on_host(d, dom.disk).unlink(missing_ok=True)
+        lg.on_host(d, dom.console).unlink(missing_ok=True)
 
 
 @pytest.fixture
