@@ -20,9 +20,7 @@ from typing import Any
 import pytest
 
 from ferry_cli.sample import MODULES, graph
-from ferry_common.bus.topology import host_command
 from ferry_common.errors import RemoteError
-from ferry_common.messages.commands import MigrationDenied, StartMigration
 from tests.harness import Cluster, inspect_problems, until
 
 from . import linux_guest as lg
@@ -347,22 +345,21 @@ async def test_admission_refuses_to_copy_over_a_disk_the_target_has(cluster: Clu
 
 
 async def test_admission_refuses_a_host_device(cluster: Cluster, tiny: TinyDomains) -> None:
-    """A guest with a host device passed through. This machine has no device a guest could
-    start with (no USB bus, no VFIO), so the domain stays defined, shut off: adopted, its spec
-    goes to host-b's migration policy as a saga's admission sends it."""
+    """A guest with a PCI device passed through in its definition (attached with --config: no
+    device here can be given to a running guest, there is no USB bus and no VFIO). Migrated,
+    that definition would go to host-b, where the device is not."""
+    import libvirt
+
     hostdev = ("<hostdev mode='subsystem' type='pci' managed='yes'><source>"
                "<address domain='0x0000' bus='0x00' slot='0x1f' function='0x0'/></source></hostdev>")
-    name = tiny.define(start=False, devices=hostdev)
-    spec, _ = await cluster.host("host-a").adapter.driver.adopt(name)
-    assert spec.params["hostdevs"], spec.params
-    ans = await cluster.client.endpoint.request(
-        host_command("host-b", "migration_policy"),
-        StartMigration(migration_id=f"m-{uuid.uuid4().hex[:6]}", vm_id=name, source_host="host-a",
-                       target_host="host-b", vm=spec),
-        timeout=20,
-    )
-    assert isinstance(ans, MigrationDenied) and ans.code == "host_device", ans
-    assert "cannot be migrated" in ans.reason
+    name = tiny.define()
+    conn = _conn(tiny.uris["a"])
+    conn.lookupByName(name).attachDeviceFlags(hostdev, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    conn.close()
+    vm_id = await adopt(cluster, name)
+    await _rejected(cluster, vm_id, "host_device")
+    rec = (await cluster.client.migrations(vm_id))[0]
+    assert "cannot be migrated" in str(rec["data"]["reason"]), rec["data"]
 
 
 def test_block_content_matches_the_guest_script() -> None:

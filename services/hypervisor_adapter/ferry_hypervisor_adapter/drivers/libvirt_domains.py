@@ -84,6 +84,11 @@ def _with_hardware(dom: Any, spec: VmSpec, daemon_uri: str | None) -> VmSpec:
         except _lv().libvirtError:
             disk["capacity"] = 0
     facts["persistent"] = bool(dom.isPersistent())
+    if facts["persistent"]:
+        # a device in the persistent definition is passed through at the next start: that
+        # definition goes to the target too, where the device is not
+        stored = describe(dom.XMLDesc(_lv().VIR_DOMAIN_XML_INACTIVE))["hostdevs"]
+        facts["hostdevs"] = sorted({*facts["hostdevs"], *stored})
     memory_mib = max(1, int(dom.maxMemory()) // 1024)
     return spec.model_copy(update={"memory_mib": memory_mib, "vcpus": facts.pop("vcpus"),
                                    "params": {**spec.params, **facts}})
