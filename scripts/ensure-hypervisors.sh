@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install (or just check, with --check) what the real hypervisor drivers and their tests need:
-# QEMU and libvirt from Debian packages, the guest toolchain, and the Python bindings in the venv.
+# QEMU and libvirt from Debian packages, the guest toolchain, the Python bindings in the venv, and
+# the Linux test guest (guest/linux/build.sh: Debian's kernel and busybox, cached in guest/build).
 # Exits non-zero and says what is missing when it cannot provide everything.
 set -euo pipefail
 
@@ -56,6 +57,13 @@ if [[ -n "$py" && $CHECK_ONLY -eq 0 && -z "$bins" ]]; then
   "$VENV_PY" -m pip install -q -r "$ROOT/requirements-hypervisors.txt"
   py="$(missing_py | sed '/^$/d')"
 fi
+
+# the Linux test guest: Debian's cloud kernel and busybox, downloaded (not installed) and cached
+linux_guest=""
+if [[ $CHECK_ONLY -eq 0 && -z "$bins" ]]; then
+  linux_guest="$(bash "$ROOT/guest/linux/build.sh" 2>&1)" || { echo "$linux_guest" >&2; linux_guest=""; }
+fi
+[[ -n "$linux_guest" || $CHECK_ONLY -eq 1 ]] || bins="$bins"$'\n'"the Linux test guest (guest/linux/build.sh)"
 
 if [[ -n "$bins$py" ]]; then
   echo "ensure-hypervisors: MISSING (the qemu/libvirt tests will fail; set FERRY_SKIP_HYPERVISORS=1 to skip them):" >&2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, get_args
 
 from ferry_common.bus.interfaces import QueueSpec
@@ -17,10 +17,11 @@ from ferry_common.bus.topology import (
     vm_events,
 )
 from ferry_common.endpoint import Context, Endpoint, Router
-from ferry_common.errors import FerryError
+from ferry_common.errors import FerryError, RemoteError
 from ferry_common.ids import new_id
 from ferry_common.messages.commands import (
     ActivateVmEvents,
+    AdoptVm,
     CreateVm,
     GetTrace,
     Inspect,
@@ -28,8 +29,11 @@ from ferry_common.messages.commands import (
     ListMigrations,
     MigrationList,
     RegisterManagementGraph,
+    ReleaseVm,
     SetAttributes,
+    StorageMode,
     TraceSpans,
+    VmAdopted,
 )
 from ferry_common.messages.domain import Event, ManagementGraph, Module, VmSpec
 from ferry_common.messages.public import (
@@ -152,6 +156,40 @@ class FerryClient:
             host_command(host, "managed_object"), RegisterManagementGraph(graph=graph, modules=modules), timeout=self.timeout
         )
         await self.endpoint.request(host_command(host, "sensor"), ActivateVmEvents(vm_id=spec.vm_id), timeout=self.timeout)
+
+    async def adopt_vm(self, host: str, domain: str, plane: Callable[[str], ManagementGraph], modules: list[Module],
+                       *, storage: StorageMode = "shared") -> VmSpec:
+        """Take a guest ``host``'s hypervisor already runs (a defined domain, by name or UUID)
+        under management with the plane ``plane(vm_id)``; if the plane is refused the guest is
+        given back, so nothing is left half-adopted."""
+        ans = await self.endpoint.request(host_command(host, "hypervisor_adapter"), AdoptVm(domain=domain, storage=storage),
+                                          timeout=self.timeout)
+        assert isinstance(ans, VmAdopted)
+        vm_id = ans.vm.vm_id
+        try:
+            await self.endpoint.request(host_command(host, "managed_object"),
+                                        RegisterManagementGraph(graph=plane(vm_id), modules=modules), timeout=self.timeout)
+        except RemoteError as exc:
+            if not (ans.already and exc.code == "conflict"):  # adopted before, with its plane: kept
+                await self._undo_adopt(host, vm_id, ans.already)
+                raise
+        except Exception:
+            await self._undo_adopt(host, vm_id, ans.already)
+            raise
+        await self.endpoint.request(host_command(host, "sensor"), ActivateVmEvents(vm_id=vm_id), timeout=self.timeout)
+        return ans.vm
+
+    async def _undo_adopt(self, host: str, vm_id: str, already: bool) -> None:
+        if not already:
+            await self.endpoint.request(host_command(host, "hypervisor_adapter"), ReleaseVm(vm_id=vm_id),
+                                        timeout=self.timeout)
+
+    async def release_vm(self, host: str, vm_id: str) -> None:
+        """Give an adopted guest back: its events, plane and management end on ``host``; the
+        guest runs on, still defined. Refused while it migrates. The adapter goes first: it
+        refuses a guest it cannot give back (not adopted, migrating) before anything changed."""
+        for service in ("hypervisor_adapter", "sensor", "managed_object"):
+            await self.endpoint.request(host_command(host, service), ReleaseVm(vm_id=vm_id), timeout=self.timeout)
 
     async def send_event(self, event: VmEvent) -> None:
         await self.endpoint.send(vm_events(event.vm_id), event)

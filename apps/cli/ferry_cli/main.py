@@ -264,6 +264,49 @@ def vm_create(vm: str, host: Annotated[str, typer.Option("--on", help="host to c
     _run(go())
 
 
+class StorageMode(StrEnum):
+    shared = "shared"
+    copy = "copy"
+
+
+@vm_app.command("adopt")
+def vm_adopt(domain: Annotated[str, typer.Argument(help="the defined domain's name or UUID")],
+             host: Annotated[str, typer.Option("--on", help="the host whose libvirt defines it")],
+             plane: Annotated[str, typer.Option(help="'sample', or a plane file (docs/planes.md)")] = "sample",
+             storage: Annotated[StorageMode, typer.Option(help="how its disks migrate (docs/operations.md)")]
+             = StorageMode.shared) -> None:
+    """manage a guest the host's hypervisor already runs (libvirt)"""
+    from .adopt import load_plane
+
+    try:
+        plane_for, modules = load_plane(plane)
+    except ValueError as exc:
+        print(f"ferry vm adopt: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+    async def go() -> int:
+        async with _client() as client:
+            spec = await client.adopt_vm(host, domain, plane_for, modules, storage=storage.value)
+        print(f"adopted {spec.vm_id} on {host} (storage {spec.params.get('storage')}, "
+              f"{len(spec.params.get('disks') or [])} disks)")
+        return 0
+
+    _run(go())
+
+
+@vm_app.command("release")
+def vm_release(vm: str, host: Annotated[str, typer.Option("--on", help="the VM's host")]) -> None:
+    """stop managing an adopted guest (it runs on, still defined)"""
+
+    async def go() -> int:
+        async with _client() as client:
+            await client.release_vm(host, vm)
+        print(f"released {vm} on {host}: it runs on, no longer managed")
+        return 0
+
+    _run(go())
+
+
 @vm_app.command("show")
 def vm_show(vm: str, as_json: Json = False) -> None:
     """where a VM and its management plane are, and their state"""

@@ -22,6 +22,7 @@ from ferry_common.endpoint import Endpoint
 from ferry_common.errors import Conflict, FerryError, RemoteError, StepTimeout, Unroutable
 from ferry_common.messages.base import Wire
 from ferry_common.messages.commands import (
+    INCOMING_REFUSALS,
     CleanupSource,
     CleanupTarget,
     CommitReservation,
@@ -219,7 +220,8 @@ class MigrationSaga:
                     span.add_event("timeout", {"reason": f.reason})
                 if switched or self.rec.data.get("vm_switched"):
                     await self._retry_forward(step, f)
-                elif step == "admission" and f.code in ("source_not_allowed", "insufficient_resources", "wrong_host"):
+                elif step == "admission" and (f.code in ("source_not_allowed", "insufficient_resources", "wrong_host")
+                                              or f.code in INCOMING_REFUSALS):
                     # nothing was done yet: a denial is a rejection, not a rollback
                     self.rec.status = "rejected"
                     self.rec.data.update(reason=f.reason, code=f.code, failed_step=step)

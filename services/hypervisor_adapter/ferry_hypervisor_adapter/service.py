@@ -45,6 +45,7 @@ from ferry_common.service import HostService
 from ferry_common.state import StateStore
 from ferry_common.telemetry import tracer
 
+from .adoption import AdoptionCommands
 from .drivers import Driver, MigrationParams, MigrationProgress, MigrationResult
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Outgoing:
     progress: list[dict[str, Any]] = field(default_factory=list)
 
 
-class HypervisorAdapterService(HostService):
+class HypervisorAdapterService(AdoptionCommands, HostService):
     service = "hypervisor_adapter"
 
     def __init__(
@@ -95,6 +96,7 @@ class HypervisorAdapterService(HostService):
         self.step(SourceTeardown, self.on_teardown)
         self.step(CleanupTarget, self.on_cleanup_target)
         self.step(CleanupSource, self.on_cleanup_source)
+        self.add_adoption_routes()
 
     async def restore(self) -> None:
         self.incoming = dict(await self.state.items("incoming"))
@@ -149,6 +151,7 @@ class HypervisorAdapterService(HostService):
             capacity_mib=int(getattr(self.driver, "capacity_mib", 0) or 0),
             driver=self.driver.name,
             ready_incoming=list(self.driver.ready_shapes()),
+            adoptable=await self.adoptable(),
         )
         with contextlib.suppress(FerryError):  # nobody listening yet is fine
             await self.endpoint.send(inventory(self.host), inv)

@@ -40,6 +40,7 @@ from ferry_common.messages.commands import (
     ModulesFetched,
     ModulesRequired,
     RegisterManagementGraph,
+    ReleaseVm,
     SetAttributes,
     SourceTeardown,
 )
@@ -86,6 +87,7 @@ class ManagedObjectService(HostService):
         self.policy_errors = 0
         r = self.router
         r.add(RegisterManagementGraph, self.on_register)
+        r.add(ReleaseVm, self.on_release)
         r.add(InstallModules, self.on_install)
         r.add(DispatchEvents, self.on_dispatch)
         r.add(SetAttributes, self.on_set_attributes)
@@ -193,6 +195,16 @@ class ManagedObjectService(HostService):
         await self._save_modules(msg.modules)
         await self._save_plane(self.planes[graph.vm_id])
         return Done(detail={"elements": len(graph.elements), "embots": len(graph.embots)})
+
+    async def on_release(self, msg: ReleaseVm, ctx: Context) -> Done:
+        """The VM is given back to its operator: its plane goes (the ledger stays, for audit)."""
+        plane = self.planes.get(msg.vm_id)
+        if plane is not None:
+            if plane.status != "active":
+                raise Conflict(f"vm {msg.vm_id!r} has a {plane.status} plane on {self.host!r} (migrating)")
+            del self.planes[msg.vm_id]
+            await self._drop_plane(msg.vm_id)
+        return Done(detail={"released": plane is not None})
 
     async def on_set_attributes(self, msg: SetAttributes, ctx: Context) -> Done:
         plane = self._plane(msg.vm_id)

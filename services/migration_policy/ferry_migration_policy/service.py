@@ -2,7 +2,9 @@
 
 "Is migration from this source allowed" is an allow-list of host patterns;
 "are resources sufficient" compares the VM's memory with the host's capacity less
-what its VMs use (from the adapter's inventory) and what is reserved.
+what its VMs use (from the adapter's inventory) and what is reserved. For a guest adopted
+from a host's hypervisor, "can it run here" is asked of this host's adapter (CheckIncoming:
+host devices, disks by storage mode, the CPU model), and its refusals deny the migration.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from ferry_common.bus.topology import host_command, inventory
 from ferry_common.endpoint import Context, Endpoint
 from ferry_common.messages.base import Wire
 from ferry_common.messages.commands import (
+    CheckIncoming,
     CleanupTarget,
     CommitReservation,
     Done,
+    IncomingCheck,
     Inspect,
     Inspection,
     MigrationDenied,
@@ -48,10 +52,12 @@ class MigrationPolicyService(HostService):
         *,
         allowed_sources: tuple[str, ...] = ("*",),
         capacity_mib: int | None = None,
+        check_timeout_s: float = 20.0,
     ) -> None:
         super().__init__(host, endpoint, state)
         self.allowed_sources = allowed_sources
         self.capacity_mib = capacity_mib
+        self.check_timeout_s = check_timeout_s  # the adapter asks its hypervisor (storage, CPU)
         self.reservations: dict[str, Reservation] = {}
         self.inventory: HostInventory | None = None
         r = self.router
@@ -100,9 +106,22 @@ class MigrationPolicyService(HostService):
                 code="insufficient_resources",
                 reason=f"{msg.vm.memory_mib} MiB needed, {max(free, 0)} MiB free on {self.host}",
             )
+        if (refused := await self._refusals(msg)) is not None:
+            return refused
         self.reservations[msg.migration_id] = r = Reservation(msg.migration_id, msg.vm_id, msg.vm.memory_mib, msg.source_host)
         await self.state.put("reservations", r.migration_id, vars(r))
         return MigrationPermitted(reservation_id=msg.migration_id)
+
+    async def _refusals(self, msg: StartMigration) -> MigrationDenied | None:
+        """An adopted guest brings disks, host devices and a CPU of its own: this host's
+        adapter says whether its hypervisor can take them (the first refusal's code, every reason)."""
+        if not msg.vm.params.get("adopted"):
+            return None
+        ans = await self.endpoint.request(host_command(self.host, "hypervisor_adapter"), CheckIncoming(vm=msg.vm),
+                                          timeout=self.check_timeout_s)
+        if not isinstance(ans, IncomingCheck) or not ans.refusals:
+            return None
+        return MigrationDenied(code=ans.refusals[0].code, reason="; ".join(r.reason for r in ans.refusals))
 
     async def on_commit(self, msg: CommitReservation, ctx: Context) -> Done:
         # the VM now shows in the inventory; the reservation has done its job

@@ -41,6 +41,7 @@ from ferry_common.messages.commands import (
     ManagementEventStateSuccess,
     MigrationComplete,
     MigrationCompleteAck,
+    ReleaseVm,
     SendEventState,
     SourceTeardown,
     StageEvents,
@@ -83,6 +84,7 @@ class SensorService(HostService, EventDispatch):
         r.add(VmEvent, self.on_event)
         r.add(VmEventBatch, self.on_batch)
         r.add(ActivateVmEvents, self.on_activate)
+        r.add(ReleaseVm, self.on_release)
         r.add(Inspect, self.on_inspect)
         self.step(FreezeEvents, self.on_freeze)
         r.add(ExportEventState, self.on_export)
@@ -248,6 +250,21 @@ class SensorService(HostService, EventDispatch):
         # made by the redelivery (binding twice is a no-op at the broker)
         await self.endpoint.bus.bind(self.queue, vm_events(msg.vm_id))
         return Done()
+
+    async def on_release(self, msg: ReleaseVm, ctx: Context) -> Done:
+        """The VM is given back to its operator: its events are no longer taken here."""
+        vm = self.vms.get(msg.vm_id)
+        if vm is not None:
+            if vm.mode != "active":
+                raise Conflict(f"vm {msg.vm_id!r} is {vm.mode} on {self.host!r} (migrating); release it afterwards")
+            del self.vms[msg.vm_id]
+            self.leases.surrender(msg.vm_id)
+            await self.state.delete("vm", msg.vm_id)
+            await self.state.clear(queue_ns(msg.vm_id))  # held for a lease: nobody manages it now
+            await self.state.clear(drained_ns(msg.vm_id))
+            self._count_queued()
+        await self.endpoint.bus.unbind(self.queue, vm_events(msg.vm_id))
+        return Done(detail={"released": vm is not None})
 
     async def on_freeze(self, msg: FreezeEvents, ctx: Context) -> Wire:
         vm = self.vms.get(msg.vm_id)

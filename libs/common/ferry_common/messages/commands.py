@@ -390,3 +390,48 @@ class Health(Wire):
     detail: JsonObject = Field(default_factory=dict)
 
 
+
+
+# --- adopting guests a host already runs (libvirt) -----------------------------------
+StorageMode = Literal["shared", "copy"]
+
+
+class AdoptVm(Wire):
+    """Hypervisor adapter: take a defined domain (by name or UUID) under management, its disks
+    migrated by ``storage`` (docs/operations.md, "Storage modes"). Answered with :class:`VmAdopted`."""
+
+    domain: Name
+    storage: StorageMode = "shared"
+
+
+class VmAdopted(Wire):
+    vm: VmSpec
+    already: bool = False
+
+
+class ReleaseVm(Wire):
+    """Give a VM back: each host service stops managing it; the guest runs on, still defined."""
+
+    vm_id: Name
+
+
+# the codes of IncomingCheck's refusals: admission denies with them, before anything starts
+INCOMING_REFUSALS = ("host_device", "cpu_unsupported", "disk_missing", "disk_not_shared", "disk_cache_unsafe",
+                     "disk_exists", "disk_unsupported")
+
+
+class Refusal(Wire):
+    """Why a guest cannot come to this host: ``code`` names the reason for machines."""
+
+    code: Name
+    reason: Text
+
+
+class CheckIncoming(Wire):
+    """Target adapter, asked by its migration policy at admission: can ``vm`` run here?"""
+
+    vm: VmSpec
+
+
+class IncomingCheck(Wire):
+    refusals: list[Refusal] = Field(default_factory=list, max_length=64)

@@ -58,6 +58,16 @@ class MigrationStatusEvent(Wire):
     at: float = 0.0
 
 
+class AdoptableVm(Wire):
+    """A guest the host's hypervisor has defined and Ferry does not manage yet."""
+
+    name: Name
+    uuid: Name
+    state: Name  # running, paused, shutoff
+    memory_mib: int = Field(ge=0)
+    vcpus: int = Field(ge=0)
+
+
 class HostInventory(Wire):
     """What a host runs and can take; published by each hypervisor adapter."""
 
@@ -68,6 +78,8 @@ class HostInventory(Wire):
     # VM shapes ("MEMORY_MIB:VCPUS") with a receiving process already running here: a saga
     # takes one beside its admission instead of after it
     ready_incoming: list[Name] = Field(default_factory=list, max_length=64)
+    # defined guests of the hypervisor that Ferry does not manage (``ferry vm adopt`` takes one)
+    adoptable: list[AdoptableVm] = Field(default_factory=list, max_length=10_000)
 
 
 def incoming_shape(memory_mib: int, vcpus: int) -> str:

@@ -35,6 +35,8 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "CreateVm": _EVERYONE,
     "RegisterManagementGraph": _EVERYONE,
     "ActivateVmEvents": _EVERYONE,
+    "AdoptVm": _EVERYONE,
+    "ReleaseVm": _EVERYONE,
     "SetAttributes": _EVERYONE,
     # a VM's plane as a file (ferry plane apply/get): only operators write or read it
     "ApplyPlane": ["client/*"],

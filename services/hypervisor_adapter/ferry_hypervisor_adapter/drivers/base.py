@@ -88,6 +88,10 @@ class MigrationProgress:
     passes: int = 0
     # honest: the share of memory not still to send, so it goes backwards when pre-copy does
     percent: float = 0.0
+    # disks copied with the memory (libvirt's non-shared-disk migration); 0 when none are
+    disk_total_bytes: int = 0
+    disk_transferred_bytes: int = 0
+    disk_remaining_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,20 +33,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
-from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from ferry_common.messages.domain import VmSpec
 
+from . import libvirt_domains, libvirt_storage
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
 from .guest import STATUS_ADDR, GuestStatus, default_guest_image, guest_cmdline
+from .libvirt_adopted import AdoptedDomains
+from .libvirt_domains import METADATA_NS
 from .precopy import PrecopyWatch
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 URI_SCHEME = "ferry-libvirt"
-METADATA_NS = "https://ferry.invalid/xmlns/vm/1"
 # libvirt's default bandwidth for QEMU is effectively unlimited; a cap of 0 keeps that
 _UNLIMITED = 0
 
@@ -97,7 +98,7 @@ def domain_name(vm_id: str) -> str:
     return vm_id.replace("/", "_")
 
 
-class LibvirtDriver:
+class LibvirtDriver(AdoptedDomains):
     """The :class:`~.base.Driver` protocol over a libvirt daemon.
 
     Options: ``uri`` (this host's daemon, e.g. ``qemu:///system`` or
@@ -234,6 +235,7 @@ class LibvirtDriver:
             self.peer_uri, f"tcp://{self.migration_host}:{_free_port(self.migration_host)}"
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        await self._precreate_disks(spec)  # an adopted guest's disks in copy mode
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(uri)
         tmp.replace(marker)
@@ -248,6 +250,7 @@ class LibvirtDriver:
                 break
             await asyncio.sleep(0.02)
         if state == "running":
+            self._keep_disks(vm_id)
             self._marker(vm_id).unlink(missing_ok=True)
             return True
         return False
@@ -262,6 +265,8 @@ class LibvirtDriver:
             if dom is not None:
                 with contextlib.suppress(Exception):
                     await _blocking(dom.destroy)
+        if await self.state(vm_id) != "running":
+            await self._remove_disks(vm_id)  # made for this migration by prepare_incoming
         marker.unlink(missing_ok=True)
 
     # --- migration: source side -----------------------------------------------------------
@@ -272,8 +277,9 @@ class LibvirtDriver:
         lv = _lv()
         dconnuri, miguri = decode_uri(uri)
         dom = await self._lookup(vm_id)
-        if dom is None:
-            # a replayed call after success: the guest runs on the target, not here
+        if dom is None or not await _blocking(dom.isActive):
+            # a replayed call after success: the guest runs on the target, not here (a
+            # persistent source stays defined, shut off, until the saga's teardown)
             if await _runs_at(dconnuri, vm_id):
                 return MigrationResult(
                     "completed", stats=await _completed_stats(dconnuri, vm_id, {})
@@ -297,6 +303,10 @@ class LibvirtDriver:
             lv.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: urlsplit(miguri).hostname or self.migration_host,
             lv.VIR_MIGRATE_PARAM_BANDWIDTH: params.bandwidth_mibps or _UNLIMITED,
         }
+        if spec is not None and spec.params.get("adopted"):  # persistent, disks by storage mode
+            more_flags, more = libvirt_storage.migration_options(spec.params, await _blocking(dom.isPersistent))
+            flags |= more_flags
+            call.update(more)
         self._cancel_requested.discard(vm_id)
         watch = PrecopyWatch(params, memory_mib)
         job = asyncio.create_task(_blocking(dom.migrateToURI3, dconnuri, call, flags))
@@ -306,11 +316,11 @@ class LibvirtDriver:
         try:
             while not job.done():
                 stats = await _job_stats(dom)
-                if stats and stats.get("memory_total"):
+                if stats and (stats.get("memory_total") or stats.get("disk_total")):
                     last = stats
                     sample = _progress("active", stats)
                     await on_progress(sample)
-                    watch.observe(sample.remaining_bytes)
+                    watch.observe(*_watched(sample))
                 if reason is None and vm_id not in self._cancel_requested:
                     reason = watch.expired()
                     if reason:
@@ -347,6 +357,8 @@ class LibvirtDriver:
                 remaining_bytes=0,
                 passes=int(stats.get("passes") or last.get("memory_iteration", 0)),
                 percent=100.0,
+                disk_total_bytes=int(last.get("disk_total", 0)),
+                disk_transferred_bytes=int(stats.get("disk_transferred_bytes") or last.get("disk_processed", 0)),
             )
         )
         return MigrationResult("completed", stats=stats)
@@ -434,13 +446,7 @@ class LibvirtDriver:
             return None
 
     def _spec_of(self, dom: Any) -> VmSpec | None:
-        lv = _lv()
-        try:
-            raw = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
-        except lv.libvirtError:
-            return None  # not a Ferry guest
-        text = ElementTree.fromstring(raw).text
-        return VmSpec.model_validate(json.loads(text)) if text else None
+        return libvirt_domains.ferry_spec(dom, self.peer_uri)  # None: not a Ferry guest
 
     def _domain_xml(self, spec: VmSpec) -> str:
         if self._guest_image is None:
@@ -531,7 +537,18 @@ def _progress(status: str, stats: dict[str, Any]) -> MigrationProgress:
         dirty_pages_rate=int(stats.get("memory_dirty_rate", 0)),
         passes=int(stats.get("memory_iteration", 0)),
         percent=PrecopyWatch.percent(total, remaining),
+        disk_total_bytes=int(stats.get("disk_total", 0)),
+        disk_transferred_bytes=int(stats.get("disk_processed", 0)),
+        disk_remaining_bytes=int(stats.get("disk_remaining", 0)),
     )
+
+
+def _watched(sample: MigrationProgress) -> tuple[int, str]:
+    """What the stall watch follows: the disk copy's remaining bytes until memory is being
+    sent (libvirt copies disks first), then memory's."""
+    if sample.total_bytes == 0 and sample.disk_total_bytes:
+        return sample.disk_remaining_bytes, "disk"
+    return sample.remaining_bytes, "memory"
 
 
 def _stats(job: dict[str, Any], completed: bool = False) -> dict[str, Any]:
@@ -546,6 +563,8 @@ def _stats(job: dict[str, Any], completed: bool = False) -> dict[str, Any]:
             stats[name] = float(job[key])
     if "memory_iteration" in job:
         stats["passes"] = int(job["memory_iteration"])
+    if job.get("disk_total"):
+        stats["disk_transferred_bytes"] = int(job.get("disk_processed", 0))
     return stats
 
 

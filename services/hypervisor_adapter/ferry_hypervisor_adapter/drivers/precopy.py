@@ -25,9 +25,13 @@ class PrecopyWatch:
         self.stall_timeout_s = params.stall_timeout_s
         self.best: int | None = None
         self.best_at = self.started
+        self.phase = "memory"
 
-    def observe(self, remaining_bytes: int) -> None:
-        """Record a sample of the bytes still to send."""
+    def observe(self, remaining_bytes: int, phase: str = "memory") -> None:
+        """Record a sample of the bytes still to send; a new ``phase`` (a disk copy before
+        the memory) starts the stall count afresh, since its bytes are another quantity."""
+        if phase != self.phase:
+            self.phase, self.best = phase, None
         if self.best is None or remaining_bytes < self.best:
             self.best, self.best_at = remaining_bytes, self._clock()
 
