@@ -24,6 +24,7 @@ from ferry_common.errors import Conflict
 
 from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
+from .queue_postgres import RELEASE_SQL, PostgresFleetQueue, create_schema
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ferry_sagas (
@@ -94,6 +95,7 @@ class PostgresSagaStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self.queue = PostgresFleetQueue(pool)
 
     @classmethod
     async def open(
@@ -123,6 +125,7 @@ class PostgresSagaStore:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
                 await conn.execute(_SCHEMA)
+                await create_schema(conn)
         except BaseException:
             await pool.close()
             raise
@@ -139,20 +142,23 @@ class PostgresSagaStore:
                 # No conflict target: DO NOTHING covers the primary key (same id) and the
                 # partial unique index (another active saga for the VM). A concurrent insert
                 # for the same VM waits for the other transaction and then does nothing.
-                row = await conn.fetchrow(
-                    f"INSERT INTO ferry_sagas ({COLUMNS}) "
-                    "VALUES ($1,$2,$3,$4,$5,1,$6,$7,$8,$9) "
-                    f"ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
-                    record.migration_id,
-                    record.vm_id,
-                    record.status,
-                    record.owner,
-                    record.lease_until,
-                    record.created_at,
-                    record.updated_at,
-                    record.cancel_requested,
-                    _body(record),
-                )
+                async with conn.transaction():
+                    row = await conn.fetchrow(
+                        f"INSERT INTO ferry_sagas ({COLUMNS}) "
+                        "VALUES ($1,$2,$3,$4,$5,1,$6,$7,$8,$9) "
+                        f"ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
+                        record.migration_id,
+                        record.vm_id,
+                        record.status,
+                        record.owner,
+                        record.lease_until,
+                        record.created_at,
+                        record.updated_at,
+                        record.cancel_requested,
+                        _body(record),
+                    )
+                    if row is not None and record.terminal:  # ends as it starts: slot freed
+                        await conn.execute(RELEASE_SQL, record.updated_at, record.migration_id)
                 if row is not None:
                     return _row_to_record(row), True
                 # Same id first: a replayed create must get its own saga back.
@@ -178,23 +184,27 @@ class PostgresSagaStore:
             try:
                 # owner/lease_until are never written here (only claim/renew move a lease);
                 # cancel_requested is OR-ed so a concurrent request_cancel is not lost.
-                row = await conn.fetchrow(
-                    "UPDATE ferry_sagas SET vm_id = $2, status = $3, version = version + 1, "
-                    "created_at = $4, updated_at = $5, "
-                    "cancel_requested = (cancel_requested OR $6), body = $7 "
-                    "WHERE id = $1 AND version = $8 "
-                    "AND (owner IS NULL OR $9::text IS NULL OR owner = $9::text) "
-                    f"RETURNING {COLUMNS}",
-                    record.migration_id,
-                    record.vm_id,
-                    record.status,
-                    record.created_at,
-                    record.updated_at,
-                    record.cancel_requested,
-                    _body(record),
-                    record.version,
-                    owner,
-                )
+                async with conn.transaction():
+                    row = await conn.fetchrow(
+                        "UPDATE ferry_sagas SET vm_id = $2, status = $3, version = version + 1, "
+                        "created_at = $4, updated_at = $5, "
+                        "cancel_requested = (cancel_requested OR $6), body = $7 "
+                        "WHERE id = $1 AND version = $8 "
+                        "AND (owner IS NULL OR $9::text IS NULL OR owner = $9::text) "
+                        f"RETURNING {COLUMNS}",
+                        record.migration_id,
+                        record.vm_id,
+                        record.status,
+                        record.created_at,
+                        record.updated_at,
+                        record.cancel_requested,
+                        _body(record),
+                        record.version,
+                        owner,
+                    )
+                    if row is not None and record.terminal:
+                        # the saga ended: its slot, if it held one, is free in the same transaction
+                        await conn.execute(RELEASE_SQL, record.updated_at, record.migration_id)
             except asyncpg.UniqueViolationError as exc:
                 # Re-activating a finished saga while another one runs for the VM.
                 raise Conflict(

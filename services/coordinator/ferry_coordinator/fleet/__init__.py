@@ -1,0 +1,6 @@
+"""Fleet operations: placement, the explained queue and its limits, host liveness, metrics.
+
+One concept per module: ``queue`` (vocabulary), ``scheduling`` (start order and reasons),
+``view`` and ``placement`` (where a VM can go), ``liveness`` (hosts' heartbeats),
+``metrics`` (what the coordinator exports about all of it).
+"""
