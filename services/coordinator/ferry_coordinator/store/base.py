@@ -154,7 +154,9 @@ class FleetQueue(Protocol):
 class SagaStore(Protocol):
     """Every backend implements this and passes ``tests/contract/store_suite.py`` unchanged."""
 
-    queue: FleetQueue
+    @property
+    def queue(self) -> FleetQueue:
+        """The fleet queue kept in this store (same storage, same transactions)."""
 
     async def close(self) -> None: ...
 

@@ -1,0 +1,95 @@
+"""The fleet as placement sees it: each host's capacity, use, labels and condition.
+
+Built from the hosts' inventories and kept current by the coordinator: an inventory replaces
+what the host reports (capacity, VMs, labels, driver), while reservations, inbound migrations
+and the condition (cordoned, draining, not ready) are the coordinator's own overlay.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from ferry_common.messages.public import HostInventory
+
+
+class HostCondition(StrEnum):
+    READY = "ready"
+    CORDONED = "cordoned"  # an operator said no new VMs
+    DRAINING = "draining"  # being emptied (cordoned too)
+    NOT_READY = "not_ready"  # its heartbeats stopped
+
+
+@dataclass(slots=True)
+class HostView:
+    name: str
+    driver: str
+    capacity_mib: int
+    used_mib: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    reserved_mib: int = 0  # memory promised to migrations on their way in
+    inbound: int = 0  # migrations in flight towards it
+    condition: HostCondition = HostCondition.READY
+    groups: Counter[str] = field(default_factory=Counter)  # anti-affinity groups of its VMs
+    vms: int = 0
+
+    @property
+    def free_mib(self) -> int:
+        return self.capacity_mib - self.used_mib - self.reserved_mib
+
+
+def host_from(inv: HostInventory) -> HostView:
+    """What ``inv`` says of its host (no overlay)."""
+    groups: Counter[str] = Counter()
+    for vm in inv.vms:
+        if vm.placement is not None:
+            groups.update(vm.placement.anti_affinity)
+    return HostView(
+        name=inv.host,
+        driver=inv.driver,
+        capacity_mib=inv.capacity_mib,
+        used_mib=sum(vm.memory_mib for vm in inv.vms),
+        labels=dict(inv.labels),
+        groups=groups,
+        vms=len(inv.vms),
+    )
+
+
+class FleetView:
+    """Every known host, by name; cheap to update one host at a time."""
+
+    def __init__(self, hosts: Iterable[HostView] = ()) -> None:
+        self.hosts: dict[str, HostView] = {h.name: h for h in hosts}
+
+    @classmethod
+    def from_inventories(cls, inventories: Iterable[HostInventory]) -> FleetView:
+        return cls(host_from(inv) for inv in inventories)
+
+    def update(self, inv: HostInventory) -> HostView:
+        """Take ``inv``'s report, keeping the coordinator's overlay for that host."""
+        new = host_from(inv)
+        old = self.hosts.get(inv.host)
+        if old is not None:
+            new.reserved_mib, new.inbound, new.condition = old.reserved_mib, old.inbound, old.condition
+        self.hosts[inv.host] = new
+        return new
+
+    def set_condition(self, host: str, condition: HostCondition) -> None:
+        self.hosts[host].condition = condition
+
+    def reserve(self, host: str, memory_mib: int) -> None:
+        """A migration towards ``host`` started: its memory is promised, one more inbound."""
+        h = self.hosts[host]
+        h.reserved_mib += memory_mib
+        h.inbound += 1
+
+    def unreserve(self, host: str, memory_mib: int) -> None:
+        h = self.hosts.get(host)
+        if h is not None:
+            h.reserved_mib = max(0, h.reserved_mib - memory_mib)
+            h.inbound = max(0, h.inbound - 1)
+
+    def values(self) -> list[HostView]:
+        return list(self.hosts.values())
