@@ -59,6 +59,19 @@ def saga_timeouts_from_env() -> SagaTimeouts:
     return SagaTimeouts(**overrides)  # type: ignore[arg-type]
 
 
+def host_labels(raw: str) -> dict[str, str]:
+    """``"zone=a,disk=ssd"`` as a dict; a pair without ``=`` is an error, not ignored."""
+    out: dict[str, str] = {}
+    for pair in (p.strip() for p in raw.split(",")):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"FERRY_HOST_LABELS: {pair!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _options(settings: Settings, host: str) -> HostOptions:
     driver_options: dict[str, Any] = {}
     if settings.driver == "sim" and settings.state_dir:
@@ -78,8 +91,10 @@ def _options(settings: Settings, host: str) -> HostOptions:
         driver_options=driver_options,
         allowed_sources=settings.allowed_sources,
         capacity_mib=settings.capacity_mib,
-        # how often the adapter announces its VMs (FERRY_INVENTORY_INTERVAL_S; tests shorten it)
-        inventory_interval_s=_env_float("FERRY_INVENTORY_INTERVAL_S") or 5.0,
+        # how often the adapter announces its VMs, which is also its heartbeat: the coordinator
+        # marks a host not ready after 3 missed periods (FERRY_INVENTORY_INTERVAL_S)
+        inventory_interval_s=_env_float("FERRY_INVENTORY_INTERVAL_S") or 1.0,
+        labels=host_labels(os.environ.get("FERRY_HOST_LABELS", "")),
         # how many dispatched event ids each VM's audit trail keeps here (FERRY_LEDGER_MAX)
         ledger_max=int(os.environ.get("FERRY_LEDGER_MAX") or LEDGER_MAX),
     )
