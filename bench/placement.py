@@ -34,7 +34,7 @@ from _common import median, pct, ratio, table, write_results  # noqa: E402
 from ferry_common.messages.domain import VmPlacement, VmSpec  # noqa: E402
 from ferry_common.messages.public import HostInventory  # noqa: E402
 from ferry_coordinator.fleet.placement import Demand, place  # noqa: E402
-from ferry_coordinator.fleet.view import FleetView, HostCondition, HostView  # noqa: E402
+from ferry_coordinator.fleet.view import FleetView, HostView  # noqa: E402
 
 VMS_PER_HOST = 20
 
@@ -76,7 +76,10 @@ def run(n_hosts: int, decisions: int, seed: int) -> dict[str, float]:
     view = FleetView.from_inventories(invs)
     build_s = time.perf_counter() - t0
     for name in rng.sample(sorted(view.hosts), max(1, n_hosts // 50)):
-        view.set_condition(name, rng.choice([HostCondition.CORDONED, HostCondition.NOT_READY]))
+        if rng.random() < 0.5:
+            view.cordon(name)
+        else:
+            view.set_ready(name, False)
     demands = [(Demand.of(vm, inv.host)) for inv in invs for vm in inv.vms]
     hosts = view.values()
     # the fleet is built once and lives on: a full collection of its objects is not a decision's cost

@@ -31,11 +31,15 @@ def test_capacity_counts_use_and_reservations() -> None:
 
 
 @pytest.mark.parametrize(
-    ("condition", "reason"),
-    [(HostCondition.CORDONED, "cordoned"), (HostCondition.DRAINING, "draining"), (HostCondition.NOT_READY, "not ready")],
+    ("flags", "reason"),
+    [
+        ({"cordoned": True}, "cordoned"),
+        ({"draining": True, "cordoned": True}, "draining"),
+        ({"ready": False, "cordoned": True}, "not ready"),
+    ],
 )
-def test_a_host_that_is_not_ready_is_skipped(condition: HostCondition, reason: str) -> None:
-    hosts = [host("a", condition=condition), host("b", free=1024)]
+def test_a_host_that_is_not_ready_is_skipped(flags: dict[str, bool], reason: str) -> None:
+    hosts = [host("a", **flags), host("b", free=1024)]
     assert place(demand(), hosts).ranked == ("b",)
     assert place(demand(2048), hosts).rejected["a"] == reason
 
@@ -73,14 +77,14 @@ def test_same_driver_kind_and_not_the_source() -> None:
 
 
 def test_the_explanation_names_each_host() -> None:
-    hosts = [host("host-c", condition=HostCondition.CORDONED), host("host-b", free=512)]
+    hosts = [host("host-c", cordoned=True), host("host-b", free=512)]
     res = place(demand(1024), hosts)
     assert res.explanation() == "host-b: insufficient memory (512 MiB free, 1024 needed); host-c: cordoned"
 
 
 def test_the_filters_run_in_a_fixed_order() -> None:
     # cordoned and too small: the condition is named, as the first filter that refuses it
-    assert why_not(host("a", free=1, condition=HostCondition.CORDONED), demand()) == "cordoned"
+    assert why_not(host("a", free=1, cordoned=True), demand()) == "cordoned"
 
 
 def test_weights_most_free_memory_then_fewest_inbound() -> None:
@@ -108,11 +112,14 @@ def test_the_view_takes_inventories_and_keeps_its_overlay() -> None:
     inv = HostInventory(host="a", vms=[vm], capacity_mib=4096, labels={"zone": "z1"}, period_s=1.0)
     view = FleetView.from_inventories([inv])
     view.reserve("a", 512)
-    view.set_condition("a", HostCondition.CORDONED)
+    view.cordon("a")
+    view.set_ready("a", False)
     view.update(inv.model_copy(update={"capacity_mib": 8192}))
     a = view.hosts["a"]
     assert (a.capacity_mib, a.used_mib, a.reserved_mib, a.inbound, a.free_mib) == (8192, 1024, 512, 1, 6656)
-    assert a.condition is HostCondition.CORDONED and a.labels == {"zone": "z1"} and a.groups["db"] == 1
+    assert a.condition is HostCondition.NOT_READY and a.cordoned and a.labels == {"zone": "z1"} and a.groups["db"] == 1
+    view.set_ready("a", True)  # back, and still cordoned
+    assert a.condition is HostCondition.CORDONED and not a.schedulable
     view.unreserve("a", 512)
     assert (a.reserved_mib, a.inbound) == (0, 0)
     d = Demand.of(VmSpec(vm_id="v2", memory_mib=10, placement=VmPlacement(host_selector={"zone": "z1"})), "b")

@@ -75,9 +75,10 @@ def same_driver(h: HostView, d: Demand) -> str | None:
 
 
 def ready(h: HostView, d: Demand) -> str | None:
-    if h.condition is HostCondition.READY:
+    condition = h.condition
+    if condition is HostCondition.READY:
         return None
-    return "not ready" if h.condition is HostCondition.NOT_READY else h.condition.value
+    return "not ready" if condition is HostCondition.NOT_READY else condition.value
 
 
 def selector(h: HostView, d: Demand) -> str | None:
@@ -127,12 +128,13 @@ def place(
     mem, drv, src = demand.memory_mib, demand.driver, demand.source_host
     sel = tuple(demand.host_selector.items())
     groups = demand.anti_affinity
-    ok = HostCondition.READY
     fit: list[HostView] = []
     for h in hosts:
         if (
             h.driver == drv
-            and h.condition is ok
+            and h.ready
+            and not h.cordoned
+            and not h.draining
             and h.capacity_mib - h.used_mib - h.reserved_mib >= mem
             and h.name != src
             and (not sel or all(h.labels.get(k) == v for k, v in sel))

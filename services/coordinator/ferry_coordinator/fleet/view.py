@@ -16,9 +16,11 @@ from ferry_common.messages.public import HostInventory
 
 
 class HostCondition(StrEnum):
+    """Whether placement may choose a host, the most telling first (see HostView.condition)."""
+
     READY = "ready"
     CORDONED = "cordoned"  # an operator said no new VMs
-    DRAINING = "draining"  # being emptied (cordoned too)
+    DRAINING = "draining"  # being emptied
     NOT_READY = "not_ready"  # its heartbeats stopped
 
 
@@ -31,13 +33,29 @@ class HostView:
     labels: Mapping[str, str] = field(default_factory=dict)
     reserved_mib: int = 0  # memory promised to migrations on their way in
     inbound: int = 0  # migrations in flight towards it
-    condition: HostCondition = HostCondition.READY
+    # three independent facts: a cordoned host that stops answering is both, and when it
+    # answers again it is still cordoned
+    ready: bool = True  # liveness: its heartbeats arrive
+    cordoned: bool = False
+    draining: bool = False
     groups: Counter[str] = field(default_factory=Counter)  # anti-affinity groups of its VMs
     vms: int = 0
 
     @property
     def free_mib(self) -> int:
         return self.capacity_mib - self.used_mib - self.reserved_mib
+
+    @property
+    def schedulable(self) -> bool:
+        return self.ready and not self.cordoned and not self.draining
+
+    @property
+    def condition(self) -> HostCondition:
+        if not self.ready:
+            return HostCondition.NOT_READY
+        if self.draining:
+            return HostCondition.DRAINING
+        return HostCondition.CORDONED if self.cordoned else HostCondition.READY
 
 
 def host_from(inv: HostInventory) -> HostView:
@@ -72,12 +90,22 @@ class FleetView:
         new = host_from(inv)
         old = self.hosts.get(inv.host)
         if old is not None:
-            new.reserved_mib, new.inbound, new.condition = old.reserved_mib, old.inbound, old.condition
+            new.reserved_mib, new.inbound = old.reserved_mib, old.inbound
+            new.ready, new.cordoned, new.draining = old.ready, old.cordoned, old.draining
         self.hosts[inv.host] = new
         return new
 
-    def set_condition(self, host: str, condition: HostCondition) -> None:
-        self.hosts[host].condition = condition
+    def set_ready(self, host: str, ready: bool) -> None:
+        """A liveness listener: ``LivenessTracker(on_change=view.set_ready)``."""
+        h = self.hosts.get(host)
+        if h is not None:
+            h.ready = ready
+
+    def cordon(self, host: str, *, cordoned: bool = True, draining: bool | None = None) -> None:
+        h = self.hosts[host]
+        h.cordoned = cordoned
+        if draining is not None:
+            h.draining = draining
 
     def reserve(self, host: str, memory_mib: int) -> None:
         """A migration towards ``host`` started: its memory is promised, one more inbound."""
