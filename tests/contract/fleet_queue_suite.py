@@ -306,6 +306,33 @@ class FleetQueueSuite:
 
     # --- races ------------------------------------------------------------------------------------
 
+    async def test_a_claim_cut_short_takes_its_slot_whole_or_not_at_all(self, store: SagaStore) -> None:
+        """A coordinator killed inside a claim: the claim happened whole or not at all, and the
+        slots held (told to the claimer or not) stay within the limits."""
+        limits = Limits(cluster=3, outbound_per_host=3, inbound_per_host=3)
+        await store.queue.set_limits(limits)
+        for i in range(40):
+            await store.queue.enqueue(entry(f"m-{i:02}", f"s{i % 4}", [f"t{i % 5}"], at=float(i)))
+        told: set[str] = set()
+        for n in range(40):
+            task = asyncio.create_task(store.queue.claim_next("r1", now=100.0))
+            await asyncio.sleep(n * 0.00005)  # cut at a different point each time
+            task.cancel()
+            try:
+                got = await task
+            except asyncio.CancelledError:
+                got = None
+            if got is not None:
+                told.add(got.migration_id)
+            held = await store.queue.entries(states=STARTED)
+            check_limits(held, limits)
+            assert told <= {e.migration_id for e in held}
+            for e in held:  # free them again, so that claims keep happening
+                await store.queue.release(e.migration_id, now=101.0)
+            told.clear()
+        await store.queue.enqueue(entry("m-last", "s9", ["t9"], at=99.0))
+        assert await store.queue.claim_next("r1", now=102.0) is not None  # still usable
+
     async def test_many_concurrent_claimers_never_exceed_the_limits(self, make_store: MakeStore) -> None:
         a, b = await make_store(), await make_store()
         limits = Limits(cluster=5, outbound_per_host=2, inbound_per_host=2)

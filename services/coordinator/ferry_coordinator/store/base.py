@@ -127,7 +127,11 @@ class FleetQueue(Protocol):
         """In one transaction: pick the next startable entry (see ``fleet.scheduling.plan``),
         check the limits against the slots held, and take its slot (state started, with its
         target). None when nothing can start. Never exceeds a limit, whatever the number of
-        replicas claiming at once; an entry starts at most once."""
+        replicas claiming at once; an entry starts at most once.
+
+        The claimer then creates the saga under the entry's ``migration_id``. A claimer that
+        dies in between leaves a started entry without a saga: whoever takes over resumes it
+        from ``entry.request`` (or releases it); it is never started a second time."""
 
     async def release(self, migration_id: str, *, now: float) -> QueueEntry | None:
         """Give back the slot of a started entry (state done); idempotent."""

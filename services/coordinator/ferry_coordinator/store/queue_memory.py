@@ -32,7 +32,8 @@ class MemoryFleetQueue:
             existing = next((e for e in self._live() if e.vm_id == entry.vm_id), None)
         if existing is not None:
             return existing, False
-        stored = replace(entry, state=EntryState.QUEUED)
+        # through the dict form, as the durable stores do: the caller's request dict is not shared
+        stored = QueueEntry.from_dict({**entry.to_dict(), "state": EntryState.QUEUED.value})
         self._entries[entry.migration_id] = stored
         return stored, True
 

@@ -184,6 +184,8 @@ class SqliteFleetQueue:
         return entry
 
     async def explain(self, *, now: float) -> builtins.list[Decision]:
-        async with self._lock:
+        # one transaction, so the entries and the limits are of one moment (another process
+        # may write between two statements otherwise); it writes nothing, so commits no page
+        async with self._write():
             live, limits = await self._live(), await self._limits()
         return plan(live, limits, now)
