@@ -69,6 +69,21 @@ def test_anti_affinity_keeps_a_group_apart() -> None:
     }
 
 
+def test_anti_affinity_counts_the_vms_on_their_way_in() -> None:
+    vm = VmSpec(vm_id="v1", memory_mib=1024)
+    view = FleetView.from_inventories(
+        [HostInventory(host=h, vms=[vm] if h == "a" else [], capacity_mib=8192) for h in ("a", "b")]
+    )
+    d = demand(anti_affinity=frozenset({"db"}))
+    view.reserve("b", 1024, d.anti_affinity)  # a first db VM is moving to b
+    assert place(d, view.values(), exclude=()).ranked == ("a",)
+    view.update(HostInventory(host="b", vms=[], capacity_mib=8192))  # not there yet: still counted
+    assert place(d, view.values()).ranked == ("a",)
+    view.unreserve("b", 1024, d.anti_affinity)
+    assert set(place(d, view.values()).ranked) == {"a", "b"}
+    assert not view.hosts["b"].incoming_groups
+
+
 def test_same_driver_kind_and_not_the_source() -> None:
     hosts = [host("a", driver="qemu"), host("b"), host("src")]
     assert place(demand(source_host="src"), hosts).ranked == ("b",)

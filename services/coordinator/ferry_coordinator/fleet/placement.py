@@ -87,7 +87,7 @@ def selector(h: HostView, d: Demand) -> str | None:
 
 
 def anti_affinity(h: HostView, d: Demand) -> str | None:
-    clash = sorted(g for g in d.anti_affinity if h.groups.get(g, 0) > 0)
+    clash = sorted(g for g in d.anti_affinity if h.groups.get(g, 0) > 0 or h.incoming_groups.get(g, 0) > 0)
     return f"anti-affinity group {','.join(clash)} already there" if clash else None
 
 
@@ -138,7 +138,7 @@ def place(
             and h.capacity_mib - h.used_mib - h.reserved_mib >= mem
             and h.name != src
             and (not sel or all(h.labels.get(k) == v for k, v in sel))
-            and (not groups or not any(h.groups.get(g, 0) for g in groups))
+            and (not groups or not any(h.groups.get(g, 0) or h.incoming_groups.get(g, 0) for g in groups))
             and h.name not in exclude
         ):
             fit.append(h)

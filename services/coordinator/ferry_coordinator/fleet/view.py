@@ -39,6 +39,7 @@ class HostView:
     cordoned: bool = False
     draining: bool = False
     groups: Counter[str] = field(default_factory=Counter)  # anti-affinity groups of its VMs
+    incoming_groups: Counter[str] = field(default_factory=Counter)  # ...and of those on their way
     vms: int = 0
 
     @property
@@ -91,6 +92,7 @@ class FleetView:
         old = self.hosts.get(inv.host)
         if old is not None:
             new.reserved_mib, new.inbound = old.reserved_mib, old.inbound
+            new.incoming_groups = old.incoming_groups
             new.ready, new.cordoned, new.draining = old.ready, old.cordoned, old.draining
         self.hosts[inv.host] = new
         return new
@@ -107,17 +109,23 @@ class FleetView:
         if draining is not None:
             h.draining = draining
 
-    def reserve(self, host: str, memory_mib: int) -> None:
-        """A migration towards ``host`` started: its memory is promised, one more inbound."""
+    def reserve(self, host: str, memory_mib: int, groups: Iterable[str] = ()) -> None:
+        """A migration towards ``host`` started: its memory is promised, one more inbound, and
+        its anti-affinity groups count there already (two of a group moving at once must not
+        land together)."""
         h = self.hosts[host]
         h.reserved_mib += memory_mib
         h.inbound += 1
+        h.incoming_groups.update(groups)
 
-    def unreserve(self, host: str, memory_mib: int) -> None:
+    def unreserve(self, host: str, memory_mib: int, groups: Iterable[str] = ()) -> None:
+        """The migration ended; the next inventory says whether the VM is there."""
         h = self.hosts.get(host)
         if h is not None:
             h.reserved_mib = max(0, h.reserved_mib - memory_mib)
             h.inbound = max(0, h.inbound - 1)
+            h.incoming_groups.subtract(groups)
+            h.incoming_groups += Counter()  # drop the counts that fell to zero
 
     def values(self) -> list[HostView]:
         return list(self.hosts.values())
