@@ -69,12 +69,14 @@ class FleetQueueSuite:
     # --- limits -----------------------------------------------------------------------------
 
     async def test_default_limits_follow_the_anchors(self, store: SagaStore) -> None:
-        assert await store.queue.limits() == Limits(cluster=5, outbound_per_host=2, inbound_per_host=2)
+        assert await store.queue.limits() == Limits(
+            cluster=5, outbound_per_host=2, inbound_per_host=2, automatic=1
+        )
 
     async def test_limits_change_at_run_time_for_every_handle(self, make_store: MakeStore) -> None:
         a, b = await make_store(), await make_store()
         await a.queue.set_limits(Limits(cluster=1, outbound_per_host=1, inbound_per_host=1, ageing_s=30))
-        assert await b.queue.limits() == Limits(1, 1, 1, 30.0)
+        assert await b.queue.limits() == Limits(1, 1, 1, 30.0, 1)
         for i in range(3):
             await a.queue.enqueue(entry(f"m-{i}", f"src-{i}", [f"dst-{i}"]))
         assert len(await claim_all(b, 100.0)) == 1
@@ -179,6 +181,18 @@ class FleetQueueSuite:
         assert [e.migration_id for e in got] == ["a-2", "a-3", "b-2"]
         held = Counter(e.group for e in await store.queue.entries(states=STARTED))
         assert held == {"drain-a": 2, "drain-b": 2}
+
+    async def test_automatic_migrations_are_bounded_apart(self, store: SagaStore) -> None:
+        # a balancer never storms: one automatic move in flight by default, whatever room is left
+        await store.queue.set_limits(Limits(cluster=5, outbound_per_host=5, inbound_per_host=5))
+        for i in range(3):
+            await store.queue.enqueue(entry(f"auto-{i}", f"s{i}", [f"t{i}"], priority=Priority.REBALANCE, at=1.0 + i))
+        await store.queue.enqueue(entry("op", "s9", ["t9"], at=9.0))
+        assert {e.migration_id for e in await claim_all(store, 10.0)} == {"auto-0", "op"}
+        reasons = {d.entry.migration_id: d.reason for d in await store.queue.explain(now=10.0)}
+        assert reasons == {"auto-1": Reason.AUTOMATIC_LIMIT, "auto-2": Reason.AUTOMATIC_LIMIT}
+        await store.queue.release("auto-0", now=11.0)
+        assert [e.migration_id for e in await claim_all(store, 12.0)] == ["auto-1"]
 
     async def test_ageing_lets_a_long_wait_overtake_a_higher_priority(self, store: SagaStore) -> None:
         await store.queue.set_limits(Limits(cluster=1, ageing_s=60.0))

@@ -17,7 +17,7 @@ from .queue import Decision, EntryState, Limits, QueueEntry, Reason
 QUEUE_DEPTH = metrics.REGISTRY.gauge(
     "ferry_fleet_queue_depth",
     "Migrations queued, by what holds them (cluster_limit, source_outbound, target_inbound, "
-    "no_capacity, policy_blocked; 'none' for those about to start).",
+    "no_capacity, policy_blocked, automatic_limit; 'none' for those about to start).",
     ["reason"],
 )
 QUEUE_OLDEST_SECONDS = metrics.REGISTRY.gauge(
@@ -31,7 +31,7 @@ SLOTS_IN_USE = metrics.REGISTRY.gauge(
 )
 SLOT_LIMIT = metrics.REGISTRY.gauge(
     "ferry_fleet_slot_limit",
-    "The limits in force: cluster, outbound_per_host, inbound_per_host.",
+    "The limits in force: cluster, outbound_per_host, inbound_per_host, automatic.",
     ["kind"],
 )
 HOST_MIGRATIONS = metrics.REGISTRY.gauge(
@@ -86,6 +86,7 @@ def observe_slots(started: Iterable[QueueEntry], limits: Limits) -> None:
     SLOT_LIMIT.labels(kind="cluster").set(limits.cluster)
     SLOT_LIMIT.labels(kind="outbound_per_host").set(limits.outbound_per_host)
     SLOT_LIMIT.labels(kind="inbound_per_host").set(limits.inbound_per_host)
+    SLOT_LIMIT.labels(kind="automatic").set(limits.automatic)
     HOST_MIGRATIONS.clear()
     for host, count in out.items():
         HOST_MIGRATIONS.labels(host=host, direction="outbound").set(count)

@@ -38,6 +38,7 @@ class Reason(StrEnum):
     TARGET_INBOUND = "target_inbound"
     NO_CAPACITY = "no_capacity"
     POLICY_BLOCKED = "policy_blocked"
+    AUTOMATIC_LIMIT = "automatic_limit"  # automatic (rebalancing) migrations already in flight
 
 
 class EntryState(StrEnum):
@@ -55,17 +56,20 @@ class Limits:
     """Migrations in flight: cluster-wide, outbound per source host, inbound per target host.
 
     The defaults follow the anchors: KubeVirt's parallelMigrationsPerCluster (5) and
-    parallelOutboundMigrationsPerNode (2), oVirt's per-host inbound/outbound (2). A queued entry
-    gains one priority level per ``ageing_s`` waited, so nothing waits forever.
+    parallelOutboundMigrationsPerNode (2), oVirt's per-host inbound/outbound (2). ``automatic``
+    bounds the migrations of priority REBALANCE in flight (Proxmox and issue 16: one at a time),
+    so a balancer never storms. A queued entry gains one priority level per ``ageing_s``
+    waited, so nothing waits forever.
     """
 
     cluster: int = 5
     outbound_per_host: int = 2
     inbound_per_host: int = 2
     ageing_s: float = 600.0
+    automatic: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("cluster", "outbound_per_host", "inbound_per_host"):
+        for name in ("cluster", "outbound_per_host", "inbound_per_host", "automatic"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"limit {name} must be at least 1, not {getattr(self, name)!r}")
         if not self.ageing_s > 0:
@@ -77,6 +81,7 @@ class Limits:
             "outbound_per_host": self.outbound_per_host,
             "inbound_per_host": self.inbound_per_host,
             "ageing_s": self.ageing_s,
+            "automatic": self.automatic,
         }
 
     @classmethod
@@ -86,6 +91,7 @@ class Limits:
             outbound_per_host=int(raw["outbound_per_host"]),
             inbound_per_host=int(raw["inbound_per_host"]),
             ageing_s=float(raw["ageing_s"]),
+            automatic=int(raw.get("automatic", cls.automatic)),
         )
 
 

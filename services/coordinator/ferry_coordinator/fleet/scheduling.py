@@ -37,6 +37,7 @@ class Usage:
     outbound: Counter[str] = field(default_factory=Counter)
     inbound: Counter[str] = field(default_factory=Counter)
     groups: Counter[str] = field(default_factory=Counter)
+    automatic: int = 0
 
     @classmethod
     def of(cls, started: Iterable[QueueEntry]) -> Usage:
@@ -51,6 +52,8 @@ class Usage:
         self.outbound[entry.source_host] += 1
         self.inbound[target] += 1
         self.groups[entry.group] += 1
+        if entry.priority is Priority.REBALANCE:
+            self.automatic += 1
 
     def check(self, entry: QueueEntry, limits: Limits) -> tuple[Reason | None, str | None]:
         """What holds ``entry`` now, or None and the target it would take."""
@@ -58,6 +61,8 @@ class Usage:
             return Reason.POLICY_BLOCKED, None
         if not entry.candidates:
             return Reason.NO_CAPACITY, None
+        if entry.priority is Priority.REBALANCE and self.automatic >= limits.automatic:
+            return Reason.AUTOMATIC_LIMIT, None
         # a host's own limit first: it still holds the entry when a cluster slot frees
         if self.outbound[entry.source_host] >= limits.outbound_per_host:
             return Reason.SOURCE_OUTBOUND, None
