@@ -237,7 +237,11 @@ class FleetQueueSuite:
         after = {d.entry.migration_id: d.reason for d in await q.explain(now=11.0)}
         # e2 takes the freed slot first (older), so e3 is now held by the cluster limit
         assert after["e2"] is None and after["e3"] is Reason.CLUSTER_LIMIT
-        await q.update_queued("e4", candidates=["z"])
+        held = await q.update_queued("e4", candidates=[], placement_note="z: insufficient memory")
+        assert held is not None and held.placement_note == "z: insufficient memory"
+        assert (await q.get("e4")) == held
+        freed = await q.update_queued("e4", candidates=["z"])
+        assert freed is not None and freed.candidates == ("z",) and freed.placement_note is None
         await q.update_queued("e5", clear_policy_block=True)
         await q.release("e6", now=12.0)
         await q.release("e7", now=12.0)

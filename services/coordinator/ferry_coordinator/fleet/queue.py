@@ -115,6 +115,8 @@ class QueueEntry:
     state: EntryState = EntryState.QUEUED
     target_host: str | None = None
     policy_block: str | None = None  # why policy holds it, or None
+    # with no candidates: placement's reason per host ("host-b: insufficient memory; ...")
+    placement_note: str | None = None
     owner: str | None = None  # the replica that claimed it
     started_at: float | None = None
     ended_at: float | None = None
@@ -136,6 +138,7 @@ class QueueEntry:
             "state": self.state.value,
             "target_host": self.target_host,
             "policy_block": self.policy_block,
+            "placement_note": self.placement_note,
             "owner": self.owner,
             "started_at": self.started_at,
             "ended_at": self.ended_at,
@@ -155,6 +158,7 @@ class QueueEntry:
             state=EntryState(raw.get("state", "queued")),
             target_host=raw.get("target_host"),
             policy_block=raw.get("policy_block"),
+            placement_note=raw.get("placement_note"),
             owner=raw.get("owner"),
             started_at=None if raw.get("started_at") is None else float(raw["started_at"]),
             ended_at=None if raw.get("ended_at") is None else float(raw["ended_at"]),
@@ -165,14 +169,19 @@ class QueueEntry:
         return replace(self, state=EntryState.STARTED, target_host=target, owner=owner, started_at=now)
 
     def updated(
-        self, candidates: Sequence[str] | None, policy_block: str | None, clear_policy_block: bool
+        self,
+        candidates: Sequence[str] | None,
+        policy_block: str | None,
+        clear_policy_block: bool,
+        placement_note: str | None = None,
     ) -> QueueEntry:
-        """This entry with new ranked targets and/or a policy hold set or cleared."""
+        """This entry with new ranked targets (and placement's note with them) and/or a policy
+        hold set or cleared."""
         entry = self
         if candidates is not None:
             if self.source_host in candidates:
                 raise ValueError(f"{self.migration_id}: the source {self.source_host!r} cannot be a target")
-            entry = replace(entry, candidates=tuple(candidates))
+            entry = replace(entry, candidates=tuple(candidates), placement_note=placement_note)
         if clear_policy_block:
             entry = replace(entry, policy_block=None)
         elif policy_block is not None:
@@ -190,8 +199,10 @@ def new_entry(
     group: str | None = None,
     now: float,
     request: Mapping[str, Any] | None = None,
+    placement_note: str | None = None,
 ) -> QueueEntry:
-    """A queued entry; ``group`` defaults to the source host (one share per host)."""
+    """A queued entry; ``group`` defaults to the source host (one share per host).
+    ``placement_note``: why no host fits, when ``candidates`` is empty."""
     if source_host in candidates:
         raise ValueError(f"{migration_id}: the source {source_host!r} cannot be a target")
     return QueueEntry(
@@ -203,6 +214,7 @@ def new_entry(
         group=group or source_host,
         enqueued_at=now,
         request=dict(request or {}),
+        placement_note=placement_note,
     )
 
 

@@ -145,11 +145,13 @@ class FleetQueue(Protocol):
         migration_id: str,
         *,
         candidates: Sequence[str] | None = None,
+        placement_note: str | None = None,
         policy_block: str | None = None,
         clear_policy_block: bool = False,
     ) -> QueueEntry | None:
-        """Refresh a queued entry's ranked targets (placement ran again) or mark it held by
-        policy; entries in other states are returned unchanged."""
+        """Refresh a queued entry's ranked targets (placement ran again; with none, its note
+        says why per host) or mark it held by policy; entries in other states are returned
+        unchanged."""
 
     async def explain(self, *, now: float) -> builtins.list[Decision]:
         """Every queued entry in start order with what holds it (``migration.queued``)."""

@@ -79,13 +79,14 @@ class MemoryFleetQueue:
         migration_id: str,
         *,
         candidates: Sequence[str] | None = None,
+        placement_note: str | None = None,
         policy_block: str | None = None,
         clear_policy_block: bool = False,
     ) -> QueueEntry | None:
         entry = self._entries.get(migration_id)
         if entry is None or entry.state is not EntryState.QUEUED:
             return entry
-        entry = self._entries[migration_id] = entry.updated(candidates, policy_block, clear_policy_block)
+        entry = self._entries[migration_id] = entry.updated(candidates, policy_block, clear_policy_block, placement_note)
         return entry
 
     async def explain(self, *, now: float) -> builtins.list[Decision]:

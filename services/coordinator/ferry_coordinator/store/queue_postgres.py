@@ -164,13 +164,14 @@ class PostgresFleetQueue:
         migration_id: str,
         *,
         candidates: Sequence[str] | None = None,
+        placement_note: str | None = None,
         policy_block: str | None = None,
         clear_policy_block: bool = False,
     ) -> QueueEntry | None:
         async with self._pool.acquire() as conn, conn.transaction():
             entry = _one(await conn.fetchrow(_BODY_BY_ID + " FOR UPDATE", migration_id))
             if entry is not None and entry.state.value == QUEUED:
-                entry = entry.updated(candidates, policy_block, clear_policy_block)
+                entry = entry.updated(candidates, policy_block, clear_policy_block, placement_note)
                 await conn.execute(
                     "UPDATE ferry_fleet_queue SET body = $2 WHERE id = $1",
                     migration_id,

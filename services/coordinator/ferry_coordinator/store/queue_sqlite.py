@@ -171,6 +171,7 @@ class SqliteFleetQueue:
         migration_id: str,
         *,
         candidates: Sequence[str] | None = None,
+        placement_note: str | None = None,
         policy_block: str | None = None,
         clear_policy_block: bool = False,
     ) -> QueueEntry | None:
@@ -179,7 +180,7 @@ class SqliteFleetQueue:
                 "SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,)
             )
             if entry is not None and entry.state.value == QUEUED:
-                entry = entry.updated(candidates, policy_block, clear_policy_block)
+                entry = entry.updated(candidates, policy_block, clear_policy_block, placement_note)
                 await self._put(entry)
         return entry
 
