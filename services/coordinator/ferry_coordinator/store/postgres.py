@@ -24,7 +24,7 @@ from ferry_common.errors import Conflict
 
 from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
-from .queue_postgres import RELEASE_SQL, PostgresFleetQueue, create_schema
+from .queue_postgres import PostgresFleetQueue, create_schema, releasing
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ferry_sagas (
@@ -142,23 +142,24 @@ class PostgresSagaStore:
                 # No conflict target: DO NOTHING covers the primary key (same id) and the
                 # partial unique index (another active saga for the VM). A concurrent insert
                 # for the same VM waits for the other transaction and then does nothing.
-                async with conn.transaction():
-                    row = await conn.fetchrow(
+                # A record that is terminal already frees its queue slot in the same statement.
+                row = await conn.fetchrow(
+                    releasing(
                         f"INSERT INTO ferry_sagas ({COLUMNS}) "
                         "VALUES ($1,$2,$3,$4,$5,1,$6,$7,$8,$9) "
                         f"ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
-                        record.migration_id,
-                        record.vm_id,
-                        record.status,
-                        record.owner,
-                        record.lease_until,
-                        record.created_at,
-                        record.updated_at,
-                        record.cancel_requested,
-                        _body(record),
-                    )
-                    if row is not None and record.terminal:  # ends as it starts: slot freed
-                        await conn.execute(RELEASE_SQL, record.updated_at, record.migration_id)
+                        mid="$1", status="$3", at="$7",
+                    ),
+                    record.migration_id,
+                    record.vm_id,
+                    record.status,
+                    record.owner,
+                    record.lease_until,
+                    record.created_at,
+                    record.updated_at,
+                    record.cancel_requested,
+                    _body(record),
+                )
                 if row is not None:
                     return _row_to_record(row), True
                 # Same id first: a replayed create must get its own saga back.
@@ -184,27 +185,27 @@ class PostgresSagaStore:
             try:
                 # owner/lease_until are never written here (only claim/renew move a lease);
                 # cancel_requested is OR-ed so a concurrent request_cancel is not lost.
-                async with conn.transaction():
-                    row = await conn.fetchrow(
+                # A saga saved as ended frees its queue slot in the same statement.
+                row = await conn.fetchrow(
+                    releasing(
                         "UPDATE ferry_sagas SET vm_id = $2, status = $3, version = version + 1, "
                         "created_at = $4, updated_at = $5, "
                         "cancel_requested = (cancel_requested OR $6), body = $7 "
                         "WHERE id = $1 AND version = $8 "
                         "AND (owner IS NULL OR $9::text IS NULL OR owner = $9::text) "
                         f"RETURNING {COLUMNS}",
-                        record.migration_id,
-                        record.vm_id,
-                        record.status,
-                        record.created_at,
-                        record.updated_at,
-                        record.cancel_requested,
-                        _body(record),
-                        record.version,
-                        owner,
-                    )
-                    if row is not None and record.terminal:
-                        # the saga ended: its slot, if it held one, is free in the same transaction
-                        await conn.execute(RELEASE_SQL, record.updated_at, record.migration_id)
+                        mid="$1", status="$3", at="$5",
+                    ),
+                    record.migration_id,
+                    record.vm_id,
+                    record.status,
+                    record.created_at,
+                    record.updated_at,
+                    record.cancel_requested,
+                    _body(record),
+                    record.version,
+                    owner,
+                )
             except asyncpg.UniqueViolationError as exc:
                 # Re-activating a finished saga while another one runs for the VM.
                 raise Conflict(

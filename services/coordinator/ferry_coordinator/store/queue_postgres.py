@@ -19,6 +19,7 @@ import asyncpg
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 from ferry_coordinator.fleet.scheduling import next_startable, plan
 
+from .columns import TERMINAL_SQL
 from .queue_sql import LIVE_SQL, QUEUED, STARTED, default_limits, entry_from, row_params
 
 SCHEMA = f"""
@@ -46,6 +47,22 @@ RELEASE_SQL = (
     "body = body || jsonb_build_object('state', 'done', 'ended_at', $1::float8) "
     f"WHERE id = $2 AND state = '{STARTED}'"
 )
+
+
+def releasing(saga_write: str, *, mid: str, status: str, at: str) -> str:
+    """``saga_write`` (an INSERT or UPDATE of ``ferry_sagas`` ... RETURNING its columns) made
+    to also release the migration's slot when the status it writes is terminal: one statement,
+    so a saga never ends with its slot still held. ``mid``, ``status``, ``at``: its parameters."""
+    return (
+        f"WITH s AS ({saga_write}), r AS ("
+        "UPDATE ferry_fleet_queue SET state = 'done', "
+        f"body = body || jsonb_build_object('state', 'done', 'ended_at', {at}::float8) "
+        f"WHERE id = {mid} AND state = '{STARTED}' AND {status}::text IN {TERMINAL_SQL} "
+        "AND EXISTS (SELECT 1 FROM s)) "
+        "SELECT * FROM s"
+    )
+
+
 _BODY_BY_ID = "SELECT body FROM ferry_fleet_queue WHERE id = $1"
 _LIVE = f"SELECT body FROM ferry_fleet_queue WHERE state IN {LIVE_SQL}"
 
