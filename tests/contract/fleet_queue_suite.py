@@ -8,6 +8,7 @@ connections onto one storage, as two coordinator replicas would have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -356,7 +357,7 @@ class FleetQueueSuite:
         limits = Limits(cluster=5, outbound_per_host=2, inbound_per_host=2)
         await a.queue.set_limits(limits)
         hosts = [f"h{i}" for i in range(6)]
-        n = 60
+        n = 120
         rng = random.Random(15)
 
         async def producer() -> None:
@@ -367,9 +368,11 @@ class FleetQueueSuite:
                 cands = [hosts[(i + 1) % 6], hosts[(i + 2) % 6]]
                 prio = list(Priority)[min(3, i * 4 // n + rng.randrange(2))]  # rising urgency
                 await (a if i % 2 else b).queue.enqueue(
-                    entry(f"m-{i:02}", src, cands, at=float(i), group=src, priority=prio)
+                    entry(f"m-{i:03}", src, cands, at=float(i), group=src, priority=prio)
                 )
-                if i >= 20:  # a backlog first, so that the limits are reached
+                if i == 19:  # a backlog first; the rest arrives while the slots are in use
+                    await full.wait()
+                if i >= 20:
                     await asyncio.sleep(rng.random() * 0.002)
 
         claimed: list[str] = []
@@ -378,6 +381,10 @@ class FleetQueueSuite:
         held: list[tuple[float, float, QueueEntry]] = []
         peaks: list[tuple[int, int, int]] = []
         stop = asyncio.Event()
+        # the first slots are kept until all five are taken, however slow the machine, so
+        # that the limit is surely reached once (and the history shows it)
+        holding: set[str] = set()
+        full = asyncio.Event()
 
         async def claimer(k: int) -> None:
             handle = a if k % 2 else b
@@ -388,7 +395,14 @@ class FleetQueueSuite:
                     continue
                 start = time.monotonic()
                 claimed.append(got.migration_id)
+                holding.add(got.migration_id)
+                if len(holding) >= limits.cluster:
+                    full.set()
                 await asyncio.sleep(0.04 + rng.random() * 0.04)  # the migration runs
+                if not full.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(full.wait(), 5.0)
+                holding.discard(got.migration_id)
                 held.append((start, time.monotonic(), got))
                 await (b if k % 2 else a).queue.release(got.migration_id, now=1001.0)
 
@@ -401,7 +415,8 @@ class FleetQueueSuite:
         await asyncio.wait_for(asyncio.gather(producer(), *[claimer(k) for k in range(20)]), 120)
         stop.set()
         await watcher
-        assert sorted(claimed) == [f"m-{i:02}" for i in range(n)]  # each started exactly once
+        # each started exactly once
+        assert len(claimed) == n and set(claimed) == {f"m-{i:03}" for i in range(n)}
         # the history, replayed: at each slot's start, what else was held
         in_use = [
             check_limits([o for s0, s1, o in held if s0 <= start < s1], limits)
