@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-qemu bench-balance soak clean
+.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-placement bench-qemu bench-balance soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,7 +33,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check apps libs services tests bench
 	$(VENV)/bin/mypy libs/common/ferry_common apps/cli/ferry_cli apps/testing/ferry_testing services
 
-bench: bench-control bench-scale bench-sensor ## All benchmarks of the control plane
+bench: bench-control bench-scale bench-sensor bench-placement ## All benchmarks of the control plane
 
 bench-control: $(STAMP) ## Concurrent migrations per second against the real RabbitMQ (hosts apart, then one process)
 	bash scripts/ensure-services.sh
@@ -45,6 +45,9 @@ bench-scale: $(STAMP) ## 10k elements and 100k queued events: management-plane t
 
 bench-sensor: $(STAMP) ## Sensor intake and dispatch rate
 	$(PY) bench/sensor.py
+
+bench-placement: $(STAMP) ## Placement decisions on a simulated fleet of 100 to 1,000 hosts (20 VMs each)
+	$(PY) bench/placement.py
 
 bench-qemu: $(STAMP) ## Bare QMP migration vs the full saga with real QEMU
 	bash scripts/ensure-services.sh

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validate Ferry's deployment files offline: kustomize renders, Kubernetes schemas (strict),
-# custom resource schemas, Ferry's deployment rules, and docker-compose.yml against the
-# vendored Compose Specification schema. No Docker, no cluster, no network at validation time.
+# custom resource schemas, Ferry's deployment rules, docker-compose.yml against the
+# vendored Compose Specification schema, and the Prometheus alerting rules with their unit
+# tests (promtool, installed from Debian's prometheus package when missing). No Docker, no cluster, no network at validation time.
 #
 #   scripts/validate-deploy.sh                # everything, then the negative self-test
 #   scripts/validate-deploy.sh --k8s FILE     # only FILE (also --kustomization DIR, --compose FILE)
@@ -29,6 +30,11 @@ if [[ $# -gt 0 ]]; then
 fi
 
 "${VALIDATOR[@]}"
+
+# Alerting rules: their syntax, and their unit tests (promtool, from Debian's prometheus)
+bash "$ROOT/scripts/ensure-promtool.sh"
+promtool check rules "$ROOT/deploy/prometheus/ferry-alerts.yaml"
+promtool test rules "$ROOT/deploy/prometheus/ferry-alerts.test.yaml"
 
 # Negative self-test: the validator must reject each deliberately broken fixture.
 FIXTURES="$ROOT/tests/deploy/fixtures"

@@ -19,6 +19,8 @@ import pytest
 from ferry_common.errors import Conflict
 from ferry_coordinator.store import TERMINAL, HistoryEntry, SagaRecord, SagaStore
 
+from .fleet_queue_suite import FleetQueueSuite
+
 MakeStore = Callable[[], Awaitable[SagaStore]]
 
 
@@ -57,7 +59,7 @@ async def handles(url: str) -> AsyncIterator[MakeStore]:
             await store.close()
 
 
-class SagaStoreSuite:
+class SagaStoreSuite(FleetQueueSuite):
     """Abstract: subclass it (``TestXxxSagaStore``) and override ``make_store``."""
 
     @pytest.fixture

@@ -21,3 +21,12 @@ def test_the_libvirt_driver_migrates_over_tls_when_asked(monkeypatch: pytest.Mon
     assert _options(Settings(driver="libvirt", state_dir=""), "host-a").driver_options == {"tls": True}
     monkeypatch.setenv("FERRY_LIBVIRT_MIGRATE_TLS", "0")
     assert _options(Settings(driver="libvirt", state_dir=""), "host-a").driver_options == {}
+
+
+def test_host_labels_from_the_environment() -> None:
+    from ferry_cli.runner import host_labels
+
+    assert host_labels("zone=a, disk=ssd,") == {"zone": "a", "disk": "ssd"}
+    assert host_labels("") == {}
+    with pytest.raises(ValueError):
+        host_labels("zone")

@@ -53,7 +53,7 @@ def test_an_empty_variable_means_unset_where_empty_is_no_value(monkeypatch: pyte
     monkeypatch.setenv("FERRY_CAPACITY_MIB", "")
     monkeypatch.setenv("FERRY_INVENTORY_INTERVAL_S", "")
     s = load_settings()
-    assert (s.capacity_mib, s.inventory_interval_s) == (None, 5.0)
+    assert (s.capacity_mib, s.inventory_interval_s) == (None, 1.0)
 
 
 @pytest.mark.parametrize(("name", "value", "why"), [

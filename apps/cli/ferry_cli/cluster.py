@@ -38,6 +38,7 @@ class HostOptions:
     capacity_mib: int | None = None
     inventory_interval_s: float = 5.0
     ledger_max: int = LEDGER_MAX
+    labels: dict[str, str] = field(default_factory=dict)  # placement's host selectors match these
 
 
 @dataclass
@@ -104,7 +105,9 @@ def build_service(
             if options.driver == "sim":
                 opts.setdefault("clock", clock)
             driver = load_driver(options.driver, host, **opts)
-        return HypervisorAdapterService(host, endpoint, driver, state, inventory_interval_s=options.inventory_interval_s)
+        return HypervisorAdapterService(
+            host, endpoint, driver, state, inventory_interval_s=options.inventory_interval_s, labels=options.labels
+        )
     raise ValueError(f"unknown service {name!r} ({', '.join(HOST_SERVICES)})")
 
 

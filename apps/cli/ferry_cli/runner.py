@@ -49,6 +49,19 @@ def saga_timeouts(settings: Settings) -> SagaTimeouts:
     return SagaTimeouts(**overrides)  # type: ignore[arg-type]
 
 
+def host_labels(raw: str) -> dict[str, str]:
+    """``"zone=a,disk=ssd"`` as a dict; a pair without ``=`` is an error, not ignored."""
+    out: dict[str, str] = {}
+    for pair in (p.strip() for p in raw.split(",")):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"FERRY_HOST_LABELS: {pair!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _options(settings: Settings, host: str) -> HostOptions:
     driver_options: dict[str, Any] = {}
     if settings.driver == "sim" and settings.state_dir:
@@ -70,8 +83,10 @@ def _options(settings: Settings, host: str) -> HostOptions:
         driver_options=driver_options,
         allowed_sources=settings.allowed_sources,
         capacity_mib=settings.capacity_mib,
-        # how often the adapter announces its VMs (tests shorten it)
+        # how often the adapter announces its VMs, which is also its heartbeat: the coordinator
+        # marks a host not ready after 3 missed periods (FERRY_INVENTORY_INTERVAL_S)
         inventory_interval_s=settings.inventory_interval_s,
+        labels=host_labels(settings.host_labels),
         # how many dispatched event ids each VM's audit trail keeps here
         ledger_max=settings.ledger_max or LEDGER_MAX,
     )

@@ -52,6 +52,8 @@ from ferry_common.messages.public import (
 from ferry_common.messages.telemetry import SpanBatch
 
 from . import observe
+from .fleet import metrics as fleet_metrics
+from .fleet.liveness import LivenessTracker
 from .hosts import HostRegistry
 from .saga import MigrationSaga, SagaContext
 from .store import SagaRecord, SagaStore
@@ -70,6 +72,9 @@ class CoordinatorService:
         self.timeouts = timeouts or SagaTimeouts()
         self.owner = endpoint.instance
         self.hosts = HostRegistry()
+        # inventories are the hosts' heartbeats: not ready after 3 missed periods
+        self.liveness = LivenessTracker(endpoint.clock, on_change=fleet_metrics.observe_host_ready)
+        self._liveness_task: asyncio.Task[None] | None = None
         self.running: dict[str, asyncio.Task[SagaRecord]] = {}
         self.cancels: dict[str, str] = {}
         self.owners: dict[str, tuple[str, int]] = {}
@@ -104,12 +109,14 @@ class CoordinatorService:
         self._consumers.append(await self.endpoint.serve(private, self.private))
         self._consumers.append(await self.endpoint.serve(shared, self.router))
         self._lease_task = asyncio.create_task(self._lease_loop())
+        self._liveness_task = asyncio.create_task(self.liveness.run())
 
     async def stop(self) -> None:
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+        for task in (self._lease_task, self._liveness_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for c in self._consumers:
             await c.cancel()
         self._consumers.clear()
@@ -249,6 +256,7 @@ class CoordinatorService:
     # ---- private ----------------------------------------------------------------------
     async def on_inventory(self, msg: HostInventory, ctx: Context) -> None:
         self.hosts.update(msg, self.endpoint.clock.monotonic())
+        self.liveness.beat(msg.host, period_s=msg.period_s)
         return None
 
     async def on_vm_finished(self, msg: VmMigrationFinished, ctx: Context) -> None:

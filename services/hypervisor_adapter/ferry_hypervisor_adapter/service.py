@@ -74,10 +74,14 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
         state: StateStore | None = None,
         *,
         inventory_interval_s: float = 5.0,
+        labels: dict[str, str] | None = None,
     ) -> None:
         super().__init__(host, endpoint, state)
         self.driver = driver
+        # the inventory is also this host's heartbeat: the coordinator marks the host not
+        # ready after a few periods without one (ferry_coordinator.fleet.liveness)
         self.inventory_interval_s = inventory_interval_s
+        self.labels = dict(labels or {})
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, str] = {}  # migration id -> vm id
         # incoming guests adopted by FinishIncoming whose migration may still roll back (the
@@ -152,6 +156,8 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
             driver=self.driver.name,
             ready_incoming=list(self.driver.ready_shapes()),
             adoptable=await self.adoptable(),
+            labels=self.labels,
+            period_s=self.inventory_interval_s,
         )
         with contextlib.suppress(FerryError):  # nobody listening yet is fine
             await self.endpoint.send(inventory(self.host), inv)

@@ -115,6 +115,15 @@ class ManagementGraph(Wire):
     recent_event_ids: list[Name] = Field(default_factory=list, max_length=MAX_RECENT_IDS)
 
 
+class VmPlacement(Wire):
+    """Where a VM may run: its labels, the host labels it needs, its anti-affinity groups
+    (no two VMs of a group on one host). Data for the coordinator's placement."""
+
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=64)
+    host_selector: dict[Name, Name] = Field(default_factory=dict, max_length=64)
+    anti_affinity: list[Name] = Field(default_factory=list, max_length=16)
+
+
 class VmSpec(Wire):
     """A VM as the hypervisor adapter knows it."""
 
@@ -123,3 +132,4 @@ class VmSpec(Wire):
     vcpus: int = Field(default=1, ge=1, le=1024)
     driver: Name = "sim"
     params: JsonObject = Field(default_factory=dict)
+    placement: VmPlacement | None = None  # None: anywhere its driver runs

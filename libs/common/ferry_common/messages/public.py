@@ -80,6 +80,11 @@ class HostInventory(Wire):
     ready_incoming: list[Name] = Field(default_factory=list, max_length=64)
     # defined guests of the hypervisor that Ferry does not manage (``ferry vm adopt`` takes one)
     adoptable: list[AdoptableVm] = Field(default_factory=list, max_length=10_000)
+    # placement's host selectors match these (FERRY_HOST_LABELS="zone=a,disk=ssd")
+    labels: dict[Name, Name] = Field(default_factory=dict, max_length=64)
+    # the inventory doubles as the host's heartbeat: how often it is sent, so the coordinator
+    # knows when one is missed (None: an adapter that does not say)
+    period_s: float | None = Field(default=None, gt=0, le=3600)
 
 
 def incoming_shape(memory_mib: int, vcpus: int) -> str:

@@ -9,8 +9,11 @@ record's ``version`` (optimistic concurrency) and by the driving replica's lease
 from __future__ import annotations
 
 import builtins
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 
 TERMINAL = frozenset({"completed", "rolled_back", "rejected"})
 
@@ -93,8 +96,73 @@ class SagaRecord:
         )
 
 
+class FleetQueue(Protocol):
+    """Queued migrations and the slots they hold, in the saga store (so every replica sees one
+    queue). Every backend passes ``tests/contract/fleet_queue_suite.py`` unchanged.
+
+    A slot is an entry in state ``started``: taken by :meth:`claim_next`, given back by
+    :meth:`release` or, in the same transaction, when the saga of that ``migration_id`` is
+    saved in a terminal state.
+    """
+
+    async def limits(self) -> Limits:
+        """The limits in force (the defaults until :meth:`set_limits`)."""
+
+    async def set_limits(self, limits: Limits) -> Limits:
+        """Change the limits for every replica from the next claim on; slots already held
+        stay held (a lowered limit drains down rather than aborting migrations)."""
+
+    async def enqueue(self, entry: QueueEntry) -> tuple[QueueEntry, bool]:
+        """Insert ``entry`` (state queued) unless an entry with its id exists or a live one
+        (queued or started) exists for its VM: then ``(existing, False)``."""
+
+    async def get(self, migration_id: str) -> QueueEntry | None: ...
+
+    async def entries(
+        self, *, states: Collection[EntryState] | None = None, group: str | None = None
+    ) -> builtins.list[QueueEntry]:
+        """Entries, oldest first, optionally of some states or one group."""
+
+    async def claim_next(self, owner: str, *, now: float) -> QueueEntry | None:
+        """In one transaction: pick the next startable entry (see ``fleet.scheduling.plan``),
+        check the limits against the slots held, and take its slot (state started, with its
+        target). None when nothing can start. Never exceeds a limit, whatever the number of
+        replicas claiming at once; an entry starts at most once.
+
+        The claimer then creates the saga under the entry's ``migration_id``. A claimer that
+        dies in between leaves a started entry without a saga: whoever takes over resumes it
+        from ``entry.request`` (or releases it); it is never started a second time."""
+
+    async def release(self, migration_id: str, *, now: float) -> QueueEntry | None:
+        """Give back the slot of a started entry (state done); idempotent."""
+
+    async def cancel(self, migration_id: str, *, now: float) -> QueueEntry | None:
+        """Cancel a queued entry: it never starts. A started one is returned unchanged (its
+        saga's cancel path applies). None if unknown."""
+
+    async def update_queued(
+        self,
+        migration_id: str,
+        *,
+        candidates: Sequence[str] | None = None,
+        placement_note: str | None = None,
+        policy_block: str | None = None,
+        clear_policy_block: bool = False,
+    ) -> QueueEntry | None:
+        """Refresh a queued entry's ranked targets (placement ran again; with none, its note
+        says why per host) or mark it held by policy; entries in other states are returned
+        unchanged."""
+
+    async def explain(self, *, now: float) -> builtins.list[Decision]:
+        """Every queued entry in start order with what holds it (``migration.queued``)."""
+
+
 class SagaStore(Protocol):
     """Every backend implements this and passes ``tests/contract/store_suite.py`` unchanged."""
+
+    @property
+    def queue(self) -> FleetQueue:
+        """The fleet queue kept in this store (same storage, same transactions)."""
 
     async def close(self) -> None: ...
 

@@ -11,6 +11,7 @@ import orjson
 from ferry_common.errors import Conflict
 
 from .base import SagaRecord
+from .queue_memory import MemoryFleetQueue
 
 
 def _copy(record: SagaRecord) -> SagaRecord:
@@ -23,6 +24,7 @@ class MemorySagaStore:
         self._rows: dict[str, SagaRecord] = {}
         self._active: dict[str, str] = {}  # vm id -> its non-terminal saga
         self._spans: dict[str, list[dict[str, Any]]] = {}
+        self.queue = MemoryFleetQueue()
 
     def _index(self, record: SagaRecord) -> None:
         if record.terminal:
@@ -45,6 +47,8 @@ class MemorySagaStore:
         stored.version = 1
         self._rows[record.migration_id] = stored
         self._index(stored)
+        if stored.terminal:  # the saga ended: its slot, if it held one, is free
+            self.queue.release_now(stored.migration_id, stored.updated_at)
         return _copy(stored), True
 
     async def get(self, migration_id: str) -> SagaRecord | None:
@@ -65,6 +69,8 @@ class MemorySagaStore:
         stored.cancel_requested = row.cancel_requested or record.cancel_requested
         self._rows[record.migration_id] = stored
         self._index(stored)
+        if stored.terminal:  # the saga ended: its slot, if it held one, is free
+            self.queue.release_now(stored.migration_id, stored.updated_at)
         return _copy(stored)
 
     async def list(self, *, vm_id: str | None = None, limit: int = 50) -> builtins.list[SagaRecord]:

@@ -24,6 +24,7 @@ from ferry_common.errors import Conflict
 
 from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
+from .queue_postgres import PostgresFleetQueue, create_schema, releasing
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ferry_sagas (
@@ -94,6 +95,7 @@ class PostgresSagaStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self.queue = PostgresFleetQueue(pool)
 
     @classmethod
     async def open(
@@ -123,6 +125,7 @@ class PostgresSagaStore:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
                 await conn.execute(_SCHEMA)
+                await create_schema(conn)
         except BaseException:
             await pool.close()
             raise
@@ -139,10 +142,14 @@ class PostgresSagaStore:
                 # No conflict target: DO NOTHING covers the primary key (same id) and the
                 # partial unique index (another active saga for the VM). A concurrent insert
                 # for the same VM waits for the other transaction and then does nothing.
+                # A record that is terminal already frees its queue slot in the same statement.
                 row = await conn.fetchrow(
-                    f"INSERT INTO ferry_sagas ({COLUMNS}) "
-                    "VALUES ($1,$2,$3,$4,$5,1,$6,$7,$8,$9) "
-                    f"ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
+                    releasing(
+                        f"INSERT INTO ferry_sagas ({COLUMNS}) "
+                        "VALUES ($1,$2,$3,$4,$5,1,$6,$7,$8,$9) "
+                        f"ON CONFLICT DO NOTHING RETURNING {COLUMNS}",
+                        mid="$1", status="$3", at="$7",
+                    ),
                     record.migration_id,
                     record.vm_id,
                     record.status,
@@ -178,13 +185,17 @@ class PostgresSagaStore:
             try:
                 # owner/lease_until are never written here (only claim/renew move a lease);
                 # cancel_requested is OR-ed so a concurrent request_cancel is not lost.
+                # A saga saved as ended frees its queue slot in the same statement.
                 row = await conn.fetchrow(
-                    "UPDATE ferry_sagas SET vm_id = $2, status = $3, version = version + 1, "
-                    "created_at = $4, updated_at = $5, "
-                    "cancel_requested = (cancel_requested OR $6), body = $7 "
-                    "WHERE id = $1 AND version = $8 "
-                    "AND (owner IS NULL OR $9::text IS NULL OR owner = $9::text) "
-                    f"RETURNING {COLUMNS}",
+                    releasing(
+                        "UPDATE ferry_sagas SET vm_id = $2, status = $3, version = version + 1, "
+                        "created_at = $4, updated_at = $5, "
+                        "cancel_requested = (cancel_requested OR $6), body = $7 "
+                        "WHERE id = $1 AND version = $8 "
+                        "AND (owner IS NULL OR $9::text IS NULL OR owner = $9::text) "
+                        f"RETURNING {COLUMNS}",
+                        mid="$1", status="$3", at="$5",
+                    ),
                     record.migration_id,
                     record.vm_id,
                     record.status,

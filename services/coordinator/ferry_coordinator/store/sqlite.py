@@ -26,6 +26,8 @@ from ferry_common.state import immediate_transaction, sqlite_path_from_url
 
 from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
+from .queue_sqlite import RELEASE_SQL, SqliteFleetQueue
+from .queue_sqlite import SCHEMA as QUEUE_SCHEMA
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ferry_sagas (
@@ -69,6 +71,7 @@ class SqliteSagaStore:
         # One connection is shared by every coroutine of this process; without the lock a
         # statement of one coroutine would land inside another's open transaction.
         self._lock = asyncio.Lock()
+        self.queue = SqliteFleetQueue(conn, self._lock)
 
     @classmethod
     async def open(cls, url: str) -> SqliteSagaStore:
@@ -84,7 +87,7 @@ class SqliteSagaStore:
             # loss would replay a step the world has already seen.
             await conn.execute("PRAGMA synchronous = FULL")
             # One transaction, so replicas starting together don't race on the DDL.
-            await conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            await conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{QUEUE_SCHEMA}COMMIT;")
         except BaseException:
             await conn.close()
             raise
@@ -127,6 +130,8 @@ class SqliteSagaStore:
             ) as cur:
                 row = await cur.fetchone()
             created = row is not None
+            if created and record.terminal:  # a saga that ends as it starts frees its slot
+                await self._conn.execute(RELEASE_SQL, (record.updated_at, record.migration_id))
             if row is None:
                 # The write lock is still ours, so whatever blocked the insert is still there.
                 row = await self._fetchone(
@@ -181,6 +186,9 @@ class SqliteSagaStore:
                     f"saga {record.migration_id}: VM {record.vm_id} has another active saga"
                 ) from exc
             current = None
+            if row is not None and record.terminal:
+                # the saga ended: its slot, if it held one, is free in the same transaction
+                await self._conn.execute(RELEASE_SQL, (record.updated_at, record.migration_id))
             if row is None:
                 current = await self._fetchone(
                     "SELECT version, owner FROM ferry_sagas WHERE id = ?",

@@ -1,0 +1,192 @@
+"""The fleet queue in the SQLite saga store's file.
+
+Every write, ``claim_next`` included, is one ``BEGIN IMMEDIATE`` transaction: it holds the
+file's write lock from its first statement, so coordinators sharing the file claim one at a
+time and each sees the slots the one before took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from ferry_common.state import immediate_transaction
+from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
+from ferry_coordinator.fleet.scheduling import next_startable, plan
+
+from .queue_sql import LIVE_SQL, QUEUED, STARTED, default_limits, entry_from, row_params
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS ferry_fleet_queue (
+    id          TEXT PRIMARY KEY,
+    vm_id       TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    grp         TEXT NOT NULL,
+    enqueued_at REAL NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS ferry_fleet_queue_one_live_per_vm
+    ON ferry_fleet_queue (vm_id) WHERE state IN {LIVE_SQL};
+CREATE INDEX IF NOT EXISTS ferry_fleet_queue_live ON ferry_fleet_queue (state)
+    WHERE state IN {LIVE_SQL};
+CREATE INDEX IF NOT EXISTS ferry_fleet_queue_grp ON ferry_fleet_queue (grp, enqueued_at);
+CREATE TABLE IF NOT EXISTS ferry_fleet_limits (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    body TEXT NOT NULL
+);
+INSERT INTO ferry_fleet_limits (id, body) VALUES (1, '{orjson.dumps(default_limits()).decode()}')
+    ON CONFLICT DO NOTHING;
+"""
+
+RELEASE_SQL = (
+    "UPDATE ferry_fleet_queue SET state = 'done', "
+    "body = json_set(body, '$.state', 'done', '$.ended_at', ?) "
+    f"WHERE id = ? AND state = '{STARTED}'"
+)
+
+
+def _dump(body: dict[str, Any]) -> str:
+    return orjson.dumps(body).decode()
+
+
+class SqliteFleetQueue:
+    """A :class:`~ferry_coordinator.store.base.FleetQueue` on the saga store's connection."""
+
+    def __init__(self, conn: aiosqlite.Connection, lock: asyncio.Lock) -> None:
+        self._conn = conn
+        self._lock = lock
+
+    def _write(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return immediate_transaction(self._conn, self._lock)
+
+    async def _one(self, sql: str, params: tuple[Any, ...]) -> QueueEntry | None:
+        async with self._conn.execute(sql, params) as cur:
+            row = await cur.fetchone()
+        return entry_from(orjson.loads(row[0])) if row else None
+
+    async def _many(self, sql: str, params: tuple[Any, ...]) -> builtins.list[QueueEntry]:
+        async with self._conn.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [entry_from(orjson.loads(r[0])) for r in rows]
+
+    async def _limits(self) -> Limits:
+        async with self._conn.execute("SELECT body FROM ferry_fleet_limits WHERE id = 1") as cur:
+            row = await cur.fetchone()
+        return Limits.from_dict(orjson.loads(row[0]) if row else default_limits())
+
+    async def _live(self) -> builtins.list[QueueEntry]:
+        return await self._many(f"SELECT body FROM ferry_fleet_queue WHERE state IN {LIVE_SQL}", ())
+
+    async def _put(self, entry: QueueEntry) -> None:
+        await self._conn.execute(
+            "UPDATE ferry_fleet_queue SET state = ?, body = ? WHERE id = ?",
+            (entry.state.value, _dump(entry.to_dict()), entry.migration_id),
+        )
+
+    async def limits(self) -> Limits:
+        async with self._lock:
+            return await self._limits()
+
+    async def set_limits(self, limits: Limits) -> Limits:
+        async with self._write():
+            await self._conn.execute(
+                "UPDATE ferry_fleet_limits SET body = ? WHERE id = 1", (_dump(limits.to_dict()),)
+            )
+        return limits
+
+    async def enqueue(self, entry: QueueEntry) -> tuple[QueueEntry, bool]:
+        entry = replace(entry, state=EntryState.QUEUED)
+        mid, vm_id, state, grp, at, body = row_params(entry)
+        async with self._write():
+            # no conflict target: the id and the one-live-entry-per-VM index, in one step
+            async with self._conn.execute(
+                "INSERT INTO ferry_fleet_queue (id, vm_id, state, grp, enqueued_at, body) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING id",
+                (mid, vm_id, state, grp, at, _dump(body)),
+            ) as cur:
+                created = await cur.fetchone() is not None
+            if created:
+                return entry, True
+            existing = await self._one(
+                "SELECT body FROM ferry_fleet_queue WHERE id = ? "
+                f"OR (vm_id = ? AND state IN {LIVE_SQL}) ORDER BY (id = ?) DESC LIMIT 1",
+                (mid, vm_id, mid),
+            )
+        if existing is None:  # pragma: no cover - impossible while we hold the write lock
+            raise RuntimeError(f"queue entry {mid} neither inserted nor found")
+        return existing, False
+
+    async def get(self, migration_id: str) -> QueueEntry | None:
+        async with self._lock:
+            return await self._one("SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,))
+
+    async def entries(
+        self, *, states: Collection[EntryState] | None = None, group: str | None = None
+    ) -> builtins.list[QueueEntry]:
+        where, params = ["1 = 1"], []
+        if states is not None:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params += [EntryState(s).value for s in states]
+        if group is not None:
+            where.append("grp = ?")
+            params.append(group)
+        async with self._lock:
+            return await self._many(
+                f"SELECT body FROM ferry_fleet_queue WHERE {' AND '.join(where)} "
+                "ORDER BY enqueued_at, id",
+                tuple(params),
+            )
+
+    async def claim_next(self, owner: str, *, now: float) -> QueueEntry | None:
+        async with self._write():
+            decision = next_startable(await self._live(), await self._limits(), now)
+            if decision is None or decision.target is None:
+                return None
+            started = decision.entry.started(decision.target, owner, now)
+            await self._put(started)
+        return started
+
+    async def release(self, migration_id: str, *, now: float) -> QueueEntry | None:
+        async with self._write():
+            await self._conn.execute(RELEASE_SQL, (now, migration_id))
+            return await self._one("SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,))
+
+    async def cancel(self, migration_id: str, *, now: float) -> QueueEntry | None:
+        async with self._write():
+            entry = await self._one("SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,))
+            if entry is not None and entry.state is EntryState.QUEUED:
+                entry = replace(entry, state=EntryState.CANCELLED, ended_at=now)
+                await self._put(entry)
+        return entry
+
+    async def update_queued(
+        self,
+        migration_id: str,
+        *,
+        candidates: Sequence[str] | None = None,
+        placement_note: str | None = None,
+        policy_block: str | None = None,
+        clear_policy_block: bool = False,
+    ) -> QueueEntry | None:
+        async with self._write():
+            entry = await self._one(
+                "SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,)
+            )
+            if entry is not None and entry.state.value == QUEUED:
+                entry = entry.updated(candidates, policy_block, clear_policy_block, placement_note)
+                await self._put(entry)
+        return entry
+
+    async def explain(self, *, now: float) -> builtins.list[Decision]:
+        # one transaction, so the entries and the limits are of one moment (another process
+        # may write between two statements otherwise); it writes nothing, so commits no page
+        async with self._write():
+            live, limits = await self._live(), await self._limits()
+        return plan(live, limits, now)
