@@ -33,6 +33,7 @@ from ferry_common.messages.domain import VmSpec
 from ferry_common.messages.public import incoming_shape
 
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
+from .convergence import Convergence, Decision, Ladder
 from .guest import STATUS_XP, GuestStatus, default_guest_image, guest_cmdline
 from .precopy import PrecopyWatch
 from .standby import Shape, StandbyPool, parse_shapes
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 # QEMU 7.2's own default for max-bandwidth; set explicitly so a previous cap does not linger
 QEMU_DEFAULT_BANDWIDTH = 128 * MIB
-_ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
+# post-copy's states: the guest runs on the target from the first of them on
+_POSTCOPY = {"postcopy-active", "postcopy-paused", "postcopy-recover"}
+_ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", *_POSTCOPY}
 _UNIX_PATH_MAX = 107
 # QEMU's x509 credentials directory: the fleet's CA, and this host's certificate and key as the
 # server of incoming streams and as the client of outgoing ones (the same pair may serve both,
@@ -214,6 +217,13 @@ class QemuDriver:
             # before it listens: a stream that does not open with a TLS handshake signed by
             # the fleet's CA, from a certificate of its own, is refused
             await self._qmp(key, "migrate-set-parameters", {"tls-creds": TLS_IN})
+        try:
+            # accepted on every receiving process (a standby is taken before the VM's policy is
+            # known); a source whose policy forbids post-copy simply never asks for it
+            await self._qmp(key, "migrate-set-capabilities",
+                            {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+        except Exception as exc:  # no userfaultfd here: pre-copy only
+            log.warning("post-copy not available on %s: %s", self.host, exc)
         # port 0: QEMU binds a free port itself, so there is no race with other listeners
         await self._qmp(key, "migrate-incoming", {"uri": f"tcp:{self.listen_host}:0"})
         info = await self._qmp(key, "query-migrate")
@@ -297,7 +307,8 @@ class QemuDriver:
                 vm_id,
                 "migrate-set-capabilities",
                 {"capabilities": [{"capability": "auto-converge", "state": params.auto_converge},
-                                  {"capability": "events", "state": True}]},
+                                  {"capability": "events", "state": True},
+                                  {"capability": "postcopy-ram", "state": params.postcopy == "allow"}]},
             ),
             self._qmp(vm_id, "migrate-set-parameters", settings),
         )
@@ -339,6 +350,7 @@ class QemuDriver:
         changed: Callable[[float], Awaitable[None]],
     ) -> MigrationResult:
         watch = PrecopyWatch(params, spec.memory_mib)
+        ladder = Convergence(Ladder.of(params))
         last: dict[str, Any] = {}  # the last sample with figures: a cancelled migration has none
         while True:
             info = await self._qmp(vm_id, "query-migrate")
@@ -346,24 +358,33 @@ class QemuDriver:
             ram = info.get("ram", {})
             if ram:
                 last = info
+            ladder.postcopy_started |= status in _POSTCOPY
+            postcopy = ladder.postcopy_started
             if status == "completed":
                 info = await self._totalled(vm_id, info)
-                await on_progress(_progress(status, info.get("ram", ram), done=True))
-                return MigrationResult("completed", stats=_stats(info))
-            if status == "failed":
-                return MigrationResult(
-                    "failed", info.get("error-desc", "migration failed"), _stats(info, last)
-                )
+                await on_progress(_progress(status, info.get("ram", ram), ladder, done=True))
+                return MigrationResult("completed", stats=_stats(info), postcopy_started=postcopy)
+            if status in ("failed", "postcopy-paused"):
+                # post-copy that loses its stream pauses both halves rather than failing: the
+                # guest can run nowhere until a recovery this driver does not attempt
+                reason = info.get("error-desc", f"migration {status}")
+                return MigrationResult("failed", reason, _stats(info, last), postcopy_started=postcopy)
             if status == "cancelled":
                 self._cancel_requested.discard(vm_id)
                 return MigrationResult("cancelled", "migration cancelled", _stats(info, last))
             if status == "none":
                 return MigrationResult("failed", "no migration is running")
-            if status == "active" and ram:
-                sample = _progress(status, ram)
+            if status in ("active", "postcopy-active") and ram:
+                sample = _progress(status, ram, ladder)
                 await on_progress(sample)
-                watch.observe(sample.remaining_bytes)
-            reason = None if vm_id in self._cancel_requested else watch.expired()
+                if status == "active":
+                    watch.observe(sample.remaining_bytes)
+                    if vm_id not in self._cancel_requested:
+                        await self._climb(vm_id, ladder, ladder.observe(sample.remaining_bytes, sample.passes))
+            # past the start of post-copy nothing may cancel: the source no longer holds the guest
+            reason = None
+            if vm_id not in self._cancel_requested and not ladder.postcopy_started:
+                reason = watch.expired(stall=False) or ladder.reason or None
             if reason:
                 log.info("vm %s: %s, cancelling the migration", vm_id, reason)
                 end = await self._cancel_and_wait(vm_id)
@@ -371,6 +392,20 @@ class QemuDriver:
                     return MigrationResult("completed", stats=_stats(end))
                 return MigrationResult("failed", reason, _stats(end, last))
             await changed(params.poll_interval_s)
+
+    async def _climb(self, vm_id: str, ladder: Convergence, decision: Decision) -> None:
+        """Carry out a convergence decision: a higher downtime, or post-copy."""
+        if decision.action == "raise":
+            log.info("vm %s: %s", vm_id, decision.reason)
+            await self._qmp(vm_id, "migrate-set-parameters", {"downtime-limit": decision.downtime_ms})
+        elif decision.action == "postcopy":
+            from qemu.qmp import ExecuteError
+
+            log.info("vm %s: %s", vm_id, decision.reason)
+            try:
+                await self._qmp(vm_id, "migrate-start-postcopy")
+            except ExecuteError as exc:  # e.g. the target cannot take post-copy: pre-copy goes on
+                ladder.refuse_postcopy(f"stall timeout at the top rung, and post-copy could not start: {exc}")
 
     async def _totalled(self, vm_id: str, info: dict[str, Any]) -> dict[str, Any]:
         """``query-migrate`` once QEMU has totalled the figures: its MIGRATION event says
@@ -396,6 +431,9 @@ class QemuDriver:
             return
         try:
             info = await self._qmp(vm_id, "query-migrate")
+            if info.get("status") in _POSTCOPY:
+                log.warning("vm %s: post-copy started, the migration cannot be cancelled", vm_id)
+                return
             if info.get("status") in _ACTIVE:
                 self._cancel_requested.add(vm_id)
                 await self._qmp(vm_id, "migrate_cancel")
@@ -751,7 +789,7 @@ def _vm_state(status: str) -> VmState:
     return "paused"
 
 
-def _progress(status: str, ram: dict[str, Any], done: bool = False) -> MigrationProgress:
+def _progress(status: str, ram: dict[str, Any], ladder: Convergence, done: bool = False) -> MigrationProgress:
     total = int(ram.get("total", 0))
     remaining = 0 if done else int(ram.get("remaining", 0))
     return MigrationProgress(
@@ -762,6 +800,9 @@ def _progress(status: str, ram: dict[str, Any], done: bool = False) -> Migration
         dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
         passes=int(ram.get("dirty-sync-count", 0)),
         percent=PrecopyWatch.percent(total, remaining),
+        rung=ladder.rung,
+        downtime_limit_ms=ladder.downtime_ms,
+        postcopy=ladder.postcopy_started,
     )
 
 
