@@ -12,7 +12,8 @@ import builtins
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-TERMINAL = frozenset({"completed", "rolled_back", "rejected"})
+# failed: ended forward-only after post-copy started, neither completed nor rolled back
+TERMINAL = frozenset({"completed", "rolled_back", "rejected", "failed"})
 
 
 @dataclass
@@ -21,7 +22,7 @@ class HistoryEntry:
 
     at: float
     step: str
-    event: str  # started | succeeded | failed | timeout | compensated | retry | note
+    event: str  # started | succeeded | failed | timeout | compensated | retry | note | postcopy_started
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -40,7 +41,7 @@ class SagaRecord:
     vm_id: str
     source_host: str
     target_host: str
-    status: str = "running"  # running | compensating | completed | rolled_back | rejected
+    status: str = "running"  # running | compensating | completed | rolled_back | rejected | failed
     step: str = "admission"
     data: dict[str, Any] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)

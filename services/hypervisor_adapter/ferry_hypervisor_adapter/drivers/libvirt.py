@@ -39,6 +39,7 @@ from xml.sax.saxutils import escape
 from ferry_common.messages.domain import VmSpec
 
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
+from .convergence import Convergence, Decision, Ladder
 from .guest import STATUS_ADDR, GuestStatus, default_guest_image, guest_cmdline
 from .precopy import PrecopyWatch
 
@@ -149,6 +150,7 @@ class LibvirtDriver:
         self._conn: Any = None
         self._cancel_requested: set[str] = set()
         self._aborts: dict[str, asyncio.Task[bool]] = {}  # vm_id -> an operator's cancel under way
+        self._postcopy: set[str] = set()  # outgoing migrations in post-copy: not to be cancelled
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -288,6 +290,8 @@ class LibvirtDriver:
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
         if params.auto_converge:
             flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
+        if params.postcopy == "allow":
+            flags |= lv.VIR_MIGRATE_POSTCOPY  # allowed only: started by migrateStartPostCopy
         if self.tls:
             # both daemons set up QEMU's TLS credentials from their migrate_tls_x509_cert_dir,
             # and the source checks the target's certificate against the migration URI's host
@@ -299,6 +303,8 @@ class LibvirtDriver:
         }
         self._cancel_requested.discard(vm_id)
         watch = PrecopyWatch(params, memory_mib)
+        ladder = Convergence(Ladder.of(params))
+        self._postcopy.discard(vm_id)
         job = asyncio.create_task(_blocking(dom.migrateToURI3, dconnuri, call, flags))
         last: dict[str, Any] = {}
         reason: str | None = None
@@ -308,11 +314,14 @@ class LibvirtDriver:
                 stats = await _job_stats(dom)
                 if stats and stats.get("memory_total"):
                     last = stats
-                    sample = _progress("active", stats)
+                    sample = _progress("active", stats, ladder)
                     await on_progress(sample)
                     watch.observe(sample.remaining_bytes)
-                if reason is None and vm_id not in self._cancel_requested:
-                    reason = watch.expired()
+                    if reason is None and vm_id not in self._cancel_requested and not job.done():
+                        await self._climb(vm_id, dom, ladder, ladder.observe(sample.remaining_bytes, sample.passes))
+                # past the start of post-copy nothing may cancel: the source no longer holds the guest
+                if reason is None and vm_id not in self._cancel_requested and not ladder.postcopy_started:
+                    reason = watch.expired(stall=False) or ladder.reason or None
                     if reason:
                         log.info("vm %s: %s, aborting the migration job", vm_id, reason)
                         abort = asyncio.create_task(self._abort(vm_id, dom))
@@ -329,13 +338,16 @@ class LibvirtDriver:
             if abort is not None:
                 abort.cancel()
             self._aborts.pop(vm_id, None)
+        postcopy = ladder.postcopy_started
         try:
             job.result()
         except lv.libvirtError as exc:
-            if vm_id in self._cancel_requested:
+            if vm_id in self._cancel_requested and not postcopy:
                 self._cancel_requested.discard(vm_id)
                 return MigrationResult("cancelled", "migration cancelled", _stats(last))
-            return MigrationResult("failed", reason or str(exc), _stats(last))
+            return MigrationResult("failed", reason or str(exc), _stats(last), postcopy_started=postcopy)
+        finally:
+            self._postcopy.discard(vm_id)
         stats = await _completed_stats(dconnuri, vm_id, last)
         stats.setdefault("total_time_ms", round((time.monotonic() - watch.started) * 1000, 3))
         # a fast migration may end before the first sample: take the final figures instead
@@ -347,11 +359,35 @@ class LibvirtDriver:
                 remaining_bytes=0,
                 passes=int(stats.get("passes") or last.get("memory_iteration", 0)),
                 percent=100.0,
+                rung=ladder.rung,
+                downtime_limit_ms=ladder.downtime_ms,
+                postcopy=postcopy,
             )
         )
-        return MigrationResult("completed", stats=stats)
+        return MigrationResult("completed", stats=stats, postcopy_started=postcopy)
+
+    async def _climb(self, vm_id: str, dom: Any, ladder: Convergence, decision: Decision) -> None:
+        """Carry out a convergence decision: a higher downtime, or post-copy."""
+        if decision.action not in ("raise", "postcopy"):
+            return
+        log.info("vm %s: %s", vm_id, decision.reason)
+        try:
+            if decision.action == "raise":
+                await asyncio.wait_for(_blocking(dom.migrateSetMaxDowntime, decision.downtime_ms, 0), _QUERY_TIMEOUT_S)
+            else:
+                self._postcopy.add(vm_id)  # before the call: a cancel racing it must not go through
+                await _blocking(dom.migrateStartPostCopy, 0)
+        except (_lv().libvirtError, TimeoutError) as exc:
+            if decision.action == "postcopy":
+                self._postcopy.discard(vm_id)
+                ladder.refuse_postcopy(f"stall timeout at the top rung, and post-copy could not start: {exc}")
+            else:
+                log.warning("vm %s: downtime not raised: %s", vm_id, exc)
 
     async def cancel_migration(self, vm_id: str) -> None:
+        if vm_id in self._postcopy:
+            log.warning("vm %s: post-copy started, the migration cannot be cancelled", vm_id)
+            return
         dom = await self._lookup(vm_id)
         if dom is None:
             return  # gone: either never here or already migrated (nothing left to resume)
@@ -520,7 +556,7 @@ async def _completed_stats(dconnuri: str, vm_id: str, last: dict[str, Any]) -> d
     return _stats(done, completed=True) if done else _stats(last)
 
 
-def _progress(status: str, stats: dict[str, Any]) -> MigrationProgress:
+def _progress(status: str, stats: dict[str, Any], ladder: Convergence) -> MigrationProgress:
     total = int(stats.get("memory_total", 0))
     remaining = int(stats.get("memory_remaining", 0))
     return MigrationProgress(
@@ -531,6 +567,9 @@ def _progress(status: str, stats: dict[str, Any]) -> MigrationProgress:
         dirty_pages_rate=int(stats.get("memory_dirty_rate", 0)),
         passes=int(stats.get("memory_iteration", 0)),
         percent=PrecopyWatch.percent(total, remaining),
+        rung=ladder.rung,
+        downtime_limit_ms=ladder.downtime_ms,
+        postcopy=ladder.postcopy_started,
     )
 
 

@@ -110,6 +110,8 @@ class QemuDriver:
         # guests whose migration away this driver saw complete, by the pid of the process left
         # in postmigrate: its teardown needs no status query first
         self._handed_over: dict[str, int | None] = {}
+        # guests whose last migration away went through post-copy: their source is stale
+        self._postcopied: set[str] = set()
         self.standby = StandbyPool(parse_shapes(standby))
         self.standby_refill_s = standby_refill_s
         self._filling: asyncio.Task[None] | None = None
@@ -282,10 +284,13 @@ class QemuDriver:
                         return MigrationResult("failed", f"vm {vm_id} is {status}, not running")
                     await self._set_params(vm_id, params)
                     self._cancel_requested.discard(vm_id)
+                    self._postcopied.discard(vm_id)
                     await self._qmp(vm_id, "migrate", {"uri": uri})
                 result = await self._watch(vm_id, spec, params, on_progress)
             if result.outcome == "completed":
                 self._handed_over[vm_id] = self._pid(vm_id)
+            if result.postcopy_started:
+                self._postcopied.add(vm_id)
             return result
         except QmpUnavailable as exc:
             return MigrationResult("failed", f"source QEMU gone: {exc}")
@@ -437,6 +442,8 @@ class QemuDriver:
             if info.get("status") in _ACTIVE:
                 self._cancel_requested.add(vm_id)
                 await self._qmp(vm_id, "migrate_cancel")
+            elif vm_id in self._postcopied:
+                log.warning("vm %s: its migration went through post-copy, the source is not resumed", vm_id)
             elif (await self._qmp(vm_id, "query-status"))["status"] == "postmigrate":
                 # cancelled after the switch-over: the source still holds the guest's state and
                 # resumes it; the saga aborts the target's copy (abort_incoming) alongside
