@@ -33,10 +33,10 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.domain import Event, ManagementGraph, Module, VmSpec
 from ferry_common.messages.public import (
+    OUTCOMES,
     MigrateRequest,
     MigrationCancel,
     MigrationStatusEvent,
-    OUTCOMES,
     Status,
     VmEvent,
     VmEventBatch,
