@@ -553,7 +553,11 @@ async def _completed_stats(dconnuri: str, vm_id: str, last: dict[str, Any]) -> d
             conn.close()
 
     done = await _blocking(fetch)
-    return _stats(done, completed=True) if done else _stats(last)
+    if not done:
+        return _stats(last)
+    # after post-copy the target's record of the job may lack the memory figures: the last
+    # sample's fill them in (never its downtime, which is the limit, not a measure)
+    return _stats({**{k: v for k, v in last.items() if k != "downtime"}, **done}, completed=True)
 
 
 def _progress(status: str, stats: dict[str, Any], ladder: Convergence) -> MigrationProgress:
