@@ -265,8 +265,10 @@ def _params(pairs: list[str]) -> dict[str, Any]:
 def _status_line(e: Any) -> str:
     if e.status == "progress" and e.detail.get("percent") is not None:
         d = e.detail
+        ladder = f"  downtime {d['downtime_limit_ms']} ms (rung {d.get('rung', 0)})" if d.get("downtime_limit_ms") else ""
         return (f"  migrate_vm  pass {d.get('passes')}  {d.get('percent')}%  "
-                f"{d.get('remaining_bytes', 0) / 2**20:.0f} MiB remaining")
+                f"{d.get('remaining_bytes', 0) / 2**20:.0f} MiB remaining{ladder}"
+                f"{'  post-copy' if d.get('postcopy') else ''}")
     if e.status == "progress":
         return f"  {e.step}"
     return f"{e.status}{': ' + e.reason if e.reason else ''}"
