@@ -35,8 +35,6 @@ from ferry_common.messages.commands import (
     FinishIncoming,
     FreezeEvents,
     IncomingPrepared,
-    Inspect,
-    Inspection,
     ManagedObjectInstantiationError,
     ManagementEventStateFailed,
     ManagementEventStateSuccess,
@@ -64,6 +62,7 @@ from ferry_common.messages.public import Status as PublicStatus
 from ferry_common.sampler import LatestSender
 from ferry_common.telemetry import migration_span, trace_ids, tracer
 
+from . import postcopy
 from .store import HistoryEntry, SagaRecord, SagaStore
 from .timeouts import SagaTimeouts
 
@@ -93,12 +92,6 @@ class StepFailed(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-class FailedForward(StepFailed):
-    """A step failed past the point of no return that is not the switch-over: the hypervisor
-    had started post-copy, so the source no longer holds a runnable guest. The saga ends
-    ``failed`` (never a pretended rollback), with ``code`` and the VM's state on each host."""
 
 
 class LostLease(Exception):
@@ -222,10 +215,10 @@ class MigrationSaga:
                     # the same as with two, and the store takes half the writes
                     self.rec.step = nxt
                     await self._save(step, "succeeded", then=(nxt, "started"))
-            except FailedForward as f:
+            except postcopy.FailedForward as f:
                 span.set_status(Status(StatusCode.ERROR, f.reason))
                 span.set_attribute("ferry.outcome", f.code)
-                await self._fail_forward(step, f)
+                await postcopy.fail_forward(self, step, f)
             except StepFailed as f:
                 span.set_status(Status(StatusCode.ERROR, f.reason))
                 span.set_attribute("ferry.outcome", f.code)
@@ -563,7 +556,9 @@ class MigrationSaga:
                 # past the start of post-copy nothing cancels: it finishes or fails forward
                 if not self._in_postcopy and (self.rec.cancel_requested or self.ctx.cancel_reason(self.mid)):
                     raise StepFailed("cancelled", self._why_cancelled())
-                if not self._in_postcopy and now - begun > self.t.vm_migration_s:
+                if now - begun > self.t.vm_migration_s:
+                    if self._in_postcopy:  # bounded too: the hosts' states go on the record
+                        raise postcopy.FailedForward("postcopy_failed", f"post-copy did not finish within {self.t.vm_migration_s:g}s")
                     raise StepFailed("timeout", f"the VM migration did not finish within {self.t.vm_migration_s:g}s")
                 if rounds < self.t.max_dirty_rounds:
                     rounds += 1
@@ -579,7 +574,7 @@ class MigrationSaga:
                     if result is None and fresh is not None and fresh.cancel_requested and not self._in_postcopy:
                         raise StepFailed("cancelled", self._why_cancelled())
             except StepFailed:
-                if self._in_postcopy or await self._postcopy_meanwhile(perform):
+                if self._in_postcopy or await postcopy.started_meanwhile(self, perform):
                     continue  # no rollback: the guest runs on the target only
                 if started.source_resumable:
                     raise  # the rollback resumes the source even if the hypervisor just finished
@@ -591,7 +586,7 @@ class MigrationSaga:
             await self._postcopy_began(perform.uri)
         if result.outcome != "completed":
             if self._in_postcopy:
-                raise FailedForward("postcopy_failed", f"post-copy failed: {result.reason or result.outcome}")
+                raise postcopy.FailedForward("postcopy_failed", f"post-copy failed: {result.reason or result.outcome}")
             code = "cancelled" if result.outcome == "cancelled" else "vm_migration_failed"
             raise StepFailed(code, result.reason or f"VM migration {result.outcome}")
         if not started.source_resumable:
@@ -605,50 +600,7 @@ class MigrationSaga:
         return bool(self.rec.data.get("postcopy_started"))
 
     async def _postcopy_began(self, uri: str) -> None:
-        """Record, once, that the hypervisor switched to post-copy: from this moment the source
-        holds no runnable guest, so the saga goes forward only (``vm_switched``), and a failure
-        ends ``failed`` instead of rolling back."""
-        if self._in_postcopy:
-            return
-        self.rec.data.update(postcopy_started=True, vm_switched=True, migration_uri=uri)
-        await self._save("migrate_vm", "postcopy_started", {"reason": "pre-copy did not converge on the ladder"})
-        trace.get_current_span().add_event("postcopy_started")
-        if self._root is not None:
-            self._root.set_attribute("ferry.postcopy", True)
-            self._root.add_event("postcopy_started", {"ferry.migration_id": self.mid})
-
-    async def _postcopy_meanwhile(self, perform: PerformMigration) -> bool:
-        """Before rolling back from the VM step: did post-copy start meanwhile? (The saga
-        learns it at its polls; a rollback then would destroy the only running guest.)"""
-        try:
-            again = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted)
-        except StepFailed:
-            return False  # the source does not answer: its clean-up decides (it refuses in post-copy)
-        if again.postcopy_started:
-            await self._postcopy_began(perform.uri)
-        return self._in_postcopy
-
-    async def _fail_forward(self, step: str, f: FailedForward) -> None:
-        """End ``failed``: nothing is rolled back, and the record says where the VM is."""
-        states = await self._vm_states()
-        self.rec.status = "failed"
-        self.rec.data.update(reason=f.reason, code=f.code, failed_step=step, vm_state=states)
-        await self._save(step, "failed", {"code": f.code, "reason": f.reason, "vm_state": states})
-        await self._status("failed", step=step, reason=f.reason, code=f.code, detail={"vm_state": states})
-
-    async def _vm_states(self) -> dict[str, str]:
-        """The VM's state on the source and the target as their adapters see it (``unknown``
-        where one does not answer)."""
-        async def one(host: str) -> str:
-            try:
-                ans = await self._call(host, "hypervisor_adapter", Inspect(vm_id=self.rec.vm_id))
-            except StepFailed:
-                return "unknown"
-            vms = ans.data.get("vms") if isinstance(ans, Inspection) else None
-            return str(vms.get(self.rec.vm_id, "unknown")) if isinstance(vms, dict) else "unknown"
-
-        src, dst = await asyncio.gather(one(self.source), one(self.target))
-        return {self.source: src, self.target: dst}
+        await postcopy.began(self, uri)
 
     async def _stop_unresumable(self, perform: PerformMigration) -> VmMigrationFinished | None:
         """Stop a migration whose source cannot be resumed after completion, and say how it ended.
