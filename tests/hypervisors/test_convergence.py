@@ -92,3 +92,22 @@ async def test_a_guest_that_never_converges_completes_in_postcopy(pair: Pair) ->
     assert (await pair.target.guest_status(vm_id)).pages > 0  # its memory came over intact enough to run
     await pair.source.confirm_source(vm_id)
     assert await pair.source.state(vm_id) == "absent"
+
+
+async def test_a_postcopy_whose_target_dies_fails_and_the_source_is_not_resumed(pair: Pair) -> None:
+    vm_id, spec = await _guest(pair, dirty_mib=64)
+    params = MigrationParams(bandwidth_mibps=CAP_MIBPS, downtime_limit_ms=100, downtime_ladder_ms=(),
+                             stall_passes=2, stall_timeout_s=2.0, postcopy="allow", completion_timeout_min_s=120)
+    uri = await pair.target.prepare_incoming(spec, params)
+    killed: list[bool] = []
+
+    async def kill_in_postcopy(sample: MigrationProgress) -> None:
+        if sample.postcopy and not killed:
+            pair.kill_target(vm_id)  # the guest's newest memory dies with it
+            killed.append(True)
+
+    result = await pair.source.migrate(vm_id, uri, params, kill_in_postcopy)
+
+    assert killed and result.outcome == "failed" and result.postcopy_started, result
+    await pair.source.cancel_migration(vm_id)  # what a rollback would ask: refused
+    assert await pair.source.state(vm_id) != "running", "a stale source was resumed"
