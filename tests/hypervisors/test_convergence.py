@@ -96,8 +96,10 @@ async def test_a_guest_that_never_converges_completes_in_postcopy(pair: Pair) ->
 
 async def test_a_postcopy_whose_target_dies_fails_and_the_source_is_not_resumed(pair: Pair) -> None:
     vm_id, spec = await _guest(pair, dirty_mib=64)
+    # post-copy capped too, so that it is still under way when the first sample says it started
     params = MigrationParams(bandwidth_mibps=CAP_MIBPS, downtime_limit_ms=100, downtime_ladder_ms=(),
-                             stall_passes=2, stall_timeout_s=2.0, postcopy="allow", completion_timeout_min_s=120)
+                             stall_passes=2, stall_timeout_s=2.0, postcopy="allow", postcopy_bandwidth_mibps=4,
+                             completion_timeout_min_s=120)
     uri = await pair.target.prepare_incoming(spec, params)
     killed: list[bool] = []
 

@@ -69,7 +69,7 @@ def test_a_stall_on_the_top_rung_starts_postcopy_where_allowed() -> None:
         if decision.action != "wait":
             break
     assert decision is not None and decision.action == "postcopy" and decision.rung == 1
-    assert conv.postcopy_started and not conv.aborted
+    assert conv.postcopy_requested and conv.past_cancel and not conv.aborted
     assert conv.observe(64 * MIB, 99).action == "wait"  # post-copy is started once
 
 

@@ -34,6 +34,7 @@ class MigrationParams:
     stall_passes: int = 3
     postcopy: Literal["allow", "forbid"] = "forbid"
     bandwidth_mibps: int = 0  # 0: the hypervisor's default
+    postcopy_bandwidth_mibps: int = 0  # the stream's cap once post-copy started; 0: none
     auto_converge: bool = False
     completion_timeout_per_gib_s: float = 120.0
     completion_timeout_min_s: float = 30.0
@@ -94,6 +95,7 @@ DAY_S = 86400.0
 _PARAM_BOUNDS: dict[str, tuple[type, float, float]] = {
     "downtime_limit_ms": (int, 0, 3_600_000),
     "bandwidth_mibps": (int, 0, 10_000_000),
+    "postcopy_bandwidth_mibps": (int, 0, 10_000_000),
     "auto_converge": (bool, 0, 1),
     "completion_timeout_per_gib_s": (float, 0.0, DAY_S),
     "completion_timeout_min_s": (float, 0.001, 7 * DAY_S),

@@ -63,7 +63,8 @@ class Convergence:
         self.ladder = ladder
         self._clock = clock
         self.rung = 0
-        self.postcopy_started = False
+        self.postcopy_requested = False  # asked of the hypervisor: no more decisions, no cancel
+        self.postcopy_started = False  # seen to have started (the driver sets it)
         self.aborted = False
         self.reason = ""  # why it aborted
         self._low: int | None = None
@@ -77,7 +78,7 @@ class Convergence:
     def observe(self, remaining_bytes: int, passes: int) -> Decision:
         """Take one sample of pre-copy and say what to do now."""
         now = self._clock()
-        if self.postcopy_started or self.aborted:
+        if self.postcopy_requested or self.postcopy_started or self.aborted:
             return self._decision("wait")
         if self._low is None or remaining_bytes < self._low:
             self._low, self._low_at, self._low_passes = remaining_bytes, now, passes
@@ -96,7 +97,7 @@ class Convergence:
             self._low, self._low_at, self._low_passes = None, now, None
             return self._decision("raise", f"{why}; downtime raised to {self.downtime_ms} ms")
         if self.ladder.postcopy:
-            self.postcopy_started = True
+            self.postcopy_requested = True
             return self._decision("postcopy", f"{why} at the top rung ({self.downtime_ms} ms); post-copy")
         self.aborted = True
         self.reason = (f"stall timeout: {why} at the top rung ({self.downtime_ms} ms)"
@@ -105,7 +106,12 @@ class Convergence:
 
     def refuse_postcopy(self, reason: str) -> None:
         """Post-copy was asked for and the hypervisor refused it: abort instead."""
-        self.postcopy_started, self.aborted, self.reason = False, True, reason
+        self.postcopy_requested, self.aborted, self.reason = False, True, reason
+
+    @property
+    def past_cancel(self) -> bool:
+        """Post-copy was asked for or started: the migration must not be cancelled any more."""
+        return self.postcopy_requested or self.postcopy_started
 
     def _decision(self, action: Action, reason: str = "") -> Decision:
         return Decision(action, self.rung, self.downtime_ms, reason)

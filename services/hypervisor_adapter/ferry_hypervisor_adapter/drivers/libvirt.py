@@ -53,7 +53,7 @@ _UNLIMITED = 0
 
 # libvirt constants, copied so that this module imports without libvirt installed
 _RUNNING, _PAUSED, _SHUTDOWN, _SHUTOFF, _CRASHED, _PMSUSPENDED = 1, 3, 4, 5, 6, 7
-_PAUSED_MIGRATION, _PAUSED_STARTING_UP = 2, 11
+_PAUSED_MIGRATION, _PAUSED_STARTING_UP, _PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED = 2, 11, 12, 13
 _JOB_NONE = 0
 _OP_MIGRATION_IN = 4
 # how long a poll of the migration job may take before it counts as no answer
@@ -301,6 +301,8 @@ class LibvirtDriver:
             lv.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: urlsplit(miguri).hostname or self.migration_host,
             lv.VIR_MIGRATE_PARAM_BANDWIDTH: params.bandwidth_mibps or _UNLIMITED,
         }
+        if params.postcopy == "allow" and params.postcopy_bandwidth_mibps:
+            call[lv.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = params.postcopy_bandwidth_mibps
         self._cancel_requested.discard(vm_id)
         watch = PrecopyWatch(params, memory_mib)
         ladder = Convergence(Ladder.of(params))
@@ -312,6 +314,8 @@ class LibvirtDriver:
         try:
             while not job.done():
                 stats = await _job_stats(dom)
+                if ladder.postcopy_requested and not ladder.postcopy_started:
+                    ladder.postcopy_started = await _in_postcopy(dom)
                 if stats and stats.get("memory_total"):
                     last = stats
                     sample = _progress("active", stats, ladder)
@@ -320,7 +324,7 @@ class LibvirtDriver:
                     if reason is None and vm_id not in self._cancel_requested and not job.done():
                         await self._climb(vm_id, dom, ladder, ladder.observe(sample.remaining_bytes, sample.passes))
                 # past the start of post-copy nothing may cancel: the source no longer holds the guest
-                if reason is None and vm_id not in self._cancel_requested and not ladder.postcopy_started:
+                if reason is None and vm_id not in self._cancel_requested and not ladder.past_cancel:
                     reason = watch.expired(stall=False) or ladder.reason or None
                     if reason:
                         log.info("vm %s: %s, aborting the migration job", vm_id, reason)
@@ -338,6 +342,10 @@ class LibvirtDriver:
             if abort is not None:
                 abort.cancel()
             self._aborts.pop(vm_id, None)
+        if ladder.postcopy_requested and not ladder.postcopy_started:
+            # a failed job: did it get to post-copy (the source is left paused for it)? A
+            # completed one whose start went unseen counts as started: its source is gone anyway
+            ladder.postcopy_started = job.exception() is None or await _in_postcopy(dom)
         postcopy = ladder.postcopy_started
         try:
             job.result()
@@ -514,6 +522,15 @@ async def _job_stats(dom: Any) -> dict[str, Any] | None:
         return {}
     except TimeoutError:
         return None
+
+
+async def _in_postcopy(dom: Any) -> bool:
+    """Whether the source domain is in post-copy (paused for it, or after it failed)."""
+    try:
+        state, reason = await asyncio.wait_for(_blocking(dom.state), _QUERY_TIMEOUT_S)
+    except (_lv().libvirtError, TimeoutError):
+        return False
+    return bool(state == _PAUSED and reason in (_PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED))
 
 
 def _job_running(stats: dict[str, Any] | None) -> bool:

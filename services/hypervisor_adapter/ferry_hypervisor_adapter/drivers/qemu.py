@@ -301,7 +301,8 @@ class QemuDriver:
         bandwidth = (
             params.bandwidth_mibps * MIB if params.bandwidth_mibps else QEMU_DEFAULT_BANDWIDTH
         )
-        settings: dict[str, Any] = {"downtime-limit": params.downtime_limit_ms, "max-bandwidth": bandwidth}
+        settings: dict[str, Any] = {"downtime-limit": params.downtime_limit_ms, "max-bandwidth": bandwidth,
+                                    "max-postcopy-bandwidth": params.postcopy_bandwidth_mibps * MIB}
         if self.tls_dir is not None:
             # the target's certificate is checked against the host of the URI it listens on;
             # a process started before TLS was configured has no such credentials and fails
@@ -366,6 +367,9 @@ class QemuDriver:
             ladder.postcopy_started |= status in _POSTCOPY
             postcopy = ladder.postcopy_started
             if status == "completed":
+                # a post-copy asked for may have started and ended between two polls: its source
+                # is then stale, so an unseen one counts as started (never resumed)
+                ladder.postcopy_started = postcopy = postcopy or ladder.postcopy_requested
                 info = await self._totalled(vm_id, info)
                 await on_progress(_progress(status, info.get("ram", ram), ladder, done=True))
                 return MigrationResult("completed", stats=_stats(info), postcopy_started=postcopy)
@@ -388,7 +392,7 @@ class QemuDriver:
                         await self._climb(vm_id, ladder, ladder.observe(sample.remaining_bytes, sample.passes))
             # past the start of post-copy nothing may cancel: the source no longer holds the guest
             reason = None
-            if vm_id not in self._cancel_requested and not ladder.postcopy_started:
+            if vm_id not in self._cancel_requested and not ladder.past_cancel:
                 reason = watch.expired(stall=False) or ladder.reason or None
             if reason:
                 log.info("vm %s: %s, cancelling the migration", vm_id, reason)
