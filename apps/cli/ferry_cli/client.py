@@ -37,14 +37,18 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.domain import Event, ManagementGraph, Module, VmSpec
 from ferry_common.messages.public import (
+    OUTCOMES,
     MigrateRequest,
     MigrationCancel,
     MigrationStatusEvent,
     Status,
     VmEvent,
     VmEventBatch,
+    is_outcome,
 )
 
+# the statuses that always end a migration; OUTCOMES adds `failed`, which ends one only with a
+# forward-failure code (see is_outcome) and is what a client waiting for outcomes alone watches
 TERMINAL = ("completed", "rolled_back", "rejected")
 STATUSES = get_args(Status)
 
@@ -59,7 +63,7 @@ class FerryClient:
 
     async def watch(self, statuses: Sequence[str] = STATUSES) -> None:
         """Start receiving ``migration.<status>`` events (call before migrating to miss
-        nothing): every status by default, or only ``statuses`` (``TERMINAL`` for a client
+        nothing): every status by default, or only ``statuses`` (``OUTCOMES`` for a client
         that waits for outcomes and shows no progress: the broker routes it less)."""
         if self._watching:
             return
@@ -102,7 +106,7 @@ class FerryClient:
         try:
             for event in past:
                 yield event
-                if event.status in TERMINAL:
+                if is_outcome(event.status, event.code):
                     return
             deadline = asyncio.get_running_loop().time() + timeout
             while True:
@@ -119,7 +123,7 @@ class FerryClient:
                 if event.migration_id != migration_id:
                     continue
                 yield event
-                if event.status in TERMINAL:
+                if is_outcome(event.status, event.code):
                     return
         finally:
             self._followers.remove(queue)
@@ -131,7 +135,7 @@ class FerryClient:
             rec = await self.migration(migration_id)
         except (FerryError, AssertionError):
             return None
-        if rec is None or rec.get("status") not in TERMINAL:
+        if rec is None or rec.get("status") not in OUTCOMES:  # a record is `failed` only at its end
             return None
         data = rec.get("data") or {}
         return MigrationStatusEvent(

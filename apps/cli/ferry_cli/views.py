@@ -136,10 +136,16 @@ def status_line(e: Any) -> str:
     if e.status == "progress" and e.detail.get("percent") is not None:
         d = e.detail
         return (f"  migrate_vm  pass {d.get('passes')}  {d.get('percent')}%  "
-                f"{d.get('remaining_bytes', 0) / MIB:.0f} MiB remaining{_dirty(d)}")
+                f"{d.get('remaining_bytes', 0) / MIB:.0f} MiB remaining{_dirty(d)}{_ladder(d)}")
     if e.status == "progress":
         return f"  {e.step}"
     return f"{e.status}{': ' + e.reason if e.reason else ''}"
+
+
+def _ladder(d: dict[str, Any]) -> str:
+    """The convergence ladder's rung once it matters, and post-copy once it started."""
+    rung = f"  downtime {d['downtime_limit_ms']} ms (rung {d.get('rung', 0)})" if d.get("downtime_limit_ms") else ""
+    return rung + ("  post-copy" if d.get("postcopy") else "")
 
 
 def _dirty(d: dict[str, Any]) -> str:
@@ -187,7 +193,7 @@ class MigrateProgress:
             self._progress.update(
                 self._task, completed=float(d.get("percent") or 0.0),
                 remaining=f"{d.get('remaining_bytes', 0) / MIB:.0f} MiB left", dirty=_dirty(d).strip(),
-                passes=f"pass {d.get('passes')}" if d.get("passes") else "")
+                passes=(f"pass {d.get('passes')}" if d.get("passes") else "") + _ladder(d))
         elif e.status == "progress":
             done, self._step = self._step, e.step
             self._progress.update(self._task, description=e.step or "")

@@ -3,7 +3,9 @@
 The record is saved *before* each step acts, so whichever coordinator replica holds
 the saga's lease can resume it after a crash; every step is idempotent on the host
 side. Before the guest runs on the target a failure, timeout or cancel rolls back
-(target cleaned, source thawed); from then on recovery goes forward only.
+(target cleaned, source thawed); from then on recovery goes forward only. Once the hypervisor
+starts post-copy the guest runs on the target only: the saga goes forward, and a failure of
+the migration itself ends ``failed`` (code ``postcopy_failed``), never a pretended rollback.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from ferry_common.messages.public import Status as PublicStatus
 from ferry_common.sampler import LatestSender
 from ferry_common.telemetry import migration_span, trace_ids, tracer
 
+from . import postcopy
 from .store import HistoryEntry, SagaRecord, SagaStore
 from .timeouts import SagaTimeouts
 
@@ -213,6 +216,10 @@ class MigrationSaga:
                     # the same as with two, and the store takes half the writes
                     self.rec.step = nxt
                     await self._save(step, "succeeded", then=(nxt, "started"))
+            except postcopy.FailedForward as f:
+                span.set_status(Status(StatusCode.ERROR, f.reason))
+                span.set_attribute("ferry.outcome", f.code)
+                await postcopy.fail_forward(self, step, f)
             except StepFailed as f:
                 span.set_status(Status(StatusCode.ERROR, f.reason))
                 span.set_attribute("ferry.outcome", f.code)
@@ -528,8 +535,16 @@ class MigrationSaga:
             await asyncio.gather(task, return_exceptions=True)
 
     async def step_migrate_vm(self) -> tuple[str, dict[str, Any]]:
-        prepared, started = await self._launched()
-        perform = self._perform_msg(prepared.uri)
+        if self._in_postcopy and "migration_uri" in self.rec.data:
+            # resumed in post-copy: the target's receiving VM already runs the guest, and a
+            # PrepareIncoming would take it for a stale one; the source is asked how it ends
+            perform = self._perform_msg(str(self.rec.data["migration_uri"]))
+            started = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted)
+        else:
+            prepared, started = await self._launched()
+            perform = self._perform_msg(prepared.uri)
+        if started.postcopy_started:
+            await self._postcopy_began(perform.uri)
         result = started.finished
         begun = self.clock.monotonic()
         last_poll = begun
@@ -540,28 +555,40 @@ class MigrationSaga:
                 break
             try:
                 now = self.clock.monotonic()
-                if self.rec.cancel_requested or self.ctx.cancel_reason(self.mid):
+                # past the start of post-copy nothing cancels: it finishes or fails forward
+                if not self._in_postcopy and (self.rec.cancel_requested or self.ctx.cancel_reason(self.mid)):
                     raise StepFailed("cancelled", self._why_cancelled())
                 if now - begun > self.t.vm_migration_s:
+                    if self._in_postcopy:  # bounded too: the hosts' states go on the record
+                        raise postcopy.FailedForward("postcopy_failed", f"post-copy did not finish within {self.t.vm_migration_s:g}s")
                     raise StepFailed("timeout", f"the VM migration did not finish within {self.t.vm_migration_s:g}s")
                 if rounds < self.t.max_dirty_rounds:
                     rounds += 1
                     applied += await self._dirty_round(final=False)
                 if now - last_poll >= self.t.status_poll_s:
                     last_poll = now
-                    result = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted).finished
+                    polled = _expect(await self._call(self.source, "hypervisor_adapter", perform), MigrationStarted)
+                    if polled.postcopy_started:
+                        await self._postcopy_began(perform.uri)
+                    result = polled.finished
                     # a cancel that another replica took is only in the store
                     fresh = await self.ctx.store.get(self.mid)
-                    if result is None and fresh is not None and fresh.cancel_requested:
+                    if result is None and fresh is not None and fresh.cancel_requested and not self._in_postcopy:
                         raise StepFailed("cancelled", self._why_cancelled())
             except StepFailed:
+                if self._in_postcopy or await postcopy.started_meanwhile(self, perform):
+                    continue  # no rollback: the guest runs on the target only
                 if started.source_resumable:
                     raise  # the rollback resumes the source even if the hypervisor just finished
                 result = await self._stop_unresumable(perform)
                 if result is None or result.outcome != "completed":
                     raise
                 log.info("migration %s: the hypervisor completed before it could be stopped; going forward", self.mid)
+        if result.postcopy_started:
+            await self._postcopy_began(perform.uri)
         if result.outcome != "completed":
+            if self._in_postcopy:
+                raise postcopy.FailedForward("postcopy_failed", f"post-copy failed: {result.reason or result.outcome}")
             code = "cancelled" if result.outcome == "cancelled" else "vm_migration_failed"
             raise StepFailed(code, result.reason or f"VM migration {result.outcome}")
         if not started.source_resumable:
@@ -569,6 +596,13 @@ class MigrationSaga:
             # runs on the target only, so this is the switch-over and recovery goes forward
             self.rec.data["vm_switched"] = True
         return "freeze_events", {"vm_stats": result.stats, "dirty_rounds": rounds, "dirty_applied": applied}
+
+    @property
+    def _in_postcopy(self) -> bool:
+        return bool(self.rec.data.get("postcopy_started"))
+
+    async def _postcopy_began(self, uri: str) -> None:
+        await postcopy.began(self, uri)
 
     async def _stop_unresumable(self, perform: PerformMigration) -> VmMigrationFinished | None:
         """Stop a migration whose source cannot be resumed after completion, and say how it ended.

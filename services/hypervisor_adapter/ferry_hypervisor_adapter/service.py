@@ -61,6 +61,7 @@ class Outgoing:
     task: asyncio.Task[None] | None = None
     result: VmMigrationFinished | None = None
     progress: list[dict[str, Any]] = field(default_factory=list)
+    postcopy_started: bool = False  # saved: after it the migration is never cancelled or resumed
 
 
 class HypervisorAdapterService(AdoptionCommands, HostService):
@@ -106,7 +107,8 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
         self.incoming = dict(await self.state.items("incoming"))
         self.adopted = dict(await self.state.items("adopted"))
         for mid, raw in await self.state.items("outgoing"):
-            out = Outgoing(mid, raw["vm_id"], raw["target_host"], raw.get("notify"))
+            out = Outgoing(mid, raw["vm_id"], raw["target_host"], raw.get("notify"),
+                           postcopy_started=bool(raw.get("postcopy_started")))
             if raw.get("result"):
                 out.result = VmMigrationFinished.model_validate(raw["result"])
             else:
@@ -119,6 +121,7 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
                     out.result = VmMigrationFinished(
                         migration_id=mid, vm_id=out.vm_id, outcome="failed",
                         reason="the hypervisor adapter restarted during the migration",
+                        postcopy_started=out.postcopy_started,
                     )
                 await self._save_outgoing(out)
             self.outgoing[mid] = out
@@ -129,6 +132,7 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
             "target_host": out.target_host,
             "notify": out.notify,
             "result": out.result.model_dump(mode="json") if out.result else None,
+            "postcopy_started": out.postcopy_started,
         })
 
     async def start(self) -> None:
@@ -271,7 +275,8 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
             if msg.notify and msg.notify != out.notify:
                 out.notify = msg.notify
                 await self._save_outgoing(out)
-            return MigrationStarted(already=True, finished=out.result, source_resumable=self.source_resumable)
+            return MigrationStarted(already=True, finished=out.result, source_resumable=self.source_resumable,
+                                    postcopy_started=out.postcopy_started)
         # no state check here: every driver's migrate refuses a guest that is not running
         # (a failed result, rolled back like any other), and asking the hypervisor first
         # would put one more round trip to it between the permit and the copy
@@ -302,6 +307,10 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
         async def on_progress(p: MigrationProgress) -> None:
             out.progress.append(p.to_dict())
             trace.get_current_span().add_event("progress", p.to_dict())
+            if p.postcopy and not out.postcopy_started:
+                out.postcopy_started = True
+                trace.get_current_span().add_event("postcopy_started", {"rung": p.rung})
+                await self._save_outgoing(out)  # before the saga can ask: never cancelled from here on
             event = MigrationStatusEvent(
                 migration_id=out.migration_id,
                 vm_id=out.vm_id,
@@ -327,6 +336,7 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
             outcome=result.outcome,
             reason=result.reason,
             stats=result.stats,
+            postcopy_started=result.postcopy_started or out.postcopy_started,
         )
         await self._save_outgoing(out)
         if out.notify:
@@ -343,6 +353,11 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
 
     async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Done:
         out = self.outgoing.get(msg.migration_id)
+        if out is not None and out.postcopy_started:
+            # the guest's memory is split between the hosts, the newest on the target: nothing
+            # here may be cancelled or resumed (a resumed source would run stale memory)
+            state = await self.driver.state(msg.vm_id)
+            return Done(detail={"source_state": state, "postcopy_started": True})
         await self.driver.cancel_migration(msg.vm_id)
         if out is not None and out.task is not None and not out.task.done():
             # the driver ends a cancelled migration within a poll interval; don't wait forever

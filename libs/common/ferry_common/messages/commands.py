@@ -208,6 +208,8 @@ class VmMigrationFinished(Step):
     outcome: Literal["completed", "failed", "cancelled"]
     reason: Text | None = None
     stats: JsonObject = Field(default_factory=dict)
+    # post-copy started: the source no longer holds a runnable guest, whatever the outcome
+    postcopy_started: bool = False
 
 
 class MigrationStarted(Wire):
@@ -218,6 +220,9 @@ class MigrationStarted(Wire):
     # False when the source hypervisor ends the guest on completion (libvirt p2p): the saga
     # then treats the hypervisor's completion as the switch-over and goes forward only
     source_resumable: bool = True
+    # the hypervisor switched to post-copy: the guest runs on the target only, and the
+    # migration can no longer be cancelled (the saga goes forward from then on)
+    postcopy_started: bool = False
 
 
 class FinishIncoming(Step):

@@ -25,6 +25,18 @@ Status = Literal[
 ]
 
 
+# How a migration ends: completed, rolled_back or rejected, or failed with one of
+# FORWARD_FAILURES (post-copy had started, so nothing could be rolled back). Any other
+# `failed` status announces a rollback that follows.
+OUTCOMES = ("completed", "rolled_back", "rejected", "failed")
+FORWARD_FAILURES = ("postcopy_failed",)
+
+
+def is_outcome(status: str, code: str | None) -> bool:
+    """Whether a status event with ``status`` and ``code`` ends its migration."""
+    return status in ("completed", "rolled_back", "rejected") or (status == "failed" and code in FORWARD_FAILURES)
+
+
 class MigrateRequest(Wire):
     """Ask for a VM to move, with its management plane, to ``target_host``."""
 

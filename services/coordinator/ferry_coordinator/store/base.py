@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 
-TERMINAL = frozenset({"completed", "rolled_back", "rejected"})
+# failed: ended forward-only after post-copy started, neither completed nor rolled back
+TERMINAL = frozenset({"completed", "rolled_back", "rejected", "failed"})
 
 
 @dataclass
@@ -24,7 +25,7 @@ class HistoryEntry:
 
     at: float
     step: str
-    event: str  # started | succeeded | failed | timeout | compensated | retry | note
+    event: str  # started | succeeded | failed | timeout | compensated | retry | note | postcopy_started
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,7 +44,7 @@ class SagaRecord:
     vm_id: str
     source_host: str
     target_host: str
-    status: str = "running"  # running | compensating | completed | rolled_back | rejected
+    status: str = "running"  # running | compensating | completed | rolled_back | rejected | failed
     step: str = "admission"
     data: dict[str, Any] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)

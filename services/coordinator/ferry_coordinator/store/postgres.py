@@ -39,11 +39,15 @@ CREATE TABLE IF NOT EXISTS ferry_sagas (
     cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
     body             JSONB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS ferry_sagas_one_active_per_vm
+-- the partial indexes name the terminal set they were made for (v2: with failed); older
+-- ones would keep a failed saga's VM busy forever
+DROP INDEX IF EXISTS ferry_sagas_one_active_per_vm;
+CREATE UNIQUE INDEX IF NOT EXISTS ferry_sagas_one_active_per_vm_v2
     ON ferry_sagas (vm_id) WHERE status NOT IN {TERMINAL_SQL};
 CREATE INDEX IF NOT EXISTS ferry_sagas_vm_created ON ferry_sagas (vm_id, created_at);
 CREATE INDEX IF NOT EXISTS ferry_sagas_created ON ferry_sagas (created_at);
-CREATE INDEX IF NOT EXISTS ferry_sagas_claimable ON ferry_sagas (created_at)
+DROP INDEX IF EXISTS ferry_sagas_claimable;
+CREATE INDEX IF NOT EXISTS ferry_sagas_claimable_v2 ON ferry_sagas (created_at)
     WHERE status NOT IN {TERMINAL_SQL};
 CREATE TABLE IF NOT EXISTS ferry_saga_spans (
     seq          BIGSERIAL PRIMARY KEY,

@@ -22,12 +22,19 @@ class MigrationParams:
     """Per-migration knobs, from the VM's migration policy (documented in docs/migration-parameters.md).
 
     ``completion_timeout_s`` is ``completion_timeout_per_gib_s`` times the memory size in GiB,
-    at least ``completion_timeout_min_s``; ``stall_timeout_s`` cancels a migration whose
-    remaining bytes have not reached a new low for that long.
+    at least ``completion_timeout_min_s``. Convergence (:mod:`.convergence`): the migration
+    starts with ``downtime_limit_ms``; a stall (no new low of the remaining bytes for
+    ``stall_passes`` passes or ``stall_timeout_s`` seconds) raises it to the next rung of
+    ``downtime_ladder_ms``; a stall on the top rung switches to post-copy if ``postcopy`` is
+    ``"allow"``, else cancels the migration.
     """
 
-    downtime_limit_ms: int = 300
+    downtime_limit_ms: int = 100
+    downtime_ladder_ms: tuple[int, ...] = (150, 200, 300, 400, 500)
+    stall_passes: int = 3
+    postcopy: Literal["allow", "forbid"] = "forbid"
     bandwidth_mibps: int = 0  # 0: the hypervisor's default
+    postcopy_bandwidth_mibps: int = 0  # the stream's cap once post-copy started; 0: none
     auto_converge: bool = False
     completion_timeout_per_gib_s: float = 120.0
     completion_timeout_min_s: float = 30.0
@@ -45,6 +52,12 @@ class MigrationParams:
         timeout would keep a driver spinning, a string would fail deep in a migration task.
         """
         known: dict[str, Any] = {}
+        if "downtime_ladder_ms" in raw:
+            known["downtime_ladder_ms"] = _ladder(raw["downtime_ladder_ms"])
+        if "postcopy" in raw:
+            if raw["postcopy"] not in ("allow", "forbid"):
+                raise InvalidMessage(f"migration parameter postcopy={raw['postcopy']!r}: expected 'allow' or 'forbid'")
+            known["postcopy"] = raw["postcopy"]
         for key, (kind, lo, hi) in _PARAM_BOUNDS.items():
             if key not in raw:
                 continue
@@ -63,15 +76,31 @@ class MigrationParams:
         return asdict(self)
 
 
+def _ladder(value: Any) -> tuple[int, ...]:
+    """A downtime ladder from the wire: up to 16 whole milliseconds, strictly increasing."""
+    ok = isinstance(value, list | tuple) and len(value) <= MAX_RUNGS and all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 3_600_000 for v in value
+    )
+    if not ok or any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        raise InvalidMessage(
+            f"migration parameter downtime_ladder_ms={value!r}: expected up to {MAX_RUNGS} whole "
+            "milliseconds in [1, 3600000], strictly increasing"
+        )
+    return tuple(value)
+
+
+MAX_RUNGS = 16
 DAY_S = 86400.0
 # what from_dict accepts: (type, lowest, highest)
 _PARAM_BOUNDS: dict[str, tuple[type, float, float]] = {
     "downtime_limit_ms": (int, 0, 3_600_000),
     "bandwidth_mibps": (int, 0, 10_000_000),
+    "postcopy_bandwidth_mibps": (int, 0, 10_000_000),
     "auto_converge": (bool, 0, 1),
     "completion_timeout_per_gib_s": (float, 0.0, DAY_S),
     "completion_timeout_min_s": (float, 0.001, 7 * DAY_S),
     "stall_timeout_s": (float, 0.001, DAY_S),
+    "stall_passes": (int, 1, 100_000),
     "poll_interval_s": (float, 0.001, 60.0),
 }
 
@@ -92,6 +121,9 @@ class MigrationProgress:
     disk_total_bytes: int = 0
     disk_transferred_bytes: int = 0
     disk_remaining_bytes: int = 0
+    rung: int = 0  # the convergence ladder's rung in use (0: the first downtime)
+    downtime_limit_ms: int = 0  # the allowed downtime of that rung
+    postcopy: bool = False  # post-copy started: the guest runs on the target from then on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +136,8 @@ class MigrationResult:
     outcome: Literal["completed", "failed", "cancelled"]
     reason: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)  # total_time_ms, downtime_ms, setup_time_ms, transferred_bytes
+    # post-copy started: the source no longer holds a runnable guest, whatever the outcome
+    postcopy_started: bool = False
 
 
 ProgressCallback = Callable[[MigrationProgress], Awaitable[None]]

@@ -39,6 +39,7 @@ from ferry_common.messages.domain import VmSpec
 
 from . import libvirt_domains, libvirt_storage
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
+from .convergence import Convergence, Decision, Ladder
 from .guest import STATUS_ADDR, GuestStatus, default_guest_image, guest_cmdline
 from .libvirt_adopted import AdoptedDomains
 from .libvirt_domains import METADATA_NS
@@ -53,7 +54,7 @@ _UNLIMITED = 0
 
 # libvirt constants, copied so that this module imports without libvirt installed
 _RUNNING, _PAUSED, _SHUTDOWN, _SHUTOFF, _CRASHED, _PMSUSPENDED = 1, 3, 4, 5, 6, 7
-_PAUSED_MIGRATION, _PAUSED_STARTING_UP = 2, 11
+_PAUSED_MIGRATION, _PAUSED_STARTING_UP, _PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED = 2, 11, 12, 13
 _JOB_NONE = 0
 _OP_MIGRATION_IN = 4
 # how long a poll of the migration job may take before it counts as no answer
@@ -150,6 +151,7 @@ class LibvirtDriver(AdoptedDomains):
         self._conn: Any = None
         self._cancel_requested: set[str] = set()
         self._aborts: dict[str, asyncio.Task[bool]] = {}  # vm_id -> an operator's cancel under way
+        self._postcopy: set[str] = set()  # outgoing migrations in post-copy: not to be cancelled
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -294,6 +296,8 @@ class LibvirtDriver(AdoptedDomains):
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER
         if params.auto_converge:
             flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
+        if params.postcopy == "allow":
+            flags |= lv.VIR_MIGRATE_POSTCOPY  # allowed only: started by migrateStartPostCopy
         if self.tls:
             # both daemons set up QEMU's TLS credentials from their migrate_tls_x509_cert_dir,
             # and the source checks the target's certificate against the migration URI's host
@@ -307,8 +311,12 @@ class LibvirtDriver(AdoptedDomains):
             more_flags, more = libvirt_storage.migration_options(spec.params, await _blocking(dom.isPersistent))
             flags |= more_flags
             call.update(more)
+        if params.postcopy == "allow" and params.postcopy_bandwidth_mibps:
+            call[lv.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = params.postcopy_bandwidth_mibps
         self._cancel_requested.discard(vm_id)
         watch = PrecopyWatch(params, memory_mib)
+        ladder = Convergence(Ladder.of(params))
+        self._postcopy.discard(vm_id)
         job = asyncio.create_task(_blocking(dom.migrateToURI3, dconnuri, call, flags))
         last: dict[str, Any] = {}
         reason: str | None = None
@@ -316,13 +324,18 @@ class LibvirtDriver(AdoptedDomains):
         try:
             while not job.done():
                 stats = await _job_stats(dom)
+                if ladder.postcopy_requested and not ladder.postcopy_started:
+                    ladder.postcopy_started = await _in_postcopy(dom)
                 if stats and (stats.get("memory_total") or stats.get("disk_total")):
                     last = stats
-                    sample = _progress("active", stats)
+                    sample = _progress("active", stats, ladder)
                     await on_progress(sample)
                     watch.observe(*_watched(sample))
-                if reason is None and vm_id not in self._cancel_requested:
-                    reason = watch.expired()
+                    if reason is None and vm_id not in self._cancel_requested and not job.done():
+                        await self._climb(vm_id, dom, ladder, ladder.observe(sample.remaining_bytes, sample.passes))
+                # past the start of post-copy nothing may cancel: the source no longer holds the guest
+                if reason is None and vm_id not in self._cancel_requested and not ladder.past_cancel:
+                    reason = watch.expired(stall=False) or ladder.reason or None
                     if reason:
                         log.info("vm %s: %s, aborting the migration job", vm_id, reason)
                         abort = asyncio.create_task(self._abort(vm_id, dom))
@@ -339,13 +352,20 @@ class LibvirtDriver(AdoptedDomains):
             if abort is not None:
                 abort.cancel()
             self._aborts.pop(vm_id, None)
+        if ladder.postcopy_requested and not ladder.postcopy_started:
+            # a failed job: did it get to post-copy (the source is left paused for it)? A
+            # completed one whose start went unseen counts as started: its source is gone anyway
+            ladder.postcopy_started = job.exception() is None or await _in_postcopy(dom)
+        postcopy = ladder.postcopy_started
         try:
             job.result()
         except lv.libvirtError as exc:
-            if vm_id in self._cancel_requested:
+            if vm_id in self._cancel_requested and not postcopy:
                 self._cancel_requested.discard(vm_id)
                 return MigrationResult("cancelled", "migration cancelled", _stats(last))
-            return MigrationResult("failed", reason or str(exc), _stats(last))
+            return MigrationResult("failed", reason or str(exc), _stats(last), postcopy_started=postcopy)
+        finally:
+            self._postcopy.discard(vm_id)
         stats = await _completed_stats(dconnuri, vm_id, last)
         stats.setdefault("total_time_ms", round((time.monotonic() - watch.started) * 1000, 3))
         # a fast migration may end before the first sample: take the final figures instead
@@ -359,11 +379,35 @@ class LibvirtDriver(AdoptedDomains):
                 percent=100.0,
                 disk_total_bytes=int(last.get("disk_total", 0)),
                 disk_transferred_bytes=int(stats.get("disk_transferred_bytes") or last.get("disk_processed", 0)),
+                rung=ladder.rung,
+                downtime_limit_ms=ladder.downtime_ms,
+                postcopy=postcopy,
             )
         )
-        return MigrationResult("completed", stats=stats)
+        return MigrationResult("completed", stats=stats, postcopy_started=postcopy)
+
+    async def _climb(self, vm_id: str, dom: Any, ladder: Convergence, decision: Decision) -> None:
+        """Carry out a convergence decision: a higher downtime, or post-copy."""
+        if decision.action not in ("raise", "postcopy"):
+            return
+        log.info("vm %s: %s", vm_id, decision.reason)
+        try:
+            if decision.action == "raise":
+                await asyncio.wait_for(_blocking(dom.migrateSetMaxDowntime, decision.downtime_ms, 0), _QUERY_TIMEOUT_S)
+            else:
+                self._postcopy.add(vm_id)  # before the call: a cancel racing it must not go through
+                await _blocking(dom.migrateStartPostCopy, 0)
+        except (_lv().libvirtError, TimeoutError) as exc:
+            if decision.action == "postcopy":
+                self._postcopy.discard(vm_id)
+                ladder.refuse_postcopy(f"stall timeout at the top rung, and post-copy could not start: {exc}")
+            else:
+                log.warning("vm %s: downtime not raised: %s", vm_id, exc)
 
     async def cancel_migration(self, vm_id: str) -> None:
+        if vm_id in self._postcopy:
+            log.warning("vm %s: post-copy started, the migration cannot be cancelled", vm_id)
+            return
         dom = await self._lookup(vm_id)
         if dom is None:
             return  # gone: either never here or already migrated (nothing left to resume)
@@ -486,6 +530,15 @@ async def _job_stats(dom: Any) -> dict[str, Any] | None:
         return None
 
 
+async def _in_postcopy(dom: Any) -> bool:
+    """Whether the source domain is in post-copy (paused for it, or after it failed)."""
+    try:
+        state, reason = await asyncio.wait_for(_blocking(dom.state), _QUERY_TIMEOUT_S)
+    except (_lv().libvirtError, TimeoutError):
+        return False
+    return bool(state == _PAUSED and reason in (_PAUSED_POSTCOPY, _PAUSED_POSTCOPY_FAILED))
+
+
 def _job_running(stats: dict[str, Any] | None) -> bool:
     """Whether a migration job may still run: an unanswered query counts as yes."""
     return stats is None or stats.get("type", _JOB_NONE) != _JOB_NONE
@@ -523,10 +576,14 @@ async def _completed_stats(dconnuri: str, vm_id: str, last: dict[str, Any]) -> d
             conn.close()
 
     done = await _blocking(fetch)
-    return _stats(done, completed=True) if done else _stats(last)
+    if not done:
+        return _stats(last)
+    # after post-copy the target's record of the job may lack the memory figures: the last
+    # sample's fill them in (never its downtime, which is the limit, not a measure)
+    return _stats({**{k: v for k, v in last.items() if k != "downtime"}, **done}, completed=True)
 
 
-def _progress(status: str, stats: dict[str, Any]) -> MigrationProgress:
+def _progress(status: str, stats: dict[str, Any], ladder: Convergence) -> MigrationProgress:
     total = int(stats.get("memory_total", 0))
     remaining = int(stats.get("memory_remaining", 0))
     return MigrationProgress(
@@ -540,6 +597,9 @@ def _progress(status: str, stats: dict[str, Any]) -> MigrationProgress:
         disk_total_bytes=int(stats.get("disk_total", 0)),
         disk_transferred_bytes=int(stats.get("disk_processed", 0)),
         disk_remaining_bytes=int(stats.get("disk_remaining", 0)),
+        rung=ladder.rung,
+        downtime_limit_ms=ladder.downtime_ms,
+        postcopy=ladder.postcopy_started,
     )
 
 

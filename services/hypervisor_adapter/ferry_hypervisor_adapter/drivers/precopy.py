@@ -35,12 +35,13 @@ class PrecopyWatch:
         if self.best is None or remaining_bytes < self.best:
             self.best, self.best_at = remaining_bytes, self._clock()
 
-    def expired(self) -> str | None:
-        """Why the migration must be cancelled now, or None."""
+    def expired(self, *, stall: bool = True) -> str | None:
+        """Why the migration must be cancelled now, or None; ``stall=False`` leaves stalls to
+        the convergence ladder (:mod:`.convergence`), which raises the downtime first."""
         now = self._clock()
         if now > self.deadline:
             return f"completion timeout: pre-copy did not converge in {now - self.started:.1f} s"
-        if now - self.best_at > self.stall_timeout_s:
+        if stall and now - self.best_at > self.stall_timeout_s:
             return f"stall timeout: remaining bytes made no new low for {self.stall_timeout_s:g} s"
         return None
 

@@ -33,6 +33,7 @@ from ferry_common.messages.domain import VmSpec
 from ferry_common.messages.public import incoming_shape
 
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
+from .convergence import Convergence, Decision, Ladder
 from .guest import STATUS_XP, GuestStatus, default_guest_image, guest_cmdline
 from .precopy import PrecopyWatch
 from .standby import Shape, StandbyPool, parse_shapes
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 # QEMU 7.2's own default for max-bandwidth; set explicitly so a previous cap does not linger
 QEMU_DEFAULT_BANDWIDTH = 128 * MIB
-_ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
+# post-copy's states: the guest runs on the target from the first of them on
+_POSTCOPY = {"postcopy-active", "postcopy-paused", "postcopy-recover"}
+_ACTIVE = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", *_POSTCOPY}
 _UNIX_PATH_MAX = 107
 # QEMU's x509 credentials directory: the fleet's CA, and this host's certificate and key as the
 # server of incoming streams and as the client of outgoing ones (the same pair may serve both,
@@ -107,6 +110,8 @@ class QemuDriver:
         # guests whose migration away this driver saw complete, by the pid of the process left
         # in postmigrate: its teardown needs no status query first
         self._handed_over: dict[str, int | None] = {}
+        # guests whose last migration away went through post-copy: their source is stale
+        self._postcopied: set[str] = set()
         self.standby = StandbyPool(parse_shapes(standby))
         self.standby_refill_s = standby_refill_s
         self._filling: asyncio.Task[None] | None = None
@@ -214,6 +219,13 @@ class QemuDriver:
             # before it listens: a stream that does not open with a TLS handshake signed by
             # the fleet's CA, from a certificate of its own, is refused
             await self._qmp(key, "migrate-set-parameters", {"tls-creds": TLS_IN})
+        try:
+            # accepted on every receiving process (a standby is taken before the VM's policy is
+            # known); a source whose policy forbids post-copy simply never asks for it
+            await self._qmp(key, "migrate-set-capabilities",
+                            {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+        except Exception as exc:  # no userfaultfd here: pre-copy only
+            log.warning("post-copy not available on %s: %s", self.host, exc)
         # port 0: QEMU binds a free port itself, so there is no race with other listeners
         await self._qmp(key, "migrate-incoming", {"uri": f"tcp:{self.listen_host}:0"})
         info = await self._qmp(key, "query-migrate")
@@ -272,10 +284,13 @@ class QemuDriver:
                         return MigrationResult("failed", f"vm {vm_id} is {status}, not running")
                     await self._set_params(vm_id, params)
                     self._cancel_requested.discard(vm_id)
+                    self._postcopied.discard(vm_id)
                     await self._qmp(vm_id, "migrate", {"uri": uri})
                 result = await self._watch(vm_id, spec, params, on_progress)
             if result.outcome == "completed":
                 self._handed_over[vm_id] = self._pid(vm_id)
+            if result.postcopy_started:
+                self._postcopied.add(vm_id)
             return result
         except QmpUnavailable as exc:
             return MigrationResult("failed", f"source QEMU gone: {exc}")
@@ -286,7 +301,8 @@ class QemuDriver:
         bandwidth = (
             params.bandwidth_mibps * MIB if params.bandwidth_mibps else QEMU_DEFAULT_BANDWIDTH
         )
-        settings: dict[str, Any] = {"downtime-limit": params.downtime_limit_ms, "max-bandwidth": bandwidth}
+        settings: dict[str, Any] = {"downtime-limit": params.downtime_limit_ms, "max-bandwidth": bandwidth,
+                                    "max-postcopy-bandwidth": params.postcopy_bandwidth_mibps * MIB}
         if self.tls_dir is not None:
             # the target's certificate is checked against the host of the URI it listens on;
             # a process started before TLS was configured has no such credentials and fails
@@ -297,7 +313,8 @@ class QemuDriver:
                 vm_id,
                 "migrate-set-capabilities",
                 {"capabilities": [{"capability": "auto-converge", "state": params.auto_converge},
-                                  {"capability": "events", "state": True}]},
+                                  {"capability": "events", "state": True},
+                                  {"capability": "postcopy-ram", "state": params.postcopy == "allow"}]},
             ),
             self._qmp(vm_id, "migrate-set-parameters", settings),
         )
@@ -339,6 +356,7 @@ class QemuDriver:
         changed: Callable[[float], Awaitable[None]],
     ) -> MigrationResult:
         watch = PrecopyWatch(params, spec.memory_mib)
+        ladder = Convergence(Ladder.of(params))
         last: dict[str, Any] = {}  # the last sample with figures: a cancelled migration has none
         while True:
             info = await self._qmp(vm_id, "query-migrate")
@@ -346,24 +364,36 @@ class QemuDriver:
             ram = info.get("ram", {})
             if ram:
                 last = info
+            ladder.postcopy_started |= status in _POSTCOPY
+            postcopy = ladder.postcopy_started
             if status == "completed":
+                # a post-copy asked for may have started and ended between two polls: its source
+                # is then stale, so an unseen one counts as started (never resumed)
+                ladder.postcopy_started = postcopy = postcopy or ladder.postcopy_requested
                 info = await self._totalled(vm_id, info)
-                await on_progress(_progress(status, info.get("ram", ram), done=True))
-                return MigrationResult("completed", stats=_stats(info))
-            if status == "failed":
-                return MigrationResult(
-                    "failed", info.get("error-desc", "migration failed"), _stats(info, last)
-                )
+                await on_progress(_progress(status, info.get("ram", ram), ladder, done=True))
+                return MigrationResult("completed", stats=_stats(info), postcopy_started=postcopy)
+            if status in ("failed", "postcopy-paused"):
+                # post-copy that loses its stream pauses both halves rather than failing: the
+                # guest can run nowhere until a recovery this driver does not attempt
+                reason = info.get("error-desc", f"migration {status}")
+                return MigrationResult("failed", reason, _stats(info, last), postcopy_started=postcopy)
             if status == "cancelled":
                 self._cancel_requested.discard(vm_id)
                 return MigrationResult("cancelled", "migration cancelled", _stats(info, last))
             if status == "none":
                 return MigrationResult("failed", "no migration is running")
-            if status == "active" and ram:
-                sample = _progress(status, ram)
+            if status in ("active", "postcopy-active") and ram:
+                sample = _progress(status, ram, ladder)
                 await on_progress(sample)
-                watch.observe(sample.remaining_bytes)
-            reason = None if vm_id in self._cancel_requested else watch.expired()
+                if status == "active":
+                    watch.observe(sample.remaining_bytes)
+                    if vm_id not in self._cancel_requested:
+                        await self._climb(vm_id, ladder, ladder.observe(sample.remaining_bytes, sample.passes))
+            # past the start of post-copy nothing may cancel: the source no longer holds the guest
+            reason = None
+            if vm_id not in self._cancel_requested and not ladder.past_cancel:
+                reason = watch.expired(stall=False) or ladder.reason or None
             if reason:
                 log.info("vm %s: %s, cancelling the migration", vm_id, reason)
                 end = await self._cancel_and_wait(vm_id)
@@ -371,6 +401,20 @@ class QemuDriver:
                     return MigrationResult("completed", stats=_stats(end))
                 return MigrationResult("failed", reason, _stats(end, last))
             await changed(params.poll_interval_s)
+
+    async def _climb(self, vm_id: str, ladder: Convergence, decision: Decision) -> None:
+        """Carry out a convergence decision: a higher downtime, or post-copy."""
+        if decision.action == "raise":
+            log.info("vm %s: %s", vm_id, decision.reason)
+            await self._qmp(vm_id, "migrate-set-parameters", {"downtime-limit": decision.downtime_ms})
+        elif decision.action == "postcopy":
+            from qemu.qmp import ExecuteError
+
+            log.info("vm %s: %s", vm_id, decision.reason)
+            try:
+                await self._qmp(vm_id, "migrate-start-postcopy")
+            except ExecuteError as exc:  # e.g. the target cannot take post-copy: pre-copy goes on
+                ladder.refuse_postcopy(f"stall timeout at the top rung, and post-copy could not start: {exc}")
 
     async def _totalled(self, vm_id: str, info: dict[str, Any]) -> dict[str, Any]:
         """``query-migrate`` once QEMU has totalled the figures: its MIGRATION event says
@@ -396,9 +440,14 @@ class QemuDriver:
             return
         try:
             info = await self._qmp(vm_id, "query-migrate")
+            if info.get("status") in _POSTCOPY:
+                log.warning("vm %s: post-copy started, the migration cannot be cancelled", vm_id)
+                return
             if info.get("status") in _ACTIVE:
                 self._cancel_requested.add(vm_id)
                 await self._qmp(vm_id, "migrate_cancel")
+            elif vm_id in self._postcopied:
+                log.warning("vm %s: its migration went through post-copy, the source is not resumed", vm_id)
             elif (await self._qmp(vm_id, "query-status"))["status"] == "postmigrate":
                 # cancelled after the switch-over: the source still holds the guest's state and
                 # resumes it; the saga aborts the target's copy (abort_incoming) alongside
@@ -751,7 +800,7 @@ def _vm_state(status: str) -> VmState:
     return "paused"
 
 
-def _progress(status: str, ram: dict[str, Any], done: bool = False) -> MigrationProgress:
+def _progress(status: str, ram: dict[str, Any], ladder: Convergence, done: bool = False) -> MigrationProgress:
     total = int(ram.get("total", 0))
     remaining = 0 if done else int(ram.get("remaining", 0))
     return MigrationProgress(
@@ -762,6 +811,9 @@ def _progress(status: str, ram: dict[str, Any], done: bool = False) -> Migration
         dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
         passes=int(ram.get("dirty-sync-count", 0)),
         percent=PrecopyWatch.percent(total, remaining),
+        rung=ladder.rung,
+        downtime_limit_ms=ladder.downtime_ms,
+        postcopy=ladder.postcopy_started,
     )
 
 

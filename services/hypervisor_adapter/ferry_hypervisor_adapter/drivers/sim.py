@@ -10,7 +10,8 @@ same :class:`~.precopy.PrecopyWatch`), reporting progress at every poll.
 
 ``sim_fail`` makes it fail on purpose: ``migrate`` (the stream breaks halfway),
 ``incoming`` (the target cannot start the guest), ``finish`` (the guest does not run
-on the target afterwards). ``sim_source_crash`` makes the source guest vanish as soon as
+on the target afterwards), ``postcopy`` (after its first pass the migration switches to
+post-copy and then its stream breaks: the guest is left paused on both hosts). ``sim_source_crash`` makes the source guest vanish as soon as
 its migration completed (its process died). Drivers given the same :class:`SimNetwork`
 see each other: a migration whose target guest dies (:meth:`SimDriver.kill`) breaks.
 """
@@ -233,6 +234,14 @@ class SimDriver:
                         int(dirty_rate / PAGE), passes, watch.percent(total, int(left)),
                     )
                 )
+            if p.get("sim_fail") == "postcopy":
+                await on_progress(MigrationProgress("postcopy-active", total, int(sent + pass_bytes), 0, 0, passes,
+                                                    100.0, postcopy=True))
+                await self.clock.sleep(params.poll_interval_s)
+                vm.state = "paused"  # its newest memory was on the target: it can run nowhere
+                return MigrationResult("failed", "simulated failure: the post-copy stream broke",
+                                       _stats(self.clock.monotonic() - started, 0, sent + pass_bytes),
+                                       postcopy_started=True)
             if p.get("sim_fail") == "migrate":
                 return MigrationResult("failed", "simulated failure: migration stream broke", _stats(pass_time, 0, sent))
             sent += pass_bytes
