@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -205,12 +208,14 @@ async def floor_rtt_ms(url: str, samples: int = 40) -> float:
 
 
 async def saga_migration(
-    guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None
+    guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None, *, split: bool = False
 ) -> dict[str, Any]:
     """One migration of the same guest as a full Ferry saga over the real RabbitMQ.
 
     The coordinator and both hosts' four services run in this process, each on its own AMQP
-    connection to a private vhost; the adapters use :class:`QemuDriver`. The VM carries a
+    connection to a private vhost; the adapters use :class:`QemuDriver`. ``split``: each host
+    service runs in its own process instead (``ferry service NAME --host HOST``, as deployed),
+    so the blackout (timed on the sensors' handlers) is not measured. The VM carries a
     management graph of ``SAGA_EXTRA_ELEMENTS`` + 8 elements (modules fetched from the
     source), and a separate producer process publishes ``SAGA_CONFIG["events"]`` events from the moment
     the migration is requested, so thousands queue while the VM's events are frozen.
@@ -226,6 +231,8 @@ async def saga_migration(
     params = params or MigrationParams()
     base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
     image = str(build_guest())
+    # split: hosts of their own name, so the processes' QEMU run directories are this run's
+    src, dst = (f"sa-{base.name[3:]}", f"sb-{base.name[3:]}") if split else ("host-a", "host-b")
     options = {
         h: HostOptions(
             driver="qemu",
@@ -234,28 +241,36 @@ async def saga_migration(
             capacity_mib=8192,
             inventory_interval_s=1.0,
         )
-        for h in ("host-a", "host-b")
+        for h in (src, dst)
     }
     # the client waits for the outcome only: one that shows progress runs elsewhere, and here
     # it would decode every status in the process that runs the services
-    cluster = await make_cluster("rabbitmq", ("host-a", "host-b"), options=options, timeouts=SAGA_TIMEOUTS,
+    cluster = await make_cluster("rabbitmq", () if split else (src, dst), options=options, timeouts=SAGA_TIMEOUTS,
                                  watch=tuple(SAGA_WATCH))
+    procs = _service_processes(cluster, (src, dst), memory_mib) if split else []
     vm_id = f"s-{uuid.uuid4().hex[:8]}"
     try:
-        await cluster.create_vm("host-a", vm_id, memory_mib=memory_mib, g=graph(vm_id, extra_elements=SAGA_EXTRA_ELEMENTS), **guest)
+        if split:  # every process serves its queues (ready) and each adapter has reported
+            await _ready(procs, time.monotonic() + 60)
+        for _ in range(1500):
+            if all(cluster.coordinator.hosts.known(h) for h in (src, dst)):
+                break
+            await asyncio.sleep(0.02)
+        await cluster.create_vm(src, vm_id, memory_mib=memory_mib, g=graph(vm_id, extra_elements=SAGA_EXTRA_ELEMENTS), **guest)
         await cluster.send_events(vm_id, 50)
-        await cluster.settle(vm_id)
+        if not split:  # the ledgers are another process's when split
+            await cluster.settle(vm_id)
         await asyncio.sleep(1.0)  # boot, and let a dirtying guest touch its whole region
         if SAGA_CONFIG["standby"]:
-            pool = cluster.host("host-b").adapter.driver.standby
             spec = VmSpec(vm_id=vm_id, memory_mib=memory_mib, vcpus=GUEST_VCPUS, driver="qemu")
             for _ in range(500):  # the target's standby is up (it starts at once) and in its inventory
-                if pool.names() and cluster.coordinator.hosts.ready_for("host-b", spec):
+                if (split or cluster.host(dst).adapter.driver.standby.names()) and cluster.coordinator.hosts.ready_for(dst, spec):
                     break
                 await asyncio.sleep(0.02)
         clock = _StepClock()
-        clock.wrap(cluster.host("host-a").sensor, "FreezeEvents", "frozen_at")
-        clock.wrap(cluster.host("host-b").sensor, "MigrationComplete", "resumed_at")
+        if not split:
+            clock.wrap(cluster.host(src).sensor, "FreezeEvents", "frozen_at")
+            clock.wrap(cluster.host(dst).sensor, "MigrationComplete", "resumed_at")
         producer = None
         events_published_ms = 0.0
         events = SAGA_CONFIG["events"]
@@ -271,7 +286,7 @@ async def saga_migration(
             producer.stdin.write(b"go\n")
             await producer.stdin.drain()
         started = time.perf_counter()
-        mid = await cluster.client.migrate(vm_id, "host-b", params=params.to_dict())
+        mid = await cluster.client.migrate(vm_id, dst, params=params.to_dict())
         outcome = await cluster.client.outcome(mid, timeout=120)
         wall_ms = (time.perf_counter() - started) * 1000
         if producer is not None:
@@ -281,7 +296,7 @@ async def saga_migration(
         if outcome.status != "completed" or rec is None:
             raise RuntimeError(f"bench saga did not complete: {outcome}")
         dispatched = 0
-        for _ in range(3000):  # until every published event was dispatched (30 s at most)
+        for _ in range(0 if split else 3000):  # until every published event was dispatched (30 s at most)
             dispatched = sum(h.managed_object.dispatched_count(vm_id) for h in cluster.hosts.values())
             if dispatched >= 50 + events:
                 break
@@ -293,7 +308,7 @@ async def saga_migration(
         return {
             "wall_ms": round(wall_ms, 3),
             **rec.data["vm_stats"],
-            "blackout_ms": round(clock.blackout_ms, 3),
+            "blackout_ms": float("nan") if split else round(clock.blackout_ms, 3),
             "migrate_vm_ms": steps.get("migrate_vm", 0.0),
             "steps_ms": steps,
             "events_moved": rec.data.get("events_moved", 0),
@@ -307,10 +322,70 @@ async def saga_migration(
             "floor_rtt_ms": round(floor, 3),
         }
     finally:
-        for h in cluster.hosts.values():
-            await h.adapter.driver.destroy(vm_id)
+        for proc in procs:
+            proc.terminate()  # SIGTERM: each service stops; the adapter's driver kills its standbys
+        for proc in procs:
+            await asyncio.to_thread(proc.wait, 30)
+        for h in (src, dst):
+            driver = cluster.hosts[h].adapter.driver if h in cluster.hosts else QemuDriver(h)
+            await driver.destroy(vm_id)
+            if split:
+                shutil.rmtree(driver.run_dir, ignore_errors=True)
         await cluster.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _service_processes(cluster: Any, hosts: tuple[str, ...], memory_mib: int) -> list[subprocess.Popen[bytes]]:
+    """Each host service of ``hosts`` in a process of its own, as the deployment runs them:
+    state in memory, no span shipping, inventory every second, QEMU driver (standbys as in
+    this process)."""
+    from ferry_common.bus.topology import HOST_SERVICES
+    from tests.harness import amqp_url
+
+    ferry = str(Path(sys.executable).with_name("ferry"))
+    procs = []
+    for host in hosts:
+        for name in HOST_SERVICES:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            env = {**os.environ, "AMQP_URL": amqp_url(cluster.vhost), "FERRY_DRIVER": "qemu", "FERRY_STATE_DIR": "",
+                   "FERRY_HEALTH_PORT": str(port), "FERRY_TRACE_COLLECT": "0", "FERRY_INVENTORY_INTERVAL_S": "1",
+                   "FERRY_AUTH": "none", "FERRY_CAPACITY_MIB": "8192"}
+            if SAGA_CONFIG["standby"]:
+                env["FERRY_QEMU_STANDBY"] = f"{memory_mib}:{GUEST_VCPUS}"
+            with open(f"/tmp/{host}-{name}.log", "wb") as log:  # the child keeps its own copy
+                proc = subprocess.Popen([ferry, "service", name, "--host", host], env=env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+            proc.health_port = port  # type: ignore[attr-defined]
+            procs.append(proc)
+    return procs
+
+
+async def _ready(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
+    """Until every process's /readyz answers 200 (its queues are bound)."""
+    import urllib.request
+
+    def ok(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    waiting = list(procs)
+    while waiting:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError("a host service process did not become ready (logs: /tmp/<host>-<service>.log)")
+        waiting = [p for p in waiting if not await asyncio.to_thread(ok, p.health_port)]  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
+
+
+async def split_migration(
+    guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None
+) -> dict[str, Any]:
+    """:func:`saga_migration` with each host service in its own process."""
+    return await saga_migration(guest, memory_mib, params, split=True)
 
 
 def _saga_timeouts() -> Any:
@@ -323,7 +398,7 @@ def _saga_timeouts() -> Any:
 SAGA_TIMEOUTS = _saga_timeouts()
 
 
-RUNNERS: dict[str, Runner] = {"bare": bare_migration, "saga": saga_migration}
+RUNNERS: dict[str, Runner] = {"bare": bare_migration, "saga": saga_migration, "split": split_migration}
 
 
 async def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -335,7 +410,8 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dirty-mib", type=int, default=16)
     parser.add_argument("--rate-mibps", type=int, default=0)
     parser.add_argument(
-        "--runners", default=",".join(RUNNERS), help="comma-separated: " + ",".join(RUNNERS)
+        "--runners", default="bare,saga",
+        help="comma-separated: " + ",".join(RUNNERS) + " (split: the saga with each host service in its own process)"
     )
     parser.add_argument("--json", action="store_true", help="print the full results as JSON")
     parser.add_argument("--events", type=int, default=SAGA_CONFIG["events"], help="saga: events published during the migration")
@@ -371,12 +447,15 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
             med = series["median"]
             print(f"{key:<16}" + "".join(f"{med.get(k, float('nan')):>18.1f}" for k in TIMING_KEYS))
     report["comparison"] = compare(report)
+    report["split"] = compare_split(report)
     report["config"] = {**SAGA_CONFIG, "memory_mib": args.memory_mib, "stray_qemu_processes": len(stray),
                         "client_watches": "every status" if args.watch_all else "outcomes"}
     report["targets"] = targets(report["comparison"])
     if not args.json:
         for guest_name, row in report["comparison"].items():
             print(f"{guest_name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+        for guest_name, row in report["split"].items():
+            print(f"split/{guest_name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
         print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
         for target, verdict in report["targets"].items():
             print(f"target: {target}: {verdict}")
@@ -467,6 +546,32 @@ def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "events_drained_ms_median": statistics.median(r["events_drained_ms"] for r in runs),
             "bare_prepare_ms": bare["median"].get("prepare_ms"),
             "events_dispatched_ok": all(r["events_dispatched"] == r["events_sent"] for r in runs),
+        }
+    return out
+
+
+def compare_split(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per guest: what running each host service in its own process costs over one process
+    per cluster, as the wall medians, the same rounds' paired difference, and that difference
+    in floor round trips (each run's own floor)."""
+    out: dict[str, dict[str, Any]] = {}
+    for guest_name in GUESTS:
+        saga, split = report.get(f"saga/{guest_name}"), report.get(f"split/{guest_name}")
+        if not saga or not split:
+            continue
+        pairs = list(zip(split["runs"], saga["runs"], strict=True))
+        out[guest_name] = {
+            "saga_wall_ms": round(saga["median"]["wall_ms"], 1),
+            "split_wall_ms": round(split["median"]["wall_ms"], 1),
+            "ratio": round(split["median"]["wall_ms"] / saga["median"]["wall_ms"], 2),
+            "split_minus_saga_paired_ms": round(statistics.median(sp["wall_ms"] - sg["wall_ms"] for sp, sg in pairs), 1),
+            "floor_rtt_ms": round(statistics.median(r["floor_rtt_ms"] for r in split["runs"] + saga["runs"]), 2),
+            "split_minus_saga_in_floor_rtts": round(
+                statistics.median((sp["wall_ms"] - sg["wall_ms"]) / ((sp["floor_rtt_ms"] + sg["floor_rtt_ms"]) / 2)
+                                  for sp, sg in pairs), 1
+            ),
+            "split_steps_ms": {k: round(statistics.median(r["steps_ms"].get(k, 0.0) for r in split["runs"]), 1)
+                               for k in split["runs"][0]["steps_ms"]},
         }
     return out
 
