@@ -9,11 +9,18 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
+from ferry_common.bus.interfaces import Message
 from ferry_common.bus.topology import HOST_SERVICES, host_queue
+from ferry_common.errors import Unauthenticated
+from ferry_common.security import Authenticator
+from ferry_common.signing import auth_factory_from_env, generate_keypair
 
 ROOT = Path(__file__).resolve().parents[2]
 USERS = ROOT / "scripts" / "rabbitmq-users.sh"
@@ -65,3 +72,37 @@ def test_compose_users_are_the_scripts_and_current() -> None:
             assert dry_run(host)[f"ferry-{host}-{service}"] == next(
                 [p["configure"], p["write"], p["read"]] for p in defs["permissions"] if p["user"] == f"ferry-{host}-{service}"
             )
+
+
+def _mounted_keys(tmp: Path, service: str) -> Path:
+    """A host service pod's /etc/ferry/keys: the ferry-trust ConfigMap's trust.json (as the base
+    ships it) with real public keys, and the service's own private key from its Secret."""
+    config = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/base/config.yaml").read_text())
+                  if d["metadata"]["name"] == "ferry-trust")
+    keys = tmp / "all"
+    if not keys.is_dir():
+        for name in ("coordinator", *HOST_SERVICES, "ops"):
+            generate_keypair(keys, name)
+    mount = tmp / service
+    mount.mkdir()
+    (mount / "trust.json").write_text(config["data"]["trust.json"])
+    for pub in keys.glob("*.pub"):
+        (mount / pub.name).write_bytes(pub.read_bytes())
+    (mount / f"{service}.key").write_bytes((keys / f"{service}.key").read_bytes())
+    return mount
+
+
+def test_each_service_signs_with_its_own_key_and_only_as_itself(tmp_path: Path) -> None:
+    def auth(service: str) -> Callable[[str], Authenticator]:
+        env = {"FERRY_AUTH": "ed25519", "FERRY_KEYS_DIR": str(_mounted_keys(tmp_path, service))}
+        return auth_factory_from_env(environ=env)
+
+    sensor, adapter = auth("sensor"), auth("hypervisor_adapter")
+    message = Message(routing_key="host.node-1.managed_object", body=b"{}", type="DispatchEvents",
+                      message_id="m-1", headers={}, timestamp=time.time())
+    as_itself = sensor("host/node-1.example/sensor").sign(message)
+    assert adapter("host/node-2/hypervisor_adapter").verify(as_itself) == "host/node-1.example/sensor"
+    # the sensor's key, claiming to be the node's hypervisor adapter, is refused by every service
+    impostor = sensor("host/node-1.example/hypervisor_adapter").sign(message)
+    with pytest.raises(Unauthenticated, match="may sign only as host/\\*/sensor"):
+        adapter("host/node-2/hypervisor_adapter").verify(impostor)
