@@ -36,7 +36,9 @@ StepName = Annotated[Name, WithJsonSchema({"type": "string", "enum": list(STEPS)
 CODES = """\
 Rejections: unknown_vm, unknown_host, same_host, already_migrating (with
 running_migration_id), source_not_allowed, insufficient_resources,
-invalid_request. Roll-backs: timeout, cancelled, management_state_failed,
+invalid_request; for an adopted guest host_device, cpu_unsupported,
+disk_missing, disk_not_shared, disk_cache_unsafe, disk_exists,
+disk_unsupported. Roll-backs: timeout, cancelled, management_state_failed,
 instantiation_error, event_state_failed, migration_state_failed,
 incoming_failed, vm_migration_failed, not_running, unreachable.
 """
