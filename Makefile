@@ -32,7 +32,7 @@ test-fast: $(STAMP) ## Only what runs on the in-process bus
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check libs services tests bench
 	$(VENV)/bin/mypy libs/common/ferry_common libs/cli/ferry_cli services
-	$(VENV)/bin/ruff check scripts
+	$(VENV)/bin/ruff check scripts deploy
 	$(VENV)/bin/mypy --strict scripts/gen_asyncapi.py libs/common/ferry_common/messages/contract.py
 	$(PY) scripts/gen_asyncapi.py --check
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +35,9 @@ from ferry_common.runtime import tune_gc
 from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
 from ferry_hypervisor_adapter.drivers.guest import build_guest
 from ferry_hypervisor_adapter.drivers.qemu import QemuDriver
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the split runner's parts
+from _qemu_split import compare_split, ready, service_processes  # noqa: E402
 
 GUESTS: dict[str, dict[str, int]] = {
     "idle": {"guest_dirty_mib": 0, "guest_rate_mibps": 0},
@@ -247,11 +247,12 @@ async def saga_migration(
     # it would decode every status in the process that runs the services
     cluster = await make_cluster("rabbitmq", () if split else (src, dst), options=options, timeouts=SAGA_TIMEOUTS,
                                  watch=tuple(SAGA_WATCH))
-    procs = _service_processes(cluster, (src, dst), memory_mib) if split else []
+    standby = f"{memory_mib}:{GUEST_VCPUS}" if SAGA_CONFIG["standby"] else None
+    procs = service_processes(amqp_url(cluster.vhost or ""), (src, dst), standby) if split else []
     vm_id = f"s-{uuid.uuid4().hex[:8]}"
     try:
         if split:  # every process serves its queues (ready) and each adapter has reported
-            await _ready(procs, time.monotonic() + 60)
+            await ready(procs, time.monotonic() + 60)
         for _ in range(1500):
             if all(cluster.coordinator.hosts.known(h) for h in (src, dst)):
                 break
@@ -335,52 +336,6 @@ async def saga_migration(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _service_processes(cluster: Any, hosts: tuple[str, ...], memory_mib: int) -> list[subprocess.Popen[bytes]]:
-    """Each host service of ``hosts`` in a process of its own, as the deployment runs them:
-    state in memory, no span shipping, inventory every second, QEMU driver (standbys as in
-    this process)."""
-    from ferry_common.bus.topology import HOST_SERVICES
-    from tests.harness import amqp_url
-
-    ferry = str(Path(sys.executable).with_name("ferry"))
-    procs = []
-    for host in hosts:
-        for name in HOST_SERVICES:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = {**os.environ, "AMQP_URL": amqp_url(cluster.vhost), "FERRY_DRIVER": "qemu", "FERRY_STATE_DIR": "",
-                   "FERRY_HEALTH_PORT": str(port), "FERRY_TRACE_COLLECT": "0", "FERRY_INVENTORY_INTERVAL_S": "1",
-                   "FERRY_AUTH": "none", "FERRY_CAPACITY_MIB": "8192"}
-            if SAGA_CONFIG["standby"]:
-                env["FERRY_QEMU_STANDBY"] = f"{memory_mib}:{GUEST_VCPUS}"
-            with open(f"/tmp/{host}-{name}.log", "wb") as log:  # the child keeps its own copy
-                proc = subprocess.Popen([ferry, "service", name, "--host", host], env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
-            proc.health_port = port  # type: ignore[attr-defined]
-            procs.append(proc)
-    return procs
-
-
-async def _ready(procs: list[subprocess.Popen[bytes]], deadline: float) -> None:
-    """Until every process's /readyz answers 200 (its queues are bound)."""
-    import urllib.request
-
-    def ok(port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    waiting = list(procs)
-    while waiting:
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            raise RuntimeError("a host service process did not become ready (logs: /tmp/<host>-<service>.log)")
-        waiting = [p for p in waiting if not await asyncio.to_thread(ok, p.health_port)]  # type: ignore[attr-defined]
-        await asyncio.sleep(0.1)
-
-
 async def split_migration(
     guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None
 ) -> dict[str, Any]:
@@ -447,7 +402,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
             med = series["median"]
             print(f"{key:<16}" + "".join(f"{med.get(k, float('nan')):>18.1f}" for k in TIMING_KEYS))
     report["comparison"] = compare(report)
-    report["split"] = compare_split(report)
+    report["split"] = compare_split(report, GUESTS)
     report["config"] = {**SAGA_CONFIG, "memory_mib": args.memory_mib, "stray_qemu_processes": len(stray),
                         "client_watches": "every status" if args.watch_all else "outcomes"}
     report["targets"] = targets(report["comparison"])
@@ -546,32 +501,6 @@ def compare(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "events_drained_ms_median": statistics.median(r["events_drained_ms"] for r in runs),
             "bare_prepare_ms": bare["median"].get("prepare_ms"),
             "events_dispatched_ok": all(r["events_dispatched"] == r["events_sent"] for r in runs),
-        }
-    return out
-
-
-def compare_split(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per guest: what running each host service in its own process costs over one process
-    per cluster, as the wall medians, the same rounds' paired difference, and that difference
-    in floor round trips (each run's own floor)."""
-    out: dict[str, dict[str, Any]] = {}
-    for guest_name in GUESTS:
-        saga, split = report.get(f"saga/{guest_name}"), report.get(f"split/{guest_name}")
-        if not saga or not split:
-            continue
-        pairs = list(zip(split["runs"], saga["runs"], strict=True))
-        out[guest_name] = {
-            "saga_wall_ms": round(saga["median"]["wall_ms"], 1),
-            "split_wall_ms": round(split["median"]["wall_ms"], 1),
-            "ratio": round(split["median"]["wall_ms"] / saga["median"]["wall_ms"], 2),
-            "split_minus_saga_paired_ms": round(statistics.median(sp["wall_ms"] - sg["wall_ms"] for sp, sg in pairs), 1),
-            "floor_rtt_ms": round(statistics.median(r["floor_rtt_ms"] for r in split["runs"] + saga["runs"]), 2),
-            "split_minus_saga_in_floor_rtts": round(
-                statistics.median((sp["wall_ms"] - sg["wall_ms"]) / ((sp["floor_rtt_ms"] + sg["floor_rtt_ms"]) / 2)
-                                  for sp, sg in pairs), 1
-            ),
-            "split_steps_ms": {k: round(statistics.median(r["steps_ms"].get(k, 0.0) for r in split["runs"]), 1)
-                               for k in split["runs"][0]["steps_ms"]},
         }
     return out
 
