@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test test-fast lint asyncapi typecheck bench bench-control bench-scale bench-sensor bench-qemu soak clean
+.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-qemu soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,12 +32,6 @@ test-fast: $(STAMP) ## Only what runs on the in-process bus
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check libs services tests bench
 	$(VENV)/bin/mypy libs/common/ferry_common libs/cli/ferry_cli services
-	$(VENV)/bin/ruff check scripts deploy
-	$(VENV)/bin/mypy --strict scripts/gen_asyncapi.py libs/common/ferry_common/messages/contract.py
-	$(PY) scripts/gen_asyncapi.py --check
-
-asyncapi: $(STAMP) ## Regenerate docs/asyncapi.yaml from the message registry (make lint checks it is current)
-	$(PY) scripts/gen_asyncapi.py
 
 bench: bench-control bench-scale bench-sensor ## All benchmarks of the control plane
 
@@ -65,3 +59,4 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 include deploy/validate.mk
+include scripts/contract.mk

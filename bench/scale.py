@@ -48,7 +48,7 @@ from _common import (  # noqa: E402
 )
 
 from ferry_cli.sample import CORE, LOAD, MODULES, TRACK_LAST, event, vm_spec  # noqa: E402
-from ferry_common.bus.topology import MIGRATION_REQUESTED, host_command, vm_events  # noqa: E402
+from ferry_common.bus.topology import MIGRATION_REQUESTED, host_command  # noqa: E402
 from ferry_common.ids import new_id  # noqa: E402
 from ferry_common.messages.commands import EventsFrozen, FreezeEvents, InstallModules  # noqa: E402
 from ferry_common.messages.domain import Element, Embot, ManagementGraph  # noqa: E402
@@ -93,7 +93,7 @@ async def publish_all(cluster: BenchCluster, evs: list[VmEvent], window: int) ->
 
     async def one(batch: VmEventBatch) -> None:
         try:
-            await ep.send(vm_events(batch.vm_id), batch)
+            await ep.send(f"vm.{batch.vm_id}.event", batch)
         finally:
             sem.release()
 

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from .bus.interfaces import Message
-from .bus.topology import ALARMS, INVENTORIES, MIGRATION_CANCEL, MIGRATION_REQUESTED, VM_EVENTS
+from .bus.topology import MIGRATION_CANCEL, MIGRATION_REQUESTED
 from .clock import Clock, SystemClock
 from .errors import Replayed, Unauthenticated
 from .security import Authenticator, NoAuth
@@ -102,9 +102,9 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
 DEFAULT_ROUTE_TYPES: dict[str, str] = {
     MIGRATION_REQUESTED: "MigrateRequest",
     MIGRATION_CANCEL: "MigrationCancel",
-    VM_EVENTS: "VmEvent",
-    INVENTORIES: "HostInventory",
-    ALARMS: "Alarm",
+    "vm.*.event": "VmEvent",
+    "inventory.*": "HostInventory",
+    "alarm.*": "Alarm",
 }
 
 
