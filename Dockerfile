@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # One image for every Ferry service; the service is chosen by the command:
 #   docker run IMAGE service coordinator
-#   docker run IMAGE service host --host host-a       (the four host services in one process)
+#   docker run IMAGE service sensor --host host-a     (one host service, as deployed; also
+#                                                      managed_object, migration_policy,
+#                                                      hypervisor_adapter; `service host`: all four)
 #   docker run IMAGE migrate vm-1 --to host-b
 #   docker run IMAGE health                           (exit 0 when /readyz answers 200)
 #
@@ -14,7 +16,7 @@
 # The image runs as the unprivileged user "ferry" (uid/gid 10001). Only the hypervisor
 # adapter may need more: the qemu and libvirt drivers must reach /dev/kvm, the QMP sockets
 # or /var/run/libvirt/libvirt-sock on the node. Grant that per deployment (supplemental group
-# of the kvm/libvirt gid, or runAsUser 0 in the host DaemonSet's overlay; see
+# of the kvm/libvirt gid, or runAsUser 0 in the adapter DaemonSet's overlay; see
 # deploy/k8s/components/hypervisor-access/ and docs/operations.md), not in the image.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

@@ -65,3 +65,4 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 include deploy/validate.mk
+include scripts/contract.mk

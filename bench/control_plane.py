@@ -61,7 +61,7 @@ from _common import (  # noqa: E402
 )
 
 from ferry_common.bus.interfaces import QueueSpec  # noqa: E402
-from ferry_common.bus.topology import migration_status  # noqa: E402
+from ferry_common.bus.topology import MIGRATION_REQUESTED, MIGRATION_STATUSES, migration_status  # noqa: E402
 from ferry_common.endpoint import Context, Router  # noqa: E402
 from ferry_common.ids import new_id  # noqa: E402
 from ferry_common.messages.public import MigrateRequest, MigrationStatusEvent  # noqa: E402
@@ -96,7 +96,7 @@ async def follow_outcomes(cluster: BenchCluster) -> Outcomes:
     """A consumer of the terminal ``migration.<status>`` keys on the client's connection."""
     out = Outcomes()
     router = Router()
-    router.route_key("migration.*", MigrationStatusEvent)
+    router.route_key(MIGRATION_STATUSES, MigrationStatusEvent)
 
     async def on_status(msg: MigrationStatusEvent, ctx: Context) -> None:
         out.record(msg)
@@ -139,7 +139,7 @@ async def wave(cluster: BenchCluster, outcomes: Outcomes, moves: dict[str, str],
     t0 = time.perf_counter()
     for vm, target in moves.items():
         sent[mids[vm]] = time.perf_counter()
-        await ep.send("migration.requested", MigrateRequest(vm_id=vm, target_host=target, migration_id=mids[vm]))
+        await ep.send(MIGRATION_REQUESTED, MigrateRequest(vm_id=vm, target_host=target, migration_id=mids[vm]))
     published_at = time.perf_counter()
     try:
         await asyncio.wait_for(outcomes.done.wait(), timeout)
@@ -172,7 +172,7 @@ async def one_alone(cluster: BenchCluster, outcomes: Outcomes, vm: str, target: 
     mid = new_id()
     outcomes.expect({mid})
     t0 = time.perf_counter()
-    await cluster.client.endpoint.send("migration.requested", MigrateRequest(vm_id=vm, target_host=target, migration_id=mid))
+    await cluster.client.endpoint.send(MIGRATION_REQUESTED, MigrateRequest(vm_id=vm, target_host=target, migration_id=mid))
     await asyncio.wait_for(outcomes.done.wait(), 30)
     await wait_for(lambda: not cluster.coordinator.running, 30.0, "the saga to wind down")
     return outcomes.seen[mid][1] - t0

@@ -36,6 +36,9 @@ from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProg
 from ferry_hypervisor_adapter.drivers.guest import build_guest
 from ferry_hypervisor_adapter.drivers.qemu import QemuDriver
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the split runner's parts
+from _qemu_split import compare_split, ready, service_processes  # noqa: E402
+
 GUESTS: dict[str, dict[str, int]] = {
     "idle": {"guest_dirty_mib": 0, "guest_rate_mibps": 0},
     "dirty": {"guest_dirty_mib": 16, "guest_rate_mibps": 0},
@@ -205,12 +208,14 @@ async def floor_rtt_ms(url: str, samples: int = 40) -> float:
 
 
 async def saga_migration(
-    guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None
+    guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None, *, split: bool = False
 ) -> dict[str, Any]:
     """One migration of the same guest as a full Ferry saga over the real RabbitMQ.
 
     The coordinator and both hosts' four services run in this process, each on its own AMQP
-    connection to a private vhost; the adapters use :class:`QemuDriver`. The VM carries a
+    connection to a private vhost; the adapters use :class:`QemuDriver`. ``split``: each host
+    service runs in its own process instead (``ferry service NAME --host HOST``, as deployed),
+    so the blackout (timed on the sensors' handlers) is not measured. The VM carries a
     management graph of ``SAGA_EXTRA_ELEMENTS`` + 8 elements (modules fetched from the
     source), and a separate producer process publishes ``SAGA_CONFIG["events"]`` events from the moment
     the migration is requested, so thousands queue while the VM's events are frozen.
@@ -226,6 +231,8 @@ async def saga_migration(
     params = params or MigrationParams()
     base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
     image = str(build_guest())
+    # split: hosts of their own name, so the processes' QEMU run directories are this run's
+    src, dst = (f"sa-{base.name[3:]}", f"sb-{base.name[3:]}") if split else ("host-a", "host-b")
     options = {
         h: HostOptions(
             driver="qemu",
@@ -234,28 +241,37 @@ async def saga_migration(
             capacity_mib=8192,
             inventory_interval_s=1.0,
         )
-        for h in ("host-a", "host-b")
+        for h in (src, dst)
     }
     # the client waits for the outcome only: one that shows progress runs elsewhere, and here
     # it would decode every status in the process that runs the services
-    cluster = await make_cluster("rabbitmq", ("host-a", "host-b"), options=options, timeouts=SAGA_TIMEOUTS,
+    cluster = await make_cluster("rabbitmq", () if split else (src, dst), options=options, timeouts=SAGA_TIMEOUTS,
                                  watch=tuple(SAGA_WATCH))
+    standby = f"{memory_mib}:{GUEST_VCPUS}" if SAGA_CONFIG["standby"] else None
+    procs = service_processes(amqp_url(cluster.vhost or ""), (src, dst), standby) if split else []
     vm_id = f"s-{uuid.uuid4().hex[:8]}"
     try:
-        await cluster.create_vm("host-a", vm_id, memory_mib=memory_mib, g=graph(vm_id, extra_elements=SAGA_EXTRA_ELEMENTS), **guest)
+        if split:  # every process serves its queues (ready) and each adapter has reported
+            await ready(procs, time.monotonic() + 60)
+        for _ in range(1500):
+            if all(cluster.coordinator.hosts.known(h) for h in (src, dst)):
+                break
+            await asyncio.sleep(0.02)
+        await cluster.create_vm(src, vm_id, memory_mib=memory_mib, g=graph(vm_id, extra_elements=SAGA_EXTRA_ELEMENTS), **guest)
         await cluster.send_events(vm_id, 50)
-        await cluster.settle(vm_id)
+        if not split:  # the ledgers are another process's when split
+            await cluster.settle(vm_id)
         await asyncio.sleep(1.0)  # boot, and let a dirtying guest touch its whole region
         if SAGA_CONFIG["standby"]:
-            pool = cluster.host("host-b").adapter.driver.standby
             spec = VmSpec(vm_id=vm_id, memory_mib=memory_mib, vcpus=GUEST_VCPUS, driver="qemu")
             for _ in range(500):  # the target's standby is up (it starts at once) and in its inventory
-                if pool.names() and cluster.coordinator.hosts.ready_for("host-b", spec):
+                if (split or cluster.host(dst).adapter.driver.standby.names()) and cluster.coordinator.hosts.ready_for(dst, spec):
                     break
                 await asyncio.sleep(0.02)
         clock = _StepClock()
-        clock.wrap(cluster.host("host-a").sensor, "FreezeEvents", "frozen_at")
-        clock.wrap(cluster.host("host-b").sensor, "MigrationComplete", "resumed_at")
+        if not split:
+            clock.wrap(cluster.host(src).sensor, "FreezeEvents", "frozen_at")
+            clock.wrap(cluster.host(dst).sensor, "MigrationComplete", "resumed_at")
         producer = None
         events_published_ms = 0.0
         events = SAGA_CONFIG["events"]
@@ -271,7 +287,7 @@ async def saga_migration(
             producer.stdin.write(b"go\n")
             await producer.stdin.drain()
         started = time.perf_counter()
-        mid = await cluster.client.migrate(vm_id, "host-b", params=params.to_dict())
+        mid = await cluster.client.migrate(vm_id, dst, params=params.to_dict())
         outcome = await cluster.client.outcome(mid, timeout=120)
         wall_ms = (time.perf_counter() - started) * 1000
         if producer is not None:
@@ -281,7 +297,7 @@ async def saga_migration(
         if outcome.status != "completed" or rec is None:
             raise RuntimeError(f"bench saga did not complete: {outcome}")
         dispatched = 0
-        for _ in range(3000):  # until every published event was dispatched (30 s at most)
+        for _ in range(0 if split else 3000):  # until every published event was dispatched (30 s at most)
             dispatched = sum(h.managed_object.dispatched_count(vm_id) for h in cluster.hosts.values())
             if dispatched >= 50 + events:
                 break
@@ -293,7 +309,7 @@ async def saga_migration(
         return {
             "wall_ms": round(wall_ms, 3),
             **rec.data["vm_stats"],
-            "blackout_ms": round(clock.blackout_ms, 3),
+            "blackout_ms": float("nan") if split else round(clock.blackout_ms, 3),
             "migrate_vm_ms": steps.get("migrate_vm", 0.0),
             "steps_ms": steps,
             "events_moved": rec.data.get("events_moved", 0),
@@ -307,10 +323,24 @@ async def saga_migration(
             "floor_rtt_ms": round(floor, 3),
         }
     finally:
-        for h in cluster.hosts.values():
-            await h.adapter.driver.destroy(vm_id)
+        for proc in procs:
+            proc.terminate()  # SIGTERM: each service stops; the adapter's driver kills its standbys
+        for proc in procs:
+            await asyncio.to_thread(proc.wait, 30)
+        for h in (src, dst):
+            driver = cluster.hosts[h].adapter.driver if h in cluster.hosts else QemuDriver(h)
+            await driver.destroy(vm_id)
+            if split:
+                shutil.rmtree(driver.run_dir, ignore_errors=True)
         await cluster.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def split_migration(
+    guest: dict[str, int], memory_mib: int = 128, params: MigrationParams | None = None
+) -> dict[str, Any]:
+    """:func:`saga_migration` with each host service in its own process."""
+    return await saga_migration(guest, memory_mib, params, split=True)
 
 
 def _saga_timeouts() -> Any:
@@ -323,7 +353,7 @@ def _saga_timeouts() -> Any:
 SAGA_TIMEOUTS = _saga_timeouts()
 
 
-RUNNERS: dict[str, Runner] = {"bare": bare_migration, "saga": saga_migration}
+RUNNERS: dict[str, Runner] = {"bare": bare_migration, "saga": saga_migration, "split": split_migration}
 
 
 async def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -335,7 +365,8 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dirty-mib", type=int, default=16)
     parser.add_argument("--rate-mibps", type=int, default=0)
     parser.add_argument(
-        "--runners", default=",".join(RUNNERS), help="comma-separated: " + ",".join(RUNNERS)
+        "--runners", default="bare,saga",
+        help="comma-separated: " + ",".join(RUNNERS) + " (split: the saga with each host service in its own process)"
     )
     parser.add_argument("--json", action="store_true", help="print the full results as JSON")
     parser.add_argument("--events", type=int, default=SAGA_CONFIG["events"], help="saga: events published during the migration")
@@ -371,12 +402,15 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
             med = series["median"]
             print(f"{key:<16}" + "".join(f"{med.get(k, float('nan')):>18.1f}" for k in TIMING_KEYS))
     report["comparison"] = compare(report)
+    report["split"] = compare_split(report, GUESTS)
     report["config"] = {**SAGA_CONFIG, "memory_mib": args.memory_mib, "stray_qemu_processes": len(stray),
                         "client_watches": "every status" if args.watch_all else "outcomes"}
     report["targets"] = targets(report["comparison"])
     if not args.json:
         for guest_name, row in report["comparison"].items():
             print(f"{guest_name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+        for guest_name, row in report["split"].items():
+            print(f"split/{guest_name}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
         print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
         for target, verdict in report["targets"].items():
             print(f"target: {target}: {verdict}")

@@ -38,6 +38,7 @@ from _common import (  # noqa: E402
 )
 
 from ferry_common.bus.interfaces import Delivery, Message, QueueSpec  # noqa: E402
+from ferry_common.bus.topology import vm_events  # noqa: E402
 from ferry_common.endpoint import Context, Endpoint, Router  # noqa: E402
 from ferry_common.messages import encode  # noqa: E402
 from ferry_common.messages.base import Wire  # noqa: E402
@@ -81,7 +82,7 @@ async def publish_all(ep: Endpoint, msgs: list[Wire], window: int) -> None:
 
     async def one(m: Wire) -> None:
         try:
-            await ep.send(f"vm.{m.vm_id}.event", m)  # type: ignore[attr-defined]
+            await ep.send(vm_events(m.vm_id), m)  # type: ignore[attr-defined]
         finally:
             sem.release()
 

@@ -6,7 +6,9 @@
 #   DRY_RUN=1 scripts/rabbitmq-users.sh        # print the rabbitmqctl commands only
 #
 # Variables:
-#   FERRY_HOSTS          hypervisor hosts (default: host-a host-b)
+#   FERRY_HOSTS          hypervisor hosts (default: host-a host-b); '*' makes one user per
+#                        service for every host, ferry-<service> (Kubernetes: a DaemonSet's pods
+#                        share one Secret, so one user per service, not per node)
 #   FERRY_SERVICES       per-host services (default: sensor managed_object migration_policy hypervisor_adapter)
 #   FERRY_CLIENTS        operator/API clients allowed on the bus (default: none)
 #   FERRY_RMQ_VHOST      virtual host (default: /)
@@ -109,13 +111,23 @@ fi
 ensure_user ferry-coordinator
 permissions ferry-coordinator "ferry\\.coordinator|coordinator\\..+|$(reply_queues coordinator)"
 
+# FERRY_HOSTS='*' is not globbed against the working directory
+set -f
 for host in $HOSTS; do
   for service in $SERVICES; do
-    user="ferry-$host-$service"
-    ensure_user "$user"
-    permissions "$user" "ferry\\.$(esc "$host")\\.$(esc "$service")|$(reply_queues "host/$host/$service")"
+    if [[ $host == '*' ]]; then
+      # any host (node names may hold dots): ferry.<host>.<service>, reply.host.<host>.<service>.<hex>
+      user="ferry-$service"
+      ensure_user "$user"
+      permissions "$user" "ferry\\..+\\.$(esc "$service")|reply\\.host\\..+\\.$(esc "$service")\\.[0-9a-f]+"
+    else
+      user="ferry-$host-$service"
+      ensure_user "$user"
+      permissions "$user" "ferry\\.$(esc "$host")\\.$(esc "$service")|$(reply_queues "host/$host/$service")"
+    fi
   done
 done
+set +f
 
 for client in $CLIENTS; do
   user="ferry-client-$client"

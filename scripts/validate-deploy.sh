@@ -44,12 +44,14 @@ for args in \
   "--k8s $FIXTURES/broken-rabbitmqcluster.yaml" \
   "--k8s $FIXTURES/unknown-kind.yaml" \
   "--kustomization $FIXTURES/broken-kustomization" \
-  "--compose $FIXTURES/broken-compose.yml"; do
+  "--compose $FIXTURES/broken-compose.yml" \
+  "--k8s $FIXTURES/broken-host-services.yaml" \
+  "--compose $FIXTURES/broken-compose-host.yml"; do
   # shellcheck disable=SC2086  # word splitting of $args is intended
   if "${VALIDATOR[@]}" --quiet $args >/dev/null 2>&1; then
     echo "validate-deploy: SELF-TEST FAILED: accepted a broken fixture ($args)" >&2
     status=1
   fi
 done
-[[ $status -eq 0 ]] && echo "validate-deploy: self-test OK (5 broken fixtures rejected)"
+[[ $status -eq 0 ]] && echo "validate-deploy: self-test OK (7 broken fixtures rejected)"
 exit $status

@@ -12,9 +12,11 @@ Without Docker or a cluster, and without network access at validation time:
    ``x-kubernetes-group-version-kind``); a kind with no schema at all is an error;
 4. Ferry's own rules: resources and probes on long-running containers, every referenced
    ConfigMap/Secret/ServiceAccount/PVC present in the same render, selectors that match a pod
-   template, no namespace hard-coded in the base;
+   template, no namespace hard-coded in the base; each host service in a workload of its own
+   with its own AMQP and key Secrets (``host_services.py``);
 5. ``docker-compose.yml`` against the vendored Compose Specification schema
-   (``deploy/schemas/compose-spec.json``), plus ``depends_on`` targets and healthchecks.
+   (``deploy/schemas/compose-spec.json``), plus ``depends_on`` targets and healthchecks, and
+   each host service per host a compose service of its own with its own RabbitMQ user.
 
 Exit status 0 when everything is valid, 1 when anything is not (every problem is printed).
 The explicit options (``--k8s``, ``--kustomization``, ``--compose``) validate only what
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import host_services  # deploy/tools: each host service its own workload, user and key
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -300,6 +303,7 @@ def check_rules(
             report.error(
                 f"{where}: {describe(obj)}", f"selector {selector} matches no pod template"
             )
+    host_services.check_k8s(objs, where, report.error, pod_spec)
 
 
 # ---- compose ------------------------------------------------------------------------------
@@ -345,6 +349,7 @@ def validate_compose(path: Path, report: Report, schema_path: Path = COMPOSE_SCH
                 report.error(
                     where, f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
                 )
+    host_services.check_compose(services, where, report.error)
 
 
 # ---- main ---------------------------------------------------------------------------------

@@ -82,6 +82,25 @@ def test_repository_deploy_files_are_valid() -> None:
             ["compose schema", "$.services.app.ports: 8080 is not of type 'array'"],
             id="compose-schema",
         ),
+        pytest.param(
+            ["--k8s", "broken-host-services.yaml"],
+            [
+                "DaemonSet/all-in-one: runs `ferry service host`",
+                "runs managed_object, sensor but not hypervisor_adapter",
+                "managed_object, sensor share the RabbitMQ (AMQP) Secret shared-amqp",
+                "managed_object, sensor share the key Secret shared-key",
+            ],
+            id="host-services-k8s",
+        ),
+        pytest.param(
+            ["--compose", "broken-compose-host.yml"],
+            [
+                "host-a runs `ferry service host`",
+                "host host-b runs managed_object, sensor but not migration_policy",
+                "connect as the same RabbitMQ user 'ferry-host-b'",
+            ],
+            id="host-services-compose",
+        ),
     ],
 )
 def test_broken_fixture_is_rejected(args: list[str], expected: list[str]) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from ferry_cli.render import render_trace
+from ferry_common.bus import topology
+from ferry_common.security import host_identity
 from ferry_coordinator.saga import STEPS
 from tests.faults.procs import ProcCluster, Session
 
@@ -67,8 +69,7 @@ def _shape(spans: list[dict[str, Any]], mid: str) -> list[str]:
     return wrong
 
 
-HOST_SERVICES = {f"host/{h}/{svc}" for h in ("host-a", "host-b")
-                 for svc in ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")}
+HOST_SERVICES = {host_identity(h, svc) for h in ("host-a", "host-b") for svc in topology.HOST_SERVICES}
 
 
 def _absent(spans: list[dict[str, Any]], mid: str) -> list[str]:

@@ -12,6 +12,7 @@ from ferry_common.bus.topology import (
     COORDINATOR_QUERY,
     MIGRATION_CANCEL,
     MIGRATION_REQUESTED,
+    MIGRATION_STATUSES,
     host_command,
     migration_status,
     vm_events,
@@ -69,7 +70,7 @@ class FerryClient:
             return
         self._watching = True
         router = Router()
-        router.route_key("migration.*", MigrationStatusEvent)
+        router.route_key(MIGRATION_STATUSES, MigrationStatusEvent)
 
         async def on_status(msg: MigrationStatusEvent, ctx: Context) -> None:
             self._history.append(msg)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry_common.bus.interfaces import Bus
+from ferry_common.bus.topology import HOST_SERVICES
 from ferry_common.clock import Clock, SystemClock
 from ferry_common.endpoint import Endpoint
 from ferry_common.security import Authenticator, host_identity
@@ -22,7 +23,6 @@ from ferry_managed_object.service import LEDGER_MAX, ManagedObjectService
 from ferry_migration_policy.service import MigrationPolicyService
 from ferry_sensor.service import SensorService
 
-HOST_SERVICES = ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")
 AuthFactory = Callable[[str], Authenticator | None]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from ferry_common.bus.topology import host_command, migration_status
+from ferry_common.bus.topology import HOST_SERVICES, host_command, migration_status
 from ferry_common.endpoint import Endpoint
 from ferry_common.errors import Conflict, FerryError, RemoteError, StepTimeout, Unroutable
 from ferry_common.messages.base import Wire
@@ -83,7 +83,6 @@ STEPS = (
     "complete",
     "teardown",
 )
-HOST_SERVICES = ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")
 
 
 class StepFailed(Exception):

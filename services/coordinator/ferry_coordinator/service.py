@@ -21,6 +21,7 @@ from ferry_common.bus.interfaces import Consumer, Message, QueueSpec
 from ferry_common.bus.topology import (
     COORDINATOR_QUERY,
     COORDINATOR_QUEUE,
+    INVENTORIES,
     MIGRATION_CANCEL,
     MIGRATION_REQUESTED,
     SAGA_NOTIFY,
@@ -96,13 +97,13 @@ class CoordinatorService:
         self.router.add(LeaseRequest, self.on_lease)
         self.router.refused = self.on_refused
         self.private = Router()
-        self.private.route_key("inventory.*", HostInventory)
+        self.private.route_key(INVENTORIES, HostInventory)
         self.private.add(HostInventory, self.on_inventory)
         self.private.add(VmMigrationFinished, self.on_vm_finished)
 
     async def start(self) -> None:
         shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY, TELEMETRY_SPANS), prefetch=128)
-        private = QueueSpec(f"coordinator.{self.owner}", ("inventory.*", self.notify_key), durable=False, prefetch=256)
+        private = QueueSpec(f"coordinator.{self.owner}", (INVENTORIES, self.notify_key), durable=False, prefetch=256)
         # every saga step is a request: the replies' queue is there before the first one
         await self.endpoint.open_replies()
         # private first: inventory must be known before requests are judged

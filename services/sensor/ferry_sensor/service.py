@@ -19,7 +19,7 @@ import orjson
 from pydantic import TypeAdapter
 
 from ferry_common import metrics
-from ferry_common.bus.topology import COORDINATOR_QUERY, host_command, vm_events
+from ferry_common.bus.topology import COORDINATOR_QUERY, VM_EVENTS, host_command, vm_events
 from ferry_common.endpoint import Context, Endpoint, Forward
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.messages.base import Wire
@@ -80,7 +80,7 @@ class SensorService(HostService, EventDispatch):
         self._lease_loop: asyncio.Task[None] | None = None
         self.held = 0
         r = self.router
-        r.route_key("vm.*.event", VmEvent)
+        r.route_key(VM_EVENTS, VmEvent)
         r.add(VmEvent, self.on_event)
         r.add(VmEventBatch, self.on_batch)
         r.add(ActivateVmEvents, self.on_activate)

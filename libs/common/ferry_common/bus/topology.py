@@ -17,6 +17,9 @@ TELEMETRY_SPANS = "telemetry.spans"
 REASON_HEADER = "x-ferry-reason"
 CODE_HEADER = "x-ferry-error-code"
 
+#: The services every host runs, each its own process in a deployment (deploy/, docs/operations.md).
+HOST_SERVICES = ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")
+
 
 def migration_status(status: str) -> str:
     return f"migration.{status}"
@@ -46,3 +49,11 @@ def reply_to(instance: str) -> str:
 
 def alarm(vm_id: str) -> str:
     return f"alarm.{vm_id}"
+
+
+# Binding patterns: one topic wildcard in place of the id, built by the functions above so
+# that a key and the pattern that takes it cannot drift apart.
+MIGRATION_STATUSES = migration_status("*")
+VM_EVENTS = vm_events("*")
+INVENTORIES = inventory("*")
+ALARMS = alarm("*")

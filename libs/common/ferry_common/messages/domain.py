@@ -101,7 +101,7 @@ class Event(Wire):
     vm_id: Name
     element_id: Name
     kind: Name
-    ts: float
+    ts: float = Field(description="When it happened (seconds); dispatch is in this order.")
     data: JsonObject = Field(default_factory=dict)
 
 

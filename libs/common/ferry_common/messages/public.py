@@ -7,9 +7,9 @@ Service-plane events go to ``vm.<vm_id>.event``. See ``docs/asyncapi.yaml``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, WithJsonSchema, model_validator
 
 from .base import Wire
 from .domain import Event, VmSpec
@@ -23,6 +23,25 @@ Status = Literal[
     "failed",
     "rolled_back",
 ]
+
+#: The saga's steps as ``MigrationStatusEvent.step`` names them, in the order they run
+#: (docs/protocol.md); ``request`` before the saga starts, ``compensate`` while it rolls back.
+STEPS = (
+    "request", "admission", "management_state", "migrate_vm", "freeze_events", "event_state",
+    "switch_over", "complete", "teardown", "compensate",
+)
+# documented as an enumeration; validated as any name, so a client keeps reading the statuses
+# of a coordinator that names one more step
+StepName = Annotated[Name, WithJsonSchema({"type": "string", "enum": list(STEPS)})]
+CODES = """\
+Rejections: unknown_vm, unknown_host, same_host, already_migrating (with
+running_migration_id), source_not_allowed, insufficient_resources,
+invalid_request; for an adopted guest host_device, cpu_unsupported,
+disk_missing, disk_not_shared, disk_cache_unsafe, disk_exists,
+disk_unsupported. Roll-backs: timeout, cancelled, management_state_failed,
+instantiation_error, event_state_failed, migration_state_failed,
+incoming_failed, vm_migration_failed, not_running, unreachable.
+"""
 
 
 # How a migration ends: completed, rolled_back or rejected, or failed with one of
@@ -42,9 +61,16 @@ class MigrateRequest(Wire):
 
     vm_id: Name
     target_host: Name
-    migration_id: Name | None = None
+    migration_id: Name | None = Field(
+        default=None, description="Chosen by the client to make the request idempotent; generated if absent."
+    )
     reason: Text | None = None
-    params: JsonObject = Field(default_factory=dict)
+    params: JsonObject = Field(
+        default_factory=dict,
+        description="Migration parameters for this migration, over the VM's migration policy\n"
+        "(docs/hypervisors.md): downtime_limit_ms, bandwidth_mibps, auto_converge,\n"
+        "completion_timeout_per_gib_s, completion_timeout_min_s, stall_timeout_s.\n",
+    )
 
 
 class MigrationCancel(Wire):
@@ -60,14 +86,14 @@ class MigrationStatusEvent(Wire):
     migration_id: Name
     vm_id: Name
     status: Status
-    step: Name | None = None
+    step: StepName | None = Field(default=None, description="The saga step, listed in the order they run (docs/protocol.md).")
     source_host: Name | None = None
     target_host: Name | None = None
-    reason: Text | None = None
-    code: Name | None = None
+    reason: Text | None = Field(default=None, description="What went wrong, for people.")
+    code: Name | None = Field(default=None, description=CODES)
     running_migration_id: Name | None = None
     detail: JsonObject = Field(default_factory=dict)
-    at: float = 0.0
+    at: float = Field(default=0.0, description="Seconds since the epoch.")
 
 
 class AdoptableVm(Wire):

@@ -10,7 +10,7 @@ from fnmatch import translate
 from pathlib import Path
 
 from ..bus.interfaces import Message
-from ..bus.topology import MIGRATION_CANCEL, MIGRATION_REQUESTED
+from ..bus.topology import ALARMS, INVENTORIES, MIGRATION_CANCEL, MIGRATION_REQUESTED, VM_EVENTS
 
 # Letters, digits, ``.``, ``_``, ``-`` in ``/``-separated segments. Keeping ``*?[]`` out of
 # identities means a sender can never smuggle a pattern, and logs stay one line.
@@ -52,9 +52,9 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
 DEFAULT_ROUTE_TYPES: dict[str, str] = {
     MIGRATION_REQUESTED: "MigrateRequest",
     MIGRATION_CANCEL: "MigrationCancel",
-    "vm.*.event": "VmEvent",
-    "inventory.*": "HostInventory",
-    "alarm.*": "Alarm",
+    VM_EVENTS: "VmEvent",
+    INVENTORIES: "HostInventory",
+    ALARMS: "Alarm",
 }
 
 
