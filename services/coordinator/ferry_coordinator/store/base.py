@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import builtins
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
+SagaStatus = Literal["running", "compensating", "completed", "rolled_back", "rejected"]
 TERMINAL = frozenset({"completed", "rolled_back", "rejected"})
+
+
+def as_status(raw: str) -> SagaStatus:
+    """A stored status, checked: the one place a string becomes a saga status."""
+    if raw not in get_args(SagaStatus):
+        raise ValueError(f"unknown saga status {raw!r}")
+    return raw  # type: ignore[return-value]
 
 
 @dataclass
@@ -40,7 +48,7 @@ class SagaRecord:
     vm_id: str
     source_host: str
     target_host: str
-    status: str = "running"  # running | compensating | completed | rolled_back | rejected
+    status: SagaStatus = "running"
     step: str = "admission"
     data: dict[str, Any] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
@@ -80,7 +88,7 @@ class SagaRecord:
             vm_id=raw["vm_id"],
             source_host=raw["source_host"],
             target_host=raw["target_host"],
-            status=raw.get("status", "running"),
+            status=as_status(raw.get("status", "running")),
             step=raw.get("step", "admission"),
             data=dict(raw.get("data") or {}),
             history=[HistoryEntry.from_dict(h) for h in raw.get("history") or []],
