@@ -84,3 +84,12 @@ def test_the_saga_names_steps_not_the_seed_numbers() -> None:
         text = path.read_text()
         ast.parse(text)
         assert not numbered.findall(text), f"{path.name}: {numbered.findall(text)}"
+
+
+def test_the_plan_reads_as_a_table() -> None:
+    from ferry_coordinator.saga.plan import describe
+
+    text = describe(PLAN)
+    assert [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")][:-1] == list(STEPS)
+    assert "StartMigration -> migration_policy: MigrationPermitted | MigrationDenied" in text
+    assert "starts launch" in text and "joined at migrate_vm" in text

@@ -4,7 +4,8 @@ and how hard it tries, whether it only goes forward, and the work it starts earl
 The plane is exported and the VM pre-copied while the source still acts on events (the
 changes go over in dirty rounds); events are frozen only once the VM has been copied, so
 the plane's blackout is the switch-over, not the whole migration (docs/protocol.md maps
-these names to the protocol's numbered steps).
+these names to the protocol's numbered steps). ``python -m ferry_coordinator.saga``
+prints it with each command's host service and accepted answers.
 """
 
 from __future__ import annotations
@@ -115,3 +116,18 @@ def build_plan(t: SagaTimeouts) -> Plan:
 
 
 STEPS = tuple(s.name for s in build_plan(SagaTimeouts()).steps)
+
+
+def describe(plan: Plan) -> str:
+    """The plan as a table: each step, what it sends where and accepts back, and its policies."""
+    lines = []
+    for s in plan.steps:
+        retry = f"{s.retry.attempts} tries, {s.retry.growth} {s.retry.backoff_s:g}s..{s.retry.max_s:g}s"
+        flags = " forward-only" if s.forward_only else ""
+        early = f"; starts {s.starts.handle} ({s.starts.what}), joined at {s.starts.joined_at}" if s.starts else ""
+        lines.append(f"{s.name}: replies within {s.reply_s:g}s, {retry}{flags}{early}")
+        for c in s.sends:
+            lines.append(f"    {c.__name__} -> {'/'.join(c.services)}: {' | '.join(r.__name__ for r in c.replies)}")
+    f = plan.forward
+    lines.append(f"forward retry: until it works, {f.growth} {f.backoff_s:g}s..{f.max_s:g}s")
+    return "\n".join(lines)
