@@ -32,6 +32,7 @@ test-fast: $(STAMP) ## Only what runs on the in-process bus
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check apps libs services tests bench
 	$(VENV)/bin/mypy libs/common/ferry_common apps/cli/ferry_cli apps/testing/ferry_testing services
+	$(VENV)/bin/mypy --strict services/coordinator/ferry_coordinator/saga libs/common/ferry_common/errors.py libs/common/ferry_common/retry.py
 
 bench: bench-control bench-scale bench-sensor bench-placement ## All benchmarks of the control plane
 

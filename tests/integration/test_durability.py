@@ -15,7 +15,8 @@ import pytest
 from ferry_cli.cluster import HOST_SERVICES, build_coordinator, build_service
 from ferry_common.state import SqliteStateStore, StateStore
 from ferry_common.tracing import installed
-from ferry_coordinator.saga import STEPS, MigrationSaga
+from ferry_coordinator.saga import STEPS
+from ferry_coordinator.saga.run import SagaRun
 from ferry_coordinator.store.sqlite import SqliteSagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
 from tests.harness import Cluster, inspect_problems, make_cluster, new_bus
@@ -95,7 +96,7 @@ BESIDE = {"PrepareIncoming": "migrate_vm", "PerformMigration": "migrate_vm", "Fi
           "SourceTeardown": "teardown"}
 
 
-def step_of(saga: MigrationSaga, msg: Any) -> str:
+def step_of(saga: SagaRun, msg: Any) -> str:
     if saga.rec.status == "compensating":
         return "compensate"
     return BESIDE.get(type(msg).__name__, saga.rec.step)
@@ -103,16 +104,16 @@ def step_of(saga: MigrationSaga, msg: Any) -> str:
 
 def crash_after(step: str, monkeypatch: pytest.MonkeyPatch, fired: asyncio.Event) -> None:
     """The first request of ``step`` gets its answer, then the coordinator dies."""
-    real = MigrationSaga._call
+    real = SagaRun.call
 
-    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
-        answer = await real(self, host, service, msg, **kw)
+    async def call(self: SagaRun, host: str, msg: Any, **kw: Any) -> Any:
+        answer = await real(self, host, msg, **kw)
         if step_of(self, msg) == step and not fired.is_set():
             fired.set()
             raise Crash(f"crash in {step}")
         return answer
 
-    monkeypatch.setattr(MigrationSaga, "_call", call)
+    monkeypatch.setattr(SagaRun, "call", call)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -159,16 +160,16 @@ async def test_every_host_service_restarts_at_every_step(durable: Cluster, step:
     await c.send_events("vm1", 10)
     await c.settle("vm1")
     gate, reached = asyncio.Event(), asyncio.Event()
-    real = MigrationSaga._call
+    real = SagaRun.call
 
-    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+    async def call(self: SagaRun, host: str, msg: Any, **kw: Any) -> Any:
         if step in (self.rec.step, step_of(self, msg)):
             reached.set()
         if reached.is_set():  # everything from then on waits, also what runs beside the step
             await gate.wait()
-        return await real(self, host, service, msg, **kw)
+        return await real(self, host, msg, **kw)
 
-    monkeypatch.setattr(MigrationSaga, "_call", call)
+    monkeypatch.setattr(SagaRun, "call", call)
     mid = await c.client.migrate("vm1", "host-b")
     await asyncio.wait_for(reached.wait(), 20)
     await c.send_events("vm1", 5)

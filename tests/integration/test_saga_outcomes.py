@@ -24,7 +24,7 @@ from ferry_common.messages.commands import (
     MigrationComplete,
     StageEvents,
 )
-from ferry_coordinator.saga import MigrationSaga
+from ferry_coordinator.saga.run import SagaRun
 from ferry_testing.sample import event as sample_event
 from tests.harness import FAST, Cluster, inject_answer, inspect_problems, make_cluster, until
 
@@ -55,17 +55,17 @@ def hold_saga(monkeypatch: pytest.MonkeyPatch, held: type, answered: type) -> tu
     """The saga's request of type ``held`` waits until the test sets ``go``; ``seen`` is set
     once a request of type ``answered`` was answered. Returns (seen, go)."""
     seen, go = asyncio.Event(), asyncio.Event()
-    real = MigrationSaga._call
+    real = SagaRun.call
 
-    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+    async def call(self: SagaRun, host: str, msg: Any, **kw: Any) -> Any:
         if isinstance(msg, held):
             await go.wait()
-        answer = await real(self, host, service, msg, **kw)
+        answer = await real(self, host, msg, **kw)
         if isinstance(msg, answered):
             seen.set()
         return answer
 
-    monkeypatch.setattr(MigrationSaga, "_call", call)
+    monkeypatch.setattr(SagaRun, "call", call)
     return seen, go
 
 
@@ -127,19 +127,20 @@ async def test_a_backlog_that_reaches_the_target_plane_before_its_completion_act
     frozen, stage = asyncio.Event(), asyncio.Event()
     release = asyncio.Event()
     target = cluster.host("host-b")
-    real = MigrationSaga._call
+    real = SagaRun.call
 
-    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+    async def call(self: SagaRun, host: str, msg: Any, **kw: Any) -> Any:
+        service = kw.get("service") or type(msg).services[0]
         if isinstance(msg, StageEvents):
             await stage.wait()
         if isinstance(msg, MigrationComplete) and service == "managed_object":
             await release.wait()
-        answer = await real(self, host, service, msg, **kw)
+        answer = await real(self, host, msg, **kw)
         if isinstance(msg, FreezeEvents):
             frozen.set()
         return answer
 
-    monkeypatch.setattr(MigrationSaga, "_call", call)
+    monkeypatch.setattr(SagaRun, "call", call)
     mid = await cluster.client.migrate("vm1", "host-b")
     await asyncio.wait_for(frozen.wait(), 20)
     queued = await cluster.send_events("vm1", 40)  # frozen on the source: the backlog
@@ -174,15 +175,15 @@ async def test_a_dispatch_from_another_sender_does_not_activate_a_staged_plane(
     await cluster.settle("vm1")
     reached, release = asyncio.Event(), asyncio.Event()
     target = cluster.host("host-b")
-    real = MigrationSaga._call
+    real = SagaRun.call
 
-    async def call(self: MigrationSaga, host: str, service: str, msg: Any, **kw: Any) -> Any:
+    async def call(self: SagaRun, host: str, msg: Any, **kw: Any) -> Any:
         if isinstance(msg, MigrationComplete):
             reached.set()
             await release.wait()
-        return await real(self, host, service, msg, **kw)
+        return await real(self, host, msg, **kw)
 
-    monkeypatch.setattr(MigrationSaga, "_call", call)
+    monkeypatch.setattr(SagaRun, "call", call)
     mid = await cluster.client.migrate("vm1", "host-b")
     await asyncio.wait_for(reached.wait(), 20)
     forged = DispatchEvents(vm_id="vm1", events=[sample_event("vm1", 999, 1.0)], completed_by=mid, epoch=99)

@@ -10,6 +10,7 @@ from typing import Any, get_args
 from ferry_common.bus.interfaces import QueueSpec
 from ferry_common.bus.topology import (
     COORDINATOR_QUERY,
+    HOST_SERVICES,
     MIGRATION_CANCEL,
     MIGRATION_REQUESTED,
     MIGRATION_STATUSES,
@@ -213,7 +214,7 @@ class FerryClient:
     async def inspect(self, host: str, vm_id: str | None = None) -> dict[str, dict[str, Any]]:
         """Each service's view of ``vm_id`` (or of everything) on ``host``."""
         out: dict[str, dict[str, Any]] = {}
-        for service in ("sensor", "managed_object", "migration_policy", "hypervisor_adapter"):
+        for service in HOST_SERVICES:
             ans = await self.endpoint.request(host_command(host, service), Inspect(vm_id=vm_id), timeout=self.timeout)
             assert isinstance(ans, Inspection)
             out[service] = dict(ans.data)

@@ -121,7 +121,7 @@ def build_host(
     driver: Driver | None = None,
     states: dict[str, StateStore] | None = None,
 ) -> Host:
-    services = {
+    services: dict[str, HostService] = {
         s: build_service(
             s, name, bus, clock=clock, options=options, auth=auth, driver=driver, state=(states or {}).get(s)
         )

@@ -16,11 +16,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from ferry_common.bus.topology import HOST_SERVICES
 from ferry_common.settings import Settings, SettingsError, load_settings
 
 from . import views
 
-SERVICES = ("sensor", "managed_object", "migration_policy", "hypervisor_adapter", "coordinator", "host")
+SERVICES = (*HOST_SERVICES, "coordinator", "host")
 
 app = typer.Typer(
     name="ferry", help="Move running VMs with their management plane.", no_args_is_help=True,

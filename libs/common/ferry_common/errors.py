@@ -60,11 +60,68 @@ class Transient(FerryError):
     retryable = True
 
 
-class StepTimeout(FerryError):
-    """A saga step got no answer in time."""
+class StepError(FerryError):
+    """Why a saga step failed. The saga decides from the type (reject, roll back, retry,
+    go forward); ``code`` is the public code the record and the status events carry."""
+
+
+class Rejected(StepError):
+    """Refused before anything was done: the migration ends rejected, nothing to undo."""
+
+    code = "rejected"
+
+
+class Denied(Rejected):
+    """The target's admission policy said no (its code: ``wrong_host``, ``source_not_allowed``,
+    ``insufficient_resources``)."""
+
+    code = "denied"
+
+
+class Cancelled(StepError):
+    """An operator cancelled, or the hypervisor reported the migration cancelled."""
+
+    code = "cancelled"
+
+
+class TimedOut(StepError):
+    """No answer in time (the request, or the reply, may have been lost): asking again helps."""
 
     code = "timeout"
     retryable = True
+
+
+StepTimeout = TimedOut  # the name the endpoint has always raised
+
+
+class Unreachable(StepError):
+    """No queue takes the host service's commands: it is not connected."""
+
+    code = "unreachable"
+
+
+class SendFailed(StepError):
+    """The request did not get out (connection lost): it never reached a queue, so it is sent
+    again; unlike a timeout, nothing waits in a durable queue."""
+
+    code = "transient"
+    retryable = True
+
+
+class FailedOnHost(StepError):
+    """The host service answered with a failure (an error reply, or a step's failure answer)."""
+
+    code = "failed_on_host"
+
+    def __init__(self, reason: str, *, code: str | None = None, retryable: bool = False) -> None:
+        super().__init__(reason, code=code)
+        self.retryable = retryable
+
+
+class ProtocolError(StepError):
+    """An answer the command does not accept, or a message that could not be built or sent."""
+
+    code = "protocol_error"
 
 
 class RemoteError(FerryError):

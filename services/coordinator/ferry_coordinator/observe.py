@@ -7,10 +7,9 @@ earlier replica persisted.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ferry_common import metrics
 
+from .saga.state import SagaState
 from .store import SagaRecord
 
 
@@ -19,12 +18,10 @@ def migration_finished(rec: SagaRecord) -> None:
     metrics.MIGRATIONS_TOTAL.labels(outcome=rec.status).inc()
     if rec.created_at and rec.updated_at >= rec.created_at:
         metrics.MIGRATION_DURATION_SECONDS.observe(rec.updated_at - rec.created_at)
-    timings: dict[str, Any] = rec.data.get("timings_ms") or {}
-    for step, ms in timings.items():
-        if isinstance(ms, int | float):
-            metrics.MIGRATION_STEP_SECONDS.labels(step=step).observe(ms / 1000)
-    stats = rec.data.get("vm_stats") or {}
-    downtime = stats.get("downtime_ms") if isinstance(stats, dict) else None
+    state = SagaState.load(rec.data)
+    for step, ms in state.timings_ms.items():
+        metrics.MIGRATION_STEP_SECONDS.labels(step=step).observe(ms / 1000)
+    downtime = (state.vm_stats or {}).get("downtime_ms")
     if rec.status == "completed" and isinstance(downtime, int | float):
         metrics.VM_DOWNTIME_SECONDS.observe(downtime / 1000)
 

@@ -56,7 +56,8 @@ from . import observe
 from .fleet import metrics as fleet_metrics
 from .fleet.liveness import LivenessTracker
 from .hosts import HostRegistry
-from .saga import MigrationSaga, SagaContext
+from .saga import BusPort, MigrationSaga, SagaContext
+from .saga.state import SagaState
 from .store import SagaRecord, SagaStore
 from .timeouts import SagaTimeouts
 
@@ -84,6 +85,7 @@ class CoordinatorService:
         self._lease_task: asyncio.Task[None] | None = None
         self.finished: list[SagaRecord] = []
         self.notify_key = f"{SAGA_NOTIFY}.{self.owner}"
+        self.port = BusPort(endpoint)
 
         self.router = Router()
         self.router.route_key(MIGRATION_REQUESTED, MigrateRequest)
@@ -150,24 +152,26 @@ class CoordinatorService:
             updated_at=now,
             owner=self.owner,
             lease_until=now + self.timeouts.lease_s,
-            data={"params": dict(msg.params), "requested_by": ctx.sender, "reason_requested": msg.reason},
         )
+        state = SagaState(params=dict(msg.params), requested_by=ctx.sender, reason_requested=msg.reason)
         verdict = self._judge(msg, located)
         if verdict is not None:
             code, reason = verdict
             record.status, record.step = "rejected", "request"
-            record.data.update(code=code, reason=reason)
+            state.code, state.reason = code, reason
+            record.data = state.dump()
             stored, created = await self.store.create(record)
             if created:
                 await self._announce(stored, "rejected", reason=reason, code=code)
             return Done(detail={"migration_id": mid, "status": "rejected", "code": code, "reason": reason})
         assert located is not None
-        record.data["vm"] = located[1].model_dump(mode="json")
-        record.data["target_ready"] = self.hosts.ready_for(msg.target_host, located[1])
+        state.vm = located[1]
+        state.target_ready = self.hosts.ready_for(msg.target_host, located[1])
         owner = await self.owner_of(msg.vm_id)
-        record.data["epoch"] = owner[1] if owner else 0
+        state.epoch = owner[1] if owner else 0
         params = dict(located[1].params.get("migration", {})) if isinstance(located[1].params.get("migration"), dict) else {}
-        record.data["params"] = {**params, **msg.params}
+        state.params = {**params, **msg.params}
+        record.data = state.dump()
         stored, created = await self.store.create(record)
         if not created:
             if stored.migration_id == mid:
@@ -176,7 +180,8 @@ class CoordinatorService:
             rejected = SagaRecord(
                 migration_id=mid, vm_id=msg.vm_id, source_host=source, target_host=msg.target_host,
                 status="rejected", step="request", created_at=now, updated_at=now,
-                data={"code": "already_migrating", "reason": reason, "running_migration_id": stored.migration_id},
+                data=SagaState.model_validate({"code": "already_migrating", "reason": reason,
+                                               "running_migration_id": stored.migration_id}).dump(),
             )
             await self.store.create(rejected)  # terminal: does not block the running saga
             await self._announce(rejected, "rejected", reason=reason, code="already_migrating",
@@ -227,7 +232,7 @@ class CoordinatorService:
             raise InvalidMessage(f"no migration {msg.migration_id!r}")
         if rec.terminal:
             raise Conflict(f"migration {msg.migration_id} already ended {rec.status}")
-        if rec.data.get("vm_switched"):
+        if SagaState.load(rec.data).switched:
             raise Conflict(f"migration {msg.migration_id} is past the switch-over; it completes")
         self.cancels[msg.migration_id] = msg.reason
         return Done(detail={"migration_id": msg.migration_id, "cancel": "requested"})
@@ -286,7 +291,10 @@ class CoordinatorService:
         if rec.migration_id in self.running:
             return
         ctx = SagaContext(
-            endpoint=self.endpoint,
+            port=self.port,
+            clock=self.endpoint.clock,
+            identity=self.endpoint.identity,
+            publish=self._publish_status,
             store=self.store,
             timeouts=self.timeouts,
             owner=self.owner,
@@ -318,9 +326,10 @@ class CoordinatorService:
         if known is not None:
             return known
         for rec in await self.store.list(vm_id=vm_id, limit=20):
-            if "new_epoch" in rec.data and rec.status in ("completed", "running"):
+            new_epoch = SagaState.load(rec.data).new_epoch
+            if new_epoch is not None and rec.status in ("completed", "running"):
                 # the saga that moved it last (or is handing it over right now)
-                self.owners[vm_id] = (rec.target_host, int(rec.data["new_epoch"]))
+                self.owners[vm_id] = (rec.target_host, new_epoch)
                 return self.owners[vm_id]
         located = self.hosts.locate(vm_id)
         return (located[0], 0) if located else None
@@ -376,6 +385,11 @@ class CoordinatorService:
             at=self.endpoint.clock.now(),
         )
         await self.endpoint.send(migration_status(status), event, mandatory=False)  # if anyone listens
+
+    async def _publish_status(self, event: MigrationStatusEvent) -> None:
+        # nobody may follow this migration (its record still says it all): not mandatory, so
+        # the broker drops it instead of returning it
+        await self.endpoint.send(migration_status(event.status), event, mandatory=False)
 
     async def wait_idle(self) -> None:
         """Wait until no saga runs here (tests, demo)."""

@@ -10,7 +10,7 @@ class SagaTimeouts:
     reply_s: float = 10.0  # any request/reply step
     attempts: int = 2  # a lost message is re-sent once (steps are idempotent)
     vm_migration_s: float = 600.0  # upper bound; the driver enforces the per-VM limits
-    dirty_round_s: float = 0.05  # how often step 6 runs while the VM pre-copies
+    dirty_round_s: float = 0.05  # how often a dirty round runs while the VM pre-copies
     max_dirty_rounds: int = 1000
     status_poll_s: float = 2.0  # re-ask the source adapter in case a notification was lost
     forward_retry_s: float = 1.0  # after switch-over: back-off between forward retries

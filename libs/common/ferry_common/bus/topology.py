@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 EXCHANGE = "ferry"
 DEAD_LETTER_EXCHANGE = "ferry.dlx"
 DEAD_LETTER_QUEUE = "ferry.dead-letter"
@@ -18,7 +20,8 @@ REASON_HEADER = "x-ferry-reason"
 CODE_HEADER = "x-ferry-error-code"
 
 #: The services every host runs, each its own process in a deployment (deploy/, docs/operations.md).
-HOST_SERVICES = ("sensor", "managed_object", "migration_policy", "hypervisor_adapter")
+HostService = Literal["sensor", "managed_object", "migration_policy", "hypervisor_adapter"]
+HOST_SERVICES: tuple[HostService, ...] = get_args(HostService)
 
 
 def migration_status(status: str) -> str:

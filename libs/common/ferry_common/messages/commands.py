@@ -6,10 +6,11 @@ answers a replayed command for a step it already did with the same answer.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from ..bus.topology import HOST_SERVICES, HostService
 from .base import Wire
 from .domain import Element, Embot, Event, ManagementGraph, Module, ModuleRef, VmSpec
 from .limits import (
@@ -27,6 +28,9 @@ from .limits import (
 class Step(Wire):
     migration_id: Name
     vm_id: Name
+    #: a command's host services and the answers it accepts (declared at the end of the module)
+    services: ClassVar[tuple[HostService, ...]] = ()
+    replies: ClassVar[tuple[type[Wire], ...]] = ()
 
 
 # --- generic answers ---------------------------------------------------------------
@@ -44,7 +48,7 @@ class ErrorReply(Wire):
     retryable: bool = False
 
 
-# --- step 1: admission (target migration-policy) -----------------------------------
+# --- admission (target migration-policy) ----------------------------------------
 class StartMigration(Step):
     source_host: Name
     target_host: Name
@@ -64,7 +68,7 @@ class CommitReservation(Step):
     """After completion the reservation becomes the VM's placement."""
 
 
-# --- step 2: freeze events (source sensor) -----------------------------------------
+# --- freeze events (source sensor) ----------------------------------------------
 class FreezeEvents(Step):
     pass
 
@@ -73,7 +77,7 @@ class EventsFrozen(Wire):
     queued: int = 0
 
 
-# --- step 3: management state ------------------------------------------------------
+# --- management state -----------------------------------------------------------
 class ExportManagementState(Step):
     """Source managed-object: serialize the VM element, dependents and embots; track dirt.
 
@@ -142,7 +146,7 @@ class ManagedObjectInstantiationError(Wire):
     reason: Text
 
 
-# --- step 4: management event state ------------------------------------------------
+# --- management event state -----------------------------------------------------
 class StageEvents(Step):
     """Target sensor: start taking the VM's events, staged (queued, not dispatched)."""
 
@@ -152,7 +156,7 @@ class ExportEventState(Step):
 
 
 class SendEventState(Step):
-    """Step 4, to the source's sensor: send the queued events to ``target_host``'s sensor as
+    """To the source's sensor: send the queued events to ``target_host``'s sensor as
     a :class:`ManagementEventState`, whose answer goes straight to the requester."""
 
     target_host: Name
@@ -176,7 +180,7 @@ class ManagementEventStateFailed(Wire):
     reason: Text
 
 
-# --- step 5: migrate the VM (hypervisor adapters) ----------------------------------
+# --- migrate the VM (hypervisor adapters) ---------------------------------------
 class PrepareIncoming(Step):
     vm: VmSpec
     source_host: Name
@@ -241,10 +245,10 @@ class ConfirmSource(Step):
     """Source adapter: the guest runs on the target; end it here."""
 
 
-# --- step 6: dirty objects ---------------------------------------------------------
+# --- dirty objects (while the VM pre-copies, and a final round) -----------------
 class ExportDirtyObjects(Step):
     final: bool = False
-    since_export: bool = False  # everything changed since step 3, not just since the last round
+    since_export: bool = False  # everything changed since the plane's export, not just since the last round
     # set: the source sends the round straight to the target's managed object as MigrationState
     # (the target answers the requester); unset: the source answers with DirtyObjects
     target_host: Name | None = None
@@ -270,7 +274,7 @@ class MigrationStateSuccess(Wire):
     applied: int
 
 
-# --- step 7 and 8 ------------------------------------------------------------------
+# --- complete and tear down -----------------------------------------------------
 class MigrationComplete(Step):
     epoch: int = 0
     lease_s: float = 10.0  # the target owns the VM from now, for this long before renewing
@@ -341,7 +345,7 @@ class DispatchEvents(Wire):
     """Sensor to managed-object: events in time order, for an active VM.
 
     ``completed_by`` and ``epoch``: the migration that made the sensor's host the VM's owner,
-    and the ownership epoch it gave (none for a VM that never moved). Step 7 tells the
+    and the ownership epoch it gave (none for a VM that never moved). The completion tells the
     managed object and the sensor at once, so a dispatch can arrive before the managed
     object's own ``MigrationComplete``: a plane still staged for that migration takes the
     dispatch as the completion it is.
@@ -356,6 +360,12 @@ class DispatchEvents(Wire):
 class Inspect(Wire):
     query = True
     vm_id: Name | None = None
+    services: ClassVar[tuple[HostService, ...]] = ()
+    replies: ClassVar[tuple[type[Wire], ...]] = ()
+
+
+#: what the saga sends: its steps' commands, and the query of a VM's state on a host
+Command = Step | Inspect
 
 
 class Inspection(Wire):
@@ -440,3 +450,31 @@ class CheckIncoming(Wire):
 
 class IncomingCheck(Wire):
     refusals: list[Refusal] = Field(default_factory=list, max_length=64)
+
+
+# --- where each saga command goes, and the answers it accepts (an error reply aside) --
+def _declare(command: type[Command], services: tuple[HostService, ...], *replies: type[Wire]) -> None:
+    command.services, command.replies = services, replies
+
+
+_GRAPH_ANSWERS = (ManagementStateSuccess, ManagementStateFailed, ManagedObjectInstantiationError, ModulesRequired)
+_declare(StartMigration, ("migration_policy",), MigrationPermitted, MigrationDenied)
+_declare(CommitReservation, ("migration_policy",), Done)
+_declare(FreezeEvents, ("sensor",), EventsFrozen)
+_declare(StageEvents, ("sensor",), Done)
+_declare(ExportManagementState, ("managed_object",), *_GRAPH_ANSWERS, ManagementStateExport)
+_declare(ManagementState, ("managed_object",), *_GRAPH_ANSWERS)
+_declare(FetchModules, ("managed_object",), ModulesFetched, *_GRAPH_ANSWERS)
+_declare(SendEventState, ("sensor",), ManagementEventStateSuccess, ManagementEventStateFailed, ManagedObjectInstantiationError)
+_declare(ManagementEventState, ("sensor",), ManagementEventStateSuccess, ManagementEventStateFailed, ManagedObjectInstantiationError)
+_declare(ExportEventState, ("sensor",), EventStateExport)
+_declare(ExportDirtyObjects, ("managed_object",), MigrationStateSuccess, ManagementStateFailed, DirtyObjects)
+_declare(MigrationState, ("managed_object",), MigrationStateSuccess, ManagementStateFailed)
+_declare(PrepareIncoming, ("hypervisor_adapter",), IncomingPrepared)
+_declare(PerformMigration, ("hypervisor_adapter",), MigrationStarted)
+_declare(FinishIncoming, ("hypervisor_adapter",), Done)
+_declare(MigrationComplete, ("managed_object", "sensor"), MigrationCompleteAck)
+_declare(SourceTeardown, ("sensor", "managed_object", "hypervisor_adapter"), Done)
+_declare(CleanupTarget, HOST_SERVICES, Done)
+_declare(CleanupSource, ("hypervisor_adapter", "managed_object", "sensor"), Done)
+_declare(Inspect, HOST_SERVICES, Inspection)

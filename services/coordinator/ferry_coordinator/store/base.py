@@ -11,12 +11,20 @@ from __future__ import annotations
 import builtins
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 
 # failed: ended forward-only after post-copy started, neither completed nor rolled back
+SagaStatus = Literal["running", "compensating", "completed", "rolled_back", "rejected", "failed"]
 TERMINAL = frozenset({"completed", "rolled_back", "rejected", "failed"})
+
+
+def as_status(raw: str) -> SagaStatus:
+    """A stored status, checked: the one place a string becomes a saga status."""
+    if raw not in get_args(SagaStatus):
+        raise ValueError(f"unknown saga status {raw!r}")
+    return raw  # type: ignore[return-value]
 
 
 @dataclass
@@ -44,7 +52,7 @@ class SagaRecord:
     vm_id: str
     source_host: str
     target_host: str
-    status: str = "running"  # running | compensating | completed | rolled_back | rejected | failed
+    status: SagaStatus = "running"
     step: str = "admission"
     data: dict[str, Any] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
@@ -84,7 +92,7 @@ class SagaRecord:
             vm_id=raw["vm_id"],
             source_host=raw["source_host"],
             target_host=raw["target_host"],
-            status=raw.get("status", "running"),
+            status=as_status(raw.get("status", "running")),
             step=raw.get("step", "admission"),
             data=dict(raw.get("data") or {}),
             history=[HistoryEntry.from_dict(h) for h in raw.get("history") or []],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import TERMINAL, HistoryEntry, SagaRecord
+from .base import TERMINAL, HistoryEntry, SagaRecord, as_status
 
 # Inlined (not bound) because a partial index's WHERE clause must be a constant expression,
 # and a query uses that index only when its own WHERE clause visibly implies it.
@@ -35,7 +35,7 @@ def record_from(row: Any, body: dict[str, Any]) -> SagaRecord:
         vm_id=vm_id,
         source_host=body["source_host"],
         target_host=body["target_host"],
-        status=status,
+        status=as_status(status),
         step=body["step"],
         data=body["data"],
         history=[HistoryEntry.from_dict(h) for h in body["history"]],
