@@ -26,6 +26,7 @@ from ferry_common.clock import Clock, SystemClock
 from ferry_common.messages.domain import VmSpec
 
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
+from .convergence import Convergence, Ladder
 from .guest import STATUS_MAGIC, GuestStatus
 from .precopy import PrecopyWatch
 
@@ -63,7 +64,9 @@ class SimVm:
         """The guest's status block as the test guest keeps it (heartbeat: ms of running)."""
         ran = self._ran_s + (self._clock.monotonic() - self._since if self._state == "running" else 0.0)
         ms = int(ran * 1000)
-        return GuestStatus(STATUS_MAGIC, ms, ms, 0)
+        # the pages of its working set it keeps rewriting, as the test guest counts them
+        pages = int(float(self.spec.params.get("guest_dirty_mib", 0)) * MIB) // PAGE if ms else 0  # type: ignore[arg-type]
+        return GuestStatus(STATUS_MAGIC, ms, ms, pages)
 
 
 class SimNetwork:
@@ -206,6 +209,7 @@ class SimDriver:
         bandwidth = float(params.bandwidth_mibps or p.get("sim_bandwidth_mibps", 1024)) * MIB
         dirty_rate, dirty_set = _dirtying(p, total)
         watch = PrecopyWatch(params, vm.spec.memory_mib, clock=self.clock.monotonic)
+        ladder = Convergence(Ladder.of(params), clock=self.clock.monotonic)
         remaining, sent, passes = float(total), 0.0, 0
         while True:
             passes += 1
@@ -225,13 +229,14 @@ class SimDriver:
                     return MigrationResult("failed", "migration stream broke: the target guest is gone", _stats(took, 0, sent))
                 left = pass_bytes * max(0.0, 1 - elapsed / pass_time)
                 watch.observe(int(left))
-                why = watch.expired()
+                why = watch.expired(stall=False)  # stalls climb the ladder (drivers/convergence.py)
                 if why is not None:
                     return MigrationResult("failed", why, _stats(took, 0, sent))
                 await on_progress(
                     MigrationProgress(
                         "active", total, int(sent + pass_bytes - left), int(left),
                         int(dirty_rate / PAGE), passes, watch.percent(total, int(left)),
+                        rung=ladder.rung, downtime_limit_ms=ladder.downtime_ms,
                     )
                 )
             if p.get("sim_fail") == "postcopy":
@@ -246,13 +251,46 @@ class SimDriver:
                 return MigrationResult("failed", "simulated failure: migration stream broke", _stats(pass_time, 0, sent))
             sent += pass_bytes
             remaining = min(dirty_set, dirty_rate * pass_time)  # redirtied while the pass went
-            if remaining / bandwidth * 1000 <= params.downtime_limit_ms:
+            decision = ladder.observe(int(remaining), passes)  # once a pass, as QEMU's sync count
+            if decision.action == "abort":
+                return MigrationResult("failed", decision.reason, _stats(self.clock.monotonic() - started, 0, sent))
+            if decision.action == "postcopy":
+                return await self._postcopy(vm, uri, params, on_progress, ladder, total, sent, remaining, started)
+            if remaining / bandwidth * 1000 <= ladder.downtime_ms:
                 downtime = remaining / bandwidth
                 await self.clock.sleep(downtime)
                 sent += remaining
                 vm.state = "postmigrate"
-                await on_progress(MigrationProgress("completed", total, int(sent), 0, 0, passes + 1, 100.0))
+                await on_progress(MigrationProgress("completed", total, int(sent), 0, 0, passes + 1, 100.0,
+                                                    rung=ladder.rung, downtime_limit_ms=ladder.downtime_ms))
                 return MigrationResult("completed", stats=_stats(self.clock.monotonic() - started, downtime, sent))
+
+    async def _postcopy(self, vm: SimVm, uri: str, params: MigrationParams, on_progress: ProgressCallback,
+                        ladder: Convergence, total: int, sent: float, remaining: float,
+                        started: float) -> MigrationResult:
+        """The guest runs on the target from now on; what is left comes over on demand. A
+        stream that breaks now leaves it runnable nowhere: failed, never resumed here."""
+        ladder.postcopy_started = True
+        vm.state = "paused"
+        bandwidth = float(params.postcopy_bandwidth_mibps or params.bandwidth_mibps
+                          or vm.spec.params.get("sim_bandwidth_mibps", 1024)) * MIB  # type: ignore[arg-type]
+        left = remaining
+        while left > 0:
+            await on_progress(MigrationProgress(
+                "postcopy-active", total, int(sent + remaining - left), int(left), 0, ladder.rung + 1,
+                PrecopyWatch.percent(total, int(left)), rung=ladder.rung, downtime_limit_ms=ladder.downtime_ms,
+                postcopy=True))
+            step = min(params.poll_interval_s, left / bandwidth)
+            await self.clock.sleep(step)
+            left -= step * bandwidth
+            if self._broken(uri):
+                return MigrationResult("failed", "post-copy stream broke: the target guest is gone",
+                                       _stats(self.clock.monotonic() - started, 0, sent), postcopy_started=True)
+        vm.state = "postmigrate"
+        await on_progress(MigrationProgress("completed", total, int(sent + remaining), 0, 0, ladder.rung + 1, 100.0,
+                                            rung=ladder.rung, downtime_limit_ms=ladder.downtime_ms, postcopy=True))
+        return MigrationResult("completed", stats=_stats(self.clock.monotonic() - started, 0, sent + remaining),
+                               postcopy_started=True)
 
     async def cancel_migration(self, vm_id: str) -> None:
         vm = self.vms.get(vm_id)
