@@ -312,8 +312,11 @@ class QemuDriver:
             self._qmp(
                 vm_id,
                 "migrate-set-capabilities",
+                # return-path: the source's "completed" waits for the target to say it loaded the
+                # guest, so a target that refused the stream (TLS) is a failure, not a handover
                 {"capabilities": [{"capability": "auto-converge", "state": params.auto_converge},
                                   {"capability": "events", "state": True},
+                                  {"capability": "return-path", "state": True},
                                   {"capability": "postcopy-ram", "state": params.postcopy == "allow"}]},
             ),
             self._qmp(vm_id, "migrate-set-parameters", settings),
