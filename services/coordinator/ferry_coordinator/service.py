@@ -165,7 +165,8 @@ class CoordinatorService(Requests):
                         "target_host": d.target or "", "status": "queued",
                         "step": d.reason.value if d.reason is not None else "starting",
                         "created_at": e.enqueued_at, "updated_at": e.enqueued_at,
-                        "data": {"code": d.reason.value if d.reason else None, "reason": e.placement_note,
+                        "data": {"code": d.reason.value if d.reason else None,
+                                 "reason": e.placement_note or (d.reason.value if d.reason else "starting"),
                                  "priority": e.priority.name.lower(), "candidates": list(e.candidates)},
                         "history": []})
         return out
