@@ -62,12 +62,19 @@ class Requests:
     owner: str
     cancels: dict[str, str]
 
+    # provided by CoordinatorService
     @property
-    def clock(self) -> Clock: ...  # the endpoint's (CoordinatorService)
+    def clock(self) -> Clock:
+        raise NotImplementedError
 
-    def _drive(self, rec: SagaRecord) -> None: ...
-    async def owner_of(self, vm_id: str) -> tuple[str, int] | None: ...
-    async def _send_status(self, event: MigrationStatusEvent) -> None: ...
+    def _drive(self, rec: SagaRecord) -> None:
+        raise NotImplementedError
+
+    async def owner_of(self, vm_id: str) -> tuple[str, int] | None:
+        raise NotImplementedError
+
+    async def _send_status(self, event: MigrationStatusEvent) -> None:
+        raise NotImplementedError
 
     async def on_migrate_request(self, msg: MigrateRequest, ctx: Context) -> Done | None:
         # without a client-chosen id, the message's own id: a redelivery is then the same request

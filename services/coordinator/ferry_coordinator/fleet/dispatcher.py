@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from ferry_common.clock import Clock
 
 from ..store import SagaStore
-from . import metrics as fleet_metrics
+from .metrics import observe_queue, observe_slots
 from .queue import Decision, EntryState, QueueEntry
 from .reasons import ReasonLog
 
@@ -93,8 +93,8 @@ class Dispatcher:
             decisions = await queue.explain(now=now)
             for d in self.reasons.changes(decisions):
                 await self._announce(d)
-            fleet_metrics.observe_queue(decisions, now)
-            fleet_metrics.observe_slots(await queue.entries(states={EntryState.STARTED}), await queue.limits())
+            observe_queue(decisions, now)
+            observe_slots(await queue.entries(states={EntryState.STARTED}), await queue.limits())
             return started
 
     async def _start_safely(self, entry: QueueEntry) -> None:
