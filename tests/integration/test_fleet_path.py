@@ -286,3 +286,24 @@ async def test_a_target_host_that_dies_mid_migration_rolls_back_at_once(bus_kind
         assert c.coordinator.hosts.locate("vm1")[0] == "host-a"  # type: ignore[index]
     finally:
         await c.close()
+
+
+async def test_a_placed_target_that_denies_admission_is_replaced_by_the_next(bus_kind: str) -> None:
+    options = {
+        "host-a": HostOptions(inventory_interval_s=0.5),
+        # the most free memory, so ranked first, but its policy takes nothing from host-a
+        "host-b": HostOptions(inventory_interval_s=0.5, allowed_sources=("host-z",),
+                              driver_options={"capacity_mib": 1 << 20}),
+        "host-c": HostOptions(inventory_interval_s=0.5),
+    }
+    c = await make_cluster(bus_kind, ("host-a", "host-b", "host-c"), options=options)
+    try:
+        await c.create_vm("host-a", "vm1", memory_mib=256, sim_instant=True)
+        mid = await c.client.migrate("vm1")
+        outcome = await c.client.outcome(mid, timeout=30)
+        assert (outcome.status, outcome.target_host) == ("completed", "host-c")
+        rec = await c.store.get(mid)
+        assert rec is not None and [d["host"] for d in rec.data["denials"]] == ["host-b"]
+        assert any(h.event == "note" and h.detail.get("next_target") == "host-c" for h in rec.history)
+    finally:
+        await c.close()
