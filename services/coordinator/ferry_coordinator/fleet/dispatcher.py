@@ -85,17 +85,19 @@ class Dispatcher:
             await self._recover()
             if self._refresh is not None:
                 await self._refresh(await queue.entries(states={EntryState.QUEUED}))
-            started = 0
+            claimed = []
             while (entry := await queue.claim_next(self.owner, now=self.clock.now())) is not None:
-                started += 1
-                await self._start_safely(entry)
+                claimed.append(entry)
+            # started together, not one after another: each start waits for the store and for
+            # its `accepted` to be confirmed, and a wave's sagas then go out as one burst
+            await asyncio.gather(*(self._start_safely(e) for e in claimed))
             now = self.clock.now()
             decisions = await queue.explain(now=now)
             for d in self.reasons.changes(decisions):
                 await self._announce(d)
             observe_queue(decisions, now)
             observe_slots(await queue.entries(states={EntryState.STARTED}), await queue.limits())
-            return started
+            return len(claimed)
 
     async def _start_safely(self, entry: QueueEntry) -> None:
         try:
