@@ -307,3 +307,32 @@ async def test_a_placed_target_that_denies_admission_is_replaced_by_the_next(bus
         assert any(h.event == "note" and h.detail.get("next_target") == "host-c" for h in rec.history)
     finally:
         await c.close()
+
+
+async def test_entries_enqueued_in_the_store_start_and_an_orphaned_claim_is_resumed_once(bus_kind: str) -> None:
+    """The store's queue is the interface for other producers (drains, the balancer): an entry
+    they enqueue is started by the dispatcher; one claimed by a replica that died before it
+    created the saga is started by another after the grace period, once."""
+    from ferry_coordinator.fleet.queue import Priority, new_entry
+
+    c = await make_cluster(bus_kind, HOSTS)
+    try:
+        await c.create_vm("host-a", "vm1", memory_mib=256, sim_instant=True)
+        await c.create_vm("host-c", "vm2", memory_mib=256, sim_instant=True)
+        q, now = c.store.queue, c.clock.now()
+        # claimed at once (no await yields between the two on this store) by a replica that then dies
+        await q.enqueue(new_entry("orphan-1", "vm2", "host-c", ("host-d",), now=now, request={}))
+        orphan = await q.claim_next("coordinator.dead", now=now)
+        assert orphan is not None and orphan.migration_id == "orphan-1" and await c.store.get("orphan-1") is None
+        await q.enqueue(new_entry("drain-1", "vm1", "host-a", ("host-b",), priority=Priority.DRAIN, group="drain-a",
+                                  now=now, request={"reason": "drain host-a"}))
+        first = await c.client.outcome("drain-1", timeout=30)
+        assert first.status == "completed" and first.target_host == "host-b"
+        outcome = await c.client.outcome("orphan-1", timeout=30)
+        assert (outcome.status, outcome.target_host) == ("completed", "host-d")
+        rec = await c.store.get("orphan-1")
+        assert rec is not None and rec.owner == c.coordinator.owner
+        assert sum(1 for h in rec.history if (h.step, h.event) == ("admission", "started")) == 1
+        assert (await q.get("orphan-1")).state is EntryState.DONE  # type: ignore[union-attr]
+    finally:
+        await c.close()
