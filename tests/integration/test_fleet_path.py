@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from ferry_cli.cluster import HostOptions, build_coordinator
+from ferry_common import metrics
 from ferry_coordinator.fleet.queue import EntryState, Limits
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import SagaStore
-from tests.harness import Cluster, make_cluster, new_bus, until
+from tests.harness import Cluster, make_cluster, metric_sample, new_bus, until
 
 HOSTS = ("host-a", "host-b", "host-c", "host-d")
 LIMITS = Limits(cluster=5, outbound_per_host=2, inbound_per_host=2)
@@ -200,6 +201,9 @@ async def test_a_queued_migration_cancelled_never_starts(bus_kind: str) -> None:
                 break
         rows = {r["migration_id"]: r for r in await c.client.migrations()}
         assert rows[m2]["status"] == "queued" and rows[m2]["data"]["code"] == "cluster_limit"
+        text = metrics.REGISTRY.render()  # set by the dispatcher's pass that announced it
+        assert metric_sample(text, "ferry_fleet_queue_depth", '{reason="cluster_limit"}') == 1
+        assert metric_sample(text, "ferry_fleet_slots_in_use") == 1
         await c.client.cancel(m2, "not now")
         outcome = await c.client.outcome(m2, timeout=10)
         assert (outcome.status, outcome.code) == ("rejected", "cancelled")
