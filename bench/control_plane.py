@@ -42,6 +42,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from ferry_coordinator.fleet.queue import Limits
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
@@ -264,6 +266,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     hosts = [f"host-{chr(ord('a') + i)}" for i in range(args.hosts)]
     cluster = await start_cluster(args.bus, hosts, host_process=args.host_process)
     try:
+        # every request goes through the fleet queue; this measures concurrency, so the limits
+        # let every VM of a wave move at once (the queue and its claims stay in the path)
+        n = max(args.vms, 1)
+        await cluster.coordinator.store.queue.set_limits(Limits(cluster=n, outbound_per_host=n, inbound_per_host=n))
         outcomes = await follow_outcomes(cluster)
         t = time.perf_counter()
         home = await create_vms(cluster, args.vms, hosts)

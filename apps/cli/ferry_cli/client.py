@@ -25,9 +25,13 @@ from ferry_common.messages.commands import (
     ActivateVmEvents,
     AdoptVm,
     CreateVm,
+    GetLimits,
     GetTrace,
+    HostList,
     Inspect,
     Inspection,
+    LimitsInfo,
+    ListHosts,
     ListMigrations,
     MigrationList,
     RegisterManagementGraph,
@@ -83,8 +87,9 @@ class FerryClient:
         spec = QueueSpec(f"watch.{self.endpoint.instance}", keys, durable=False, prefetch=1024)
         await self.endpoint.serve(spec, router)
 
-    async def migrate(self, vm_id: str, target_host: str, *, migration_id: str | None = None,
+    async def migrate(self, vm_id: str, target_host: str | None = None, *, migration_id: str | None = None,
                       params: dict[str, Any] | None = None) -> str:
+        """Ask for ``vm_id`` to move to ``target_host`` (placement picks one if None)."""
         mid = migration_id or new_id()
         req = MigrateRequest(vm_id=vm_id, target_host=target_host, migration_id=mid, params=params or {})
         await self.endpoint.send(MIGRATION_REQUESTED, req)
@@ -237,6 +242,20 @@ class FerryClient:
         ans = await self.endpoint.request(COORDINATOR_QUERY, ListMigrations(vm_id=vm_id, limit=limit), timeout=self.timeout)
         assert isinstance(ans, MigrationList)
         return [dict(m) for m in ans.migrations]
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        """Each host as the coordinator's placement sees it (``ferry hosts``)."""
+        ans = await self.endpoint.request(COORDINATOR_QUERY, ListHosts(), timeout=self.timeout)
+        assert isinstance(ans, HostList)
+        return [dict(h) for h in ans.hosts]
+
+    async def limits(self, *, cluster: int | None = None, outbound: int | None = None,
+                     inbound: int | None = None) -> dict[str, Any]:
+        """The migration limits in force, changed first where a value is given (``ferry limits``)."""
+        msg = GetLimits(cluster=cluster, outbound_per_host=outbound, inbound_per_host=inbound)
+        ans = await self.endpoint.request(COORDINATOR_QUERY, msg, timeout=self.timeout)
+        assert isinstance(ans, LimitsInfo)
+        return {**ans.limits, "in_flight": ans.in_flight, "queued": ans.queued}
 
     async def trace(self, migration_id: str) -> list[dict[str, Any]]:
         ans = await self.endpoint.request(COORDINATOR_QUERY, GetTrace(migration_id=migration_id), timeout=self.timeout)

@@ -132,7 +132,7 @@ def config(as_json: Json = False) -> None:
 
 # ---- migrations ----------------------------------------------------------------------------
 @app.command()
-def migrate(vm: str, target: Annotated[str, typer.Option("--to", help="target host")],
+def migrate(vm: str, target: Annotated[str | None, typer.Option("--to", help="target host (default: placement picks)")] = None,
             migration_id: Annotated[str | None, typer.Option("--id")] = None, param: Params = None,
             no_wait: Annotated[bool, typer.Option("--no-wait")] = False,
             timeout: Annotated[float, typer.Option()] = 3600.0) -> None:
@@ -142,7 +142,7 @@ def migrate(vm: str, target: Annotated[str, typer.Option("--to", help="target ho
         async with _client() as client:
             await client.watch()
             mid = await client.migrate(vm, target, migration_id=migration_id, params=_params(param))
-            print(f"migration {mid}: {vm} -> {target}", flush=True)
+            print(f"migration {mid}: {vm} -> {target or '(placement picks)'}", flush=True)
             if no_wait:
                 return 0
             last = None
@@ -157,7 +157,7 @@ def migrate(vm: str, target: Annotated[str, typer.Option("--to", help="target ho
 
 @app.command()
 def cancel(migration_id: str, reason: Annotated[str, typer.Option()] = "cancelled by operator") -> None:
-    """cancel a migration (it rolls back)"""
+    """cancel a migration (a queued one never starts; a running one rolls back)"""
 
     async def go() -> int:
         async with _client() as client:
@@ -181,6 +181,41 @@ def migrations(vm: Annotated[str | None, typer.Option()] = None, limit: Annotate
             _print_json(rows)
         else:
             views.migrations_table(_console(), rows, history=not brief)
+        return 0
+
+    _run(go())
+
+
+@app.command()
+def hosts(as_json: Json = False) -> None:
+    """list hosts: capacity, use, reservations, migrations in flight, labels, state"""
+
+    async def go() -> int:
+        async with _client() as client:
+            rows = await client.hosts()
+        if as_json:
+            _print_json(rows)
+        else:
+            views.hosts_table(_console(), rows)
+        return 0
+
+    _run(go())
+
+
+@app.command()
+def limits(cluster: Annotated[int | None, typer.Option(min=1, help="migrations in flight cluster-wide")] = None,
+           outbound: Annotated[int | None, typer.Option(min=1, help="outbound per host")] = None,
+           inbound: Annotated[int | None, typer.Option(min=1, help="inbound per host")] = None,
+           as_json: Json = False) -> None:
+    """show the migration limits, or change them at run time (every coordinator replica)"""
+
+    async def go() -> int:
+        async with _client() as client:
+            info = await client.limits(cluster=cluster, outbound=outbound, inbound=inbound)
+        if as_json:
+            _print_json(info)
+        else:
+            views.limits_table(_console(), info)
         return 0
 
     _run(go())

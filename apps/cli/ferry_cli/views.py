@@ -27,7 +27,8 @@ MIB = 2**20
 PAGE = 4096  # dirty rates are reported in pages per second; guests' pages are 4 KiB
 
 _STYLE = {"completed": "green", "rolled_back": "yellow", "rejected": "red", "failed": "bold red",
-          "cancelled": "yellow", "running": "cyan"}
+          "cancelled": "yellow", "running": "cyan", "queued": "magenta", "ready": "green",
+          "not_ready": "bold red", "cordoned": "yellow", "draining": "yellow"}
 
 
 def _status(text: str) -> str:
@@ -72,6 +73,35 @@ def migrations_table(console: Console, rows: list[dict[str, Any]], *, history: b
             table.add_row(f"{float(h.get('at', t0)) - t0:.3f}", escape(str(h.get("step", ""))),
                           _status(str(h.get("event", ""))), escape(str(h.get("detail") or "")))
         console.print(table)
+
+
+# ---- ferry hosts, ferry limits ---------------------------------------------------------------
+def hosts_table(console: Console, rows: list[dict[str, Any]]) -> None:
+    """One line per host as placement sees it."""
+    if not rows:
+        console.print("no hosts known")
+        return
+    table = Table(title="Hosts", title_justify="left")
+    for column in ("Host", "State", "Capacity MiB", "Used MiB", "Reserved MiB", "Free MiB", "VMs", "In", "Out",
+                   "Labels"):
+        table.add_column(column, overflow="fold", justify="right" if "MiB" in column or column in ("VMs", "In", "Out") else "left")
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted((r.get("labels") or {}).items()))
+        table.add_row(escape(str(r.get("host", ""))), _status(str(r.get("state", ""))),
+                      *(str(r.get(k, 0)) for k in ("capacity_mib", "used_mib", "reserved_mib", "free_mib", "vms",
+                                                    "inbound", "outbound")),
+                      escape(labels))
+    console.print(table)
+
+
+def limits_table(console: Console, info: dict[str, Any]) -> None:
+    table = Table(title="Migration limits", title_justify="left", show_header=False)
+    table.add_column("Limit")
+    table.add_column("Value", justify="right")
+    for key in ("cluster", "outbound_per_host", "inbound_per_host", "automatic", "ageing_s", "in_flight", "queued"):
+        if key in info:
+            table.add_row(key, escape(str(info[key])))
+    console.print(table)
 
 
 # ---- ferry vm show -------------------------------------------------------------------------

@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+from dataclasses import replace
 from typing import Any
 
-import orjson
-from pydantic import TypeAdapter, ValidationError
-
-from ferry_common.bus.interfaces import Consumer, Message, QueueSpec
+from ferry_common.bus.interfaces import Consumer, QueueSpec
 from ferry_common.bus.topology import (
     COORDINATOR_QUERY,
     COORDINATOR_QUEUE,
@@ -28,22 +25,24 @@ from ferry_common.bus.topology import (
     TELEMETRY_SPANS,
     migration_status,
 )
+from ferry_common.clock import Clock
 from ferry_common.endpoint import Context, Endpoint, Router
-from ferry_common.errors import Conflict, FerryError, InvalidMessage
-from ferry_common.ids import new_id
+from ferry_common.errors import FerryError
 from ferry_common.messages.commands import (
-    Done,
+    GetLimits,
     GetTrace,
+    HostList,
     Inspect,
     Inspection,
     LeaseGrant,
     LeaseRequest,
+    LimitsInfo,
+    ListHosts,
     ListMigrations,
     MigrationList,
     TraceSpans,
     VmMigrationFinished,
 )
-from ferry_common.messages.limits import MAX_BODY_BYTES, MAX_STRING, Name
 from ferry_common.messages.public import (
     HostInventory,
     MigrateRequest,
@@ -54,18 +53,21 @@ from ferry_common.messages.telemetry import SpanBatch
 
 from . import observe
 from .fleet import metrics as fleet_metrics
+from .fleet.dispatcher import Dispatcher
+from .fleet.fleetview import CoordinatorFleet
 from .fleet.liveness import LivenessTracker
+from .fleet.queue import EntryState
 from .hosts import HostRegistry
+from .requests import Requests
 from .saga import BusPort, MigrationSaga, SagaContext
 from .saga.state import SagaState
 from .store import SagaRecord, SagaStore
 from .timeouts import SagaTimeouts
 
 log = logging.getLogger(__name__)
-_NAME: TypeAdapter[str] = TypeAdapter(Name)
 
 
-class CoordinatorService:
+class CoordinatorService(Requests):
     service = "coordinator"
 
     def __init__(self, endpoint: Endpoint, store: SagaStore, *, timeouts: SagaTimeouts | None = None) -> None:
@@ -76,6 +78,13 @@ class CoordinatorService:
         self.hosts = HostRegistry()
         # inventories are the hosts' heartbeats: not ready after 3 missed periods
         self.liveness = LivenessTracker(endpoint.clock, on_change=fleet_metrics.observe_host_ready)
+        # placement's view: inventories, liveness, cordons; the slots held come from the store
+        self.fleet = CoordinatorFleet(store, self.hosts.locate)
+        self.liveness.subscribe(self.fleet.set_ready)
+        self.liveness.subscribe(lambda host, ready: self.dispatcher.wake())
+        self.dispatcher = Dispatcher(store, endpoint.clock, self.owner, start=self.start_entry,
+                                     announce=self.announce_queued, refresh=self.fleet.refresh)
+        self._dispatch_task: asyncio.Task[None] | None = None
         self._liveness_task: asyncio.Task[None] | None = None
         self.running: dict[str, asyncio.Task[SagaRecord]] = {}
         self.cancels: dict[str, str] = {}
@@ -97,6 +106,8 @@ class CoordinatorService:
         self.router.add(SpanBatch, self.on_spans)
         self.router.add(Inspect, self.on_inspect)
         self.router.add(LeaseRequest, self.on_lease)
+        self.router.add(ListHosts, self.on_hosts)
+        self.router.add(GetLimits, self.on_limits)
         self.router.refused = self.on_refused
         self.private = Router()
         self.private.route_key(INVENTORIES, HostInventory)
@@ -113,9 +124,10 @@ class CoordinatorService:
         self._consumers.append(await self.endpoint.serve(shared, self.router))
         self._lease_task = asyncio.create_task(self._lease_loop())
         self._liveness_task = asyncio.create_task(self.liveness.run())
+        self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name=f"dispatcher:{self.owner}")
 
     async def stop(self) -> None:
-        for task in (self._lease_task, self._liveness_task):
+        for task in (self._dispatch_task, self._lease_task, self._liveness_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -130,119 +142,50 @@ class CoordinatorService:
                 await t
         self.running.clear()
 
-    # ---- requests -------------------------------------------------------------------
-    async def on_migrate_request(self, msg: MigrateRequest, ctx: Context) -> Done | None:
-        # without a client-chosen id, the message's own id: a redelivery is then the same request
-        mid = msg.migration_id or _as_migration_id(ctx.message.message_id) or new_id()
-        now = self.endpoint.clock.now()
-        existing = await self.store.get(mid)
-        if existing is not None:
-            if ctx.redelivered and existing.owner == self.owner and not existing.terminal:
-                # the first delivery stored it and then lost its connection before it drove it
-                self._drive(existing)
-            return Done(detail={"migration_id": mid, "status": existing.status, "duplicate": True})
-        located = self.hosts.locate(msg.vm_id)
-        source = located[0] if located else ""
-        record = SagaRecord(
-            migration_id=mid,
-            vm_id=msg.vm_id,
-            source_host=source,
-            target_host=msg.target_host,
-            created_at=now,
-            updated_at=now,
-            owner=self.owner,
-            lease_until=now + self.timeouts.lease_s,
-        )
-        state = SagaState(params=dict(msg.params), requested_by=ctx.sender, reason_requested=msg.reason)
-        verdict = self._judge(msg, located)
-        if verdict is not None:
-            code, reason = verdict
-            record.status, record.step = "rejected", "request"
-            state.code, state.reason = code, reason
-            record.data = state.dump()
-            stored, created = await self.store.create(record)
-            if created:
-                await self._announce(stored, "rejected", reason=reason, code=code)
-            return Done(detail={"migration_id": mid, "status": "rejected", "code": code, "reason": reason})
-        assert located is not None
-        state.vm = located[1]
-        state.target_ready = self.hosts.ready_for(msg.target_host, located[1])
-        owner = await self.owner_of(msg.vm_id)
-        state.epoch = owner[1] if owner else 0
-        params = dict(located[1].params.get("migration", {})) if isinstance(located[1].params.get("migration"), dict) else {}
-        state.params = {**params, **msg.params}
-        record.data = state.dump()
-        stored, created = await self.store.create(record)
-        if not created:
-            if stored.migration_id == mid:
-                return Done(detail={"migration_id": mid, "status": stored.status, "duplicate": True})
-            reason = f"vm {msg.vm_id} is already migrating ({stored.migration_id})"
-            rejected = SagaRecord(
-                migration_id=mid, vm_id=msg.vm_id, source_host=source, target_host=msg.target_host,
-                status="rejected", step="request", created_at=now, updated_at=now,
-                data=SagaState.model_validate({"code": "already_migrating", "reason": reason,
-                                               "running_migration_id": stored.migration_id}).dump(),
-            )
-            await self.store.create(rejected)  # terminal: does not block the running saga
-            await self._announce(rejected, "rejected", reason=reason, code="already_migrating",
-                                 running=stored.migration_id)
-            return Done(detail={"migration_id": mid, "status": "rejected", "code": "already_migrating",
-                                "running_migration_id": stored.migration_id})
-        # driven before it is announced: an announcement lost with the connection must not
-        # leave a stored saga that nobody drives until its lease runs out
-        self._drive(stored)
-        await self._announce(stored, "accepted")
-        return Done(detail={"migration_id": mid, "status": "accepted"})
-
-    async def on_refused(self, msg: Message, exc: FerryError) -> None:
-        """An invalid MigrateRequest was dead-lettered: if it names a migration or a VM, publish
-        ``migration.rejected`` with code ``invalid_request``, so a client without a reply queue
-        learns what was wrong. A migration id that is already taken is left alone."""
-        if msg.routing_key != MIGRATION_REQUESTED or not isinstance(exc, InvalidMessage):
-            return
-        salvaged = _salvage_ids(msg.body)
-        if salvaged is None:
-            return
-        mid, vm_id = salvaged
-        if mid is not None and await self.store.get(mid) is not None:
-            return
-        event = MigrationStatusEvent(
-            migration_id=mid or new_id(),
-            vm_id=vm_id or "unknown",
-            status="rejected",
-            step="request",
-            reason=exc.reason[:MAX_STRING],
-            code="invalid_request",
-            at=self.endpoint.clock.now(),
-        )
-        await self.endpoint.send(migration_status("rejected"), event, mandatory=False)  # if anyone listens
-
-    def _judge(self, msg: MigrateRequest, located: Any) -> tuple[str, str] | None:
-        if not self.hosts.known(msg.target_host):
-            return "unknown_host", f"target host {msg.target_host!r} is unknown"
-        if located is None:
-            return "unknown_vm", f"vm {msg.vm_id!r} runs on no known host"
-        if located[0] == msg.target_host:
-            return "same_host", f"vm {msg.vm_id!r} already runs on {msg.target_host!r}"
-        return None
-
-    async def on_cancel(self, msg: MigrationCancel, ctx: Context) -> Done:
-        rec = await self.store.request_cancel(msg.migration_id)
-        if rec is None:
-            raise InvalidMessage(f"no migration {msg.migration_id!r}")
-        if rec.terminal:
-            raise Conflict(f"migration {msg.migration_id} already ended {rec.status}")
-        if SagaState.load(rec.data).switched:
-            raise Conflict(f"migration {msg.migration_id} is past the switch-over; it completes")
-        self.cancels[msg.migration_id] = msg.reason
-        return Done(detail={"migration_id": msg.migration_id, "cancel": "requested"})
+    # ---- queries ----------------------------------------------------------------------
+    @property
+    def clock(self) -> Clock:
+        return self.endpoint.clock
 
     async def on_list(self, msg: ListMigrations, ctx: Context) -> MigrationList:
+        """Saga records, newest first, after the queued migrations (which have none yet)."""
+        queued = [q for q in await self._queued_rows() if msg.vm_id in (None, q["vm_id"])
+                  and msg.migration_id in (None, q["migration_id"])]
         if msg.migration_id is not None:
             rec = await self.store.get(msg.migration_id)
-            return MigrationList(migrations=[rec.to_dict()] if rec is not None else [])
+            return MigrationList(migrations=[rec.to_dict()] if rec is not None else queued[:1])
         rows = await self.store.list(vm_id=msg.vm_id, limit=msg.limit)
-        return MigrationList(migrations=[r.to_dict() for r in rows])
+        return MigrationList(migrations=(queued + [r.to_dict() for r in rows])[: msg.limit])
+
+    async def _queued_rows(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for d in await self.store.queue.explain(now=self.clock.now()):
+            e = d.entry
+            out.append({"migration_id": e.migration_id, "vm_id": e.vm_id, "source_host": e.source_host,
+                        "target_host": d.target or "", "status": "queued",
+                        "step": d.reason.value if d.reason is not None else "starting",
+                        "created_at": e.enqueued_at, "updated_at": e.enqueued_at,
+                        "data": {"code": d.reason.value if d.reason else None,
+                                 "reason": e.placement_note or (d.reason.value if d.reason else "starting"),
+                                 "priority": e.priority.name.lower(), "candidates": list(e.candidates)},
+                        "history": []})
+        return out
+
+    async def on_hosts(self, msg: ListHosts, ctx: Context) -> HostList:
+        return HostList(hosts=await self.fleet.rows())
+
+    async def on_limits(self, msg: GetLimits, ctx: Context) -> LimitsInfo:
+        queue = self.store.queue
+        limits = await queue.limits()
+        changes = {k: v for k, v in (("cluster", msg.cluster), ("outbound_per_host", msg.outbound_per_host),
+                                     ("inbound_per_host", msg.inbound_per_host)) if v is not None}
+        if changes:
+            limits = await queue.set_limits(replace(limits, **changes))
+            log.info("limits changed by %s: %s", ctx.sender, limits.to_dict())
+            self.dispatcher.wake()
+        started = await queue.entries(states={EntryState.STARTED})
+        queued = await queue.entries(states={EntryState.QUEUED})
+        return LimitsInfo(limits=limits.to_dict(), in_flight=len(started), queued=len(queued))
 
     async def on_trace(self, msg: GetTrace, ctx: Context) -> TraceSpans:
         return TraceSpans(spans=await self.store.spans(msg.migration_id))
@@ -261,8 +204,12 @@ class CoordinatorService:
 
     # ---- private ----------------------------------------------------------------------
     async def on_inventory(self, msg: HostInventory, ctx: Context) -> None:
+        before = self.hosts.hosts.get(msg.host)
         self.hosts.update(msg, self.endpoint.clock.monotonic())
+        self.fleet.update(msg)
         self.liveness.beat(msg.host, period_s=msg.period_s)
+        if before is None or before.vms != msg.vms or before.capacity_mib != msg.capacity_mib:
+            self.dispatcher.wake()  # a VM arrived or left: placement and claims may change
         return None
 
     async def on_vm_finished(self, msg: VmMigrationFinished, ctx: Context) -> None:
@@ -303,6 +250,7 @@ class CoordinatorService:
             cancel_reason=self.cancels.get,
             on_finished=self._on_finished,
             on_owner=self._set_owner,
+            host_down=self._host_down,
         )
         task = asyncio.create_task(MigrationSaga(ctx, rec).run(), name=f"saga:{rec.migration_id}")
         self.running[rec.migration_id] = task
@@ -346,7 +294,17 @@ class CoordinatorService:
                 moved[vm_id] = owner[0]
         return LeaseGrant(ttl_s=self.timeouts.ownership_lease_s, granted=granted, moved=moved)
 
+    async def _host_down(self, host: str) -> None:
+        """Return once ``host`` is marked not ready while another host is not: when every host
+        falls silent at once, the broker (or this replica's link to it) is down, not the hosts."""
+        while True:
+            await self.liveness.wait_not_ready(host)
+            if any(ready for h, ready in self.liveness.states().items() if h != host):
+                return
+            await self.endpoint.clock.sleep(self.liveness.default_period_s / 2)
+
     async def _on_finished(self, rec: SagaRecord) -> None:
+        self.dispatcher.wake()  # its slot is free (released with its terminal record)
         self.finished.append(rec)
         observe.migration_finished(rec)
         if rec.status == "completed":
@@ -369,22 +327,8 @@ class CoordinatorService:
                 log.exception("lease loop failed")
             await self.endpoint.clock.sleep(self.timeouts.lease_s / 3)
 
-    async def _announce(self, rec: SagaRecord, status: str, *, reason: str | None = None,
-                        code: str | None = None, running: str | None = None) -> None:
-        if status == "rejected":
-            observe.migration_rejected()
-        event = MigrationStatusEvent(
-            migration_id=rec.migration_id,
-            vm_id=rec.vm_id,
-            status=status,  # type: ignore[arg-type]
-            source_host=rec.source_host or None,
-            target_host=rec.target_host,
-            reason=reason,
-            code=code,
-            running_migration_id=running,
-            at=self.endpoint.clock.now(),
-        )
-        await self.endpoint.send(migration_status(status), event, mandatory=False)  # if anyone listens
+    async def _send_status(self, event: MigrationStatusEvent) -> None:
+        await self.endpoint.send(migration_status(event.status), event, mandatory=False)  # if anyone listens
 
     async def _publish_status(self, event: MigrationStatusEvent) -> None:
         # nobody may follow this migration (its record still says it all): not mandatory, so
@@ -395,31 +339,3 @@ class CoordinatorService:
         """Wait until no saga runs here (tests, demo)."""
         while self.running:
             await asyncio.gather(*self.running.values(), return_exceptions=True)
-
-
-def _salvage_ids(body: bytes) -> tuple[str | None, str | None] | None:
-    """``migration_id`` and ``vm_id`` of a request that did not validate, where they are valid."""
-    if len(body) > MAX_BODY_BYTES:
-        return None
-    try:
-        raw = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(raw, dict):
-        return None
-    found: list[str | None] = []
-    for key in ("migration_id", "vm_id"):
-        try:
-            found.append(_NAME.validate_python(raw.get(key)))
-        except ValidationError:
-            found.append(None)
-    mid, vm_id = found
-    return (mid, vm_id) if mid or vm_id else None
-
-
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
-
-
-def _as_migration_id(message_id: str | None) -> str | None:
-    """A message id usable as a migration id (the ``Name`` rule), else None."""
-    return message_id if message_id and _ID.match(message_id) else None

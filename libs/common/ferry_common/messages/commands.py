@@ -385,6 +385,32 @@ class MigrationList(Wire):
     migrations: list[dict[str, object]]
 
 
+class ListHosts(Wire):
+    """The fleet as the coordinator sees it (``ferry hosts``)."""
+
+    query = True
+
+
+class HostList(Wire):
+    # each host: capacity_mib, used_mib, reserved_mib, inbound, outbound, labels, state, vms
+    hosts: list[dict[str, object]]
+
+
+class GetLimits(Wire):
+    """The migration limits in force; with any field set, change them first (``ferry limits``)."""
+
+    query = True
+    cluster: int | None = Field(default=None, ge=1, le=10_000)
+    outbound_per_host: int | None = Field(default=None, ge=1, le=10_000)
+    inbound_per_host: int | None = Field(default=None, ge=1, le=10_000)
+
+
+class LimitsInfo(Wire):
+    limits: dict[str, object]
+    in_flight: int = 0
+    queued: int = 0
+
+
 class GetTrace(Wire):
     query = True
     migration_id: Name

@@ -16,6 +16,7 @@ from .domain import Event, VmSpec
 from .limits import JsonObject, Name, Text
 
 Status = Literal[
+    "queued",
     "accepted",
     "progress",
     "completed",
@@ -34,7 +35,11 @@ STEPS = (
 # of a coordinator that names one more step
 StepName = Annotated[Name, WithJsonSchema({"type": "string", "enum": list(STEPS)})]
 CODES = """\
-Rejections: unknown_vm, unknown_host, same_host, already_migrating (with
+Queued (held by a limit, see docs/operations.md): cluster_limit,
+source_outbound, target_inbound, no_capacity, policy_blocked,
+automatic_limit. Rejections: unknown_vm, unknown_host, same_host,
+no_placement (no host fits; the reason names each host's), cancelled
+(cancelled while queued), already_migrating (with
 running_migration_id), source_not_allowed, insufficient_resources,
 invalid_request; for an adopted guest host_device, cpu_unsupported,
 disk_missing, disk_not_shared, disk_cache_unsafe, disk_exists,
@@ -57,10 +62,11 @@ def is_outcome(status: str, code: str | None) -> bool:
 
 
 class MigrateRequest(Wire):
-    """Ask for a VM to move, with its management plane, to ``target_host``."""
+    """Ask for a VM to move, with its management plane, to ``target_host`` (or, without
+    one, to the host placement picks). Queued while a limit holds it (``migration.queued``)."""
 
     vm_id: Name
-    target_host: Name
+    target_host: Name | None = Field(default=None, description="Where to; placement picks one if absent.")
     migration_id: Name | None = Field(
         default=None, description="Chosen by the client to make the request idempotent; generated if absent."
     )
@@ -74,7 +80,8 @@ class MigrateRequest(Wire):
 
 
 class MigrationCancel(Wire):
-    """Ask for a running migration to stop and roll back (honoured until the VM switches over)."""
+    """Ask for a migration to stop: a queued one never starts (``rejected``, code ``cancelled``),
+    a running one rolls back (honoured until the VM switches over)."""
 
     migration_id: Name
     reason: Text = "cancelled by operator"

@@ -28,6 +28,9 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     # read-only queries the CLI makes
     "ListMigrations": ["client/*"],
     "GetTrace": ["client/*"],
+    "ListHosts": ["client/*"],
+    # reads the limits, or (with a value) changes them: an operator's command
+    "GetLimits": ["client/*"],
     "Inspect": _EVERYONE,
     "HealthCheck": _EVERYONE,
     # provisioning and event injection the CLI does (ferry_cli.client): every client is an

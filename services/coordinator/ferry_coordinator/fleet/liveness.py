@@ -116,10 +116,10 @@ class LivenessTracker:
             try:
                 await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                # cancelled, not awaited: awaiting them here would swallow a cancel of this
+                # waiter that lands meanwhile, and it would wait on forever
                 for t in (sleeper, waiter):
                     t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
 
     async def run(self) -> None:
         """Sweep until cancelled: every host is marked as soon as its bound passes, so

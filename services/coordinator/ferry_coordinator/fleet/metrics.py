@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from ferry_common import metrics
+from ferry_common import metrics as metrics
 
 from .queue import Decision, EntryState, Limits, QueueEntry, Reason
 

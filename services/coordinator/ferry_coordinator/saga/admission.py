@@ -11,11 +11,33 @@ from ferry_common.messages.commands import (
 )
 
 from .compensation import cleanup_target_one
+from .launch import Launch
 from .port import expect
 from .run import SagaRun
 
 
 async def admit(run: SagaRun) -> None:
+    """Admission on the target; a placed migration whose target denies it tries the next
+    target placement ranked (``alternatives``, bounded), each denial on the record."""
+    while True:
+        try:
+            await _admit_once(run)
+            return
+        except Denied as denied:
+            extra = run.state.model_extra if run.state.model_extra is not None else {}
+            left = list(extra.get("alternatives") or [])
+            if not left:
+                raise
+            denials = list(extra.get("denials") or [])
+            denials.append({"host": run.target, "code": denied.code, "reason": denied.reason})
+            extra["denials"], extra["alternatives"] = denials, left[1:]
+            run.rec.target_host = left[0]
+            run.state.target_ready = False  # a hint of the first target's
+            run.launch = Launch(run)
+            await run.save("admission", "note", {"denied": denials[-1], "next_target": left[0]})
+
+
+async def _admit_once(run: SagaRun) -> None:
     vm = run.state.vm
     assert vm is not None, "the coordinator stores the VM's spec with the saga"
     if run.state.target_ready:

@@ -88,7 +88,7 @@ class MigrationSaga:
                 if last is None or (last.step, last.event) != (step, "started"):
                     await r.save(step, "started")  # else saved with the step before
                 await r.status("progress", step=step)
-                await spec.body(r)
+                await r.watched(spec.body(r))
                 span.set_attribute("ferry.outcome", "succeeded")
                 r.state.timings_ms[step] = round((r.clock.monotonic() - started) * 1000, 3)
                 nxt = self.plan.after(step)

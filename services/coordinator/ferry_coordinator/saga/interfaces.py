@@ -43,3 +43,6 @@ class SagaContext:
     cancel_reason: Callable[[str], str | None]  # set when an operator cancelled (this replica)
     on_finished: Callable[[SagaRecord], Awaitable[None]]
     on_owner: Callable[[str, str, int], None]
+    # returns once the host is marked not ready (its heartbeats stopped): a step racing it
+    # fails over at once instead of waiting out its timeouts. None: no liveness (unit tests)
+    host_down: Callable[[str], Awaitable[None]] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -106,6 +107,31 @@ class SagaRun:
             await self.save(self.rec.step, "retry", {"service": label, "reason": reason, "attempt": attempt})
 
         return await spec.retry.run(once, self.clock, on_retry=record)
+
+    async def watched(self, work: Awaitable[None]) -> None:
+        """Run ``work`` (a step's body); if the source or the target is marked not ready
+        first, stop it and raise :class:`TimedOut` (code ``timeout``, as if its answer never came,
+        only sooner): before the switch-over it rolls back, after it it is retried forward."""
+        if self.ctx.host_down is None:
+            await work
+            return
+        task = asyncio.ensure_future(work)
+        watchers = {asyncio.ensure_future(self.ctx.host_down(h)): h for h in {self.source, self.target} if h}
+        try:
+            done, _ = await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            for w in watchers:
+                w.cancel()  # not awaited: nothing of theirs needs cleaning up
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        down = sorted(h for w, h in watchers.items() if w in done)
+        raise TimedOut(f"host {', '.join(down)} is not ready (its heartbeats stopped)")
 
     # ---- the record -------------------------------------------------------------------
     async def save(self, step: str, event: str, detail: dict[str, Any] | None = None, *,
