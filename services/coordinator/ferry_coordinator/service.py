@@ -53,6 +53,7 @@ from ferry_common.messages.public import (
 from ferry_common.messages.telemetry import SpanBatch
 
 from . import observe
+from .autonomic import AutonomicOptions, AutonomicService
 from .fleet import metrics as fleet_metrics
 from .fleet.liveness import LivenessTracker
 from .hosts import HostRegistry
@@ -68,7 +69,8 @@ _NAME: TypeAdapter[str] = TypeAdapter(Name)
 class CoordinatorService:
     service = "coordinator"
 
-    def __init__(self, endpoint: Endpoint, store: SagaStore, *, timeouts: SagaTimeouts | None = None) -> None:
+    def __init__(self, endpoint: Endpoint, store: SagaStore, *, timeouts: SagaTimeouts | None = None,
+                 autonomic: AutonomicOptions | None = None) -> None:
         self.endpoint = endpoint
         self.store = store
         self.timeouts = timeouts or SagaTimeouts()
@@ -98,6 +100,7 @@ class CoordinatorService:
         self.router.add(Inspect, self.on_inspect)
         self.router.add(LeaseRequest, self.on_lease)
         self.router.refused = self.on_refused
+        self.autonomic = AutonomicService(self, autonomic)  # the balancer (ferry_coordinator.autonomic)
         self.private = Router()
         self.private.route_key(INVENTORIES, HostInventory)
         self.private.add(HostInventory, self.on_inventory)
@@ -113,8 +116,10 @@ class CoordinatorService:
         self._consumers.append(await self.endpoint.serve(shared, self.router))
         self._lease_task = asyncio.create_task(self._lease_loop())
         self._liveness_task = asyncio.create_task(self.liveness.run())
+        await self.autonomic.start()
 
     async def stop(self) -> None:
+        await self.autonomic.stop()
         for task in (self._lease_task, self._liveness_task):
             if task is not None:
                 task.cancel()
@@ -153,7 +158,8 @@ class CoordinatorService:
             owner=self.owner,
             lease_until=now + self.timeouts.lease_s,
         )
-        state = SagaState(params=dict(msg.params), requested_by=ctx.sender, reason_requested=msg.reason)
+        state = SagaState(params=dict(msg.params), requested_by=ctx.sender, reason_requested=msg.reason,
+                          why=msg.why.model_dump(mode="json") if msg.why else None)
         verdict = self._judge(msg, located)
         if verdict is not None:
             code, reason = verdict

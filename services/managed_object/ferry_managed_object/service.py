@@ -48,10 +48,12 @@ from ferry_common.messages.domain import Element, Embot, Module
 from ferry_common.messages.limits import MAX_MODULE_ROUNDS, MAX_MODULES
 from ferry_common.messages.planes import ApplyPlane, GetPlane
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
+from ferry_common.messages.recommendations import EvacuationWanted, MigrationWanted
 from ferry_common.security import host_identity
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 
+from .autonomic import wanted
 from .modules import ModuleError, ModuleRegistry
 from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_graph
 from .plane_files import PlaneFiles
@@ -61,7 +63,8 @@ log = logging.getLogger(__name__)
 # the audit trail kept per VM and host (FERRY_LEDGER_MAX): enough to verify a migration's
 # events were each dispatched once; an event id is ~32 bytes, so 10k ids cost ~1 MB per VM
 LEDGER_MAX = 10_000
-_OUTGOING: dict[str, type[Wire]] = {m.__name__: m for m in (Alarm, VmEvent, MigrateRequest)}
+_OUTGOING: dict[str, type[Wire]] = {
+    m.__name__: m for m in (Alarm, VmEvent, MigrateRequest, MigrationWanted, EvacuationWanted)}
 
 
 class ManagedObjectService(HostService):
@@ -299,6 +302,9 @@ class ManagedObjectService(HostService):
                 msg = MigrateRequest(vm_id=plane.vm_id, target_host=effect.target_host, migration_id=new_id(),
                                      reason=f"policy {policy} of {embot_id}")
                 key = MIGRATION_REQUESTED
+            elif (asked := wanted(effect, vm_id=plane.vm_id, host=self.host, policy=policy,
+                                  embot_id=embot_id)) is not None:
+                key, msg = asked  # the balancer's actions (ferry_managed_object.autonomic)
             else:
                 continue
             out.append({"key": key, "type": type(msg).__name__, "body": msg.model_dump(mode="json")})
