@@ -45,12 +45,19 @@ from ferry_common.messages.recommendations import (
     SetAutomationLevel,
 )
 
-from ..balance import AutomationPolicy, Balancer, BalanceCycle, BalancerState, BalanceRules, RecommendationBook
+from ..balance import (
+    AutomationPolicy,
+    BalanceCycle,
+    Balancer,
+    BalancerState,
+    BalanceRules,
+    RecommendationBook,
+)
 from ..balance.recommendations import RecommendationError
 from ..fleet.queue import Priority
-from . import snapshot
 from .ledger import Doc, Ledger, acquire, ledger_for
 from .moves import derived_id, enqueue_move
+from .snapshot import LEVEL_PARAM, FilteredPlacement, Snapshot, build
 from .wanted import Wanted
 
 if TYPE_CHECKING:
@@ -143,14 +150,14 @@ class AutonomicService:
             except Exception:
                 log.exception("balancer round failed")
 
-    def snapshot(self, doc: Doc, entries: list[Any]) -> snapshot.Snapshot:
+    def snapshot(self, doc: Doc, entries: list[Any]) -> Snapshot:
         faulty = set(doc.body.get("faulty", {}))
-        return snapshot.build(self.c.hosts, self.loads, entries, ready=self.c.liveness.states(), cordoned=faulty)
+        return build(self.c.hosts, self.loads, entries, ready=self.c.liveness.states(), cordoned=faulty)
 
-    def policy(self, doc: Doc, snap: snapshot.Snapshot) -> AutomationPolicy:
+    def policy(self, doc: Doc, snap: Snapshot) -> AutomationPolicy:
         per_vm: dict[str, AutomationLevel] = {}
         for vm_id, spec in snap.specs.items():
-            level = spec.params.get(snapshot.LEVEL_PARAM)
+            level = spec.params.get(LEVEL_PARAM)
             if level in ("manual", "partial", "full"):
                 per_vm[vm_id] = level  # type: ignore[assignment]
         return AutomationPolicy(doc.body.get("level", self.options.level), per_vm)
@@ -180,7 +187,7 @@ class AutonomicService:
         for e in entries:
             if e.priority == Priority.REBALANCE and now - e.enqueued_at < cooldown:
                 state.moved_at[e.vm_id] = max(state.moved_at.get(e.vm_id, 0.0), e.enqueued_at)
-        balancer = Balancer(snapshot.FilteredPlacement(snap.view, snap.specs), self.options.rules, self.clock, state)
+        balancer = Balancer(FilteredPlacement(snap.view, snap.specs), self.options.rules, self.clock, state)
         cycle = BalanceCycle(balancer, self.policy(doc, snap), self.book(doc))
         result = cycle.run(snap.fleet, snap.work)
         self.last_round = result
