@@ -297,14 +297,14 @@ class ManagedObjectService(HostService):
                 msg = VmEvent(id=new_id(), vm_id=plane.vm_id, element_id=element_id, kind=effect.key or "emitted",
                               ts=self.endpoint.clock.now(), data=data)
                 key = vm_events(plane.vm_id)
+            elif (asked := wanted(effect, vm_id=plane.vm_id, host=self.host, policy=policy,
+                                  embot_id=embot_id)) is not None:
+                key, msg = asked  # the balancer's actions (ferry_managed_object.autonomic)
             elif effect.kind == "migrate" and effect.target_host:
                 # a fixed id: the coordinator starts one migration however often this is sent
                 msg = MigrateRequest(vm_id=plane.vm_id, target_host=effect.target_host, migration_id=new_id(),
                                      reason=f"policy {policy} of {embot_id}")
                 key = MIGRATION_REQUESTED
-            elif (asked := wanted(effect, vm_id=plane.vm_id, host=self.host, policy=policy,
-                                  embot_id=embot_id)) is not None:
-                key, msg = asked  # the balancer's actions (ferry_managed_object.autonomic)
             else:
                 continue
             out.append({"key": key, "type": type(msg).__name__, "body": msg.model_dump(mode="json")})

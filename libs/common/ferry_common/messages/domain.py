@@ -6,7 +6,7 @@ import hashlib
 from typing import Literal
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from .base import Wire
 from .limits import (
@@ -40,19 +40,10 @@ class ModuleRef(Wire):
 class Action(Wire):
     """What a policy does when its condition holds. ``value`` is a CEL expression."""
 
-    kind: Literal["set", "increment", "alarm", "clear_alarm", "emit", "migrate",
-                  "request_migration", "recommend_migration", "evacuate_host"]
+    kind: Literal["set", "increment", "alarm", "clear_alarm", "emit", "migrate"]
     key: Name | None = None
     value: Expression | None = None
     target_host: Name | None = None
-
-    @model_validator(mode="after")
-    def _reason_kind(self) -> Action:
-        # the balancer's actions: ``key`` is why the VM should move
-        if self.kind in ("request_migration", "recommend_migration", "evacuate_host") and \
-                self.key not in (None, "fault", "maintenance", "load"):
-            raise ValueError(f"{self.kind}: key must be fault, maintenance or load (the reason), not {self.key!r}")
-        return self
 
 
 class Policy(Wire):
