@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections import Counter
 
 from ferry_cli.cluster import HostOptions
-from ferry_common.bus.topology import AUTONOMIC_QUERY, host_event
-from ferry_common.messages.commands import Done
+from ferry_common.bus.topology import AUTONOMIC_QUERY, host_command, host_event
+from ferry_common.messages.commands import Done, RegisterManagementGraph
 from ferry_common.messages.host_events import HostFaultEvent
 from ferry_common.messages.public import VmEvent
 from ferry_common.messages.recommendations import ApplyRecommendation
-from ferry_common.planes.convert import modules_of, to_graph
+from ferry_common.planes.convert import modules_of, retarget, to_graph
 from ferry_common.planes.loader import load_plane
 from ferry_coordinator.autonomic.snapshot import FilteredPlacement
 from ferry_coordinator.balance import Balancer
@@ -167,6 +167,42 @@ async def test_a_vms_embot_asks_for_its_vm_to_move_and_its_counters_move_with_it
         await until(counted, 10, "the fourth error counted on the target")
         assert target.planes["app-01"].state["app-01.disks"] == {"errors": 4, "moves_asked": 1}
         assert "app-01" not in c.host("host-a").managed_object.planes
+    finally:
+        await s.stop()
+        await c.close()
+
+
+async def test_a_hosts_plane_recommends_on_overload_and_evacuates_for_maintenance(bus_kind: str) -> None:
+    c = await cluster(bus_kind, "partial", {"host-b": [("vm-b1", 15.0), ("vm-b2", 0.5)]})
+    s = starter(c)
+    try:
+        doc = retarget(load_plane(examples_dir() / "host-policies.yaml"), "host.host-b")
+        modules = modules_of(doc, lambda key: None)
+        g, _ = to_graph(doc, {m.ref().key: m for m in modules}.get)
+        await c.client.endpoint.request(host_command("host-b", "managed_object"),
+                                        RegisterManagementGraph(graph=g, modules=modules), timeout=5.0)
+
+        async def overload_recommended() -> bool:
+            recs = (await recommendations(c.client)).recommendations
+            return any(r.reason.policy == "sustained-overload" and r.vm_id == "vm-b1" for r in recs)
+        await until(overload_recommended, 30, "the host's plane to recommend moving vm-b1")
+        assert await entries(c) == []  # partial: load is only recommended
+        announce = HostFaultEvent(id="mw-1", host="host-b", kind="other", severity="info", at=c.clock.now(),
+                                  detail={"maintenance_at": c.clock.now() + 300})
+        await c.client.endpoint.send(host_event("host-b"), announce)
+
+        async def emptied() -> bool:
+            es = await entries(c)
+            return bool(es) and all(not e.live for e in es) and not c.coordinator.hosts.placement().get("host-b")
+        await until(emptied, 60, "host-b to be emptied for its maintenance")
+        es = await entries(c)
+        assert {e.vm_id for e in es} == {"vm-b1", "vm-b2"} and {e.priority for e in es} == {Priority.DRAIN}
+        for e in es:
+            rec = await c.store.get(e.migration_id)
+            assert rec is not None and rec.status == "completed"
+            assert rec.data["why"]["kind"] == "maintenance" and rec.data["why"]["policy"] == "maintenance-due"
+        state = c.host("host-b").managed_object.planes["host.host-b"].state["host.host-b.reasons"]
+        assert state["evacuating"] is True and state["hot"] >= 3
     finally:
         await s.stop()
         await c.close()

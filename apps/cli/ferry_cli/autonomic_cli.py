@@ -113,13 +113,17 @@ def set_level(level: Annotated[str, typer.Argument(help="manual | partial | full
 def fault(host: str,
           kind: Annotated[str, typer.Option(help="disk | memory | nic | cpu | power | thermal | other")] = "other",
           severity: Annotated[str, typer.Option(help="info | warning | critical")] = "warning",
-          message: Annotated[str, typer.Option(help="what was seen")] = "") -> None:
+          message: Annotated[str, typer.Option(help="what was seen")] = "",
+          maintenance_at: Annotated[float | None, typer.Option(
+              help="announce maintenance at this time (Unix seconds): the host's plane policies evacuate it")] = None,
+          ) -> None:
     """report a fault on HOST (host.HOST.event): critical evacuates it where the level acts on faults"""
     from .main import _client
 
     try:
         event = HostFaultEvent(id=new_id(), host=host, kind=kind, severity=severity,  # type: ignore[arg-type]
-                               at=time.time(), source="client/cli", message=message)
+                               at=time.time(), source="client/cli", message=message,
+                               detail={} if maintenance_at is None else {"maintenance_at": maintenance_at})
     except ValueError as exc:
         raise typer.BadParameter(str(exc).splitlines()[-1]) from None
 

@@ -11,7 +11,14 @@ import asyncio
 import logging
 from typing import Any
 
-from ferry_common.bus.topology import MIGRATION_REQUESTED, alarm, host_command, vm_events
+from ferry_common.bus.topology import (
+    MIGRATION_REQUESTED,
+    alarm,
+    host_command,
+    host_event,
+    host_load,
+    vm_events,
+)
 from ferry_common.endpoint import Context, Endpoint, Forward
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.ids import new_id
@@ -45,6 +52,7 @@ from ferry_common.messages.commands import (
     SourceTeardown,
 )
 from ferry_common.messages.domain import Element, Embot, Module
+from ferry_common.messages.host_events import HostFaultEvent, HostLoad
 from ferry_common.messages.limits import MAX_MODULE_ROUNDS, MAX_MODULES
 from ferry_common.messages.planes import ApplyPlane, GetPlane
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
@@ -54,6 +62,7 @@ from ferry_common.service import HostService
 from ferry_common.state import StateStore
 
 from .autonomic import wanted
+from .host_plane import HostFeed
 from .modules import ModuleError, ModuleRegistry
 from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_graph
 from .plane_files import PlaneFiles
@@ -109,6 +118,15 @@ class ManagedObjectService(HostService):
         self.step(SourceTeardown, self.on_teardown)
         self.step(CleanupTarget, self.on_cleanup_target)
         self.step(CleanupSource, self.on_cleanup_source)
+        # the host's own plane, fed by its telemetry (ferry_managed_object.host_plane)
+        self.host_feed = HostFeed(self)
+        r.route_key(host_load(host), HostLoad)
+        r.route_key(host_event(host), HostFaultEvent)
+        r.add(HostLoad, self.host_feed.on_load)
+        r.add(HostFaultEvent, self.host_feed.on_fault)
+
+    def bindings(self) -> tuple[str, ...]:
+        return (*super().bindings(), host_load(self.host), host_event(self.host))
 
     def dispatched_count(self, vm_id: str) -> int:
         """How many of ``vm_id``'s events this host has dispatched, ever (the ledger keeps
