@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections import Counter
 
 from ferry_cli.cluster import HostOptions
-from ferry_common.bus.topology import AUTONOMIC_QUERY, host_command, host_event
-from ferry_common.messages.commands import Done, RegisterManagementGraph
+from ferry_common.bus.topology import AUTONOMIC_QUERY, host_event
+from ferry_common.messages.commands import Done
 from ferry_common.messages.host_events import HostFaultEvent
 from ferry_common.messages.public import VmEvent
 from ferry_common.messages.recommendations import ApplyRecommendation
+from ferry_common.planes.commands import apply_command
 from ferry_common.planes.convert import modules_of, retarget, to_graph
 from ferry_common.planes.loader import load_plane
 from ferry_coordinator.autonomic.snapshot import FilteredPlacement
@@ -176,11 +177,9 @@ async def test_a_hosts_plane_recommends_on_overload_and_evacuates_for_maintenanc
     c = await cluster(bus_kind, "partial", {"host-b": [("vm-b1", 15.0), ("vm-b2", 0.5)]})
     s = starter(c)
     try:
+        # as ferry plane apply -f examples/host-policies.yaml --vm host.host-b --on host-b
         doc = retarget(load_plane(examples_dir() / "host-policies.yaml"), "host.host-b")
-        modules = modules_of(doc, lambda key: None)
-        g, _ = to_graph(doc, {m.ref().key: m for m in modules}.get)
-        await c.client.endpoint.request(host_command("host-b", "managed_object"),
-                                        RegisterManagementGraph(graph=g, modules=modules), timeout=5.0)
+        assert await apply_command(c.client.endpoint, doc, host="host-b") == 0
 
         async def overload_recommended() -> bool:
             recs = (await recommendations(c.client)).recommendations
@@ -202,7 +201,7 @@ async def test_a_hosts_plane_recommends_on_overload_and_evacuates_for_maintenanc
             assert rec is not None and rec.status == "completed"
             assert rec.data["why"]["kind"] == "maintenance" and rec.data["why"]["policy"] == "maintenance-due"
         state = c.host("host-b").managed_object.planes["host.host-b"].state["host.host-b.reasons"]
-        assert state["evacuating"] is True and state["hot"] >= 3
+        assert state["evacuating"] is True and state["maintenance_at"] == announce.detail["maintenance_at"]
     finally:
         await s.stop()
         await c.close()

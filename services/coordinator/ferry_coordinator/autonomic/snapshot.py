@@ -41,7 +41,19 @@ def build(
     live = [e for e in entries if e.live]
     off = set(cordoned) | {h for h, ok in ready.items() if not ok}
     guest: dict[str, he.GuestLoad] = {g.vm_id: g for s in loads.values() for g in s.vms}
-    placement = registry.placement()
+    # one host per VM: inventories cross during a switch-over (the target's says it runs, the
+    # source's has not said it left), and where a saga just moved it is the registry's call
+    where: dict[str, str] = {}
+    for host, vm_ids in registry.placement().items():
+        for vm_id in vm_ids:
+            if vm_id in where:
+                located = registry.locate(vm_id)
+                where[vm_id] = located[0] if located else where[vm_id]
+            else:
+                where[vm_id] = host
+    placement: dict[str, list[str]] = {}
+    for vm_id, host in where.items():
+        placement.setdefault(host, []).append(vm_id)
     specs: dict[str, VmSpec] = {vm.vm_id: vm for inv in registry.hosts.values() for vm in inv.vms}
     reserved: dict[str, int] = {}
     for e in live:
