@@ -15,7 +15,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry_common.bus.topology import AUTONOMIC_QUERY, MIGRATION_REQUESTED
+from ferry_common.bus.topology import COORDINATOR_QUERY, MIGRATION_REQUESTED
 from ferry_common.messages.public import MigrateRequest
 from ferry_common.messages.recommendations import ListRecommendations, RecommendationList
 from ferry_coordinator.autonomic import AutonomicOptions
@@ -68,6 +68,6 @@ class QueueStarter:
 
 
 async def recommendations(client: Any) -> RecommendationList:
-    ans = await client.endpoint.request(AUTONOMIC_QUERY, ListRecommendations(), timeout=5.0)
+    ans = await client.endpoint.request(COORDINATOR_QUERY, ListRecommendations(), timeout=5.0)
     assert isinstance(ans, RecommendationList), ans
     return ans

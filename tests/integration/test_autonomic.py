@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ferry_cli.cluster import HostOptions
-from ferry_common.bus.topology import AUTONOMIC_QUERY, host_event
+from ferry_common.bus.topology import COORDINATOR_QUERY, host_event
 from ferry_common.messages.commands import Done
 from ferry_common.messages.host_events import HostFaultEvent
 from ferry_common.messages.public import VmEvent
@@ -97,7 +97,7 @@ async def test_manual_mode_moves_nothing_and_lists_the_same_moves(bus_kind: str)
         assert all(r.reason.level == "manual" and r.reason.kind == "load" for r in listed.recommendations)
         # an operator runs one: it moves, and leaves the list
         rec = listed.recommendations[0]
-        ans = await c.client.endpoint.request(AUTONOMIC_QUERY, ApplyRecommendation(recommendation_id=rec.id),
+        ans = await c.client.endpoint.request(COORDINATOR_QUERY, ApplyRecommendation(recommendation_id=rec.id),
                                               timeout=5.0)
         assert isinstance(ans, Done), ans
         outcome = await c.client.outcome(ans.detail["migration_id"], timeout=30)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferry_common.bus.topology import AUTONOMIC_QUERY, host_event
+from ferry_common.bus.topology import COORDINATOR_QUERY, host_event
 from ferry_common.errors import FerryError
 from ferry_common.ids import new_id
 from ferry_common.messages.commands import Done
@@ -39,7 +39,7 @@ async def _ask(model: Any) -> Any:
     from .main import _client
 
     async with _client() as client:
-        return await client.endpoint.request(AUTONOMIC_QUERY, model, timeout=client.timeout)
+        return await client.endpoint.request(COORDINATOR_QUERY, model, timeout=client.timeout)
 
 
 def _go(coro: Any) -> None:

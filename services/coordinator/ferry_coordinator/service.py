@@ -101,6 +101,7 @@ class CoordinatorService:
         self.router.add(LeaseRequest, self.on_lease)
         self.router.refused = self.on_refused
         self.autonomic = AutonomicService(self, autonomic)  # the balancer (ferry_coordinator.autonomic)
+        self.autonomic.route(self.router)
         self.private = Router()
         self.private.route_key(INVENTORIES, HostInventory)
         self.private.add(HostInventory, self.on_inventory)

@@ -60,10 +60,10 @@ def recommendation_status(status: str) -> str:
     return f"recommendation.{status}"
 
 
-#: what policies and operators ask of the autonomic balancer (competing consumers)
-AUTONOMIC_QUEUE = "ferry.autonomic"
+#: what policies ask of the coordinator's autonomic balancer; its shared queue (the
+#: operators' commands to it come as coordinator queries)
 AUTONOMIC_WANTED = "autonomic.wanted"
-AUTONOMIC_QUERY = "autonomic.query"
+AUTONOMIC_QUEUE = "coordinator.autonomic"
 
 
 def reply_to(instance: str) -> str:

@@ -6,8 +6,8 @@ at a time balances: the one holding the balancer's lease in the saga store
 ``rules.interval_s``, and sooner on a load sample or a fault (at most one per
 ``interval_s / 3``: the hold counts evaluations, and a sample per host must not count as many).
 What policies (``MigrationWanted``, ``EvacuationWanted``), faults (``HostFaultEvent``) and
-operators (``ApplyRecommendation``, ``SetAutomationLevel``, ``ListRecommendations``) send
-comes on one shared queue, each taken by one replica; every decision lands in the store
+operators (``ApplyRecommendation``, ``SetAutomationLevel``, ``ListRecommendations``, as
+coordinator queries) send is taken by one replica each; every decision lands in the store
 (queue entries, the ledger's row) by compare-and-set, so two replicas never act twice.
 """
 
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from ferry_common.bus.interfaces import Consumer, QueueSpec
 from ferry_common.bus.topology import (
-    AUTONOMIC_QUERY,
     AUTONOMIC_QUEUE,
     AUTONOMIC_WANTED,
     HOST_EVENTS,
@@ -96,18 +95,22 @@ class AutonomicService:
         self.router.add(HostFaultEvent, self.wanted.on_fault)
         self.router.add(MigrationWanted, self.wanted.on_migration_wanted)
         self.router.add(EvacuationWanted, self.wanted.on_evacuation_wanted)
-        self.router.add(ListRecommendations, self.on_list)
-        self.router.add(ApplyRecommendation, self.on_apply)
-        self.router.add(SetAutomationLevel, self.on_set_level)
         self.private = Router()
         self.private.route_key(HOST_LOADS, HostLoad)
         self.private.add(HostLoad, self.on_load)
 
+    def route(self, queries: Router) -> None:
+        """The operators' commands, on the coordinator's own queries (``coordinator.query``)."""
+        queries.add(ListRecommendations, self.on_list)
+        queries.add(ApplyRecommendation, self.on_apply)
+        queries.add(SetAutomationLevel, self.on_set_level)
+
     async def start(self) -> None:
         if not self.options.enabled:
             return
-        private = QueueSpec(f"autonomic.{self.c.owner}", (HOST_LOADS,), durable=False, prefetch=256)
-        shared = QueueSpec(AUTONOMIC_QUEUE, (AUTONOMIC_WANTED, AUTONOMIC_QUERY, HOST_EVENTS), prefetch=32)
+        # named coordinator.*: the coordinator's RabbitMQ user may declare only those
+        private = QueueSpec(f"{AUTONOMIC_QUEUE}.{self.c.owner}", (HOST_LOADS,), durable=False, prefetch=256)
+        shared = QueueSpec(AUTONOMIC_QUEUE, (AUTONOMIC_WANTED, HOST_EVENTS), prefetch=32)
         self._consumers.append(await self.endpoint.serve(private, self.private))
         self._consumers.append(await self.endpoint.serve(shared, self.router))
         self._task = asyncio.create_task(self._loop(), name=f"balancer:{self.c.owner}")
