@@ -133,7 +133,7 @@ async def test_partial_mode_evacuates_on_a_fault_and_only_recommends_load(bus_ki
             rec = await c.store.get(e.migration_id)
             assert rec is not None and rec.status == "completed" and rec.target_host != "host-b"
             assert rec.data["why"]["kind"] == "fault" and rec.data["why"]["level"] == "partial"
-        assert len(c.coordinator.hosts.placement()["host-a"]) == 4
+        assert {f"vm{i}" for i in range(4)} <= set(c.coordinator.hosts.placement()["host-a"])  # load: not moved
     finally:
         await s.stop()
         await c.close()
