@@ -134,6 +134,13 @@ async def test_partial_mode_evacuates_on_a_fault_and_only_recommends_load(bus_ki
             assert rec is not None and rec.status == "completed" and rec.target_host != "host-b"
             assert rec.data["why"]["kind"] == "fault" and rec.data["why"]["level"] == "partial"
         assert {f"vm{i}" for i in range(4)} <= set(c.coordinator.hosts.placement()["host-a"])  # load: not moved
+        assert "host-b" in (await c.coordinator.autonomic.ledger.read()).body["faulty"]  # no VM goes there
+        resolved = HostFaultEvent(id="f-2", host="host-b", kind="disk", severity="info", detail={"resolved": True})
+        await c.client.endpoint.send(host_event("host-b"), resolved)
+
+        async def back() -> bool:
+            return "host-b" not in (await c.coordinator.autonomic.ledger.read()).body["faulty"]
+        await until(back, 10, "host-b to be given back to the balancer")
     finally:
         await s.stop()
         await c.close()

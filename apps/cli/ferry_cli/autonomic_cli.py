@@ -116,6 +116,8 @@ def fault(host: str,
           message: Annotated[str, typer.Option(help="what was seen")] = "",
           maintenance_at: Annotated[float | None, typer.Option(
               help="announce maintenance at this time (Unix seconds): the host's plane policies evacuate it")] = None,
+          resolved: Annotated[bool, typer.Option(
+              "--resolved", help="the host is sound again: the balancer may place VMs on it")] = False,
           ) -> None:
     """report a fault on HOST (host.HOST.event): critical evacuates it where the level acts on faults"""
     from .main import _client
@@ -123,7 +125,8 @@ def fault(host: str,
     try:
         event = HostFaultEvent(id=new_id(), host=host, kind=kind, severity=severity,  # type: ignore[arg-type]
                                at=time.time(), source="client/cli", message=message,
-                               detail={} if maintenance_at is None else {"maintenance_at": maintenance_at})
+                               detail={**({} if maintenance_at is None else {"maintenance_at": maintenance_at}),
+                                       **({"resolved": True} if resolved else {})})
     except ValueError as exc:
         raise typer.BadParameter(str(exc).splitlines()[-1]) from None
 

@@ -42,9 +42,15 @@ class Wanted:
         self.s = service
 
     async def on_fault(self, msg: HostFaultEvent, ctx: Context) -> None:
-        """A critical fault evacuates the host (acted on or recommended per VM's level); a
-        lesser one is remembered, for the host's own policies to weigh."""
-        if msg.severity == "critical":
+        """A critical fault evacuates the host (acted on or recommended per VM's level); one
+        whose ``detail.resolved`` is true gives the host back to the balancer; the rest are
+        for the host's own policies to weigh."""
+        if msg.detail.get("resolved") is True:
+            def clear(doc: Doc) -> None:
+                doc.body.get("faulty", {}).pop(msg.host, None)
+            await self.s.change(clear)
+            self.s.poke()
+        elif msg.severity == "critical":
             await self.evacuate(msg.host, "fault", f"host.fault.{msg.kind}", msg.id, msg.message or msg.kind)
         return None
 
