@@ -16,6 +16,7 @@ from ferry_common.messages.recommendations import ApplyRecommendation
 from ferry_common.planes.commands import apply_command
 from ferry_common.planes.convert import modules_of, retarget, to_graph
 from ferry_common.planes.loader import load_plane
+from ferry_common.tracing import installed
 from ferry_coordinator.autonomic.snapshot import FilteredPlacement
 from ferry_coordinator.balance import Balancer
 from ferry_coordinator.fleet.queue import EntryState, Priority
@@ -167,6 +168,15 @@ async def test_a_vms_embot_asks_for_its_vm_to_move_and_its_counters_move_with_it
         rec = await c.store.get(entry.migration_id)
         assert rec is not None and rec.status == "completed"
         assert rec.data["why"]["policy"] == "move-after-disk-errors" and rec.data["why"]["kind"] == "fault"
+        # ... and on its trace: the root span carries why
+        tracing = installed()
+        assert tracing is not None and tracing.bus_exporter is not None
+
+        async def traced() -> bool:
+            await tracing.bus_exporter.flush()  # type: ignore[union-attr]
+            return any((sp.get("attributes") or {}).get("ferry.why.policy") == "move-after-disk-errors"
+                       for sp in await c.client.trace(entry.migration_id))
+        await until(traced, 10, "the migration's root span to say why")
         target = c.host(rec.target_host).managed_object
 
         async def counted() -> bool:
