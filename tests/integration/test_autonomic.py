@@ -5,6 +5,7 @@ moves, and a VM's own embot asks for its VM to move after repeated disk errors."
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from ferry_cli.cluster import HostOptions
@@ -19,7 +20,7 @@ from ferry_common.planes.loader import load_plane
 from ferry_common.tracing import installed
 from ferry_coordinator.autonomic.snapshot import FilteredPlacement
 from ferry_coordinator.balance import Balancer
-from ferry_coordinator.fleet.queue import EntryState, Priority
+from ferry_coordinator.fleet.queue import EntryState, Priority, new_entry
 from ferry_testing.sample import examples_dir
 from tests.harness import Cluster, make_cluster, until
 
@@ -219,6 +220,32 @@ async def test_a_hosts_plane_recommends_on_overload_and_evacuates_for_maintenanc
             assert rec.data["why"]["kind"] == "maintenance" and rec.data["why"]["policy"] == "maintenance-due"
         state = c.host("host-b").managed_object.planes["host.host-b"].state["host.host-b.reasons"]
         assert state["evacuating"] is True and state["maintenance_at"] == announce.detail["maintenance_at"]
+    finally:
+        await s.stop()
+        await c.close()
+
+
+async def test_automatic_work_yields_while_other_work_is_queued(bus_kind: str) -> None:
+    c = await cluster(bus_kind, "full", {"host-a": [(f"vm{i}", 2.0) for i in range(6)]})
+    s = starter(c)
+    auto = c.coordinator.autonomic
+    try:
+        # an operator's migration waiting in the queue (no host fits it yet): the balancer yields
+        held = new_entry("op-1", "vm0", "host-a", [], priority=Priority.OPERATOR, now=c.clock.now(),
+                         placement_note="host-b: insufficient memory")
+        await c.store.queue.enqueue(held)
+
+        async def yielding() -> bool:
+            r = auto.last_round
+            return r is not None and r.evaluation.idle == "yielding"
+        await until(yielding, 30, "the balancer to yield")
+        await asyncio.sleep(1.0)  # several more rounds
+        assert [e.migration_id for e in await entries(c)] == ["op-1"]
+        await c.store.queue.cancel("op-1", now=c.clock.now())
+
+        async def moving() -> bool:
+            return any(e.priority == Priority.REBALANCE for e in await entries(c))
+        await until(moving, 30, "the balancer to move once nothing else waits")
     finally:
         await s.stop()
         await c.close()
