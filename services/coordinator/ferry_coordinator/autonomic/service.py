@@ -88,6 +88,9 @@ class AutonomicService:
         self._wake = asyncio.Event()
         self._last_at = -1e18
         self._task: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        # a round and a renewal of this replica's lease never interleave (each is a CAS)
+        self._row = asyncio.Lock()
         self._consumers: list[Consumer] = []
         self.wanted = Wanted(self)
         self.router = Router()
@@ -114,12 +117,14 @@ class AutonomicService:
         self._consumers.append(await self.endpoint.serve(private, self.private))
         self._consumers.append(await self.endpoint.serve(shared, self.router))
         self._task = asyncio.create_task(self._loop(), name=f"balancer:{self.c.owner}")
+        self._renewal = asyncio.create_task(self._renew(), name=f"balancer-lease:{self.c.owner}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._renewal):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for c in self._consumers:
             await c.cancel()
         self._consumers.clear()
@@ -153,6 +158,20 @@ class AutonomicService:
             except Exception:
                 log.exception("balancer round failed")
 
+    async def _renew(self) -> None:
+        """Keep the lease between rounds (a round comes every ``interval_s``, the lease is
+        shorter so that a dead leader is replaced soon)."""
+        while True:
+            await self.clock.sleep(self.options.lease_s / 3)
+            if not self.leading:
+                continue
+            try:
+                async with self._row:
+                    doc = await acquire(self.ledger, self.c.owner, now=self.clock.now(), lease_s=self.options.lease_s)
+                self.leading = doc is not None
+            except Exception:
+                log.exception("balancer lease not renewed")
+
     def snapshot(self, doc: Doc, entries: list[Any]) -> Snapshot:
         faulty = set(doc.body.get("faulty", {}))
         return build(self.c.hosts, self.loads, entries, ready=self.c.liveness.states(), cordoned=faulty)
@@ -174,6 +193,10 @@ class AutonomicService:
         """One evaluation, if this replica leads: the moves to start are queued, the
         recommendations published, the state kept (in that order of safety: the state with
         the moves' cooldowns is written first, so a crash after it repeats nothing)."""
+        async with self._row:
+            await self._round()
+
+    async def _round(self) -> None:
         now = self.clock.now()
         doc = await acquire(self.ledger, self.c.owner, now=now, lease_s=self.options.lease_s)
         self.leading = doc is not None
