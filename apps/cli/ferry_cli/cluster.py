@@ -14,6 +14,7 @@ from ferry_common.endpoint import Endpoint
 from ferry_common.security import Authenticator, host_identity
 from ferry_common.service import HostService
 from ferry_common.state import SqliteStateStore, StateStore
+from ferry_coordinator.autonomic import AutonomicOptions
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import SagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
@@ -147,6 +148,7 @@ def build_coordinator(
     clock: Clock | None = None,
     timeouts: SagaTimeouts | None = None,
     auth: AuthFactory = _no_auth,
+    autonomic: AutonomicOptions | None = None,
 ) -> CoordinatorService:
     endpoint = Endpoint(bus, "coordinator", clock=clock, auth=auth("coordinator"))
-    return CoordinatorService(endpoint, store, timeouts=timeouts)
+    return CoordinatorService(endpoint, store, timeouts=timeouts, autonomic=autonomic)

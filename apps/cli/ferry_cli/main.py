@@ -460,5 +460,10 @@ class _client:
         await self.bus.close()
 
 
+from .autonomic_cli import register as _register_autonomic  # noqa: E402 - it uses _client above
+
+_register_autonomic(app)
+
+
 if __name__ == "__main__":
     sys.exit(main())

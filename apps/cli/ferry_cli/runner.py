@@ -12,6 +12,8 @@ from typing import Any
 from ferry_common.bus.amqp import AmqpBus
 from ferry_common.health import HealthServer
 from ferry_common.settings import Settings
+from ferry_coordinator.autonomic import AutonomicOptions
+from ferry_coordinator.balance import BalanceRules
 from ferry_coordinator.store import open_store
 from ferry_coordinator.timeouts import SagaTimeouts
 
@@ -47,6 +49,13 @@ def saga_timeouts(settings: Settings) -> SagaTimeouts:
         ("status_poll_s", settings.saga_status_poll_s), ("progress_interval_s", settings.progress_interval_s),
     ) if value is not None}
     return SagaTimeouts(**overrides)  # type: ignore[arg-type]
+
+
+def autonomic_options(settings: Settings) -> AutonomicOptions:
+    """The balancer's level (``FERRY_AUTOMATION_LEVEL``; changed at run time with ``ferry
+    automation set``) and interval (``FERRY_BALANCE_INTERVAL_S``)."""
+    rules = BalanceRules(interval_s=settings.balance_interval_s or BalanceRules.interval_s)
+    return AutonomicOptions(rules=rules, level=settings.automation_level)
 
 
 def host_labels(raw: str) -> dict[str, str]:
@@ -125,7 +134,8 @@ async def _run(settings: Settings, services: list[tuple[str, str]], *, coordinat
         if coordinator:
             store_url = settings.store_url.get_secret_value()
             store = await open_store(store_url)
-            c = build_coordinator(bus, store, auth=auth, timeouts=saga_timeouts(settings))
+            c = build_coordinator(bus, store, auth=auth, timeouts=saga_timeouts(settings),
+                                  autonomic=autonomic_options(settings))
             await c.start()
             started.append(c)
             print(f"coordinator up (store {store_url.split('@')[-1]})", flush=True)

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     saga_reply_s: float | None = Field(default=None, gt=0, description="the saga's wait for each answer")
     saga_status_poll_s: float | None = Field(default=None, gt=0, description="how often the saga polls a migration's status")
     progress_interval_s: float | None = Field(default=None, ge=0, description="a migration's progress statuses at most once per this")
+    automation_level: Literal["manual", "partial", "full"] = Field(
+        default="manual", description="what the balancer does by itself: manual recommends, partial acts on faults and maintenance, full on all")
+    balance_interval_s: float | None = Field(default=None, gt=0, description="seconds between the balancer's evaluations (60)")
     # ---- host services -----------------------------------------------------------------
     driver: Literal["sim", "qemu", "libvirt"] = Field(default="sim", description="hypervisor driver of the adapter")
     state_dir: str = Field(default=".ferry/state", description="where host services keep their SQLite state ('' keeps it in memory)")

@@ -48,7 +48,8 @@ def request_of(msg: MigrateRequest, requested_by: str | None) -> dict[str, Any]:
     """What an entry keeps to start its saga (``entry.request``). Other producers (drains,
     the balancer) may enqueue entries with fewer keys: every one is optional."""
     return {"target_host": msg.target_host, "reason": msg.reason, "params": dict(msg.params),
-            "requested_by": requested_by, "placed": msg.target_host is None}
+            "requested_by": requested_by, "placed": msg.target_host is None,
+            "why": msg.why.model_dump(mode="json") if msg.why else None}
 
 
 class Requests:
@@ -135,7 +136,7 @@ class Requests:
         mid, now = entry.migration_id, self.clock.now()
         target = entry.target_host or ""
         state = SagaState(params=dict(req.get("params") or {}), requested_by=req.get("requested_by"),
-                          reason_requested=req.get("reason"))
+                          reason_requested=req.get("reason"), why=req.get("why"))
         located = self.hosts.locate(entry.vm_id)
         if located is None or located[0] != entry.source_host:
             where = f"now runs on {located[0]}" if located else "runs on no known host"

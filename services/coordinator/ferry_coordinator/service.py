@@ -52,6 +52,7 @@ from ferry_common.messages.public import (
 from ferry_common.messages.telemetry import SpanBatch
 
 from . import observe
+from .autonomic import AutonomicOptions, AutonomicService
 from .fleet import metrics as fleet_metrics
 from .fleet.dispatcher import Dispatcher
 from .fleet.fleetview import CoordinatorFleet
@@ -70,7 +71,8 @@ log = logging.getLogger(__name__)
 class CoordinatorService(Requests):
     service = "coordinator"
 
-    def __init__(self, endpoint: Endpoint, store: SagaStore, *, timeouts: SagaTimeouts | None = None) -> None:
+    def __init__(self, endpoint: Endpoint, store: SagaStore, *, timeouts: SagaTimeouts | None = None,
+                 autonomic: AutonomicOptions | None = None) -> None:
         self.endpoint = endpoint
         self.store = store
         self.timeouts = timeouts or SagaTimeouts()
@@ -109,6 +111,8 @@ class CoordinatorService(Requests):
         self.router.add(ListHosts, self.on_hosts)
         self.router.add(GetLimits, self.on_limits)
         self.router.refused = self.on_refused
+        self.autonomic = AutonomicService(self, autonomic)  # the balancer (ferry_coordinator.autonomic)
+        self.autonomic.route(self.router)
         self.private = Router()
         self.private.route_key(INVENTORIES, HostInventory)
         self.private.add(HostInventory, self.on_inventory)
@@ -125,8 +129,10 @@ class CoordinatorService(Requests):
         self._lease_task = asyncio.create_task(self._lease_loop())
         self._liveness_task = asyncio.create_task(self.liveness.run())
         self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name=f"dispatcher:{self.owner}")
+        await self.autonomic.start()
 
     async def stop(self) -> None:
+        await self.autonomic.stop()
         for task in (self._dispatch_task, self._lease_task, self._liveness_task):
             if task is not None:
                 task.cancel()

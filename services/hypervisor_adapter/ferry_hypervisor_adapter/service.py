@@ -19,7 +19,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from ferry_common.bus.topology import inventory, migration_status
+from ferry_common.bus.topology import host_load, inventory, migration_status
 from ferry_common.endpoint import Context, Endpoint
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.messages.base import Wire
@@ -182,10 +182,20 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
             except Exception:
                 log.exception("inventory of %s not published", self.host)
 
+    async def publish_load(self) -> None:
+        """The host's load and its guests' (``host.<host>.load``), for the balancer."""
+        sample = getattr(self.driver, "telemetry", None)
+        if sample is None:
+            return
+        load = (await sample()).model_copy(update={"period_s": self.inventory_interval_s})
+        with contextlib.suppress(FerryError):  # nobody listening yet is fine
+            await self.endpoint.send(host_load(self.host), load, mandatory=False)
+
     async def _inventory_loop(self) -> None:
         while True:
             try:
                 await self.publish_inventory()
+                await self.publish_load()
             except Exception:
                 log.exception("inventory of %s not published", self.host)
             await self.endpoint.clock.sleep(self.inventory_interval_s)

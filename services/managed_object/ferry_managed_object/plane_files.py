@@ -22,6 +22,7 @@ from ferry_common.messages.domain import Embot, ManagementGraph, Module, Policy
 from ferry_common.messages.planes import ApplyPlane, GetPlane, PlaneApplied, PlaneFound
 from ferry_common.planes.convert import PlaneError, to_document, to_graph
 
+from .host_plane import host_plane_id
 from .modules import ModuleError, ModuleRegistry
 from .plane import GraphError, TypeResolutionError, VmPlane, check_graph
 
@@ -97,6 +98,8 @@ class PlaneFiles:
         """Only where the VM runs may its plane be made: one made elsewhere (a stale placement,
         a VM that has moved on) would be a second active plane."""
         svc = self.svc
+        if vm_id == host_plane_id(svc.host):
+            return  # this host's own plane (ferry_managed_object.host_plane): the host runs here
         try:
             ans = await svc.endpoint.request(host_command(svc.host, "hypervisor_adapter"), Inspect(vm_id=vm_id),
                                              timeout=ADAPTER_TIMEOUT_S)

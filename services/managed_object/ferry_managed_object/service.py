@@ -11,7 +11,14 @@ import asyncio
 import logging
 from typing import Any
 
-from ferry_common.bus.topology import MIGRATION_REQUESTED, alarm, host_command, vm_events
+from ferry_common.bus.topology import (
+    MIGRATION_REQUESTED,
+    alarm,
+    host_command,
+    host_event,
+    host_load,
+    vm_events,
+)
 from ferry_common.endpoint import Context, Endpoint, Forward
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.ids import new_id
@@ -45,13 +52,17 @@ from ferry_common.messages.commands import (
     SourceTeardown,
 )
 from ferry_common.messages.domain import Element, Embot, Module
+from ferry_common.messages.host_events import HostFaultEvent, HostLoad
 from ferry_common.messages.limits import MAX_MODULE_ROUNDS, MAX_MODULES
 from ferry_common.messages.planes import ApplyPlane, GetPlane
 from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
+from ferry_common.messages.recommendations import EvacuationWanted, MigrationWanted
 from ferry_common.security import host_identity
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 
+from .autonomic import wanted
+from .host_plane import HostFeed
 from .modules import ModuleError, ModuleRegistry
 from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_graph
 from .plane_files import PlaneFiles
@@ -61,7 +72,8 @@ log = logging.getLogger(__name__)
 # the audit trail kept per VM and host (FERRY_LEDGER_MAX): enough to verify a migration's
 # events were each dispatched once; an event id is ~32 bytes, so 10k ids cost ~1 MB per VM
 LEDGER_MAX = 10_000
-_OUTGOING: dict[str, type[Wire]] = {m.__name__: m for m in (Alarm, VmEvent, MigrateRequest)}
+_OUTGOING: dict[str, type[Wire]] = {
+    m.__name__: m for m in (Alarm, VmEvent, MigrateRequest, MigrationWanted, EvacuationWanted)}
 
 
 class ManagedObjectService(HostService):
@@ -106,6 +118,15 @@ class ManagedObjectService(HostService):
         self.step(SourceTeardown, self.on_teardown)
         self.step(CleanupTarget, self.on_cleanup_target)
         self.step(CleanupSource, self.on_cleanup_source)
+        # the host's own plane, fed by its telemetry (ferry_managed_object.host_plane)
+        self.host_feed = HostFeed(self)
+        r.route_key(host_load(host), HostLoad)
+        r.route_key(host_event(host), HostFaultEvent)
+        r.add(HostLoad, self.host_feed.on_load)
+        r.add(HostFaultEvent, self.host_feed.on_fault)
+
+    def bindings(self) -> tuple[str, ...]:
+        return (*super().bindings(), host_load(self.host), host_event(self.host))
 
     def dispatched_count(self, vm_id: str) -> int:
         """How many of ``vm_id``'s events this host has dispatched, ever (the ledger keeps
@@ -294,6 +315,9 @@ class ManagedObjectService(HostService):
                 msg = VmEvent(id=new_id(), vm_id=plane.vm_id, element_id=element_id, kind=effect.key or "emitted",
                               ts=self.endpoint.clock.now(), data=data)
                 key = vm_events(plane.vm_id)
+            elif (asked := wanted(effect, vm_id=plane.vm_id, host=self.host, policy=policy,
+                                  embot_id=embot_id)) is not None:
+                key, msg = asked  # the balancer's actions (ferry_managed_object.autonomic)
             elif effect.kind == "migrate" and effect.target_host:
                 # a fixed id: the coordinator starts one migration however often this is sent
                 msg = MigrateRequest(vm_id=plane.vm_id, target_host=effect.target_host, migration_id=new_id(),

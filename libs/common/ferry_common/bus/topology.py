@@ -46,6 +46,26 @@ def vm_events(vm_id: str) -> str:
     return f"vm.{vm_id}.event"
 
 
+def host_load(host: str) -> str:
+    """Where a host publishes its load (``HostLoad``)."""
+    return f"host.{host}.load"
+
+
+def host_event(host: str) -> str:
+    """Where a host's faults are reported (``HostFaultEvent``), by its agent or an outside one."""
+    return f"host.{host}.event"
+
+
+def recommendation_status(status: str) -> str:
+    return f"recommendation.{status}"
+
+
+#: what policies ask of the coordinator's autonomic balancer; its shared queue (the
+#: operators' commands to it come as coordinator queries)
+AUTONOMIC_WANTED = "autonomic.wanted"
+AUTONOMIC_QUEUE = "coordinator.autonomic"
+
+
 def reply_to(instance: str) -> str:
     return f"reply.{instance}"
 
@@ -58,5 +78,7 @@ def alarm(vm_id: str) -> str:
 # that a key and the pattern that takes it cannot drift apart.
 MIGRATION_STATUSES = migration_status("*")
 VM_EVENTS = vm_events("*")
+HOST_LOADS = host_load("*")
+HOST_EVENTS = host_event("*")
 INVENTORIES = inventory("*")
 ALARMS = alarm("*")

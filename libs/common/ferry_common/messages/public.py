@@ -14,6 +14,7 @@ from pydantic import Field, WithJsonSchema, model_validator
 from .base import Wire
 from .domain import Event, VmSpec
 from .limits import JsonObject, Name, Text
+from .recommendations import MoveReason
 
 Status = Literal[
     "queued",
@@ -76,6 +77,10 @@ class MigrateRequest(Wire):
         description="Migration parameters for this migration, over the VM's migration policy\n"
         "(docs/hypervisors.md): downtime_limit_ms, bandwidth_mibps, auto_converge,\n"
         "completion_timeout_per_gib_s, completion_timeout_min_s, stall_timeout_s.\n",
+    )
+    why: MoveReason | None = Field(
+        default=None, description="For an automatic migration: the policy, figures and automation level that started it\n"
+        "(kept on the migration's record and in its trace).\n",
     )
 
 

@@ -63,3 +63,55 @@ class ApplyRecommendation(Wire):
 
     recommendation_id: Name
     requested_by: Name | None = None
+
+
+class MigrationWanted(Wire):
+    """A policy (a VM's embot, or a host's) wants ``vm_id`` moved: ``act`` asks for it to be
+    started (``request_migration``), otherwise it is only recommended
+    (``recommend_migration``). The coordinator's autonomic module queues it or records a
+    recommendation, by the VM's automation level for ``kind``. ``id`` is fixed when the policy
+    fires: resending it changes nothing."""
+
+    id: Name
+    vm_id: Name
+    kind: ReasonKind = "fault"
+    act: bool = True
+    target_host: Name | None = None  # None: placement picks
+    policy: Name
+    embot_id: Name | None = None
+    host: Name | None = None  # where the policy ran
+    #: a VM's own embot asking for its VM: an operator-level request (the VM's owner asked),
+    #: not automatic balancing
+    own: bool = False
+    figures: dict[Name, Figure] = Field(default_factory=dict, max_length=32)
+    detail: Text = ""
+
+
+class EvacuationWanted(Wire):
+    """A policy or a fault wants every VM off ``host`` (``evacuate_host``), for ``kind``
+    (fault or maintenance). Acted on or recommended by each VM's automation level."""
+
+    id: Name
+    host: Name
+    kind: ReasonKind = "fault"
+    policy: Name
+    severity: Name | None = None
+    detail: Text = ""
+
+
+class ListRecommendations(Wire):
+    """Ask for the current recommendations and the automation level (``ferry recommendations``)."""
+
+
+class RecommendationList(Wire):
+    recommendations: list[Recommendation] = Field(default_factory=list, max_length=10_000)
+    level: AutomationLevel = "manual"
+    leader: Name | None = None
+    imbalance: float | None = None
+
+
+class SetAutomationLevel(Wire):
+    """Change the cluster's automation level at run time (kept in the saga store)."""
+
+    level: AutomationLevel
+    requested_by: Name | None = None

@@ -10,7 +10,15 @@ from fnmatch import translate
 from pathlib import Path
 
 from ..bus.interfaces import Message
-from ..bus.topology import ALARMS, INVENTORIES, MIGRATION_CANCEL, MIGRATION_REQUESTED, VM_EVENTS
+from ..bus.topology import (
+    ALARMS,
+    HOST_EVENTS,
+    HOST_LOADS,
+    INVENTORIES,
+    MIGRATION_CANCEL,
+    MIGRATION_REQUESTED,
+    VM_EVENTS,
+)
 
 # Letters, digits, ``.``, ``_``, ``-`` in ``/``-separated segments. Keeping ``*?[]`` out of
 # identities means a sender can never smuggle a pattern, and logs stay one line.
@@ -46,6 +54,12 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "GetPlane": ["client/*"],
     "VmEvent": _EVERYONE,
     "VmEventBatch": _EVERYONE,
+    # the balancer (docs/balancing.md): a host fault may come from any monitoring agent;
+    # recommendations and the automation level are the operators'
+    "HostFaultEvent": _EVERYONE,
+    "ListRecommendations": ["client/*"],
+    "ApplyRecommendation": ["client/*"],
+    "SetAutomationLevel": ["client/*"],
     # everything else is service-to-service traffic
     "*": ["host/*", "coordinator"],
 }
@@ -58,6 +72,8 @@ DEFAULT_ROUTE_TYPES: dict[str, str] = {
     VM_EVENTS: "VmEvent",
     INVENTORIES: "HostInventory",
     ALARMS: "Alarm",
+    HOST_EVENTS: "HostFaultEvent",
+    HOST_LOADS: "HostLoad",
 }
 
 

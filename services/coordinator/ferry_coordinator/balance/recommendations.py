@@ -50,6 +50,10 @@ class RecommendationBook:
         self.clock: Clock = clock or SystemClock()
         self._current: dict[str, Recommendation] = {}
 
+    def restore(self, recs: Iterable[Recommendation]) -> None:
+        """Start from ``recs`` (the book as the saga store kept it)."""
+        self._current = {r.id: r for r in recs}
+
     def current(self) -> list[Recommendation]:
         return sorted(self._current.values(), key=lambda r: (r.created_at, r.id))
 

@@ -40,6 +40,9 @@ class MigrationSaga:
         resume = (s.trace_id, s.trace_span_id) if s.trace_id and s.trace_span_id else None
         with migration_span(r.mid, attrs, resume=resume) as root:
             r.root = root
+            if s.why:  # an automatic migration: why it started, on its trace
+                root.set_attributes({f"ferry.why.{k}": str(v) for k, v in s.why.items() if k != "figures"}
+                                    | {f"ferry.why.{k}": float(v) for k, v in (s.why.get("figures") or {}).items()})
             ids = trace_ids(root)
             if ids is not None and s.trace_id is None:
                 s.trace_id, s.trace_span_id = ids  # saved with the next step

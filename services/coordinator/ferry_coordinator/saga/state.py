@@ -22,6 +22,7 @@ class SagaState(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     requested_by: str | None = None
     reason_requested: str | None = None
+    why: dict[str, Any] | None = None  # an automatic migration's MoveReason (policy, figures, level)
     target_ready: bool | None = None  # the target said it keeps a receiving process of this shape
     epoch: int | None = None  # the plane's ownership epoch: the current one, the new one once complete
     # the trace a resumed saga continues

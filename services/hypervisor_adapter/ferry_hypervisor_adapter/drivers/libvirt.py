@@ -35,9 +35,11 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 from xml.sax.saxutils import escape
 
+from ferry_common.clock import SystemClock
 from ferry_common.messages.domain import VmSpec
+from ferry_common.messages.host_events import HostLoad
 
-from . import libvirt_domains, libvirt_storage
+from . import libvirt_domains, libvirt_storage, telemetry
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
 from .convergence import Convergence, Decision, Ladder
 from .guest import STATUS_ADDR, GuestStatus, default_guest_image, guest_cmdline
@@ -149,6 +151,7 @@ class LibvirtDriver(AdoptedDomains):
         self.finish_timeout_s = finish_timeout_s
         self.abort_grace_s = abort_grace_s
         self._conn: Any = None
+        self._meter = telemetry.CpuMeter(SystemClock())  # CPU rates for telemetry()
         self._cancel_requested: set[str] = set()
         self._aborts: dict[str, asyncio.Task[bool]] = {}  # vm_id -> an operator's cancel under way
         self._postcopy: set[str] = set()  # outgoing migrations in post-copy: not to be cancelled
@@ -472,6 +475,16 @@ class LibvirtDriver(AdoptedDomains):
             raise LookupError(f"no domain {vm_id} on {self.host}")
         raw = await _blocking(dom.memoryPeek, STATUS_ADDR, 16, lv.VIR_MEMORY_PHYSICAL)
         return GuestStatus.from_bytes(bytes(raw))
+
+    async def telemetry(self) -> HostLoad:
+        """The host's load (``/proc``) and each domain's (libvirt's CPU and memory statistics)."""
+        guests = []
+        for spec in await self.list():
+            dom = await self._lookup(spec.vm_id)
+            if dom is not None:
+                guests.append(await _blocking(telemetry.libvirt_guest, self._meter, spec, dom))
+        self._meter.forget({g.vm_id for g in guests})
+        return await asyncio.to_thread(telemetry.host_load, self.host, self._meter, guests)
 
     # --- helpers ----------------------------------------------------------------------------
 

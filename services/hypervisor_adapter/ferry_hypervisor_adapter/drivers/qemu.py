@@ -29,9 +29,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ferry_common.clock import SystemClock
 from ferry_common.messages.domain import VmSpec
+from ferry_common.messages.host_events import HostLoad
 from ferry_common.messages.public import incoming_shape
 
+from . import telemetry
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
 from .convergence import Convergence, Decision, Ladder
 from .guest import STATUS_XP, GuestStatus, default_guest_image, guest_cmdline
@@ -110,6 +113,7 @@ class QemuDriver:
         # guests whose migration away this driver saw complete, by the pid of the process left
         # in postmigrate: its teardown needs no status query first
         self._handed_over: dict[str, int | None] = {}
+        self._meter = telemetry.CpuMeter(SystemClock())  # CPU rates for telemetry()
         # guests whose last migration away went through post-copy: their source is stale
         self._postcopied: set[str] = set()
         self.standby = StandbyPool(parse_shapes(standby))
@@ -157,6 +161,12 @@ class QemuDriver:
     async def destroy(self, vm_id: str) -> None:
         async with self._lock(vm_id):
             await self._kill(vm_id)
+
+    async def telemetry(self) -> HostLoad:
+        """The host's load (``/proc``) and each guest's: its QEMU process's CPU time and RSS."""
+        guests = [(spec, self.pid(spec.vm_id)) for spec in await self.list()]
+        return await asyncio.to_thread(
+            lambda: telemetry.host_load(self.host, self._meter, telemetry.process_guests(self._meter, guests)))
 
     async def list(self) -> list[VmSpec]:
         out: list[VmSpec] = []

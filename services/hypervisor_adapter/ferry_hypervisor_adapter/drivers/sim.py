@@ -24,6 +24,7 @@ import orjson
 
 from ferry_common.clock import Clock, SystemClock
 from ferry_common.messages.domain import VmSpec
+from ferry_common.messages.host_events import GuestLoad, HostLoad
 
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
 from .convergence import Convergence, Ladder
@@ -94,8 +95,10 @@ class SimDriver:
         capacity_mib: int = 65536,
         state_file: str | None = None,
         network: SimNetwork | None = None,
+        cpus: int = 16,
     ) -> None:
         self.host = host
+        self.cpus = int(cpus)  # the simulated host's cores (its load: telemetry())
         self.clock = clock or SystemClock()
         self.capacity_mib = capacity_mib
         # the simulated hypervisor outlives the adapter process, as a real one does
@@ -139,6 +142,33 @@ class SimDriver:
         """The guest's process dies (a fault a test injects): it is gone, unsaved state too."""
         self.vms.pop(vm_id, None)
         self._save()
+
+    def set_load(self, vm_id: str, *, cpu: float | None = None, memory_used_mib: float | None = None) -> None:
+        """The load model: what ``vm_id`` uses from now on (kept in its params, ``sim_cpu`` and
+        ``sim_memory_used_mib``, so it travels with the VM when it migrates)."""
+        vm = self.vms[vm_id]
+        params = dict(vm.spec.params)
+        if cpu is not None:
+            params["sim_cpu"] = float(cpu)
+        if memory_used_mib is not None:
+            params["sim_memory_used_mib"] = float(memory_used_mib)
+        vm.spec = vm.spec.model_copy(update={"params": params})
+        self._save()
+
+    async def telemetry(self) -> HostLoad:
+        """The host's load from its guests' load model (cores and MiB each VM uses)."""
+        guests = []
+        for vm in self.vms.values():
+            if vm.state not in ("running", "paused"):
+                continue
+            p, spec = vm.spec.params, vm.spec
+            cpu = float(p.get("sim_cpu", 0.0)) if vm.state == "running" else 0.0  # type: ignore[arg-type]
+            mem = float(p.get("sim_memory_used_mib", spec.memory_mib))  # type: ignore[arg-type]
+            guests.append(GuestLoad(vm_id=spec.vm_id, cpu=cpu, memory_used_mib=min(mem, spec.memory_mib),
+                                    memory_mib=spec.memory_mib, vcpus=spec.vcpus))
+        return HostLoad(host=self.host, at=self.clock.now(), cpus=self.cpus, memory_mib=self.capacity_mib,
+                        cpu_used=sum(g.cpu for g in guests), memory_used_mib=sum(g.memory_used_mib for g in guests),
+                        vms=guests)
 
     async def list(self) -> list[VmSpec]:
         return [vm.spec for vm in self.vms.values() if vm.state in ("running", "paused")]
