@@ -53,7 +53,9 @@ from ferry_common.messages.public import (
 from ferry_common.messages.telemetry import SpanBatch
 
 from . import observe
+from .fleet import drain_endpoint
 from .fleet import metrics as fleet_metrics
+from .fleet.drain_manager import DrainManager
 from .fleet.liveness import LivenessTracker
 from .hosts import HostRegistry
 from .saga import BusPort, MigrationSaga, SagaContext
@@ -98,13 +100,18 @@ class CoordinatorService:
         self.router.add(Inspect, self.on_inspect)
         self.router.add(LeaseRequest, self.on_lease)
         self.router.refused = self.on_refused
+        # host drains: state in the store, advanced by every replica (fleet/drain_manager.py)
+        self.drains = DrainManager(store, self.hosts, endpoint.clock, self._publish_any,
+                                   ready=self.liveness.states, on_abort=self.cancels.__setitem__)
+        self._drain_task: asyncio.Task[None] | None = None
+        drain_endpoint.DrainEndpoint(self.drains).install(self.router)
         self.private = Router()
         self.private.route_key(INVENTORIES, HostInventory)
         self.private.add(HostInventory, self.on_inventory)
         self.private.add(VmMigrationFinished, self.on_vm_finished)
 
     async def start(self) -> None:
-        shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY, TELEMETRY_SPANS), prefetch=128)
+        shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY, TELEMETRY_SPANS, *drain_endpoint.KEYS), prefetch=128)
         private = QueueSpec(f"coordinator.{self.owner}", (INVENTORIES, self.notify_key), durable=False, prefetch=256)
         # every saga step is a request: the replies' queue is there before the first one
         await self.endpoint.open_replies()
@@ -113,9 +120,10 @@ class CoordinatorService:
         self._consumers.append(await self.endpoint.serve(shared, self.router))
         self._lease_task = asyncio.create_task(self._lease_loop())
         self._liveness_task = asyncio.create_task(self.liveness.run())
+        self._drain_task = asyncio.create_task(self.drains.run())
 
     async def stop(self) -> None:
-        for task in (self._lease_task, self._liveness_task):
+        for task in (self._lease_task, self._liveness_task, self._drain_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -385,6 +393,9 @@ class CoordinatorService:
             at=self.endpoint.clock.now(),
         )
         await self.endpoint.send(migration_status(status), event, mandatory=False)  # if anyone listens
+
+    async def _publish_any(self, key: str, event: Any) -> None:
+        await self.endpoint.send(key, event, mandatory=False)  # if anyone listens
 
     async def _publish_status(self, event: MigrationStatusEvent) -> None:
         # nobody may follow this migration (its record still says it all): not mandatory, so

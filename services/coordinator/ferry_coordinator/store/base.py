@@ -13,7 +13,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
-from ferry_coordinator.fleet.drain import Drain
+from ferry_coordinator.fleet.drain import Drain, DrainState
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 
 # failed: ended forward-only after post-copy started, neither completed nor rolled back
@@ -193,9 +193,12 @@ class DrainStore(Protocol):
         only while the drain is ``draining``; None otherwise. A cancel can then never be
         followed by a migration the drain queued."""
 
-    async def cancel(self, drain_id: str, *, now: float, reason: str) -> Drain | None:
-        """In one transaction: the drain ``cancelled`` (if draining) and every queued entry of
-        its group cancelled. Returns the drain as stored, None if unknown."""
+    async def cancel(
+        self, drain_id: str, *, now: float, reason: str, state: DrainState = DrainState.CANCELLED
+    ) -> Drain | None:
+        """In one transaction: the drain ended in ``state`` (cancelled, or failed when its
+        deadline passed) if it was draining, and every queued entry of its group cancelled.
+        Returns the drain as stored, None if unknown."""
 
     async def cordoned(self) -> set[str]:
         """Hosts placement must skip: those whose latest drain keeps them cordoned."""

@@ -56,12 +56,14 @@ class MemoryDrainStore:
         stored, _ = await self._queue.enqueue(entry)  # no await point inside: still atomic
         return stored
 
-    async def cancel(self, drain_id: str, *, now: float, reason: str) -> Drain | None:
+    async def cancel(
+        self, drain_id: str, *, now: float, reason: str, state: DrainState = DrainState.CANCELLED
+    ) -> Drain | None:
         row = self._rows.get(drain_id)
         if row is None:
             return None
         if row.active:
-            row = self._rows[drain_id] = replace(row.to(DrainState.CANCELLED, now=now, reason=reason), version=row.version + 1)
+            row = self._rows[drain_id] = replace(row.to(state, now=now, reason=reason), version=row.version + 1)
         for e in await self._queue.entries(states=(EntryState.QUEUED,), group=drain_id):
             await self._queue.cancel(e.migration_id, now=now)
         return row.copy()

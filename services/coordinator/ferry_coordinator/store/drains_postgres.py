@@ -102,13 +102,15 @@ class PostgresDrainStore:
             )
         return entry_from(row["body"]) if row is not None else None
 
-    async def cancel(self, drain_id: str, *, now: float, reason: str) -> Drain | None:
+    async def cancel(
+        self, drain_id: str, *, now: float, reason: str, state: DrainState = DrainState.CANCELLED
+    ) -> Drain | None:
         async with self._pool.acquire() as conn, conn.transaction():
             drain = _drain(await conn.fetchrow(_BY_ID + " FOR UPDATE", drain_id))
             if drain is None:
                 return None
             if drain.active:
-                drain = replace(drain.to(DrainState.CANCELLED, now=now, reason=reason), version=drain.version + 1)
+                drain = replace(drain.to(state, now=now, reason=reason), version=drain.version + 1)
                 await conn.execute(
                     "UPDATE ferry_drains SET state = $2, version = $3, body = $4 WHERE id = $1",
                     drain_id, drain.state.value, drain.version, drain.to_dict(),

@@ -117,13 +117,15 @@ class SqliteDrainStore:
                 found = await cur.fetchone()
         return entry_from(orjson.loads(found[0])) if found else None
 
-    async def cancel(self, drain_id: str, *, now: float, reason: str) -> Drain | None:
+    async def cancel(
+        self, drain_id: str, *, now: float, reason: str, state: DrainState = DrainState.CANCELLED
+    ) -> Drain | None:
         async with self._write():
             drain = await self._one("SELECT body FROM ferry_drains WHERE id = ?", (drain_id,))
             if drain is None:
                 return None
             if drain.active:
-                drain = replace(drain.to(DrainState.CANCELLED, now=now, reason=reason), version=drain.version + 1)
+                drain = replace(drain.to(state, now=now, reason=reason), version=drain.version + 1)
                 await self._conn.execute(
                     "UPDATE ferry_drains SET state = ?, version = ?, body = ? WHERE id = ?",
                     (drain.state.value, drain.version, _dump(drain), drain_id),

@@ -1,0 +1,93 @@
+"""Helpers of the drain tests.
+
+TEST-ONLY DISPATCHER: ``run_dispatcher`` stands in for the fleet dispatcher (branch
+``fleet-path``) until it is merged: it claims queue entries (``store.queue.claim_next``) and
+starts each one as any client would, by publishing its ``request`` (a MigrateRequest body) with
+the target the claim chose. At merge the lead switches the drain tests to the real dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ferry_common.bus.interfaces import QueueSpec
+from ferry_common.bus.topology import (
+    COORDINATOR_QUERY,
+    DRAIN_STATUSES,
+    HOST_DRAIN_REQUEST,
+    MIGRATION_REQUESTED,
+)
+from ferry_common.endpoint import Context, Router
+from ferry_common.messages.drains import DrainRequest, DrainStatusEvent, GetDrain
+from ferry_common.messages.public import MigrateRequest
+from ferry_coordinator.store import SagaStore
+from tests.harness import Cluster, until
+
+
+async def _dispatch(c: Cluster, store: SagaStore, owner: str, started: list[str]) -> None:
+    while True:
+        entry = await store.queue.claim_next(owner, now=c.clock.now())
+        if entry is None:
+            await asyncio.sleep(0.02)
+            continue
+        started.append(entry.migration_id)
+        body: dict[str, Any] = {**entry.request, "target_host": entry.target_host, "migration_id": entry.migration_id}
+        await c.client.endpoint.send(MIGRATION_REQUESTED, MigrateRequest.model_validate(body))
+
+
+@contextlib.asynccontextmanager
+async def dispatcher(c: Cluster, store: SagaStore | None = None) -> AsyncIterator[list[str]]:
+    """TEST-ONLY: run the stand-in dispatcher; yields the migration ids it started, in order."""
+    started: list[str] = []
+    task = asyncio.create_task(_dispatch(c, store or c.store, "test-dispatcher", started))
+    try:
+        yield started
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def drain_events(c: Cluster) -> list[DrainStatusEvent]:
+    """Every ``host.*.drain.*`` event from now on, as it arrives."""
+    seen: list[DrainStatusEvent] = []
+    router = Router()
+    router.route_key(DRAIN_STATUSES, DrainStatusEvent)
+
+    async def on(msg: DrainStatusEvent, ctx: Context) -> None:
+        seen.append(msg)
+
+    router.add(DrainStatusEvent, on)
+    await c.client.endpoint.serve(QueueSpec(f"drains.{c.client.endpoint.instance}", (DRAIN_STATUSES,), durable=False), router)
+    return seen
+
+
+async def drain(c: Cluster, host: str, **kw: Any) -> Any:
+    return await c.client.endpoint.request(HOST_DRAIN_REQUEST, DrainRequest(host=host, **kw), timeout=10.0)
+
+
+async def status(c: Cluster, host: str) -> DrainStatusEvent:
+    ans = await c.client.endpoint.request(COORDINATOR_QUERY, GetDrain(host=host), timeout=10.0)
+    assert isinstance(ans, DrainStatusEvent)
+    return ans
+
+
+async def wait_end(c: Cluster, host: str, timeout: float = 60.0) -> DrainStatusEvent:
+    last: list[DrainStatusEvent] = []
+
+    async def ended() -> bool:
+        last[:] = [await status(c, host)]
+        return last[0].status != "draining" and last[0].in_flight == 0 and last[0].queued == 0
+    await until(ended, timeout, f"the drain of {host} to end")
+    return last[0]
+
+
+async def fill(c: Cluster, host: str, n: int, *, prefix: str = "vm", memory_mib: int = 256, **params: Any) -> list[str]:
+    """``n`` VMs on ``host`` whose migrations take realistic time (sim bandwidth)."""
+    names = [f"{prefix}{i}" for i in range(n)]
+    for name in names:
+        await c.create_vm(host, name, memory_mib=memory_mib, sim_bandwidth_mibps=params.pop("bw", 512), **params)
+    return names
