@@ -173,3 +173,24 @@ async def test_undrain_return_brings_the_vms_back(cluster: Cluster) -> None:
         await until(back, 30, "the VMs to come back")
     for vm in vms:
         await check_invariants(cluster, vm, "host-a")
+
+
+async def test_cli_drain_shows_progress_and_exits_0_only_when_the_host_is_empty(cluster: Cluster) -> None:
+    import io
+
+    from rich.console import Console
+
+    from ferry_cli.hosts_cli import NOT_EMPTY, UNMOVABLE, run_drain
+
+    await fill(cluster, "host-a", 3)
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    async with dispatcher(cluster):
+        assert await run_drain(cluster.client, "host-a", console=console, timeout=60) == 0
+        assert "drained; 3/3 moved" in out.getvalue()
+        # a pinned VM on host-b: the dry run names it (exit 3); left behind, the host is not empty (exit 1)
+        await cluster.create_vm("host-b", "pinned", memory_mib=256, pinned=True)
+        assert await run_drain(cluster.client, "host-b", console=console, dry_run=True) == UNMOVABLE
+        assert "cannot move pinned: pinned by policy" in out.getvalue()
+        assert await run_drain(cluster.client, "host-b", console=console, on_unmovable="leave", timeout=60) == NOT_EMPTY
+        assert "host-b still runs: pinned" in out.getvalue()
