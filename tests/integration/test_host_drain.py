@@ -194,3 +194,30 @@ async def test_cli_drain_shows_progress_and_exits_0_only_when_the_host_is_empty(
         assert "cannot move pinned: pinned by policy" in out.getvalue()
         assert await run_drain(cluster.client, "host-b", console=console, on_unmovable="leave", timeout=60) == NOT_EMPTY
         assert "host-b still runs: pinned" in out.getvalue()
+
+
+async def test_drain_metrics_feed_the_alert_and_the_trace_links_its_migrations(cluster: Cluster) -> None:
+    from pathlib import Path
+
+    from ferry_common import metrics
+    from tests.harness import metric_sample
+
+    await fill(cluster, "host-a", 3)
+    alerts = (Path(__file__).parents[2] / "deploy/prometheus/ferry-alerts.yaml").read_text()
+    assert "ferry_fleet_drain_remaining" in alerts  # the alert's metric is the one set here
+    async with dispatcher(cluster):
+        await drain(cluster, "host-a")
+
+        async def moving() -> bool:
+            text = metrics.REGISTRY.render()
+            return metric_sample(text, "ferry_fleet_drain_remaining", '{host="host-a"}') > 0
+        await until(moving, 10, "the drain's remaining VMs as a metric")
+        end = await wait_end(cluster, "host-a")
+    assert end.status == "drained"
+    text = metrics.REGISTRY.render()
+    assert metric_sample(text, "ferry_fleet_drain_remaining", '{host="host-a"}') == 0
+    assert metric_sample(text, "ferry_fleet_drain_vms", '{host="host-a",state="done"}') == 3
+    d = await cluster.store.drains.latest("host-a")
+    assert d is not None and d.trace_links, "the drain's root span links its migrations' traces"
+    roots = {(await cluster.store.spans(v.migration_id or ""))[0]["trace_id"] for v in d.vms.values()}
+    assert {link.split(":")[0] for link in d.trace_links} <= roots

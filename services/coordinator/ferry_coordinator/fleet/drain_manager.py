@@ -136,17 +136,7 @@ class DrainManager:
     async def uncordon(self, host: str, *, return_vms: bool) -> DrainStatusEvent:
         """Placement may choose ``host`` again; with ``return_vms`` the VMs its last drain moved
         away are queued to come back (ids derived from the drain: asking twice is asking once)."""
-        for _ in range(10):
-            drain = await self.store.drains.latest(host)
-            if drain is None:
-                raise InvalidMessage(f"host {host!r} has no drain")
-            if drain.active:
-                raise Conflict(f"host {host} is draining ({drain.drain_id}); cancel the drain first")
-            try:
-                drain = await self.store.drains.save(replace(drain, cordoned=False, returned=drain.returned or return_vms))
-                break
-            except Conflict:
-                continue
+        drain = await self._uncordoned(host, return_vms)
         if return_vms:
             now = self.clock.now()
             for vm_id, at in drain.moved().items():
@@ -157,6 +147,17 @@ class DrainManager:
                     now=now, request=request,
                 ))
         return self.event(drain, await self.parallel())
+
+    async def _uncordoned(self, host: str, return_vms: bool) -> Drain:
+        for _ in range(10):  # a pass of another replica may save the drain in between: read again
+            drain = await self.store.drains.latest(host)
+            if drain is None:
+                raise InvalidMessage(f"host {host!r} has no drain")
+            if drain.active:
+                raise Conflict(f"host {host} is draining ({drain.drain_id}); cancel the drain first")
+            with contextlib.suppress(Conflict):
+                return await self.store.drains.save(replace(drain, cordoned=False, returned=drain.returned or return_vms))
+        raise Conflict(f"the drain of {host} keeps changing; try again")
 
     # ---- the passes --------------------------------------------------------------------
     async def run(self) -> None:
