@@ -16,7 +16,7 @@ from ferry_common.messages.drains import DrainCancel, DrainPlan, DrainStatusEven
 from ferry_coordinator.fleet.queue import EntryState
 from tests.harness import Cluster, check_invariants, make_cluster, until
 
-from .drain_support import dispatcher, drain, drain_events, fill, wait_end
+from .drain_support import dispatcher, drain, drain_events, fill, status, wait_end
 
 HOSTS = ("host-a", "host-b", "host-c", "host-d")
 
@@ -221,3 +221,39 @@ async def test_drain_metrics_feed_the_alert_and_the_trace_links_its_migrations(c
     assert d is not None and d.trace_links, "the drain's root span links its migrations' traces"
     roots = {(await cluster.store.spans(v.migration_id or ""))[0]["trace_id"] for v in d.vms.values()}
     assert {link.split(":")[0] for link in d.trace_links} <= roots
+
+
+async def test_cancel_abort_rolls_back_those_in_flight(cluster: Cluster) -> None:
+    vms = await fill(cluster, "host-a", 4, memory_mib=1024, bw=256)  # ~4 s each
+    for vm in vms:
+        await cluster.send_events(vm, 3)
+    async with dispatcher(cluster) as started:
+        await drain(cluster, "host-a")
+
+        async def two_in_flight() -> bool:
+            return (await status(cluster, "host-a")).in_flight == 2
+        await until(two_in_flight, 10, "two migrations in flight")
+        ans = await cluster.client.endpoint.request(HOST_DRAIN_CANCEL, DrainCancel(host="host-a", abort=True), timeout=10)
+        assert isinstance(ans, DrainStatusEvent) and ans.status == "cancelled"
+        end = await wait_end(cluster, "host-a", timeout=30)
+        await asyncio.sleep(1.0)
+        assert len(started) == 2
+    assert (end.status, end.done) == ("cancelled", 0), end
+    for mid in started:
+        rec = await cluster.store.get(mid)
+        assert rec is not None and rec.status == "rolled_back"
+    for vm in vms:
+        await check_invariants(cluster, vm, "host-a")
+
+
+async def test_a_deadline_ends_the_drain_failed_and_starts_nothing_more(cluster: Cluster) -> None:
+    await fill(cluster, "host-a", 8)
+    async with dispatcher(cluster) as started:
+        await drain(cluster, "host-a", deadline_s=1.0)
+        end = await wait_end(cluster, "host-a", timeout=30)
+        n = len(started)
+        await asyncio.sleep(1.5)
+        assert len(started) == n
+    assert end.status == "failed" and (end.reason or "").startswith("deadline passed; still there: ")
+    assert 0 < n < 8 and end.done == n
+    assert await cluster.store.queue.entries(states=(EntryState.QUEUED,)) == []

@@ -33,7 +33,7 @@ from ..store.base import SagaStore
 from . import metrics
 from .drain import VM_ENDS, Drain, DrainState, DrainVm, VmState, migration_id
 from .drain_planner import plan_drain
-from .drain_trace import record_drain_trace
+from .drain_trace import migration_roots, record_drain_trace
 from .queue import EntryState, Priority, new_entry
 from .view import FleetView
 
@@ -201,13 +201,21 @@ class DrainManager:
                                                    reason="deadline passed; still there: " + ", ".join(left))
             if ended is not None:
                 drain, before, to_enqueue = ended, ended.to_dict(), []
-        if drain.active and drain.finished_vms():
+        ending = drain.active and drain.finished_vms()
+        if ending:
             state, reason = drain.outcome()
             drain = drain.to(state, now=now, reason=reason)
-            drain.trace_links = await record_drain_trace(self.store, drain)
+            drain.trace_links = await migration_roots(self.store, drain)
         if drain.to_dict() != before:
             drain.updated_at = now
-            drain = await self.store.drains.save(drain)
+            try:
+                drain = await self.store.drains.save(drain)
+            except Conflict:
+                for vm in to_enqueue:
+                    self._candidates.pop(vm.migration_id or "", None)
+                raise
+            if ending:  # only the replica whose save ended it records the drain's span
+                record_drain_trace(drain)
         for vm in to_enqueue:  # after the save: a replica that dies here is redone by the next pass
             assert vm.migration_id is not None
             request = {"vm_id": vm.vm_id, "target_host": vm.target, "migration_id": vm.migration_id,

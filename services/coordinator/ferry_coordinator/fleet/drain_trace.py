@@ -31,11 +31,10 @@ async def migration_roots(store: SagaStore, drain: Drain) -> list[str]:
     return out
 
 
-async def record_drain_trace(store: SagaStore, drain: Drain) -> list[str]:
-    """Record the drain's root span with its links; returns the links (kept on the drain)."""
-    links = await migration_roots(store, drain)
+def record_drain_trace(drain: Drain) -> None:
+    """Record the drain's root span, linked to its migrations' roots (``drain.trace_links``)."""
     otel_links = []
-    for link in links:
+    for link in drain.trace_links:
         trace_id, span_id = link.split(":")
         ctx = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
         otel_links.append(Link(ctx))
@@ -48,4 +47,3 @@ async def record_drain_trace(store: SagaStore, drain: Drain) -> list[str]:
                     "ferry.drain.vms": len(drain.vms)},
     )
     span.end(end_time=int(max(drain.updated_at, drain.ended_at or 0.0, drain.created_at) * 1e9))
-    return links
