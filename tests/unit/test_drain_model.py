@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from ferry_common.messages.domain import VmSpec
-from ferry_coordinator.fleet.drain import Drain, DrainState, DrainVm, InvalidTransition, VmState, migration_id
+from ferry_coordinator.fleet.drain import (
+    Drain,
+    DrainState,
+    DrainVm,
+    InvalidTransition,
+    VmState,
+    migration_id,
+)
 from ferry_coordinator.fleet.drain_planner import plan_drain
 from ferry_coordinator.fleet.view import FleetView, HostView
 
