@@ -102,7 +102,8 @@ class CoordinatorService:
         self.router.refused = self.on_refused
         # host drains: state in the store, advanced by every replica (fleet/drain_manager.py)
         self.drains = DrainManager(store, self.hosts, endpoint.clock, self._publish_any,
-                                   ready=self.liveness.states, on_abort=self.cancels.__setitem__)
+                                   ready=self.liveness.states, on_abort=self.cancels.__setitem__,
+                                   warmup_s=self.liveness.bound_s())
         self._drain_task: asyncio.Task[None] | None = None
         drain_endpoint.DrainEndpoint(self.drains).install(self.router)
         self.private = Router()

@@ -52,6 +52,7 @@ class DrainManager:
         ready: Callable[[], dict[str, bool]] = dict,
         on_abort: Callable[[str, str], None] = lambda mid, reason: None,
         interval_s: float = 0.2,
+        warmup_s: float = 3.0,
     ) -> None:
         self.store = store
         self.hosts = hosts
@@ -62,6 +63,10 @@ class DrainManager:
         self.interval_s = interval_s
         self._told: dict[str, tuple[Any, ...]] = {}  # drain id -> the last status published here
         self._candidates: dict[str, tuple[str, ...]] = {}  # migration id -> ranked targets, until enqueued
+        # a replica that just started has not heard every host yet: placing then would call
+        # VMs unmovable that are not; after one liveness bound every ready host has reported
+        self.warmup_s = warmup_s
+        self._warm = asyncio.Event()
 
     # ---- what placement sees -----------------------------------------------------------
     async def view(self) -> FleetView:
@@ -94,6 +99,7 @@ class DrainManager:
         )
 
     async def request(self, msg: DrainRequest, drain_id: str, requested_by: str | None) -> Wire:
+        await self._warm.wait()
         if not self.hosts.known(msg.host):
             raise InvalidMessage(f"host {msg.host!r} is unknown")
         plan = await self.plan(msg.host)
@@ -109,7 +115,8 @@ class DrainManager:
             on_unmovable=msg.on_unmovable, max_attempts=msg.max_attempts, requested_by=requested_by, vms=vms,
         )
         stored, _ = await self.store.drains.create(drain)
-        await self.advance(stored)
+        with contextlib.suppress(Conflict):  # a pass got there first
+            await self.advance(stored)
         return await self.status(msg.host)
 
     async def status(self, host: str) -> DrainStatusEvent:
@@ -130,7 +137,8 @@ class DrainManager:
                 if vm.state not in VM_ENDS and vm.migration_id is not None:
                     await self.store.request_cancel(vm.migration_id)
                     self.on_abort(vm.migration_id, reason)
-        await self.advance(ended)
+        with contextlib.suppress(Conflict):
+            await self.advance(ended)
         return await self.status(host)
 
     async def uncordon(self, host: str, *, return_vms: bool) -> DrainStatusEvent:
@@ -161,6 +169,14 @@ class DrainManager:
 
     # ---- the passes --------------------------------------------------------------------
     async def run(self) -> None:
+        started = self.clock.monotonic()
+        while not self._warm.is_set():  # until every host had time for one inventory
+            periods = [inv.period_s or 0.0 for inv in self.hosts.hosts.values()]
+            need = max(self.warmup_s, 1.5 * max(periods, default=0.0))
+            if periods and self.clock.monotonic() - started >= need:
+                self._warm.set()
+            else:
+                await self.clock.sleep(0.1)
         while True:
             try:
                 await self.tick()
@@ -229,9 +245,12 @@ class DrainManager:
 
     def _place(self, drain: Drain, vm: DrainVm, view: FleetView, now: float, out: list[DrainVm]) -> None:
         located = self.hosts.locate(vm.vm_id)
+        if located is None and not self.hosts.known(drain.host):
+            return  # the host's inventory has not arrived here yet: next pass
         if located is None or located[0] != drain.host:
             # it left (or is gone) by other means: nothing for the drain to do
             vm.state, vm.ended_at, vm.target = VmState.DONE, now, located[0] if located else None
+            vm.reason = None if located else "no longer on any host"
             return
         movable, stuck = plan_drain(drain.host, [located[1]], view, parallel=1, exclude={vm.vm_id: vm.tried})
         if stuck:
