@@ -257,3 +257,16 @@ async def test_a_deadline_ends_the_drain_failed_and_starts_nothing_more(cluster:
     assert end.status == "failed" and (end.reason or "").startswith("deadline passed; still there: ")
     assert 0 < n < 8 and end.done == n
     assert await cluster.store.queue.entries(states=(EntryState.QUEUED,)) == []
+
+
+async def test_two_drains_at_once_never_place_on_each_others_host(cluster: Cluster) -> None:
+    a = await fill(cluster, "host-a", 4, prefix="a")
+    b = await fill(cluster, "host-b", 4, prefix="b")
+    async with dispatcher(cluster):
+        await drain(cluster, "host-a")
+        await drain(cluster, "host-b")
+        ends = [await wait_end(cluster, h) for h in ("host-a", "host-b")]
+    assert [(e.status, e.done) for e in ends] == [("drained", 4), ("drained", 4)]
+    for vm in a + b:
+        assert placement_of(cluster, vm) in ("host-c", "host-d")
+    assert await cluster.store.drains.cordoned() == {"host-a", "host-b"}

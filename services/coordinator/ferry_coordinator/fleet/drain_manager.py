@@ -34,7 +34,7 @@ from . import metrics
 from .drain import VM_ENDS, Drain, DrainState, DrainVm, VmState, migration_id
 from .drain_planner import plan_drain
 from .drain_trace import migration_roots, record_drain_trace
-from .queue import EntryState, Priority, new_entry
+from .queue import EntryState, Priority, QueueEntry, new_entry
 from .view import FleetView
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,11 @@ class DrainManager:
             if vm.state in VM_ENDS:
                 continue
             if vm.state in (VmState.QUEUED, VmState.IN_FLIGHT):
-                await self._follow(drain, vm, now)
+                queued = await self._follow(drain, vm, now)
+                if queued is not None and drain.active:
+                    if view is None:
+                        view = await self.view()
+                    await self._refresh(drain, vm, queued, view)
             if vm.state is VmState.PENDING:
                 if not drain.active:
                     vm.state, vm.ended_at = VmState.CANCELLED, now
@@ -265,7 +269,22 @@ class DrainManager:
         self._candidates[vm.migration_id] = target.candidates
         out.append(vm)
 
-    async def _follow(self, drain: Drain, vm: DrainVm, now: float) -> None:
+    async def _refresh(self, drain: Drain, vm: DrainVm, entry: QueueEntry, view: FleetView) -> None:
+        """A queued entry's targets, again, if one of them was cordoned or drained since."""
+        if all(view.hosts[h].schedulable for h in entry.candidates if h in view.hosts):
+            return
+        located = self.hosts.locate(vm.vm_id)
+        if located is None:
+            return
+        movable, stuck = plan_drain(drain.host, [located[1]], view, parallel=1, exclude={vm.vm_id: vm.tried})
+        ranked = movable[0].candidates if movable else ()
+        await self.store.queue.update_queued(entry.migration_id, candidates=ranked,
+                                             placement_note=stuck[0].reason if stuck else None)
+        if movable:
+            vm.target = movable[0].target
+
+    async def _follow(self, drain: Drain, vm: DrainVm, now: float) -> QueueEntry | None:
+        """Bring ``vm`` up to date; its queue entry if it is still queued."""
         assert vm.migration_id is not None
         rec = await self.store.get(vm.migration_id)
         if rec is not None and rec.terminal:
@@ -273,7 +292,7 @@ class DrainManager:
             if rec.status == "completed":
                 vm.state, vm.target = VmState.DONE, rec.target_host
                 drain.durations.append(max(0.0, rec.updated_at - rec.created_at))
-                return
+                return None
             state = SagaState.load(rec.data)
             vm.reason = f"{rec.status}: {state.code or ''} {state.reason or ''}".strip()[:MAX_STRING]
             if rec.target_host and rec.target_host not in vm.tried:
@@ -284,10 +303,10 @@ class DrainManager:
                 vm.state = VmState.PENDING  # again, on another host
             else:
                 vm.state = VmState.FAILED
-            return
+            return None
         if rec is not None:
             vm.state = VmState.IN_FLIGHT
-            return
+            return None
         entry = await self.store.queue.get(vm.migration_id)
         if entry is None:
             if drain.active:  # saved as queued, then its replica died before enqueueing it
@@ -303,9 +322,12 @@ class DrainManager:
             vm.state, vm.ended_at = VmState.CANCELLED, now
         elif entry.state is EntryState.STARTED:
             vm.state = VmState.IN_FLIGHT
+        elif entry.state is EntryState.QUEUED:
+            return entry
         elif entry.state is EntryState.DONE:  # released without a saga: that attempt is over
             vm.tried.append(entry.target_host or "")
             vm.state = VmState.PENDING if drain.active and vm.attempt < drain.max_attempts else VmState.FAILED
+        return None
 
     # ---- what followers see ------------------------------------------------------------
     def event(self, drain: Drain, parallel: int) -> DrainStatusEvent:
