@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from ferry_common.bus.interfaces import Message
-from ferry_common.bus.topology import HOST_DRAIN_CANCEL, HOST_DRAIN_REQUEST, HOST_UNCORDON, drain_status
+from ferry_common.bus.topology import (
+    HOST_DRAIN_CANCEL,
+    HOST_DRAIN_REQUEST,
+    HOST_UNCORDON,
+    drain_status,
+)
 from ferry_common.errors import InvalidMessage
 from ferry_common.messages.drains import DrainRequest
 from ferry_common.messages.registry import REGISTRY, decode
