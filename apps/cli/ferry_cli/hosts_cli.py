@@ -79,7 +79,16 @@ async def follow_drain(client: FerryClient, host: str, *, timeout: float, consol
         events.put_nowait(msg)
 
     router.add(DrainStatusEvent, on)
-    await client.endpoint.serve(QueueSpec(f"drain.{client.endpoint.instance}", (drain_status(host, "*"),), durable=False), router)
+    consumer = await client.endpoint.serve(
+        QueueSpec(f"drain.{client.endpoint.instance}.{host}", (drain_status(host, "*"),), durable=False), router)
+    try:
+        return await _show(client, host, events, timeout=timeout, console=console, poll_s=poll_s)
+    finally:
+        await consumer.cancel()
+
+
+async def _show(client: FerryClient, host: str, events: asyncio.Queue[DrainStatusEvent], *, timeout: float,
+                console: Console, poll_s: float) -> DrainStatusEvent:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
                         disable=not console.is_terminal)
