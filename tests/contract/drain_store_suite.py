@@ -120,3 +120,16 @@ class DrainStoreSuite:
         d.cordoned = False
         await store.drains.save(d)
         assert await store.drains.cordoned() == {"host-b"}
+
+    async def test_open_drains_are_those_with_work_left(self, store: SagaStore) -> None:
+        d, _ = await store.drains.create(drain(vms=1))
+        assert [x.drain_id for x in await store.drains.open()] == ["d-1"]
+        d.vms["vm-0"].state = VmState.IN_FLIGHT
+        d = await store.drains.save(d.to(DrainState.CANCELLED, now=101.0))
+        assert [x.drain_id for x in await store.drains.open()] == ["d-1"]  # its migration still runs
+        d.vms["vm-0"].state = VmState.CANCELLED
+        await store.drains.save(d)
+        assert await store.drains.open() == []
+        other, _ = await store.drains.create(drain("d-2", "host-b", vms=0))
+        await store.drains.cancel("d-2", now=102.0, reason="x")
+        assert await store.drains.open() == []

@@ -98,6 +98,11 @@ class Drain:
     def active(self) -> bool:
         return self.state is DrainState.DRAINING
 
+    @property
+    def open(self) -> bool:
+        """Still work for the manager: draining, or ended with migrations still running."""
+        return self.active or not self.finished_vms()
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["state"] = self.state.value

@@ -187,10 +187,9 @@ class DrainManager:
             await self.clock.sleep(self.interval_s)
 
     async def tick(self) -> None:
-        for drain in await self.store.drains.list():
-            if drain.active or not drain.finished_vms():
-                with contextlib.suppress(Conflict):  # another replica saved it first: next pass
-                    await self.advance(drain)
+        for drain in await self.store.drains.open():
+            with contextlib.suppress(Conflict):  # another replica saved it first: next pass
+                await self.advance(drain)
 
     async def advance(self, drain: Drain) -> Drain:
         """Bring ``drain`` up to date, ask for its next migrations, end it when every VM has."""

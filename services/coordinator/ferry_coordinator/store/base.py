@@ -185,6 +185,9 @@ class DrainStore(Protocol):
     async def list(self, *, active: bool = False) -> builtins.list[Drain]:
         """Oldest first; only those ``draining`` if ``active``."""
 
+    async def open(self) -> builtins.list[Drain]:
+        """Oldest first: those draining, and those ended whose migrations still run."""
+
     async def save(self, drain: Drain) -> Drain:
         """Write ``drain`` if its version is current (returned incremented); ``Conflict`` if not."""
 

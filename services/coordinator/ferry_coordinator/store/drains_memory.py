@@ -39,6 +39,9 @@ class MemoryDrainStore:
         rows = [d.copy() for d in self._rows.values() if d.active or not active]
         return sorted(rows, key=lambda d: (d.created_at, d.drain_id))
 
+    async def open(self) -> builtins.list[Drain]:
+        return [d for d in await self.list() if d.open]
+
     async def save(self, drain: Drain) -> Drain:
         row = self._rows.get(drain.drain_id)
         if row is None:

@@ -22,8 +22,10 @@ CREATE TABLE IF NOT EXISTS ferry_drains (
     state      TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL,
     version    INTEGER NOT NULL,
+    open       BOOLEAN NOT NULL DEFAULT TRUE,
     body       JSONB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS ferry_drains_open ON ferry_drains (open) WHERE open;
 CREATE UNIQUE INDEX IF NOT EXISTS ferry_drains_one_active_per_host
     ON ferry_drains (host) WHERE state = 'draining';
 CREATE INDEX IF NOT EXISTS ferry_drains_host ON ferry_drains (host, created_at);
@@ -45,9 +47,9 @@ class PostgresDrainStore:
         async with self._pool.acquire() as conn:
             for _ in range(10):  # the drain that blocked us may end before we read it
                 row = await conn.fetchrow(
-                    "INSERT INTO ferry_drains (id, host, state, created_at, version, body) VALUES ($1,$2,$3,$4,1,$5) "
-                    "ON CONFLICT DO NOTHING RETURNING id",
-                    drain.drain_id, drain.host, drain.state.value, drain.created_at, stored.to_dict(),
+                    "INSERT INTO ferry_drains (id, host, state, created_at, version, open, body) "
+                    "VALUES ($1,$2,$3,$4,1,$5,$6) ON CONFLICT DO NOTHING RETURNING id",
+                    drain.drain_id, drain.host, drain.state.value, drain.created_at, stored.open, stored.to_dict(),
                 )
                 if row is not None:
                     return stored, True
@@ -74,11 +76,16 @@ class PostgresDrainStore:
         )
         return [Drain.from_dict(r["body"]) for r in rows]
 
+    async def open(self) -> builtins.list[Drain]:
+        rows = await self._pool.fetch("SELECT body FROM ferry_drains WHERE open ORDER BY created_at, id")
+        return [Drain.from_dict(r["body"]) for r in rows]
+
     async def save(self, drain: Drain) -> Drain:
         stored = replace(drain, version=drain.version + 1)
         row = await self._pool.fetchrow(
-            "UPDATE ferry_drains SET state = $2, version = $3, body = $4 WHERE id = $1 AND version = $5 RETURNING id",
-            drain.drain_id, drain.state.value, stored.version, stored.to_dict(), drain.version,
+            "UPDATE ferry_drains SET state = $2, version = $3, body = $4, open = $6 "
+            "WHERE id = $1 AND version = $5 RETURNING id",
+            drain.drain_id, drain.state.value, stored.version, stored.to_dict(), drain.version, stored.open,
         )
         if row is None:
             raise Conflict(f"drain {drain.drain_id} changed or does not exist (version {drain.version})")
@@ -112,8 +119,8 @@ class PostgresDrainStore:
             if drain.active:
                 drain = replace(drain.to(state, now=now, reason=reason), version=drain.version + 1)
                 await conn.execute(
-                    "UPDATE ferry_drains SET state = $2, version = $3, body = $4 WHERE id = $1",
-                    drain_id, drain.state.value, drain.version, drain.to_dict(),
+                    "UPDATE ferry_drains SET state = $2, version = $3, body = $4, open = $5 WHERE id = $1",
+                    drain_id, drain.state.value, drain.version, drain.to_dict(), drain.open,
                 )
             await conn.execute(
                 "UPDATE ferry_fleet_queue SET state = 'cancelled', "

@@ -26,8 +26,10 @@ CREATE TABLE IF NOT EXISTS ferry_drains (
     state      TEXT NOT NULL,
     created_at REAL NOT NULL,
     version    INTEGER NOT NULL,
+    open       INTEGER NOT NULL DEFAULT 1,
     body       TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS ferry_drains_open ON ferry_drains (open) WHERE open = 1;
 CREATE UNIQUE INDEX IF NOT EXISTS ferry_drains_one_active_per_host
     ON ferry_drains (host) WHERE state = 'draining';
 CREATE INDEX IF NOT EXISTS ferry_drains_host ON ferry_drains (host, created_at);
@@ -55,9 +57,9 @@ class SqliteDrainStore:
         stored = replace(drain, version=1)
         async with self._write():
             async with self._conn.execute(
-                "INSERT INTO ferry_drains (id, host, state, created_at, version, body) VALUES (?,?,?,?,?,?) "
+                "INSERT INTO ferry_drains (id, host, state, created_at, version, open, body) VALUES (?,?,?,?,?,?,?) "
                 "ON CONFLICT DO NOTHING RETURNING id",
-                (drain.drain_id, drain.host, drain.state.value, drain.created_at, 1, _dump(stored)),
+                (drain.drain_id, drain.host, drain.state.value, drain.created_at, 1, int(stored.open), _dump(stored)),
             ) as cur:
                 if await cur.fetchone() is not None:
                     return stored, True
@@ -85,12 +87,19 @@ class SqliteDrainStore:
             rows = await cur.fetchall()
         return [Drain.from_dict(orjson.loads(r[0])) for r in rows]
 
+    async def open(self) -> builtins.list[Drain]:
+        async with self._lock, self._conn.execute(
+            "SELECT body FROM ferry_drains WHERE open = 1 ORDER BY created_at, id"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Drain.from_dict(orjson.loads(r[0])) for r in rows]
+
     async def save(self, drain: Drain) -> Drain:
         stored = replace(drain, version=drain.version + 1)
         async with self._write():
             async with self._conn.execute(
-                "UPDATE ferry_drains SET state = ?, version = ?, body = ? WHERE id = ? AND version = ? RETURNING id",
-                (drain.state.value, stored.version, _dump(stored), drain.drain_id, drain.version),
+                "UPDATE ferry_drains SET state = ?, version = ?, open = ?, body = ? WHERE id = ? AND version = ? RETURNING id",
+                (drain.state.value, stored.version, int(stored.open), _dump(stored), drain.drain_id, drain.version),
             ) as cur:
                 if await cur.fetchone() is None:
                     raise Conflict(f"drain {drain.drain_id} changed or does not exist (version {drain.version})")
@@ -127,8 +136,8 @@ class SqliteDrainStore:
             if drain.active:
                 drain = replace(drain.to(state, now=now, reason=reason), version=drain.version + 1)
                 await self._conn.execute(
-                    "UPDATE ferry_drains SET state = ?, version = ?, body = ? WHERE id = ?",
-                    (drain.state.value, drain.version, _dump(drain), drain_id),
+                    "UPDATE ferry_drains SET state = ?, version = ?, open = ?, body = ? WHERE id = ?",
+                    (drain.state.value, drain.version, int(drain.open), _dump(drain), drain_id),
                 )
             await self._conn.execute(
                 "UPDATE ferry_fleet_queue SET state = 'cancelled', "
