@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-placement bench-qemu bench-balance soak clean
+.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-placement bench-qemu bench-balance bench-drain soak clean
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,6 +49,10 @@ bench-sensor: $(STAMP) ## Sensor intake and dispatch rate
 
 bench-placement: $(STAMP) ## Placement decisions on a simulated fleet of 100 to 1,000 hosts (20 VMs each)
 	$(PY) bench/placement.py
+
+bench-drain: $(STAMP) ## Draining a host of 100 sim VMs under limits against ceil(VMs/outbound) x one migration
+	bash scripts/ensure-services.sh
+	$(PY) bench/drain.py
 
 bench-qemu: $(STAMP) ## Bare QMP migration vs the full saga with real QEMU
 	bash scripts/ensure-services.sh

@@ -19,6 +19,7 @@ import pytest
 from ferry_common.errors import Conflict
 from ferry_coordinator.store import TERMINAL, HistoryEntry, SagaRecord, SagaStore
 
+from .drain_store_suite import DrainStoreSuite
 from .fleet_queue_suite import FleetQueueSuite
 
 MakeStore = Callable[[], Awaitable[SagaStore]]
@@ -59,7 +60,7 @@ async def handles(url: str) -> AsyncIterator[MakeStore]:
             await store.close()
 
 
-class SagaStoreSuite(FleetQueueSuite):
+class SagaStoreSuite(FleetQueueSuite, DrainStoreSuite):
     """Abstract: subclass it (``TestXxxSagaStore``) and override ``make_store``."""
 
     @pytest.fixture

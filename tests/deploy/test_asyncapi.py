@@ -67,6 +67,11 @@ def test_channels_come_from_the_topology_and_messages_from_the_registry() -> Non
         topology.migration_status("{status}"),
         topology.vm_events("{vm_id}"),
         topology.alarm("{vm_id}"),
+        # host drain and maintenance (issue 15)
+        topology.HOST_DRAIN_REQUEST,
+        topology.HOST_DRAIN_CANCEL,
+        topology.HOST_UNCORDON,
+        topology.drain_status("{host}", "{status}"),
     }
     for ch in CHANNELS:
         for name in ch.messages:

@@ -21,10 +21,11 @@ from ferry_common.messages.recommendations import (
     SetAutomationLevel,
 )
 
+from .hosts_cli import host_app  # `ferry host fault` joins the drain commands
+
 recommendations_app = typer.Typer(help="the balancer's recommendations: list them, or apply one",
                                   invoke_without_command=True)
 automation_app = typer.Typer(help="the cluster's automation level (manual, partial, full)", no_args_is_help=True)
-host_app = typer.Typer(help="report on a host", no_args_is_help=True)
 
 Json = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of a table")]
 
@@ -32,7 +33,6 @@ Json = Annotated[bool, typer.Option("--json", help="print JSON for scripts inste
 def register(app: typer.Typer) -> None:
     app.add_typer(recommendations_app, name="recommendations")
     app.add_typer(automation_app, name="automation")
-    app.add_typer(host_app, name="host")
 
 
 async def _ask(model: Any) -> Any:

@@ -33,6 +33,9 @@ app.add_typer(vm_app, name="vm")
 app.add_typer(keys_app, name="keys")
 plane_app = typer.Typer(help="a VM's management plane as a YAML or JSON file", no_args_is_help=True)
 app.add_typer(plane_app, name="plane")
+from .hosts_cli import host_app  # noqa: E402 - after the app it joins
+
+app.add_typer(host_app, name="host")
 
 Json = Annotated[bool, typer.Option("--json", help="print JSON for scripts instead of a table")]
 Params = Annotated[list[str] | None, typer.Option("--param", help="KEY=VALUE (JSON values parsed), repeatable")]

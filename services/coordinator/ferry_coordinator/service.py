@@ -53,8 +53,10 @@ from ferry_common.messages.telemetry import SpanBatch
 
 from . import observe
 from .autonomic import AutonomicOptions, AutonomicService
+from .fleet import drain_endpoint
 from .fleet import metrics as fleet_metrics
 from .fleet.dispatcher import Dispatcher
+from .fleet.drain_manager import DrainManager
 from .fleet.fleetview import CoordinatorFleet
 from .fleet.liveness import LivenessTracker
 from .fleet.queue import EntryState
@@ -113,13 +115,19 @@ class CoordinatorService(Requests):
         self.router.refused = self.on_refused
         self.autonomic = AutonomicService(self, autonomic)  # the balancer (ferry_coordinator.autonomic)
         self.autonomic.route(self.router)
+        # host drains: state in the store, advanced by every replica (fleet/drain_manager.py)
+        self.drains = DrainManager(store, self.hosts, endpoint.clock, self._publish_any,
+                                   ready=self.liveness.states, on_abort=self.cancels.__setitem__,
+                                   warmup_s=self.liveness.bound_s())
+        self._drain_task: asyncio.Task[None] | None = None
+        drain_endpoint.DrainEndpoint(self.drains).install(self.router)
         self.private = Router()
         self.private.route_key(INVENTORIES, HostInventory)
         self.private.add(HostInventory, self.on_inventory)
         self.private.add(VmMigrationFinished, self.on_vm_finished)
 
     async def start(self) -> None:
-        shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY, TELEMETRY_SPANS), prefetch=128)
+        shared = QueueSpec(COORDINATOR_QUEUE, (MIGRATION_REQUESTED, MIGRATION_CANCEL, COORDINATOR_QUERY, TELEMETRY_SPANS, *drain_endpoint.KEYS), prefetch=128)
         private = QueueSpec(f"coordinator.{self.owner}", (INVENTORIES, self.notify_key), durable=False, prefetch=256)
         # every saga step is a request: the replies' queue is there before the first one
         await self.endpoint.open_replies()
@@ -129,11 +137,12 @@ class CoordinatorService(Requests):
         self._lease_task = asyncio.create_task(self._lease_loop())
         self._liveness_task = asyncio.create_task(self.liveness.run())
         self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name=f"dispatcher:{self.owner}")
+        self._drain_task = asyncio.create_task(self.drains.run(), name=f"drains:{self.owner}")
         await self.autonomic.start()
 
     async def stop(self) -> None:
         await self.autonomic.stop()
-        for task in (self._dispatch_task, self._lease_task, self._liveness_task):
+        for task in (self._dispatch_task, self._lease_task, self._liveness_task, self._drain_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -335,6 +344,9 @@ class CoordinatorService(Requests):
 
     async def _send_status(self, event: MigrationStatusEvent) -> None:
         await self.endpoint.send(migration_status(event.status), event, mandatory=False)  # if anyone listens
+
+    async def _publish_any(self, key: str, event: Any) -> None:
+        await self.endpoint.send(key, event, mandatory=False)  # if anyone listens
 
     async def _publish_status(self, event: MigrationStatusEvent) -> None:
         # nobody may follow this migration (its record still says it all): not mandatory, so

@@ -15,6 +15,10 @@ SAGA_NOTIFY = "saga.notify"
 COORDINATOR_QUERY = "coordinator.query"
 COORDINATOR_QUEUE = "ferry.coordinator"
 TELEMETRY_SPANS = "telemetry.spans"
+# host drain and maintenance (ferry_common.messages.drains)
+HOST_DRAIN_REQUEST = "host.drain.request"
+HOST_DRAIN_CANCEL = "host.drain.cancel"
+HOST_UNCORDON = "host.uncordon"
 
 REASON_HEADER = "x-ferry-reason"
 CODE_HEADER = "x-ferry-error-code"
@@ -35,6 +39,11 @@ def host_command(host: str, service: str) -> str:
 
 def host_queue(host: str, service: str) -> str:
     return f"ferry.{host}.{service}"
+
+
+def drain_status(host: str, status: str) -> str:
+    """Where a drain of ``host`` announces its state (draining, drained, failed, cancelled)."""
+    return f"host.{host}.drain.{status}"
 
 
 def inventory(host: str) -> str:
@@ -82,3 +91,4 @@ HOST_LOADS = host_load("*")
 HOST_EVENTS = host_event("*")
 INVENTORIES = inventory("*")
 ALARMS = alarm("*")
+DRAIN_STATUSES = drain_status("*", "*")

@@ -80,11 +80,38 @@ CHANNELS: tuple[Channel, ...] = (
         "An alarm raised by one of the VM's policies (raised once, until cleared).",
         {"vm_id": _ID},
     ),
+    Channel(
+        topology.HOST_DRAIN_REQUEST, "publish", "drainHost", ("DrainRequest",),
+        "Drain a host for maintenance: it is cordoned (placement skips it) and every VM on it\n"
+        "gets a migration at drain priority. Publishing the same `drain_id` twice starts one\n"
+        "drain; a host has at most one drain running. With a reply-to the coordinator answers\n"
+        "a `DrainStatusEvent`, or with `dry_run` the `DrainPlan` (each VM, its target, the\n"
+        "order, an estimate, and the VMs that cannot move with the reason), changing nothing.\n",
+    ),
+    Channel(
+        topology.HOST_DRAIN_CANCEL, "publish", "cancelDrain", ("DrainCancel",),
+        "Cancel a host's drain: its queued migrations never start; with `abort` those in\n"
+        "flight roll back too. The host stays cordoned.\n",
+    ),
+    Channel(
+        topology.HOST_UNCORDON, "publish", "uncordonHost", ("HostUncordon",),
+        "Let placement choose the host again; with `return_vms` the VMs its last drain moved\n"
+        "away are queued to move back.\n",
+    ),
+    Channel(
+        topology.drain_status("{host}", "{status}"), "subscribe", "followDrains", ("DrainStatusEvent",),
+        "A drain's state and progress (total, done, failed, in flight, queued, unmovable and\n"
+        "the estimated time left from measured migration times): `draining` whenever the\n"
+        "counts change, then one of `drained`, `failed` (naming the VMs that failed or cannot\n"
+        "move) or `cancelled`.\n",
+        {"host": _ID, "status": {"schema": {"type": "string", "enum": ["draining", "drained", "failed", "cancelled"]}}},
+    ),
 )
 
 #: Examples shown with a message (AsyncAPI ``examples``).
 EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "MigrateRequest": [{"vm_id": "web-01", "target_host": "host-b", "migration_id": "m-2026-11-25-001"}],
+    "DrainRequest": [{"host": "host-a", "drain_id": "maint-2026-12-01", "on_unmovable": "block"}],
 }
 
 DESCRIPTION = """\

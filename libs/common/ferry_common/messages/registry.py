@@ -9,7 +9,7 @@ import orjson
 from pydantic import ValidationError
 
 from ..errors import InvalidMessage, UnknownMessageType
-from . import commands, host_events, planes, public, recommendations, telemetry
+from . import commands, drains, host_events, planes, public, recommendations, telemetry
 from .base import Wire
 from .limits import MAX_BODY_BYTES
 
@@ -21,7 +21,7 @@ _NOT_ORJSON = re.compile(rb"\d{19}|NaN|Infinity|[eE][+]?\d{3}")
 
 def _collect() -> dict[str, type[Wire]]:
     found: dict[str, type[Wire]] = {}
-    for module in (public, commands, planes, telemetry, recommendations, host_events):
+    for module in (public, commands, planes, telemetry, recommendations, host_events, drains):
         for name, obj in vars(module).items():
             if isinstance(obj, type) and issubclass(obj, Wire) and obj.__module__ == module.__name__:
                 found[name] = obj

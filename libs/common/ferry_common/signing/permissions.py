@@ -12,8 +12,11 @@ from pathlib import Path
 from ..bus.interfaces import Message
 from ..bus.topology import (
     ALARMS,
+    HOST_DRAIN_CANCEL,
+    HOST_DRAIN_REQUEST,
     HOST_EVENTS,
     HOST_LOADS,
+    HOST_UNCORDON,
     INVENTORIES,
     MIGRATION_CANCEL,
     MIGRATION_REQUESTED,
@@ -33,6 +36,11 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     # the public contract: only configured clients start or stop migrations
     "MigrateRequest": ["client/*", "coordinator"],
     "MigrationCancel": ["client/*"],
+    # host maintenance moves every VM of a host: operators only, as MigrateRequest
+    "DrainRequest": ["client/*"],
+    "DrainCancel": ["client/*"],
+    "HostUncordon": ["client/*"],
+    "GetDrain": ["client/*"],
     # read-only queries the CLI makes
     "ListMigrations": ["client/*"],
     "GetTrace": ["client/*"],
@@ -69,6 +77,9 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
 DEFAULT_ROUTE_TYPES: dict[str, str] = {
     MIGRATION_REQUESTED: "MigrateRequest",
     MIGRATION_CANCEL: "MigrationCancel",
+    HOST_DRAIN_REQUEST: "DrainRequest",
+    HOST_DRAIN_CANCEL: "DrainCancel",
+    HOST_UNCORDON: "HostUncordon",
     VM_EVENTS: "VmEvent",
     INVENTORIES: "HostInventory",
     ALARMS: "Alarm",
@@ -111,6 +122,11 @@ class Permissions:
 
         {"MigrateRequest": ["client/*", "coordinator"],
          "MigrationCancel": ["client/*"],
+    # host maintenance moves every VM of a host: operators only, as MigrateRequest
+    "DrainRequest": ["client/*"],
+    "DrainCancel": ["client/*"],
+    "HostUncordon": ["client/*"],
+    "GetDrain": ["client/*"],
          "*": ["host/*", "coordinator"]}
 
     A type with its own entry is governed by that entry only (so ``*`` does not let hosts

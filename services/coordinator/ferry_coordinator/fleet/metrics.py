@@ -103,5 +103,10 @@ def observe_drain(host: str, counts: Mapping[str, int]) -> None:
     """A drain's progress (``counts`` by state, see DRAIN_STATES)."""
     for state in DRAIN_STATES:
         DRAIN_VMS.labels(host=host, state=state).set(counts.get(state, 0))
-    remaining = counts.get("total", 0) - counts.get("done", 0) - counts.get("failed", 0)
+    # still to leave: queued or in flight; a VM left behind (unmovable) or cancelled is not, so
+    # an ended drain reads 0 and the "drain not progressing" alert does not fire for it
+    if "in_flight" in counts or "queued" in counts:
+        remaining = counts.get("in_flight", 0) + counts.get("queued", 0)
+    else:
+        remaining = counts.get("total", 0) - counts.get("done", 0) - counts.get("failed", 0)
     DRAIN_REMAINING.labels(host=host).set(max(0, remaining))

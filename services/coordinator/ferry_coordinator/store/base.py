@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
+from ferry_coordinator.fleet.drain import Drain, DrainState
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 
 # failed: ended forward-only after post-copy started, neither completed nor rolled back
@@ -166,12 +167,56 @@ class FleetQueue(Protocol):
         """Every queued entry in start order with what holds it (``migration.queued``)."""
 
 
+class DrainStore(Protocol):
+    """Host drains (``fleet.drain.Drain``), in the store that holds the fleet queue, so a
+    drain's writes and its queue entries change in one transaction.
+
+    At most one drain per host is ``draining``. Saves are guarded by the drain's ``version``."""
+
+    async def create(self, drain: Drain) -> tuple[Drain, bool]:
+        """Insert ``drain`` unless one with its id exists or its host has an active drain:
+        then ``(existing, False)``."""
+
+    async def get(self, drain_id: str) -> Drain | None: ...
+
+    async def latest(self, host: str) -> Drain | None:
+        """The host's newest drain."""
+
+    async def list(self, *, active: bool = False) -> builtins.list[Drain]:
+        """Oldest first; only those ``draining`` if ``active``."""
+
+    async def open(self) -> builtins.list[Drain]:
+        """Oldest first: those draining, and those ended whose migrations still run."""
+
+    async def save(self, drain: Drain) -> Drain:
+        """Write ``drain`` if its version is current (returned incremented); ``Conflict`` if not."""
+
+    async def enqueue(self, drain_id: str, entry: QueueEntry) -> QueueEntry | None:
+        """In one transaction with the drain's state: enqueue ``entry`` (as ``FleetQueue.enqueue``)
+        only while the drain is ``draining``; None otherwise. A cancel can then never be
+        followed by a migration the drain queued."""
+
+    async def cancel(
+        self, drain_id: str, *, now: float, reason: str, state: DrainState = DrainState.CANCELLED
+    ) -> Drain | None:
+        """In one transaction: the drain ended in ``state`` (cancelled, or failed when its
+        deadline passed) if it was draining, and every queued entry of its group cancelled.
+        Returns the drain as stored, None if unknown."""
+
+    async def cordoned(self) -> set[str]:
+        """Hosts placement must skip: those whose latest drain keeps them cordoned."""
+
+
 class SagaStore(Protocol):
     """Every backend implements this and passes ``tests/contract/store_suite.py`` unchanged."""
 
     @property
     def queue(self) -> FleetQueue:
         """The fleet queue kept in this store (same storage, same transactions)."""
+
+    @property
+    def drains(self) -> DrainStore:
+        """Host drains, in the same storage as the queue."""
 
     async def close(self) -> None: ...
 

@@ -11,6 +11,7 @@ import orjson
 from ferry_common.errors import Conflict
 
 from .base import SagaRecord
+from .drains_memory import MemoryDrainStore
 from .queue_memory import MemoryFleetQueue
 
 
@@ -25,6 +26,7 @@ class MemorySagaStore:
         self._active: dict[str, str] = {}  # vm id -> its non-terminal saga
         self._spans: dict[str, list[dict[str, Any]]] = {}
         self.queue = MemoryFleetQueue()
+        self.drains = MemoryDrainStore(self.queue)
 
     def _index(self, record: SagaRecord) -> None:
         if record.terminal:

@@ -24,6 +24,8 @@ from ferry_common.errors import Conflict
 
 from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
+from .drains_postgres import SCHEMA as DRAINS_SCHEMA
+from .drains_postgres import PostgresDrainStore
 from .queue_postgres import PostgresFleetQueue, create_schema, releasing
 
 _SCHEMA = f"""
@@ -100,6 +102,7 @@ class PostgresSagaStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self.queue = PostgresFleetQueue(pool)
+        self.drains = PostgresDrainStore(pool)
 
     @classmethod
     async def open(
@@ -130,6 +133,7 @@ class PostgresSagaStore:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
                 await conn.execute(_SCHEMA)
                 await create_schema(conn)
+                await conn.execute(DRAINS_SCHEMA)
         except BaseException:
             await pool.close()
             raise

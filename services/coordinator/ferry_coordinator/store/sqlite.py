@@ -26,6 +26,8 @@ from ferry_common.state import immediate_transaction, sqlite_path_from_url
 
 from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
+from .drains_sqlite import SCHEMA as DRAINS_SCHEMA
+from .drains_sqlite import SqliteDrainStore
 from .queue_sqlite import RELEASE_SQL, SqliteFleetQueue
 from .queue_sqlite import SCHEMA as QUEUE_SCHEMA
 
@@ -75,6 +77,7 @@ class SqliteSagaStore:
         # statement of one coroutine would land inside another's open transaction.
         self._lock = asyncio.Lock()
         self.queue = SqliteFleetQueue(conn, self._lock)
+        self.drains = SqliteDrainStore(conn, self._lock)
 
     @classmethod
     async def open(cls, url: str) -> SqliteSagaStore:
@@ -90,7 +93,7 @@ class SqliteSagaStore:
             # loss would replay a step the world has already seen.
             await conn.execute("PRAGMA synchronous = FULL")
             # One transaction, so replicas starting together don't race on the DDL.
-            await conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{QUEUE_SCHEMA}COMMIT;")
+            await conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{QUEUE_SCHEMA}{DRAINS_SCHEMA}COMMIT;")
         except BaseException:
             await conn.close()
             raise

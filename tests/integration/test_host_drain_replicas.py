@@ -1,0 +1,80 @@
+"""A drain survives its coordinator killed mid-drain, with a second replica running and a new
+coordinator started on the same store (PostgreSQL, real RabbitMQ): the drain finishes and no
+VM is migrated twice. The coordinators' dispatchers start the queue's entries."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+
+import pytest
+
+from ferry_cli.cluster import build_coordinator
+from ferry_coordinator.service import CoordinatorService
+from ferry_coordinator.store.postgres import PostgresSagaStore
+from ferry_coordinator.timeouts import SagaTimeouts
+from tests.harness import Cluster, check_invariants, make_cluster, new_bus, until
+
+from .drain_support import dispatcher, drain, fill, status, wait_end
+
+PG = os.environ.get("FERRY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TIMEOUTS = SagaTimeouts(reply_s=2.0, attempts=2, status_poll_s=0.3, forward_retry_s=0.05,
+                        forward_retry_max_s=0.3, lease_s=2.0)
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
+
+
+async def replica(c: Cluster, url: str) -> CoordinatorService:
+    bus = await new_bus("rabbitmq", c.vhost)
+    c.buses.append(bus)
+    r = build_coordinator(bus, await PostgresSagaStore.open(url), clock=c.clock, timeouts=TIMEOUTS)
+    await r.start()
+
+    async def known() -> bool:
+        return all(r.hosts.known(h) for h in c.hosts)
+    await until(known, 10, "the replica to know every host")
+    return r
+
+
+async def test_a_drain_survives_its_coordinator_killed(rabbitmq_available: None) -> None:
+    url = f"{PG}?schema=ferry_drain_{uuid.uuid4().hex[:8]}"
+    store = await PostgresSagaStore.open(url)
+    c = await make_cluster("rabbitmq", ("host-a", "host-b", "host-c", "host-d"), timeouts=TIMEOUTS, store=store)
+    extra: list[CoordinatorService] = []
+    try:
+        vms = await fill(c, "host-a", 10)
+        for vm in vms[:2]:
+            await c.send_events(vm, 5)
+        extra.append(await replica(c, url))  # a second replica, there all along
+        async with dispatcher(c) as started:
+            await drain(c, "host-a")
+
+            async def some_done() -> bool:
+                return (await status(c, "host-a")).done >= 3
+            await until(some_done, 30, "three VMs to leave")
+            old = c.coordinator
+            for task in list(old.running.values()):
+                task.cancel()  # as kill -9: its sagas and its drain passes stop where they are
+            await old.stop()
+            extra.append(await replica(c, url))  # a new coordinator on the same store
+            end = await wait_end(c, "host-a", timeout=90)
+        assert (end.status, end.done, end.failed) == ("drained", 10, 0), end
+        assert len(started) == len(set(started)) == 10  # no migration asked for twice
+        completed: Counter[str] = Counter()
+        for rec in await store.list(limit=1000):
+            completed[rec.vm_id] += rec.status == "completed"
+        assert all(completed[vm] == 1 for vm in vms), completed
+        for vm in vms:
+            loc = extra[-1].hosts.locate(vm)
+            assert loc is not None and loc[0] != "host-a"
+            await check_invariants(c, vm, loc[0])
+    finally:
+        for r in extra:
+            await r.stop()
+            await r.store.close()
+        await c.close()
+        import asyncpg
+        conn = await asyncpg.connect(PG)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{url.rsplit("=", 1)[1]}" CASCADE')
+        await conn.close()
+        await store.close()

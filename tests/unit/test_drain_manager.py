@@ -1,0 +1,93 @@
+"""The drain manager's passes against the in-process store, with the moments a replica can
+die at made to happen: nothing is asked for twice, and what was lost is asked for again."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from ferry_common.clock import FakeClock
+from ferry_common.messages.domain import VmSpec
+from ferry_common.messages.drains import DrainRequest, DrainStatusEvent
+from ferry_common.messages.public import HostInventory
+from ferry_coordinator.fleet.drain import VmState
+from ferry_coordinator.fleet.drain_manager import DrainManager
+from ferry_coordinator.hosts import HostRegistry
+from ferry_coordinator.store import MemorySagaStore, SagaRecord
+
+
+def registry() -> HostRegistry:
+    hosts = HostRegistry()
+    vms = [VmSpec(vm_id=f"vm{i}", memory_mib=512) for i in range(3)]
+    hosts.update(HostInventory(host="host-a", vms=vms, capacity_mib=8192), 0.0)
+    for h in ("host-b", "host-c"):
+        hosts.update(HostInventory(host=h, capacity_mib=4096), 0.0)
+    return hosts
+
+
+def manager(store: MemorySagaStore, hosts: HostRegistry, sent: list[Any]) -> DrainManager:
+    async def publish(key: str, event: Any) -> None:
+        sent.append((key, event))
+
+    m = DrainManager(store, hosts, FakeClock(), publish)
+    m._warm.set()  # the fleet is known: no warm-up in these tests
+    return m
+
+
+async def test_a_replica_dying_between_its_save_and_its_enqueue_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    store, hosts = MemorySagaStore(), registry()
+    sent: list[Any] = []
+    first = manager(store, hosts, sent)
+    real = store.drains.enqueue
+
+    async def dies(drain_id: str, entry: Any) -> Any:
+        raise ConnectionError("killed")
+
+    monkeypatch.setattr(store.drains, "enqueue", dies)
+    with pytest.raises(ConnectionError):
+        await first.request(DrainRequest(host="host-a"), "d1", "client/test")
+    saved = await store.drains.get("d1")
+    assert saved is not None and {v.state for v in saved.vms.values()} == {VmState.QUEUED}
+    assert await store.queue.entries() == []  # saved as queued, never enqueued
+    monkeypatch.setattr(store.drains, "enqueue", real)
+    second = manager(store, hosts, sent)
+    for _ in range(3):
+        await second.tick()
+    ids = [e.migration_id for e in await store.queue.entries()]
+    assert sorted(ids) == ["drain.d1.vm0.1", "drain.d1.vm1.1", "drain.d1.vm2.1"]
+
+
+async def test_replicas_passing_at_once_ask_for_each_migration_once() -> None:
+    store, hosts = MemorySagaStore(), registry()
+    sent: list[Any] = []
+    replicas = [manager(store, hosts, sent) for _ in range(3)]
+    ans = await replicas[0].request(DrainRequest(host="host-a"), "d1", None)
+    assert isinstance(ans, DrainStatusEvent) and ans.total == 3
+    for _ in range(5):
+        await asyncio.gather(*(r.tick() for r in replicas))
+    entries = await store.queue.entries()
+    assert sorted(e.migration_id for e in entries) == ["drain.d1.vm0.1", "drain.d1.vm1.1", "drain.d1.vm2.1"]
+    assert all(e.group == "d1" and "host-a" not in e.candidates for e in entries)
+    assert sent and all(key == "host.host-a.drain.draining" for key, _ in sent)
+
+
+async def test_a_rolled_back_migration_is_asked_for_again_elsewhere() -> None:
+    store, hosts = MemorySagaStore(), registry()
+    sent: list[Any] = []
+    m = manager(store, hosts, sent)
+    await m.request(DrainRequest(host="host-a", max_attempts=2), "d1", None)
+    entry = await store.queue.get("drain.d1.vm0.1")
+    assert entry is not None
+    started = await store.queue.claim_next("test", now=1.0)
+    assert started is not None
+    mid, target = started.migration_id, started.target_host
+    assert target is not None
+    await store.create(SagaRecord(migration_id=mid, vm_id=started.vm_id, source_host="host-a", target_host=target,
+                                  status="rolled_back", created_at=1.0, updated_at=2.0))
+    await m.tick()
+    again = await store.queue.get(mid[:-1] + "2")
+    assert again is not None and target not in again.candidates and again.candidates
+    d = await store.drains.get("d1")
+    assert d is not None and d.vms[started.vm_id].tried == [target]
