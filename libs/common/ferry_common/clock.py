@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -20,6 +21,19 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None:
         """Suspend for ``seconds`` of this clock's time."""
+
+
+async def sleep_or_set(clock: Clock, seconds: float, event: asyncio.Event) -> None:
+    """Sleep ``seconds`` of ``clock``'s time, or less: return as soon as ``event`` is set."""
+    sleeper = asyncio.ensure_future(clock.sleep(max(seconds, 0.0)))
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (sleeper, waiter):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
 
 class SystemClock:
