@@ -195,18 +195,21 @@ class FleetQueueSuite:
         await store.queue.release("auto-0", now=11.0)
         assert [e.migration_id for e in await claim_all(store, 12.0)] == ["auto-1"]
 
-    async def test_ageing_lets_a_long_wait_overtake_a_higher_priority(self, store: SagaStore) -> None:
-        await store.queue.set_limits(Limits(cluster=1, ageing_s=60.0))
+    @staticmethod
+    async def old_operator_and_new_drain(store: SagaStore, ageing_s: float) -> None:
+        """One slot; an operator request at 0 s and a drain's (one level higher) at 100 s."""
+        await store.queue.set_limits(Limits(cluster=1, ageing_s=ageing_s))
         await store.queue.enqueue(entry("old-op", "src-1", ["dst-1"], at=0.0))
         await store.queue.enqueue(entry("new-drain", "src-2", ["dst-2"], priority=Priority.DRAIN, at=100.0))
+
+    async def test_ageing_lets_a_long_wait_overtake_a_higher_priority(self, store: SagaStore) -> None:
+        await self.old_operator_and_new_drain(store, ageing_s=60.0)
         # at 110 the operator request has waited 110 s: one level up, equal to the drain; older wins
         got = await store.queue.claim_next("r1", now=110.0)
         assert got is not None and got.migration_id == "old-op"
 
     async def test_without_ageing_the_higher_priority_goes_first(self, store: SagaStore) -> None:
-        await store.queue.set_limits(Limits(cluster=1, ageing_s=1000.0))
-        await store.queue.enqueue(entry("old-op", "src-1", ["dst-1"], at=0.0))
-        await store.queue.enqueue(entry("new-drain", "src-2", ["dst-2"], priority=Priority.DRAIN, at=100.0))
+        await self.old_operator_and_new_drain(store, ageing_s=1000.0)
         got = await store.queue.claim_next("r1", now=110.0)
         assert got is not None and got.migration_id == "new-drain"
 

@@ -428,10 +428,16 @@ async def test_progress_samples_held_by_the_broker_do_not_hold_the_migration(
         release.set()
 
 
+async def _migrate_failing(cluster: Cluster, sim_fail: str, *, events: int = 8) -> Any:
+    """vm1 (256 MiB, whose sim driver fails at ``sim_fail``) asked from host-a to host-b."""
+    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail=sim_fail)
+    if events:
+        await cluster.send_events("vm1", events)
+    return await cluster.migrate("vm1", "host-b")
+
+
 async def test_vm_migration_failure_rolls_back(cluster: Cluster) -> None:
-    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="migrate")
-    await cluster.send_events("vm1", 8)
-    outcome = await cluster.migrate("vm1", "host-b")
+    outcome = await _migrate_failing(cluster, "migrate")
     assert (outcome.status, outcome.code) == ("rolled_back", "vm_migration_failed")
     await assert_clean(cluster, "vm1", "host-a")
 
@@ -452,16 +458,13 @@ async def test_a_guest_that_is_not_running_on_the_source_is_not_migrated(cluster
 
 
 async def test_target_that_cannot_start_the_guest_rolls_back(cluster: Cluster) -> None:
-    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="incoming")
-    outcome = await cluster.migrate("vm1", "host-b")
+    outcome = await _migrate_failing(cluster, "incoming", events=0)
     assert (outcome.status, outcome.code) == ("rolled_back", "incoming_failed")
     await assert_clean(cluster, "vm1", "host-a")
 
 
 async def test_guest_not_running_on_target_after_migration_rolls_back(cluster: Cluster) -> None:
-    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="finish")
-    await cluster.send_events("vm1", 8)
-    outcome = await cluster.migrate("vm1", "host-b")
+    outcome = await _migrate_failing(cluster, "finish")
     assert (outcome.status, outcome.code) == ("rolled_back", "not_running")
     await assert_clean(cluster, "vm1", "host-a")
 

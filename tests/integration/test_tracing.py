@@ -6,46 +6,16 @@ these tests add an in-memory exporter to it once and clear it per test.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 from ferry_cli.render import render_trace
-from ferry_common.tracing import installed, setup_tracing
+from ferry_common.tracing import installed
 from ferry_coordinator.saga import STEPS
-from tests.harness import Cluster, make_cluster, until
-
-_MEMORY: InMemorySpanExporter | None = None
-
-
-def _exporter() -> InMemorySpanExporter:
-    global _MEMORY
-    if _MEMORY is None:
-        tracing = installed() or setup_tracing("ferry-tests")
-        if tracing.provider is None:
-            pytest.skip("tracing is off in this process (FERRY_TRACE_COLLECT=0 / OTEL_SDK_DISABLED)")
-        _MEMORY = InMemorySpanExporter()
-        tracing.provider.add_span_processor(SimpleSpanProcessor(_MEMORY))
-    return _MEMORY
-
-
-@pytest.fixture
-async def cluster(bus_kind: str):
-    c = await make_cluster(bus_kind)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-def spans(cluster: Cluster) -> Iterator[InMemorySpanExporter]:
-    exporter = _exporter()
-    exporter.clear()
-    yield exporter
+from tests.harness import Cluster, until
 
 
 def hexid(n: int, width: int) -> str:
