@@ -58,6 +58,17 @@ def check_common(cluster: Cluster, mid: str, root: ReadableSpan, trace: list[Rea
     assert not strangers, strangers
 
 
+async def checked_trace(
+    cluster: Cluster, exporter: InMemorySpanExporter, mid: str
+) -> tuple[ReadableSpan, list[ReadableSpan]]:
+    """The migration's root span and its trace, once the root ended, with what every trace
+    must show checked (:func:`check_common`)."""
+    await wait_root(exporter, mid)
+    root, trace = trace_of(exporter, mid)
+    check_common(cluster, mid, root, trace)
+    return root, trace
+
+
 async def stored_trace(cluster: Cluster, mid: str, root: ReadableSpan) -> list[dict[str, Any]]:
     tracing = installed()
     assert tracing is not None and tracing.bus_exporter is not None
@@ -77,9 +88,7 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
     outcome = await cluster.migrate("vm1", "host-b")
     assert outcome.status == "completed", outcome
     mid = outcome.migration_id
-    await wait_root(spans, mid)
-    root, trace = trace_of(spans, mid)
-    check_common(cluster, mid, root, trace)
+    root, trace = await checked_trace(cluster, spans, mid)
     assert (root.attributes or {})["ferry.outcome"] == "completed"
     assert root.status.status_code != StatusCode.ERROR
 
@@ -169,9 +178,7 @@ async def test_rolled_back_migration_trace(cluster: Cluster, spans: InMemorySpan
     outcome = await cluster.migrate("vm1", "host-b")
     assert outcome.status == "rolled_back", outcome
     mid = outcome.migration_id
-    await wait_root(spans, mid)
-    root, trace = trace_of(spans, mid)
-    check_common(cluster, mid, root, trace)
+    root, trace = await checked_trace(cluster, spans, mid)
     attrs = root.attributes or {}
     assert attrs["ferry.outcome"] == "rolled_back"
     assert root.status.status_code == StatusCode.ERROR and root.status.description

@@ -9,7 +9,7 @@ The queue and the slots it hands out live in the durable saga store
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Any
 
@@ -76,13 +76,7 @@ class Limits:
             raise ValueError(f"ageing_s must be positive, not {self.ageing_s!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cluster": self.cluster,
-            "outbound_per_host": self.outbound_per_host,
-            "inbound_per_host": self.inbound_per_host,
-            "ageing_s": self.ageing_s,
-            "automatic": self.automatic,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Limits:
