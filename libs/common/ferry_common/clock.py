@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import time
 from typing import Protocol
+
+from .aio import cancel_and_wait
 
 
 class Clock(Protocol):
@@ -30,10 +31,7 @@ async def sleep_or_set(clock: Clock, seconds: float, event: asyncio.Event) -> No
     try:
         await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in (sleeper, waiter):
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(sleeper, waiter)
 
 
 class SystemClock:

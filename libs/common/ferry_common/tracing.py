@@ -39,6 +39,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind
 
+from .aio import cancel_and_wait
 from .bus.topology import TELEMETRY_SPANS
 from .errors import FerryError
 from .messages.telemetry import MAX_EVENTS_PER_SPAN, SpanBatch, SpanRecord
@@ -267,10 +268,7 @@ class BusSpanExporter(SpanProcessor):
         if endpoint is not None and endpoint is not self._endpoint:
             return
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self.flush()
         self._endpoint = None
 
