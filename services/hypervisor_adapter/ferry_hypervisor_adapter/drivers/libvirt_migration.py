@@ -17,7 +17,7 @@ from ferry_common.messages.domain import VmSpec
 
 from . import libvirt_storage
 from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback, VmState
-from .convergence import Convergence, Decision, Ladder
+from .convergence import Convergence, Decision, FigureKeys, Ladder
 from .libvirt_calls import (
     _JOB_NONE,
     _PAUSED,
@@ -308,23 +308,19 @@ async def _completed_stats(dconnuri: str, vm_id: str, last: dict[str, Any]) -> d
     return _stats({**{k: v for k, v in last.items() if k != "downtime"}, **done}, completed=True)
 
 
+# libvirt's names for a sample's memory figures in a job's stats
+MEMORY_KEYS = FigureKeys("memory_total", "memory_processed", "memory_remaining", "memory_dirty_rate", "memory_iteration")
+
+
 def _progress(status: str, stats: dict[str, Any], ladder: Convergence) -> MigrationProgress:
-    total = int(stats.get("memory_total", 0))
-    remaining = int(stats.get("memory_remaining", 0))
-    return MigrationProgress(
-        status=status,
-        total_bytes=total,
-        transferred_bytes=int(stats.get("memory_processed", 0)),
-        remaining_bytes=remaining,
-        dirty_pages_rate=int(stats.get("memory_dirty_rate", 0)),
-        passes=int(stats.get("memory_iteration", 0)),
-        percent=PrecopyWatch.percent(total, remaining),
+    """A sample of memory's figures and the disk copy's (libvirt copies disks first)."""
+    return ladder.sample(
+        status,
+        stats,
+        MEMORY_KEYS,
         disk_total_bytes=int(stats.get("disk_total", 0)),
         disk_transferred_bytes=int(stats.get("disk_processed", 0)),
         disk_remaining_bytes=int(stats.get("disk_remaining", 0)),
-        rung=ladder.rung,
-        downtime_limit_ms=ladder.downtime_ms,
-        postcopy=ladder.postcopy_started,
     )
 
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from ferry_common.messages.domain import VmSpec
 
-from .base import MigrationParams, MigrationProgress, MigrationResult, ProgressCallback
-from .convergence import Convergence, Decision, Ladder
+from .base import MigrationParams, MigrationResult, ProgressCallback
+from .convergence import Convergence, Decision, FigureKeys, Ladder
 from .precopy import PrecopyWatch
 from .qemu_files import TLS_OUT
 from .qemu_qmp import QmpMixin, QmpUnavailable
@@ -130,7 +130,7 @@ class MigrationMixin(QmpMixin):
                 # is then stale, so an unseen one counts as started (never resumed)
                 ladder.postcopy_started = postcopy = postcopy or ladder.postcopy_requested
                 info = await self._totalled(vm_id, info)
-                await on_progress(_progress(status, info.get("ram", ram), ladder, done=True))
+                await on_progress(ladder.sample(status, info.get("ram", ram), RAM_KEYS, done=True))
                 return MigrationResult("completed", stats=_stats(info), postcopy_started=postcopy)
             if status in ("failed", "postcopy-paused"):
                 # post-copy that loses its stream pauses both halves rather than failing: the
@@ -143,7 +143,7 @@ class MigrationMixin(QmpMixin):
             if status == "none":
                 return MigrationResult("failed", "no migration is running")
             if status in ("active", "postcopy-active") and ram:
-                sample = _progress(status, ram, ladder)
+                sample = ladder.sample(status, ram, RAM_KEYS)
                 await on_progress(sample)
                 if status == "active":
                     watch.observe(sample.remaining_bytes)
@@ -233,21 +233,8 @@ class MigrationMixin(QmpMixin):
                 log.warning("confirm_source(%s): guest is %s here, left alone", vm_id, status)
 
 
-def _progress(status: str, ram: dict[str, Any], ladder: Convergence, done: bool = False) -> MigrationProgress:
-    total = int(ram.get("total", 0))
-    remaining = 0 if done else int(ram.get("remaining", 0))
-    return MigrationProgress(
-        status=status,
-        total_bytes=total,
-        transferred_bytes=int(ram.get("transferred", 0)),
-        remaining_bytes=remaining,
-        dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
-        passes=int(ram.get("dirty-sync-count", 0)),
-        percent=PrecopyWatch.percent(total, remaining),
-        rung=ladder.rung,
-        downtime_limit_ms=ladder.downtime_ms,
-        postcopy=ladder.postcopy_started,
-    )
+# QEMU's names for a sample's figures in ``query-migrate``'s ``ram``
+RAM_KEYS = FigureKeys("total", "transferred", "remaining", "dirty-pages-rate", "dirty-sync-count")
 
 
 def _stats(info: dict[str, Any], last: dict[str, Any] | None = None) -> dict[str, Any]:
