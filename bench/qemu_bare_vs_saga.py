@@ -32,6 +32,7 @@ from typing import Any
 from ferry_cli.client import STATUSES
 from ferry_common.messages.domain import VmSpec
 from ferry_common.runtime import tune_gc
+from ferry_common.settings import load_settings
 from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
 from ferry_hypervisor_adapter.drivers.guest import build_guest
 from ferry_hypervisor_adapter.drivers.qemu import QemuDriver
@@ -159,7 +160,7 @@ async def main(argv: list[str] | None = None) -> dict[str, Any]:
         SAGA_WATCH[:] = STATUSES
     SAGA_CONFIG["events"] = args.events
     SAGA_CONFIG["standby"] = 0 if args.no_standby else 1
-    tune_gc()  # what every service process does at start (``ferry up``, ``ferry service``)
+    tune_gc(load_settings())  # what every service process does at start (``ferry up``, ``ferry service``)
     build_guest()
     stray = stray_qemu()
     if stray:

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ferry_common.tracing import installed, setup_tracing
-from tests.harness import Cluster, make_cluster
+from tests.harness import SETTINGS, Cluster, make_cluster
 
 _EXPORTER: InMemorySpanExporter | None = None
 
@@ -19,7 +19,7 @@ def span_exporter() -> InMemorySpanExporter:
     """The process-wide in-memory exporter (added on first use); skips when tracing is off."""
     global _EXPORTER
     if _EXPORTER is None:
-        tracing = installed() or setup_tracing("ferry-tests")
+        tracing = installed() or setup_tracing("ferry-tests", settings=SETTINGS)
         if tracing.provider is None:
             pytest.skip("tracing is off in this process (FERRY_TRACE_COLLECT=0 / OTEL_SDK_DISABLED)")
         _EXPORTER = InMemorySpanExporter()

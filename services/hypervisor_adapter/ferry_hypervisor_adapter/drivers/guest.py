@@ -60,11 +60,11 @@ def guest_cmdline(params: dict[str, Any]) -> str:
     return f"dirty_mib={dirty} rate_mibps={rate}"
 
 
-def guest_source_dir() -> Path:
-    """``$FERRY_GUEST_DIR`` or the repo's ``guest/`` (this file lives four levels below the root)."""
-    env = os.environ.get("FERRY_GUEST_DIR")
-    if env:
-        return Path(env)
+def guest_source_dir(configured: str | os.PathLike[str] | None = None) -> Path:
+    """``configured`` (the settings' ``guest_dir``, ``FERRY_GUEST_DIR``) or the repo's ``guest/``
+    (this file lives four levels below the root)."""
+    if configured:
+        return Path(configured)
     return Path(__file__).resolve().parents[4] / "guest"
 
 
@@ -85,7 +85,7 @@ def build_guest(source: Path | None = None) -> Path:
     return src / "build" / IMAGE_NAME
 
 
-def default_guest_image() -> Path:
-    """``$FERRY_GUEST_IMAGE`` if set, otherwise the repo's guest, built if needed."""
-    env = os.environ.get("FERRY_GUEST_IMAGE")
-    return Path(env) if env else build_guest()
+def default_guest_image(guest_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The guest built from ``guest_dir`` (default: the repo's), if needed. A driver asks for it
+    when it was given no ``guest_image`` (the settings' ``FERRY_GUEST_IMAGE``)."""
+    return build_guest(guest_source_dir(guest_dir))

@@ -90,6 +90,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         migration_host: str = "127.0.0.1",
         run_dir: str | os.PathLike[str] | None = None,
         guest_image: str | os.PathLike[str] | None = None,
+        guest_dir: str | os.PathLike[str] | None = None,
         emulator: str = "/usr/bin/qemu-system-x86_64",
         machine: str = "pc",
         domain_type: str = "qemu",
@@ -105,6 +106,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         safe_host = re.sub(r"[^A-Za-z0-9._-]", "_", host)
         self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-libvirt-driver") / safe_host
         self._guest_image = Path(guest_image) if guest_image else None
+        self.guest_dir = guest_dir  # where the default guest is built from (the repo's guest/)
         self.emulator = emulator
         self.machine = machine
         self.domain_type = domain_type
@@ -124,7 +126,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._conn = await _blocking(lv.open, self.uri)
         if self._guest_image is None:
-            self._guest_image = await _blocking(default_guest_image)
+            self._guest_image = await _blocking(default_guest_image, self.guest_dir)
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -65,7 +65,7 @@ class QemuDriver(MigrationMixin, StandbyMixin):
 
     Options: ``run_dir`` (state directory, default ``/tmp/ferry-qemu/<host>``; keep it short,
     unix socket paths are limited to 107 bytes), ``guest_image`` (the ``-kernel`` ELF,
-    default: the repo's test guest, built on demand), ``qemu_binary``, ``accel`` (``tcg``;
+    default: the repo's test guest, built on demand from ``guest_dir``), ``qemu_binary``, ``accel`` (``tcg``;
     ``kvm:tcg`` uses KVM when present), ``machine`` (``pc``; must resolve to the same type on
     both hosts), ``listen_host`` (where incoming guests listen, ``127.0.0.1``),
     ``finish_timeout_s`` (how long :meth:`finish_incoming` waits for ``running``),
@@ -85,6 +85,7 @@ class QemuDriver(MigrationMixin, StandbyMixin):
         *,
         run_dir: str | os.PathLike[str] | None = None,
         guest_image: str | os.PathLike[str] | None = None,
+        guest_dir: str | os.PathLike[str] | None = None,
         qemu_binary: str = "qemu-system-x86_64",
         accel: str = "tcg",
         machine: str = "pc",
@@ -100,6 +101,7 @@ class QemuDriver(MigrationMixin, StandbyMixin):
             raise ValueError(f"tls_dir {self.tls_dir} contains a comma, which QEMU's -object cannot carry")
         self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-qemu") / _safe(host)
         self._guest_image = Path(guest_image) if guest_image else None
+        self.guest_dir = guest_dir  # where the default guest is built from (the repo's guest/)
         self.qemu_binary = qemu_binary
         self.accel = accel
         self.machine = machine
@@ -297,7 +299,7 @@ class QemuDriver(MigrationMixin, StandbyMixin):
 
     async def _image(self) -> Path:
         if self._guest_image is None:
-            self._guest_image = await asyncio.to_thread(default_guest_image)
+            self._guest_image = await asyncio.to_thread(default_guest_image, self.guest_dir)
         if not self._guest_image.exists():
             raise FileNotFoundError(f"guest image {self._guest_image} not found")
         return self._guest_image
