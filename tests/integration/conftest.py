@@ -19,7 +19,7 @@ def span_exporter() -> InMemorySpanExporter:
     """The process-wide in-memory exporter (added on first use); skips when tracing is off."""
     global _EXPORTER
     if _EXPORTER is None:
-        tracing = installed() or setup_tracing("ferry-tests", settings=SETTINGS)
+        tracing = installed() or setup_tracing("ferry-tests", env=SETTINGS.tracing_env())
         if tracing.provider is None:
             pytest.skip("tracing is off in this process (FERRY_TRACE_COLLECT=0 / OTEL_SDK_DISABLED)")
         _EXPORTER = InMemorySpanExporter()

@@ -30,7 +30,7 @@ def authenticator(settings: Settings) -> Authenticator:
 
 def tracing(settings: Settings, service_name: str, *, collect: bool = True) -> Tracing:
     """Install tracing as ``OTEL_*`` and ``FERRY_TRACE_COLLECT`` say (spans shipped over the bus)."""
-    return setup_tracing(service_name, bus_exporter=BusSpanExporter() if collect else None, settings=settings)
+    return setup_tracing(service_name, bus_exporter=BusSpanExporter() if collect else None, env=settings.tracing_env())
 
 
 def gc(settings: Settings) -> tuple[int, int, int]:

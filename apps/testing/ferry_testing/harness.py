@@ -189,7 +189,7 @@ async def make_cluster(
 
     store = store or MemorySagaStore()
     # one provider per test session; each cluster ships spans through its own coordinator
-    tracing = setup_tracing("ferry-tests", bus_exporter=BusSpanExporter(), settings=SETTINGS)
+    tracing = setup_tracing("ferry-tests", bus_exporter=BusSpanExporter(), env=SETTINGS.tracing_env())
     extra = {"auth": auth} if auth is not None else {}
     coordinator = build_coordinator(await bus(), store, clock=clock, timeouts=timeouts, **extra)
     await coordinator.start()

@@ -42,7 +42,6 @@ from .aio import cancel_and_wait
 from .bus.topology import TELEMETRY_SPANS
 from .errors import FerryError
 from .messages.telemetry import MAX_EVENTS_PER_SPAN, SpanBatch, SpanRecord
-from .settings import Settings
 from .telemetry import MIGRATION_ID, SERVICE
 
 if TYPE_CHECKING:
@@ -75,11 +74,10 @@ def setup_tracing(
     service_name: str,
     *,
     bus_exporter: BusSpanExporter | None = None,
-    env: Mapping[str, str] | None = None,
-    settings: Settings | None = None,
+    env: Mapping[str, str],
 ) -> Tracing:
     """Install this process's ``TracerProvider`` (once) as ``OTEL_*`` and ``FERRY_TRACE_COLLECT`` say
-    in ``settings`` (or ``env``, a mapping of those variables).
+    in ``env`` (``Settings.tracing_env()``, or a mapping of those variables).
 
     ``bus_exporter`` ships migration spans over the bus once an endpoint is attached to it
     (:meth:`BusSpanExporter.attach`); it is dropped when ``FERRY_TRACE_COLLECT=0``. Later
@@ -89,7 +87,7 @@ def setup_tracing(
     with _INSTALL_LOCK:
         if _INSTALLED is not None:
             return _INSTALLED
-        tracing = build_tracing(service_name, bus_exporter=bus_exporter, env=env, settings=settings)
+        tracing = build_tracing(service_name, bus_exporter=bus_exporter, env=env)
         if tracing.provider is not None:
             trace.set_tracer_provider(tracing.provider)
         _INSTALLED = tracing
@@ -105,16 +103,11 @@ def build_tracing(
     service_name: str,
     *,
     bus_exporter: BusSpanExporter | None = None,
-    env: Mapping[str, str] | None = None,
-    settings: Settings | None = None,
+    env: Mapping[str, str],
 ) -> Tracing:
     """Build (without installing) the provider :func:`setup_tracing` would install. The
-    variables come from ``settings`` or ``env``; the process environment is not read here
-    (the OpenTelemetry SDK reads its own ``OTEL_*`` variables when it builds the exporter)."""
-    if env is None:
-        if settings is None:
-            raise TypeError("pass settings= (or env=, a mapping of the variables)")
-        env = settings.tracing_env()
+    variables come from ``env`` (``Settings.tracing_env()``); the process environment is not
+    read here (the OpenTelemetry SDK reads its own ``OTEL_*`` when it builds the exporter)."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return Tracing(None, None, False)
     otlp = otlp_requested(env)
