@@ -13,6 +13,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 import pytest
 
@@ -27,6 +28,17 @@ from ferry_coordinator.fleet.queue import (
 from ferry_coordinator.store import SagaRecord, SagaStore
 
 MakeStore = Callable[[], Awaitable[SagaStore]]
+T = TypeVar("T")
+
+
+async def race_for_one_vm(
+    make_store: MakeStore, attempt: Callable[[SagaStore, int], Awaitable[tuple[T, bool]]]
+) -> tuple[SagaStore, list[tuple[T, bool]], list[T]]:
+    """Twenty attempts at once (``attempt(store, i)``), from two handles on one store in turn:
+    one handle, every ``(result, created)``, and the results that were created."""
+    a, b = await make_store(), await make_store()
+    results = await asyncio.gather(*[attempt(a if i % 2 else b, i) for i in range(20)])
+    return a, results, [x for x, created in results if created]
 STARTED = {EntryState.STARTED}
 
 
@@ -120,11 +132,9 @@ class FleetQueueSuite:
         assert created is True
 
     async def test_concurrent_enqueues_for_one_vm_one_wins(self, make_store: MakeStore) -> None:
-        a, b = await make_store(), await make_store()
-        results = await asyncio.gather(
-            *[(a if i % 2 else b).queue.enqueue(entry(f"m-{i}", vm="vm-1")) for i in range(20)]
+        _, results, winners = await race_for_one_vm(
+            make_store, lambda store, i: store.queue.enqueue(entry(f"m-{i}", vm="vm-1"))
         )
-        winners = [e for e, created in results if created]
         assert len(winners) == 1
         assert {e.migration_id for e, _ in results} == {winners[0].migration_id}
 
