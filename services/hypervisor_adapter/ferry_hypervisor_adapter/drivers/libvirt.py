@@ -35,7 +35,7 @@ from ferry_common.messages.domain import VmSpec
 
 from . import libvirt_domains
 from .base import MigrationParams, VmState
-from .guest import STATUS_ADDR, GuestStatus, default_guest_image, guest_cmdline
+from .guest import STATUS_ADDR, GuestImage, GuestStatus, guest_cmdline
 from .libvirt_adopted import AdoptedDomains
 from .libvirt_calls import (  # noqa: F401 - re-exported: the names callers import from here
     _CRASHED,
@@ -105,8 +105,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         self.migration_host = migration_host
         safe_host = re.sub(r"[^A-Za-z0-9._-]", "_", host)
         self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-libvirt-driver") / safe_host
-        self._guest_image = Path(guest_image) if guest_image else None
-        self.guest_dir = guest_dir  # where the default guest is built from (the repo's guest/)
+        self.guest = GuestImage(guest_image, guest_dir)
         self.emulator = emulator
         self.machine = machine
         self.domain_type = domain_type
@@ -125,8 +124,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         lv.registerErrorHandler(lambda _ctx, _err: None, None)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._conn = await _blocking(lv.open, self.uri)
-        if self._guest_image is None:
-            self._guest_image = await _blocking(default_guest_image, self.guest_dir)
+        await self.guest.resolve()
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -266,7 +264,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         return libvirt_domains.ferry_spec(dom, self.peer_uri)  # None: not a Ferry guest
 
     def _domain_xml(self, spec: VmSpec) -> str:
-        if self._guest_image is None:
+        if self.guest.path is None:
             raise RuntimeError("LibvirtDriver.start() was not called")
         meta = escape(json.dumps(spec.model_dump(mode="json")))
         return f"""<domain type='{self.domain_type}'>
@@ -276,7 +274,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
   <vcpu>{spec.vcpus}</vcpu>
   <os>
     <type arch='x86_64' machine='{escape(self.machine)}'>hvm</type>
-    <kernel>{escape(str(self._guest_image))}</kernel>
+    <kernel>{escape(str(self.guest.path))}</kernel>
     <cmdline>{escape(guest_cmdline(spec.params))}</cmdline>
   </os>
   <clock offset='utc'/>

@@ -27,7 +27,7 @@ from ferry_common.messages.domain import VmSpec
 from ferry_common.messages.public import incoming_shape
 
 from .base import MigrationParams, VmState
-from .guest import STATUS_XP, GuestStatus, default_guest_image, guest_cmdline
+from .guest import STATUS_XP, GuestImage, GuestStatus, guest_cmdline
 from .qemu_files import (
     _UNIX_PATH_MAX,
     TLS_FILES,
@@ -100,8 +100,7 @@ class QemuDriver(MigrationMixin, StandbyMixin):
         if self.tls_dir is not None and "," in str(self.tls_dir):
             raise ValueError(f"tls_dir {self.tls_dir} contains a comma, which QEMU's -object cannot carry")
         self.run_dir = Path(run_dir) if run_dir else Path("/tmp/ferry-qemu") / _safe(host)
-        self._guest_image = Path(guest_image) if guest_image else None
-        self.guest_dir = guest_dir  # where the default guest is built from (the repo's guest/)
+        self.guest = GuestImage(guest_image, guest_dir)
         self.qemu_binary = qemu_binary
         self.accel = accel
         self.machine = machine
@@ -298,11 +297,10 @@ class QemuDriver(MigrationMixin, StandbyMixin):
         _write_meta(self._dir(vm_id), meta)
 
     async def _image(self) -> Path:
-        if self._guest_image is None:
-            self._guest_image = await asyncio.to_thread(default_guest_image, self.guest_dir)
-        if not self._guest_image.exists():
-            raise FileNotFoundError(f"guest image {self._guest_image} not found")
-        return self._guest_image
+        image = await self.guest.resolve()
+        if not image.exists():
+            raise FileNotFoundError(f"guest image {image} not found")
+        return image
 
     async def _launch(self, spec: VmSpec, role: str, vm_dir: Path | None = None) -> None:
         vm_dir = vm_dir or self._dir(spec.vm_id)
