@@ -30,6 +30,7 @@ from ferry_common.bus.memory import MemoryBus
 from ferry_common.endpoint import Context, Endpoint, Router
 from ferry_common.messages.commands import Health, HealthCheck
 from ferry_common.runtime import tune_gc
+from ferry_common.settings import load_settings
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import MemorySagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
@@ -305,7 +306,7 @@ async def start_cluster(
 ) -> BenchCluster:
     """Start a coordinator and ``hosts`` on a fresh broker (``memory`` or ``rabbitmq``);
     ``host_process``: the hosts run in a second process (RabbitMQ only), not in this one."""
-    tune_gc()  # what every service process does at start (``ferry up``, ``ferry service``)
+    tune_gc(load_settings())  # what every service process does at start (``ferry up``, ``ferry service``)
     vhost = make_vhost() if kind == "rabbitmq" else None
     shared = MemoryBus() if kind == "memory" else None
     buses: list[CountingBus] = []

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,27 @@ async def sensor_run(
     }
 
 
+async def windowed_rate(n: int, window: int, send: Callable[[], Awaitable[Any]], done: asyncio.Event) -> float:
+    """Messages per second: ``n`` sends, at most ``window`` in flight, until ``done`` (every
+    one handled) is set."""
+    sem = asyncio.Semaphore(window)
+
+    async def one() -> None:
+        try:
+            await send()
+        finally:
+            sem.release()
+
+    t0 = time.perf_counter()
+    tasks = []
+    for _ in range(n):
+        await sem.acquire()
+        tasks.append(asyncio.ensure_future(one()))
+    await asyncio.gather(*tasks)
+    await asyncio.wait_for(done.wait(), 600)
+    return n / (time.perf_counter() - t0)
+
+
 async def noop_bus(cluster: BenchCluster, n: int, window: int, body: bytes) -> float:
     """Raw bus: publish ``n`` messages, consume them with a handler that only acks."""
     pub, sub = await cluster.new_bus(), await cluster.new_bus()
@@ -137,22 +159,9 @@ async def noop_bus(cluster: BenchCluster, n: int, window: int, body: bytes) -> f
     # a key of its own per run: an earlier run's queue (left in the vhost) must not get copies
     key = f"bench.noop.{time.monotonic_ns()}"
     consumer = await sub.consume(QueueSpec(key, (key,), durable=True, prefetch=256), handler)
-    sem = asyncio.Semaphore(window)
-
-    async def one(i: int) -> None:
-        try:
-            await pub.publish(Message(routing_key=key, body=body, type="VmEvent"))
-        finally:
-            sem.release()
-
-    t0 = time.perf_counter()
-    tasks = []
-    for i in range(n):
-        await sem.acquire()
-        tasks.append(asyncio.ensure_future(one(i)))
-    await asyncio.gather(*tasks)
-    await asyncio.wait_for(done.wait(), 600)
-    rate = n / (time.perf_counter() - t0)
+    rate = await windowed_rate(
+        n, window, lambda: pub.publish(Message(routing_key=key, body=body, type="VmEvent")), done
+    )
     await consumer.cancel()
     drop_queue(cluster.vhost, key)
     return rate
@@ -176,22 +185,7 @@ async def noop_endpoint(cluster: BenchCluster, n: int, window: int, sample: VmEv
 
     router.add(VmEvent, handler)
     await server.serve(QueueSpec(key, (key,), durable=True, prefetch=256), router)
-    sem = asyncio.Semaphore(window)
-
-    async def one() -> None:
-        try:
-            await client.send(key, sample)
-        finally:
-            sem.release()
-
-    t0 = time.perf_counter()
-    tasks = []
-    for _ in range(n):
-        await sem.acquire()
-        tasks.append(asyncio.ensure_future(one()))
-    await asyncio.gather(*tasks)
-    await asyncio.wait_for(done.wait(), 600)
-    rate = n / (time.perf_counter() - t0)
+    rate = await windowed_rate(n, window, lambda: client.send(key, sample), done)
     await server.close()
     await client.close()
     drop_queue(cluster.vhost, key)

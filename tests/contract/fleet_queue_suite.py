@@ -13,6 +13,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 import pytest
 
@@ -27,6 +28,17 @@ from ferry_coordinator.fleet.queue import (
 from ferry_coordinator.store import SagaRecord, SagaStore
 
 MakeStore = Callable[[], Awaitable[SagaStore]]
+T = TypeVar("T")
+
+
+async def race_for_one_vm(
+    make_store: MakeStore, attempt: Callable[[SagaStore, int], Awaitable[tuple[T, bool]]]
+) -> tuple[SagaStore, list[tuple[T, bool]], list[T]]:
+    """Twenty attempts at once (``attempt(store, i)``), from two handles on one store in turn:
+    one handle, every ``(result, created)``, and the results that were created."""
+    a, b = await make_store(), await make_store()
+    results = await asyncio.gather(*[attempt(a if i % 2 else b, i) for i in range(20)])
+    return a, results, [x for x, created in results if created]
 STARTED = {EntryState.STARTED}
 
 
@@ -120,11 +132,9 @@ class FleetQueueSuite:
         assert created is True
 
     async def test_concurrent_enqueues_for_one_vm_one_wins(self, make_store: MakeStore) -> None:
-        a, b = await make_store(), await make_store()
-        results = await asyncio.gather(
-            *[(a if i % 2 else b).queue.enqueue(entry(f"m-{i}", vm="vm-1")) for i in range(20)]
+        _, results, winners = await race_for_one_vm(
+            make_store, lambda store, i: store.queue.enqueue(entry(f"m-{i}", vm="vm-1"))
         )
-        winners = [e for e, created in results if created]
         assert len(winners) == 1
         assert {e.migration_id for e, _ in results} == {winners[0].migration_id}
 
@@ -195,18 +205,21 @@ class FleetQueueSuite:
         await store.queue.release("auto-0", now=11.0)
         assert [e.migration_id for e in await claim_all(store, 12.0)] == ["auto-1"]
 
-    async def test_ageing_lets_a_long_wait_overtake_a_higher_priority(self, store: SagaStore) -> None:
-        await store.queue.set_limits(Limits(cluster=1, ageing_s=60.0))
+    @staticmethod
+    async def old_operator_and_new_drain(store: SagaStore, ageing_s: float) -> None:
+        """One slot; an operator request at 0 s and a drain's (one level higher) at 100 s."""
+        await store.queue.set_limits(Limits(cluster=1, ageing_s=ageing_s))
         await store.queue.enqueue(entry("old-op", "src-1", ["dst-1"], at=0.0))
         await store.queue.enqueue(entry("new-drain", "src-2", ["dst-2"], priority=Priority.DRAIN, at=100.0))
+
+    async def test_ageing_lets_a_long_wait_overtake_a_higher_priority(self, store: SagaStore) -> None:
+        await self.old_operator_and_new_drain(store, ageing_s=60.0)
         # at 110 the operator request has waited 110 s: one level up, equal to the drain; older wins
         got = await store.queue.claim_next("r1", now=110.0)
         assert got is not None and got.migration_id == "old-op"
 
     async def test_without_ageing_the_higher_priority_goes_first(self, store: SagaStore) -> None:
-        await store.queue.set_limits(Limits(cluster=1, ageing_s=1000.0))
-        await store.queue.enqueue(entry("old-op", "src-1", ["dst-1"], at=0.0))
-        await store.queue.enqueue(entry("new-drain", "src-2", ["dst-2"], priority=Priority.DRAIN, at=100.0))
+        await self.old_operator_and_new_drain(store, ageing_s=1000.0)
         got = await store.queue.claim_next("r1", now=110.0)
         assert got is not None and got.migration_id == "new-drain"
 

@@ -20,7 +20,7 @@ from ferry_common.errors import Conflict
 from ferry_coordinator.store import TERMINAL, HistoryEntry, SagaRecord, SagaStore
 
 from .drain_store_suite import DrainStoreSuite
-from .fleet_queue_suite import FleetQueueSuite
+from .fleet_queue_suite import FleetQueueSuite, race_for_one_vm
 
 MakeStore = Callable[[], Awaitable[SagaStore]]
 
@@ -117,11 +117,7 @@ class SagaStoreSuite(FleetQueueSuite, DrainStoreSuite):
         assert created is True
 
     async def test_concurrent_creates_for_one_vm_one_wins(self, make_store: MakeStore) -> None:
-        a, b = await make_store(), await make_store()
-        results = await asyncio.gather(
-            *[(a if i % 2 else b).create(saga(f"m-{i}", "vm-1")) for i in range(20)]
-        )
-        winners = [rec for rec, created in results if created]
+        a, results, winners = await race_for_one_vm(make_store, lambda store, i: store.create(saga(f"m-{i}", "vm-1")))
         assert len(winners) == 1
         assert {rec.migration_id for rec, _ in results} == {winners[0].migration_id}
         active = await a.active_for_vm("vm-1")

@@ -4,11 +4,11 @@ whose name has dots, and reaches no other service's queue."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import aio_pika
@@ -57,19 +57,17 @@ def fleet(rabbitmq_available: None, tmp_path: Path) -> Iterator[tuple[str, dict[
 
 async def test_each_host_service_works_as_its_fleet_user(fleet: tuple[str, dict[str, str]]) -> None:
     vhost, urls = fleet
-    buses: list[AmqpBus] = []
-    started: list[Any] = []
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # each service stops before its bus closes
         for name in HOST_SERVICES:
             bus = AmqpBus(urls[name], name=name)
             await bus.connect()
-            buses.append(bus)
+            stack.push_async_callback(bus.close)
             service = build_service(name, NODE, bus)
             await service.start()
-            started.append(service)
+            stack.push_async_callback(service.stop)
         guest = AmqpBus(AMQP_BASE.rstrip("/") + "/" + vhost, name="guest")
         await guest.connect()
-        buses.append(guest)
+        stack.push_async_callback(guest.close)
         client = FerryClient(Endpoint(guest, "client/test"))
         assert set(await client.inspect(NODE)) == set(HOST_SERVICES)
         await client.close()
@@ -86,8 +84,3 @@ async def test_each_host_service_works_as_its_fleet_user(fleet: tuple[str, dict[
                 await queue.consume(ignore)
         finally:
             await connection.close()
-    finally:
-        for s in reversed(started):
-            await s.stop()
-        for bus in buses:
-            await bus.close()

@@ -73,6 +73,16 @@ def _key(data: st.DataObject, target: Target) -> str | None:
     return None
 
 
+def _handled_type(rig: Rig, data: st.DataObject, name: str) -> tuple[Target, str]:
+    """The target named ``name`` and one of the types its router handles."""
+    target = rig.targets[name]
+    return target, data.draw(st.sampled_from(sorted(target.router.handlers)), label="type")
+
+
+# one message to one target, asking for a reply or not
+TO_A_TARGET = given(data=st.data(), name=st.sampled_from(TARGETS), reply=st.booleans())
+
+
 @FUZZ
 @given(data=st.data(), name=st.sampled_from(TARGETS), body=garbage(), reply=st.booleans())
 def test_garbage(rig: Rig, data: st.DataObject, name: str, body: bytes, reply: bool) -> None:
@@ -83,22 +93,20 @@ def test_garbage(rig: Rig, data: st.DataObject, name: str, body: bytes, reply: b
 
 
 @FUZZ
-@given(data=st.data(), name=st.sampled_from(TARGETS), reply=st.booleans())
+@TO_A_TARGET
 def test_one_field_mutated(rig: Rig, data: st.DataObject, name: str, reply: bool) -> None:
     """A message of a type the service handles, with one value made hostile, dropped or added."""
-    target = rig.targets[name]
-    type_ = data.draw(st.sampled_from(sorted(target.router.handlers)), label="type")
+    target, type_ = _handled_type(rig, data, name)
     model = target.router.handlers[type_][0]
     body = data.draw(mutated(model), label="body")
     settle(rig, target, body, type_, reply, _key(data, target))
 
 
 @FUZZ
-@given(data=st.data(), name=st.sampled_from(TARGETS), reply=st.booleans())
+@TO_A_TARGET
 def test_generated_messages(rig: Rig, data: st.DataObject, name: str, reply: bool) -> None:
     """Mostly valid messages of every handled type, with ids real and made up: handled or refused."""
-    target = rig.targets[name]
-    type_ = data.draw(st.sampled_from(sorted(target.router.handlers)), label="type")
+    target, type_ = _handled_type(rig, data, name)
     body = orjson.dumps(data.draw(model_payload(target.router.handlers[type_][0]), label="payload"))
     out = settle(rig, target, body, type_, reply, _key(data, target))
     if out.handled or out.code not in ("invalid_message", "unknown_type"):
@@ -106,7 +114,7 @@ def test_generated_messages(rig: Rig, data: st.DataObject, name: str, reply: boo
 
 
 @FUZZ
-@given(data=st.data(), name=st.sampled_from(TARGETS), reply=st.booleans())
+@TO_A_TARGET
 def test_wrong_or_unknown_type(rig: Rig, data: st.DataObject, name: str, reply: bool) -> None:
     """A valid message of a type this service does not take, or a type nobody knows."""
     target = rig.targets[name]

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
-from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProgress
+from ferry_hypervisor_adapter.drivers.base import (
+    MigrationParams,
+    MigrationProgress,
+    MigrationResult,
+)
 
 from .conftest import Pair
 
@@ -34,15 +38,20 @@ async def _guest(pair: Pair, dirty_mib: int) -> tuple[str, object]:
     return spec.vm_id, spec
 
 
-async def test_a_guest_that_does_not_converge_at_first_completes_up_the_ladder(pair: Pair) -> None:
-    # 8 MiB rewritten flat out: more than 100 ms (3.2 MiB) lets through, less than 500 ms (16 MiB)
-    vm_id, spec = await _guest(pair, dirty_mib=8)
-    params = MigrationParams(bandwidth_mibps=CAP_MIBPS, stall_passes=2, stall_timeout_s=3.0,
-                             completion_timeout_min_s=60)
+async def _migrate(pair: Pair, dirty_mib: int, params: MigrationParams) -> tuple[str, MigrationResult, Samples]:
+    """A dirtying guest migrated from source to target under ``params``, with every sample kept."""
+    vm_id, spec = await _guest(pair, dirty_mib)
     uri = await pair.target.prepare_incoming(spec, params)
     samples = Samples()
+    return vm_id, await pair.source.migrate(vm_id, uri, params, samples), samples
 
-    result = await pair.source.migrate(vm_id, uri, params, samples)
+
+async def test_a_guest_that_does_not_converge_at_first_completes_up_the_ladder(pair: Pair) -> None:
+    # 8 MiB rewritten flat out: more than 100 ms (3.2 MiB) lets through, less than 500 ms (16 MiB)
+    params = MigrationParams(bandwidth_mibps=CAP_MIBPS, stall_passes=2, stall_timeout_s=3.0,
+                             completion_timeout_min_s=60)
+
+    vm_id, result, samples = await _migrate(pair, 8, params)
 
     assert result.outcome == "completed", result
     assert not result.postcopy_started
@@ -57,13 +66,10 @@ async def test_a_guest_that_does_not_converge_at_first_completes_up_the_ladder(p
 
 async def test_a_guest_whose_policy_forbids_postcopy_is_aborted_on_the_source(pair: Pair) -> None:
     # 64 MiB rewritten flat out never fits in 150 ms at 32 MiB/s
-    vm_id, spec = await _guest(pair, dirty_mib=64)
     params = MigrationParams(bandwidth_mibps=CAP_MIBPS, downtime_limit_ms=100, downtime_ladder_ms=(150,),
                              stall_passes=2, stall_timeout_s=2.0, postcopy="forbid", completion_timeout_min_s=60)
-    uri = await pair.target.prepare_incoming(spec, params)
-    samples = Samples()
 
-    result = await pair.source.migrate(vm_id, uri, params, samples)
+    vm_id, result, samples = await _migrate(pair, 64, params)
 
     assert result.outcome == "failed" and not result.postcopy_started, result
     assert "stall timeout" in (result.reason or "") and "forbids post-copy" in (result.reason or ""), result
@@ -75,13 +81,10 @@ async def test_a_guest_whose_policy_forbids_postcopy_is_aborted_on_the_source(pa
 
 
 async def test_a_guest_that_never_converges_completes_in_postcopy(pair: Pair) -> None:
-    vm_id, spec = await _guest(pair, dirty_mib=64)
     params = MigrationParams(bandwidth_mibps=CAP_MIBPS, downtime_limit_ms=100, downtime_ladder_ms=(150,),
                              stall_passes=2, stall_timeout_s=2.0, postcopy="allow", completion_timeout_min_s=120)
-    uri = await pair.target.prepare_incoming(spec, params)
-    samples = Samples()
 
-    result = await pair.source.migrate(vm_id, uri, params, samples)
+    vm_id, result, samples = await _migrate(pair, 64, params)
 
     assert result.outcome == "completed" and result.postcopy_started, result
     assert max(samples.rungs()) == 1

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
+from ferry_common.messages.public import MigrationStatusEvent
 from tests.harness import Cluster, inspect_problems
 
 from .conftest import _importable
 from .saga_support import (
     STUCK_GUEST,
+    Guest,
     assert_rolled_back,
     host_options,
     progress_events,
@@ -56,12 +58,19 @@ async def cluster(request: pytest.FixtureRequest, guest_image: Path, rabbitmq_av
     shutil.rmtree(base, ignore_errors=True)
 
 
-async def test_a_guest_whose_policy_forbids_postcopy_is_rolled_back_with_its_plane(cluster: Cluster) -> None:
-    g = await start_guest(cluster, {**STUCK_GUEST, "migration": {"postcopy": "forbid"}})
+async def _migrate_stuck_guest(cluster: Cluster, postcopy: str) -> tuple[Guest, str, MigrationStatusEvent]:
+    """A guest pre-copy cannot move, whose own policy says ``postcopy``, migrated up the ladder
+    while events stream to its plane."""
+    g = await start_guest(cluster, {**STUCK_GUEST, "migration": {"postcopy": postcopy}})
     g.start_stream(every_s=0.05)
     mid = await cluster.client.migrate(g.vm_id, "host-b", params=LADDER)
     outcome = await cluster.client.outcome(mid, timeout=90)
     await g.stop_stream()
+    return g, mid, outcome
+
+
+async def test_a_guest_whose_policy_forbids_postcopy_is_rolled_back_with_its_plane(cluster: Cluster) -> None:
+    g, mid, outcome = await _migrate_stuck_guest(cluster, "forbid")
 
     await assert_rolled_back(cluster, g, outcome, "vm_migration_failed")
     assert "forbids post-copy" in (outcome.reason or ""), outcome
@@ -72,11 +81,7 @@ async def test_a_guest_whose_policy_forbids_postcopy_is_rolled_back_with_its_pla
 
 async def test_a_guest_that_never_converges_completes_in_postcopy(cluster: Cluster) -> None:
     # the VM's own policy allows post-copy; the request only sets the ladder
-    g = await start_guest(cluster, {**STUCK_GUEST, "migration": {"postcopy": "allow"}})
-    g.start_stream(every_s=0.05)
-    mid = await cluster.client.migrate(g.vm_id, "host-b", params=LADDER)
-    outcome = await cluster.client.outcome(mid, timeout=90)
-    await g.stop_stream()
+    g, mid, outcome = await _migrate_stuck_guest(cluster, "allow")
 
     assert outcome.status == "completed", outcome
     assert await g.advancing("host-b"), "guest does not run on the target"

@@ -3,6 +3,7 @@ service does its whole job as its own user, and a user reaches nothing it does n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -71,34 +72,27 @@ def users(rabbitmq_available: None, tmp_path: Path) -> Iterator[Users]:
 async def test_every_service_does_its_job_as_its_own_user(users: Users) -> None:
     """Coordinator and the four host services, each connected as its own user, serve a
     client that is connected as its own: queues declared, bound, consumed, answered."""
-    buses: list[AmqpBus] = []
-    started: list[Any] = []
+    async with contextlib.AsyncExitStack() as stack:  # each service stops before its bus closes
 
-    async def bus_for(user: str) -> AmqpBus:
-        bus = AmqpBus(users.url(user), name=user)
-        await bus.connect()
-        buses.append(bus)
-        return bus
+        async def bus_for(user: str) -> AmqpBus:
+            bus = AmqpBus(users.url(user), name=user)
+            await bus.connect()
+            stack.push_async_callback(bus.close)
+            return bus
 
-    try:
         coordinator = build_coordinator(await bus_for("ferry-coordinator"), MemorySagaStore())
         await coordinator.start()
-        started.append(coordinator)
+        stack.push_async_callback(coordinator.stop)
         for name in HOST_SERVICES:
             service = build_service(name, users.host, await bus_for(f"ferry-{users.host}-{name}"))
             await service.start()
-            started.append(service)
+            stack.push_async_callback(service.stop)
         client = FerryClient(Endpoint(await bus_for(f"ferry-client-{users.client}"), f"client/{users.client}"))
         await client.watch()
         seen = await client.inspect(users.host)
         assert set(seen) == set(HOST_SERVICES), seen
         assert await client.migrations() == []
         await client.close()
-    finally:
-        for s in reversed(started):
-            await s.stop()
-        for bus in buses:
-            await bus.close()
 
 
 Op = Callable[[AbstractChannel], Awaitable[Any]]

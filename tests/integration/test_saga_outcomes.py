@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -51,21 +52,33 @@ async def assert_clean(c: Cluster, vm_id: str, where: str) -> None:
     assert await inspect_problems(c, vm_id, where) == []
 
 
-def hold_saga(monkeypatch: pytest.MonkeyPatch, held: type, answered: type) -> tuple[asyncio.Event, asyncio.Event]:
-    """The saga's request of type ``held`` waits until the test sets ``go``; ``seen`` is set
-    once a request of type ``answered`` was answered. Returns (seen, go)."""
-    seen, go = asyncio.Event(), asyncio.Event()
+def gate_saga(
+    monkeypatch: pytest.MonkeyPatch,
+    gate: Callable[[Any, str], asyncio.Event | None],
+    answered: type,
+    seen: asyncio.Event,
+) -> None:
+    """Each request of the saga waits for the event ``gate(msg, service)`` names (None: no
+    wait); ``seen`` is set once a request of type ``answered`` was answered."""
     real = SagaRun.call
 
     async def call(self: SagaRun, host: str, msg: Any, **kw: Any) -> Any:
-        if isinstance(msg, held):
-            await go.wait()
+        held = gate(msg, kw.get("service") or (type(msg).services or ("",))[0])
+        if held is not None:
+            await held.wait()
         answer = await real(self, host, msg, **kw)
         if isinstance(msg, answered):
             seen.set()
         return answer
 
     monkeypatch.setattr(SagaRun, "call", call)
+
+
+def hold_saga(monkeypatch: pytest.MonkeyPatch, held: type, answered: type) -> tuple[asyncio.Event, asyncio.Event]:
+    """The saga's request of type ``held`` waits until the test sets ``go``; ``seen`` is set
+    once a request of type ``answered`` was answered. Returns (seen, go)."""
+    seen, go = asyncio.Event(), asyncio.Event()
+    gate_saga(monkeypatch, lambda msg, _: go if isinstance(msg, held) else None, answered, seen)
     return seen, go
 
 
@@ -127,20 +140,15 @@ async def test_a_backlog_that_reaches_the_target_plane_before_its_completion_act
     frozen, stage = asyncio.Event(), asyncio.Event()
     release = asyncio.Event()
     target = cluster.host("host-b")
-    real = SagaRun.call
 
-    async def call(self: SagaRun, host: str, msg: Any, **kw: Any) -> Any:
-        service = kw.get("service") or type(msg).services[0]
+    def gate(msg: Any, service: str) -> asyncio.Event | None:
         if isinstance(msg, StageEvents):
-            await stage.wait()
+            return stage
         if isinstance(msg, MigrationComplete) and service == "managed_object":
-            await release.wait()
-        answer = await real(self, host, msg, **kw)
-        if isinstance(msg, FreezeEvents):
-            frozen.set()
-        return answer
+            return release
+        return None
 
-    monkeypatch.setattr(SagaRun, "call", call)
+    gate_saga(monkeypatch, gate, FreezeEvents, frozen)
     mid = await cluster.client.migrate("vm1", "host-b")
     await asyncio.wait_for(frozen.wait(), 20)
     queued = await cluster.send_events("vm1", 40)  # frozen on the source: the backlog
@@ -428,10 +436,16 @@ async def test_progress_samples_held_by_the_broker_do_not_hold_the_migration(
         release.set()
 
 
+async def _migrate_failing(cluster: Cluster, sim_fail: str, *, events: int = 8) -> Any:
+    """vm1 (256 MiB, whose sim driver fails at ``sim_fail``) asked from host-a to host-b."""
+    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail=sim_fail)
+    if events:
+        await cluster.send_events("vm1", events)
+    return await cluster.migrate("vm1", "host-b")
+
+
 async def test_vm_migration_failure_rolls_back(cluster: Cluster) -> None:
-    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="migrate")
-    await cluster.send_events("vm1", 8)
-    outcome = await cluster.migrate("vm1", "host-b")
+    outcome = await _migrate_failing(cluster, "migrate")
     assert (outcome.status, outcome.code) == ("rolled_back", "vm_migration_failed")
     await assert_clean(cluster, "vm1", "host-a")
 
@@ -452,16 +466,13 @@ async def test_a_guest_that_is_not_running_on_the_source_is_not_migrated(cluster
 
 
 async def test_target_that_cannot_start_the_guest_rolls_back(cluster: Cluster) -> None:
-    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="incoming")
-    outcome = await cluster.migrate("vm1", "host-b")
+    outcome = await _migrate_failing(cluster, "incoming", events=0)
     assert (outcome.status, outcome.code) == ("rolled_back", "incoming_failed")
     await assert_clean(cluster, "vm1", "host-a")
 
 
 async def test_guest_not_running_on_target_after_migration_rolls_back(cluster: Cluster) -> None:
-    await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="finish")
-    await cluster.send_events("vm1", 8)
-    outcome = await cluster.migrate("vm1", "host-b")
+    outcome = await _migrate_failing(cluster, "finish")
     assert (outcome.status, outcome.code) == ("rolled_back", "not_running")
     await assert_clean(cluster, "vm1", "host-a")
 

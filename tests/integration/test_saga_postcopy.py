@@ -4,39 +4,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ferry_common.tracing import installed, setup_tracing
-from tests.harness import Cluster, make_cluster
-
-_SPANS: InMemorySpanExporter | None = None
+from tests.harness import Cluster
 
 
-def _spans() -> InMemorySpanExporter:
-    global _SPANS
-    if _SPANS is None:
-        tracing = installed() or setup_tracing("ferry-tests")
-        if tracing.provider is None:
-            pytest.skip("tracing is off in this process")
-        _SPANS = InMemorySpanExporter()
-        tracing.provider.add_span_processor(SimpleSpanProcessor(_SPANS))
-    _SPANS.clear()
-    return _SPANS
-
-
-@pytest.fixture
-async def cluster(bus_kind: str) -> AsyncIterator[Cluster]:
-    c = await make_cluster(bus_kind)
-    yield c
-    await c.close()
-
-
-async def test_a_failure_after_postcopy_started_ends_failed_not_rolled_back(cluster: Cluster) -> None:
-    spans = _spans()
+async def test_a_failure_after_postcopy_started_ends_failed_not_rolled_back(
+    cluster: Cluster, spans: InMemorySpanExporter
+) -> None:
     await cluster.create_vm("host-a", "vm1", memory_mib=256, sim_fail="postcopy")
     await cluster.send_events("vm1", 4)
     mid = await cluster.client.migrate("vm1", "host-b")

@@ -6,46 +6,16 @@ these tests add an in-memory exporter to it once and clear it per test.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 from ferry_cli.render import render_trace
-from ferry_common.tracing import installed, setup_tracing
+from ferry_common.tracing import installed
 from ferry_coordinator.saga import STEPS
-from tests.harness import Cluster, make_cluster, until
-
-_MEMORY: InMemorySpanExporter | None = None
-
-
-def _exporter() -> InMemorySpanExporter:
-    global _MEMORY
-    if _MEMORY is None:
-        tracing = installed() or setup_tracing("ferry-tests")
-        if tracing.provider is None:
-            pytest.skip("tracing is off in this process (FERRY_TRACE_COLLECT=0 / OTEL_SDK_DISABLED)")
-        _MEMORY = InMemorySpanExporter()
-        tracing.provider.add_span_processor(SimpleSpanProcessor(_MEMORY))
-    return _MEMORY
-
-
-@pytest.fixture
-async def cluster(bus_kind: str):
-    c = await make_cluster(bus_kind)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-def spans(cluster: Cluster) -> Iterator[InMemorySpanExporter]:
-    exporter = _exporter()
-    exporter.clear()
-    yield exporter
+from tests.harness import Cluster, until
 
 
 def hexid(n: int, width: int) -> str:
@@ -88,6 +58,17 @@ def check_common(cluster: Cluster, mid: str, root: ReadableSpan, trace: list[Rea
     assert not strangers, strangers
 
 
+async def checked_trace(
+    cluster: Cluster, exporter: InMemorySpanExporter, mid: str
+) -> tuple[ReadableSpan, list[ReadableSpan]]:
+    """The migration's root span and its trace, once the root ended, with what every trace
+    must show checked (:func:`check_common`)."""
+    await wait_root(exporter, mid)
+    root, trace = trace_of(exporter, mid)
+    check_common(cluster, mid, root, trace)
+    return root, trace
+
+
 async def stored_trace(cluster: Cluster, mid: str, root: ReadableSpan) -> list[dict[str, Any]]:
     tracing = installed()
     assert tracing is not None and tracing.bus_exporter is not None
@@ -107,9 +88,7 @@ async def test_completed_migration_is_one_trace(cluster: Cluster, spans: InMemor
     outcome = await cluster.migrate("vm1", "host-b")
     assert outcome.status == "completed", outcome
     mid = outcome.migration_id
-    await wait_root(spans, mid)
-    root, trace = trace_of(spans, mid)
-    check_common(cluster, mid, root, trace)
+    root, trace = await checked_trace(cluster, spans, mid)
     assert (root.attributes or {})["ferry.outcome"] == "completed"
     assert root.status.status_code != StatusCode.ERROR
 
@@ -199,9 +178,7 @@ async def test_rolled_back_migration_trace(cluster: Cluster, spans: InMemorySpan
     outcome = await cluster.migrate("vm1", "host-b")
     assert outcome.status == "rolled_back", outcome
     mid = outcome.migration_id
-    await wait_root(spans, mid)
-    root, trace = trace_of(spans, mid)
-    check_common(cluster, mid, root, trace)
+    root, trace = await checked_trace(cluster, spans, mid)
     attrs = root.attributes or {}
     assert attrs["ferry.outcome"] == "rolled_back"
     assert root.status.status_code == StatusCode.ERROR and root.status.description

@@ -87,6 +87,8 @@ def _options(settings: Settings, host: str) -> HostOptions:
         driver_options["tls"] = True
     if settings.driver in ("qemu", "libvirt") and settings.guest_image:
         driver_options["guest_image"] = settings.guest_image
+    if settings.driver in ("qemu", "libvirt") and settings.guest_dir:
+        driver_options["guest_dir"] = settings.guest_dir
     return HostOptions(
         driver=settings.driver,
         driver_options=driver_options,

@@ -20,12 +20,12 @@ def bus(settings: Settings, name: str) -> AmqpBus:
 
 def auth_factory(settings: Settings) -> Callable[[str], Authenticator]:
     """``identity -> authenticator`` for a process hosting several services."""
-    return auth_factory_from_env(environ=settings.signing_env())
+    return auth_factory_from_env(settings=settings)
 
 
 def authenticator(settings: Settings) -> Authenticator:
     """The authenticator of a process with one identity (``FERRY_IDENTITY``)."""
-    return authenticator_from_env(environ=settings.signing_env())
+    return authenticator_from_env(settings=settings)
 
 
 def tracing(settings: Settings, service_name: str, *, collect: bool = True) -> Tracing:
@@ -35,4 +35,4 @@ def tracing(settings: Settings, service_name: str, *, collect: bool = True) -> T
 
 def gc(settings: Settings) -> tuple[int, int, int]:
     """The collector's thresholds of ``FERRY_GC_THRESHOLD`` (Ferry's default when unset)."""
-    return tune_gc({"FERRY_GC_THRESHOLD": settings.gc_threshold} if settings.gc_threshold else {})
+    return tune_gc(settings)

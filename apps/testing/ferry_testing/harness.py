@@ -20,6 +20,7 @@ from ferry_common.clock import Clock, SystemClock
 from ferry_common.endpoint import Endpoint
 from ferry_common.messages.domain import Event, ManagementGraph, Module
 from ferry_common.messages.public import VmEvent
+from ferry_common.settings import Settings, load_settings
 from ferry_common.tracing import BusSpanExporter, installed, setup_tracing
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store import MemorySagaStore, SagaStore
@@ -27,6 +28,8 @@ from ferry_coordinator.timeouts import SagaTimeouts
 
 from .sample import MODULES, graph, vm_spec
 
+# the test process's settings, read once (tracing and the collector's thresholds as a service has them)
+SETTINGS: Settings = load_settings()
 AMQP_BASE = os.environ.get("FERRY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 FAST = SagaTimeouts(reply_s=1.0, attempts=2, status_poll_s=0.5, forward_retry_s=0.05, forward_retry_max_s=0.5, lease_s=5.0)
 
@@ -186,7 +189,7 @@ async def make_cluster(
 
     store = store or MemorySagaStore()
     # one provider per test session; each cluster ships spans through its own coordinator
-    tracing = setup_tracing("ferry-tests", bus_exporter=BusSpanExporter())
+    tracing = setup_tracing("ferry-tests", bus_exporter=BusSpanExporter(), env=SETTINGS.tracing_env())
     extra = {"auth": auth} if auth is not None else {}
     coordinator = build_coordinator(await bus(), store, clock=clock, timeouts=timeouts, **extra)
     await coordinator.start()

@@ -22,6 +22,19 @@ class Clock(Protocol):
         """Suspend for ``seconds`` of this clock's time."""
 
 
+async def sleep_or_set(clock: Clock, seconds: float, event: asyncio.Event) -> None:
+    """Sleep ``seconds`` of ``clock``'s time, or less: return as soon as ``event`` is set."""
+    sleeper = asyncio.ensure_future(clock.sleep(max(seconds, 0.0)))
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # cancelled, not awaited: awaiting them would swallow a cancel of the caller that lands
+        # meanwhile, and the caller would wait on forever
+        sleeper.cancel()
+        waiter.cancel()
+
+
 class SystemClock:
     """The real clock."""
 

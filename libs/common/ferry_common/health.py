@@ -15,7 +15,7 @@ Every Ferry service runs one :class:`HealthServer` (port ``FERRY_HEALTH_PORT``, 
 A check is ``async def check() -> bool | str``: return ``True`` when healthy, and ``False`` or
 a string saying why when not. A check that raises or exceeds ``check_timeout`` fails::
 
-    health = HealthServer.from_env()
+    health = HealthServer.from_settings(settings)
     health.add_check("amqp", bus_connected)
     await health.start()
     ...                      # connect, declare queues, recover state
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -45,6 +44,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import REGISTRY, Registry
+from .settings import Settings
 
 __all__ = ["Check", "HealthServer", "probe", "DEFAULT_PORT", "DEFAULT_READY_URL"]
 
@@ -87,10 +87,9 @@ class HealthServer:
         self._site: web.TCPSite | None = None
 
     @classmethod
-    def from_env(cls, **kwargs: Any) -> HealthServer:
-        """A server on ``FERRY_HEALTH_PORT`` (default 8080)."""
-        port = int(os.environ.get("FERRY_HEALTH_PORT", "") or DEFAULT_PORT)
-        return cls(port, **kwargs)
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> HealthServer:
+        """A server on the settings' ``health_port`` (``FERRY_HEALTH_PORT``, default 8080)."""
+        return cls(settings.health_port, **kwargs)
 
     @property
     def port(self) -> int:

@@ -12,7 +12,11 @@ the same cycles, less often; ``FERRY_GC_THRESHOLD=default`` keeps Python's own.
 from __future__ import annotations
 
 import gc
-import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # settings imports this module (gc_threshold checks the variable)
+    from .settings import Settings
 
 #: gen0 allocations, gen1 and gen2 collection ratios (Python's default is 700, 10, 10)
 GC_THRESHOLD = (20_000, 20, 50)
@@ -34,9 +38,11 @@ def gc_threshold(spec: str | None) -> tuple[int, int, int] | None:
     return values[0], values[1], values[2]
 
 
-def tune_gc(env: dict[str, str] | None = None) -> tuple[int, int, int]:
-    """Apply the collector thresholds of ``FERRY_GC_THRESHOLD``; returns those in force."""
-    wanted = gc_threshold((os.environ if env is None else env).get("FERRY_GC_THRESHOLD"))
+def tune_gc(source: Mapping[str, str] | Settings) -> tuple[int, int, int]:
+    """Apply the collector thresholds of ``FERRY_GC_THRESHOLD`` (the settings' ``gc_threshold``,
+    or that variable of a mapping); returns those in force."""
+    spec = source.get("FERRY_GC_THRESHOLD") if isinstance(source, Mapping) else source.gc_threshold
+    wanted = gc_threshold(spec)
     if wanted is not None:
         gc.set_threshold(*wanted)
     first, second, third = gc.get_threshold()

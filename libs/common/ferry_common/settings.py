@@ -21,6 +21,11 @@ __all__ = ["Settings", "SettingsError", "env_name", "load_settings"]
 MASK = "**********"
 
 
+def _standard(variable: str, description: str, default: Any = None) -> Any:
+    """A field read from a standard variable of its own name (``OTEL_*``), not ``FERRY_*``."""
+    return Field(default=default, validation_alias=AliasChoices(variable, variable.lower()), description=description)
+
+
 class Settings(BaseSettings):
     """Ferry's settings, from ``FERRY_*``, ``AMQP_URL`` and the standard ``OTEL_*`` variables."""
 
@@ -71,26 +76,17 @@ class Settings(BaseSettings):
     auth_replay_window: int = Field(default=100_000, ge=1, description="message ids remembered against replays")
     # ---- tracing (the standard OpenTelemetry variables, read by the SDK too) -----------
     trace_collect: bool = Field(default=True, description="ship migration spans to the coordinator (ferry trace)")
-    otel_sdk_disabled: bool = Field(default=False, validation_alias=AliasChoices("OTEL_SDK_DISABLED", "otel_sdk_disabled"),
-                                    description="turn tracing off altogether")
-    otel_service_name: str | None = Field(default=None, validation_alias=AliasChoices("OTEL_SERVICE_NAME", "otel_service_name"),
-                                          description="service.name of this process's spans")
-    otel_traces_exporter: str | None = Field(default=None, validation_alias=AliasChoices("OTEL_TRACES_EXPORTER", "otel_traces_exporter"),
-                                             description="otlp to export spans (or none)")
-    otel_traces_sampler: str | None = Field(default=None, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER", "otel_traces_sampler"),
-                                            description="the SDK's sampler (default parent-based always-on)")
-    otel_resource_attributes: str | None = Field(
-        default=None, validation_alias=AliasChoices("OTEL_RESOURCE_ATTRIBUTES", "otel_resource_attributes"),
-        description="extra resource attributes of spans, e.g. k8s.node.name=...")
-    otel_exporter_otlp_endpoint: str | None = Field(
-        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint"),
-        description="OTLP collector (all signals)")
-    otel_exporter_otlp_traces_endpoint: str | None = Field(
-        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otel_exporter_otlp_traces_endpoint"),
-        description="OTLP collector for traces")
-    otel_exporter_otlp_headers: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_HEADERS", "otel_exporter_otlp_headers"),
-        description="headers for the OTLP collector (often a token)")
+    otel_sdk_disabled: bool = _standard("OTEL_SDK_DISABLED", "turn tracing off altogether", False)
+    otel_service_name: str | None = _standard("OTEL_SERVICE_NAME", "service.name of this process's spans")
+    otel_traces_exporter: str | None = _standard("OTEL_TRACES_EXPORTER", "otlp to export spans (or none)")
+    otel_traces_sampler: str | None = _standard("OTEL_TRACES_SAMPLER", "the SDK's sampler (default parent-based always-on)")
+    otel_resource_attributes: str | None = _standard(
+        "OTEL_RESOURCE_ATTRIBUTES", "extra resource attributes of spans, e.g. k8s.node.name=...")
+    otel_exporter_otlp_endpoint: str | None = _standard("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP collector (all signals)")
+    otel_exporter_otlp_traces_endpoint: str | None = _standard(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTLP collector for traces")
+    otel_exporter_otlp_headers: SecretStr | None = _standard(
+        "OTEL_EXPORTER_OTLP_HEADERS", "headers for the OTLP collector (often a token)")
 
     @field_validator("*", mode="before")
     @classmethod

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind
 
+from .aio import cancel_and_wait
 from .bus.topology import TELEMETRY_SPANS
 from .errors import FerryError
 from .messages.telemetry import MAX_EVENTS_PER_SPAN, SpanBatch, SpanRecord
@@ -74,9 +74,10 @@ def setup_tracing(
     service_name: str,
     *,
     bus_exporter: BusSpanExporter | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str],
 ) -> Tracing:
-    """Install this process's ``TracerProvider`` (once) as ``OTEL_*`` and ``FERRY_TRACE_COLLECT`` say.
+    """Install this process's ``TracerProvider`` (once) as ``OTEL_*`` and ``FERRY_TRACE_COLLECT`` say
+    in ``env`` (``Settings.tracing_env()``, or a mapping of those variables).
 
     ``bus_exporter`` ships migration spans over the bus once an endpoint is attached to it
     (:meth:`BusSpanExporter.attach`); it is dropped when ``FERRY_TRACE_COLLECT=0``. Later
@@ -102,10 +103,11 @@ def build_tracing(
     service_name: str,
     *,
     bus_exporter: BusSpanExporter | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str],
 ) -> Tracing:
-    """Build (without installing) the provider :func:`setup_tracing` would install."""
-    env = os.environ if env is None else env
+    """Build (without installing) the provider :func:`setup_tracing` would install. The
+    variables come from ``env`` (``Settings.tracing_env()``); the process environment is not
+    read here (the OpenTelemetry SDK reads its own ``OTEL_*`` when it builds the exporter)."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return Tracing(None, None, False)
     otlp = otlp_requested(env)
@@ -267,10 +269,7 @@ class BusSpanExporter(SpanProcessor):
         if endpoint is not None and endpoint is not self._endpoint:
             return
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self.flush()
         self._endpoint = None
 

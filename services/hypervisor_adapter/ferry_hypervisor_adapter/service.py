@@ -19,6 +19,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from ferry_common.aio import cancel_and_wait
 from ferry_common.bus.topology import host_load, inventory, migration_status
 from ferry_common.endpoint import Context, Endpoint
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
@@ -141,11 +142,7 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
         self._inventory_task = asyncio.create_task(self._inventory_loop())
 
     async def stop(self) -> None:
-        for task in (self._announcing, self._inventory_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._announcing, self._inventory_task)
         for o in self.outgoing.values():
             if o.task is not None and not o.task.done():
                 o.task.cancel()

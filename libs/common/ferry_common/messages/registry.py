@@ -21,9 +21,11 @@ _NOT_ORJSON = re.compile(rb"\d{19}|NaN|Infinity|[eE][+]?\d{3}")
 
 def _collect() -> dict[str, type[Wire]]:
     found: dict[str, type[Wire]] = {}
-    for module in (public, commands, planes, telemetry, recommendations, host_events, drains):
+    for module in (public, *commands.MODULES, planes, telemetry, recommendations, host_events, drains):
         for name, obj in vars(module).items():
             if isinstance(obj, type) and issubclass(obj, Wire) and obj.__module__ == module.__name__:
+                if name in found:  # a type name on the wire means one model
+                    raise RuntimeError(f"message type {name} defined twice ({module.__name__})")
                 found[name] = obj
     return found
 

@@ -1,13 +1,14 @@
-"""The service's authenticator, built from the environment (``FERRY_AUTH`` and friends)."""
+"""The service's authenticator, built from its settings (``FERRY_AUTH`` and friends), or from a
+mapping of those variables (tests)."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 
 from ..clock import Clock
 from ..security import Authenticator, NoAuth
+from ..settings import Settings
 from .authenticator import Ed25519Authenticator
 from .keys import load_keyring
 from .permissions import DEFAULT_PERMISSIONS, Permissions
@@ -15,10 +16,19 @@ from .permissions import DEFAULT_PERMISSIONS, Permissions
 log = logging.getLogger("ferry_common.signing")
 
 
+def _variables(environ: Mapping[str, str] | None, settings: Settings | None) -> Mapping[str, str]:
+    if environ is not None:
+        return environ
+    if settings is None:
+        raise TypeError("pass settings= (or environ=, a mapping of the variables below)")
+    return settings.signing_env()
+
+
 def authenticator_from_env(
-    *, clock: Clock | None = None, environ: Mapping[str, str] | None = None
+    *, clock: Clock | None = None, environ: Mapping[str, str] | None = None, settings: Settings | None = None
 ) -> Authenticator:
-    """Build the service's authenticator from environment variables.
+    """Build the service's authenticator from its settings, or from ``environ`` (a mapping of
+    these variables; the process environment is not read here):
 
     ``FERRY_AUTH``
         ``ed25519`` to sign and verify; ``none`` or unset for :class:`NoAuth`.
@@ -35,7 +45,7 @@ def authenticator_from_env(
     ``FERRY_AUTH_MAX_AGE_S``, ``FERRY_AUTH_MAX_SKEW_S``, ``FERRY_AUTH_REPLAY_WINDOW``
         override the staleness and replay limits (300, 30, 100000).
     """
-    env = os.environ if environ is None else environ
+    env = _variables(environ, settings)
     identity = env.get("FERRY_IDENTITY")
     factory = auth_factory_from_env(clock=clock, environ=env)
     if isinstance(factory, _NoAuthFactory):
@@ -51,7 +61,7 @@ class _NoAuthFactory:
 
 
 def auth_factory_from_env(
-    *, clock: Clock | None = None, environ: Mapping[str, str] | None = None
+    *, clock: Clock | None = None, environ: Mapping[str, str] | None = None, settings: Settings | None = None
 ) -> Callable[[str], Authenticator]:
     """Like :func:`authenticator_from_env`, for a process hosting several identities.
 
@@ -59,7 +69,7 @@ def auth_factory_from_env(
     own replay window), choosing each identity's key through ``trust.json``. This is what
     ``ferry_cli.cluster``'s ``auth=`` factory wants. ``FERRY_IDENTITY`` is not needed.
     """
-    env = os.environ if environ is None else environ
+    env = _variables(environ, settings)
     mode = env.get("FERRY_AUTH", "").strip().lower()
     if mode in ("", "none"):
         if not mode:

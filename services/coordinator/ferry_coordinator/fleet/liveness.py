@@ -13,11 +13,10 @@ when the other end of a migration dies, instead of waiting out the step's timeou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ferry_common.clock import Clock
+from ferry_common.clock import Clock, sleep_or_set
 
 Listener = Callable[[str, bool], None]  # (host, ready) on every change
 
@@ -29,6 +28,10 @@ class HostBeat:
     ready: bool = True
     # set and replaced on each heartbeat, so waiters re-read the deadline
     beat: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def due(self, missed: int) -> float:
+        """When this host is marked not ready unless it beats again."""
+        return self.last_beat + missed * self.period_s
 
 
 class LivenessTracker:
@@ -73,7 +76,7 @@ class LivenessTracker:
 
     def deadline(self, host: str) -> float | None:
         st = self._hosts.get(host)
-        return None if st is None else st.last_beat + self.missed * st.period_s
+        return None if st is None else st.due(self.missed)
 
     def ready(self, host: str) -> bool:
         """Whether ``host`` beat within its bound (checked now, not at the last sweep)."""
@@ -93,7 +96,7 @@ class LivenessTracker:
         changed = []
         for name in names:
             st = self._hosts.get(name)
-            if st is not None and st.ready and now >= st.last_beat + self.missed * st.period_s:
+            if st is not None and st.ready and now >= st.due(self.missed):
                 self._set(name, st, False)
                 changed.append(name)
         return changed
@@ -109,17 +112,7 @@ class LivenessTracker:
             st = self._hosts.get(host)
             if st is None or not self.ready(host):
                 return
-            remaining = st.last_beat + self.missed * st.period_s - self.clock.monotonic()
-            beat = st.beat
-            sleeper = asyncio.ensure_future(self.clock.sleep(remaining))
-            waiter = asyncio.ensure_future(beat.wait())
-            try:
-                await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                # cancelled, not awaited: awaiting them here would swallow a cancel of this
-                # waiter that lands meanwhile, and it would wait on forever
-                for t in (sleeper, waiter):
-                    t.cancel()
+            await sleep_or_set(self.clock, st.due(self.missed) - self.clock.monotonic(), st.beat)
 
     async def run(self) -> None:
         """Sweep until cancelled: every host is marked as soon as its bound passes, so
@@ -127,17 +120,7 @@ class LivenessTracker:
         while True:
             self.check()
             now = self.clock.monotonic()
-            deadlines = [
-                st.last_beat + self.missed * st.period_s for st in self._hosts.values() if st.ready
-            ]
+            deadlines = [st.due(self.missed) for st in self._hosts.values() if st.ready]
             wait = min(deadlines) - now if deadlines else self.default_period_s
             self._changed.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(max(wait, 0.0)))
-            waiter = asyncio.ensure_future(self._changed.wait())
-            try:
-                await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (sleeper, waiter):
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
+            await sleep_or_set(self.clock, wait, self._changed)

@@ -14,48 +14,41 @@ from ferry_common import metrics as metrics
 
 from .queue import Decision, EntryState, Limits, QueueEntry, Reason
 
-QUEUE_DEPTH = metrics.REGISTRY.gauge(
+
+def _gauge(name: str, documentation: str, *labels: str) -> metrics.Gauge:
+    return metrics.REGISTRY.gauge(name, documentation, labels)
+
+
+QUEUE_DEPTH = _gauge(
     "ferry_fleet_queue_depth",
     "Migrations queued, by what holds them (cluster_limit, source_outbound, target_inbound, "
     "no_capacity, policy_blocked, automatic_limit; 'none' for those about to start).",
-    ["reason"],
+    "reason",
 )
-QUEUE_OLDEST_SECONDS = metrics.REGISTRY.gauge(
+QUEUE_OLDEST_SECONDS = _gauge(
     "ferry_fleet_queue_oldest_seconds",
     "Seconds the longest-waiting queued migration has waited, by what holds it.",
-    ["reason"],
+    "reason",
 )
-SLOTS_IN_USE = metrics.REGISTRY.gauge(
-    "ferry_fleet_slots_in_use",
-    "Migrations holding a slot (in flight), cluster-wide.",
+SLOTS_IN_USE = _gauge("ferry_fleet_slots_in_use", "Migrations holding a slot (in flight), cluster-wide.")
+SLOT_LIMIT = _gauge(
+    "ferry_fleet_slot_limit", "The limits in force: cluster, outbound_per_host, inbound_per_host, automatic.", "kind"
 )
-SLOT_LIMIT = metrics.REGISTRY.gauge(
-    "ferry_fleet_slot_limit",
-    "The limits in force: cluster, outbound_per_host, inbound_per_host, automatic.",
-    ["kind"],
+HOST_MIGRATIONS = _gauge(
+    "ferry_fleet_host_migrations", "Migrations in flight per host, by direction (outbound, inbound).", "host", "direction"
 )
-HOST_MIGRATIONS = metrics.REGISTRY.gauge(
-    "ferry_fleet_host_migrations",
-    "Migrations in flight per host, by direction (outbound, inbound).",
-    ["host", "direction"],
+HOST_READY = _gauge(
+    "ferry_fleet_host_ready", "1 while the host's heartbeats arrive within their bound, 0 once it is marked not ready.", "host"
 )
-HOST_READY = metrics.REGISTRY.gauge(
-    "ferry_fleet_host_ready",
-    "1 while the host's heartbeats arrive within their bound, 0 once it is marked not ready.",
-    ["host"],
+DRAIN_VMS = _gauge(
+    "ferry_fleet_drain_vms", "VMs of a host's drain by state (total, done, failed, in_flight, queued).", "host", "state"
 )
-DRAIN_VMS = metrics.REGISTRY.gauge(
-    "ferry_fleet_drain_vms",
-    "VMs of a host's drain by state (total, done, failed, in_flight, queued).",
-    ["host", "state"],
-)
-DRAIN_REMAINING = metrics.REGISTRY.gauge(
-    "ferry_fleet_drain_remaining",
-    "VMs still to leave a draining host (0 once drained or when no drain runs).",
-    ["host"],
+DRAIN_REMAINING = _gauge(
+    "ferry_fleet_drain_remaining", "VMs still to leave a draining host (0 once drained or when no drain runs).", "host"
 )
 
 REASONS = tuple(r.value for r in Reason)
+LIMIT_KINDS = ("cluster", "outbound_per_host", "inbound_per_host", "automatic")
 DRAIN_STATES = ("total", "done", "failed", "in_flight", "queued")
 
 
@@ -74,24 +67,18 @@ def observe_queue(decisions: Iterable[Decision], now: float) -> None:
 
 def observe_slots(started: Iterable[QueueEntry], limits: Limits) -> None:
     """Slots in use, cluster-wide and per host, and the limits in force."""
-    out: Counter[str] = Counter()
-    inn: Counter[str] = Counter()
-    n = 0
-    for e in started:
-        if e.state is EntryState.STARTED:
-            n += 1
-            out[e.source_host] += 1
-            inn[e.target_host or "?"] += 1
-    SLOTS_IN_USE.set(n)
-    SLOT_LIMIT.labels(kind="cluster").set(limits.cluster)
-    SLOT_LIMIT.labels(kind="outbound_per_host").set(limits.outbound_per_host)
-    SLOT_LIMIT.labels(kind="inbound_per_host").set(limits.inbound_per_host)
-    SLOT_LIMIT.labels(kind="automatic").set(limits.automatic)
+    held = [e for e in started if e.state is EntryState.STARTED]
+    SLOTS_IN_USE.set(len(held))
+    for kind in LIMIT_KINDS:
+        SLOT_LIMIT.labels(kind=kind).set(getattr(limits, kind))
     HOST_MIGRATIONS.clear()
-    for host, count in out.items():
-        HOST_MIGRATIONS.labels(host=host, direction="outbound").set(count)
-    for host, count in inn.items():
-        HOST_MIGRATIONS.labels(host=host, direction="inbound").set(count)
+    by_direction = {
+        "outbound": Counter(e.source_host for e in held),
+        "inbound": Counter(e.target_host or "?" for e in held),
+    }
+    for direction, counts in by_direction.items():
+        for host, count in counts.items():
+            HOST_MIGRATIONS.labels(host=host, direction=direction).set(count)
 
 
 def observe_host_ready(host: str, ready: bool) -> None:

@@ -9,9 +9,11 @@ The queue and the slots it hands out live in the durable saga store
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Any
+
+from pydantic import TypeAdapter
 
 
 class Priority(IntEnum):
@@ -76,13 +78,7 @@ class Limits:
             raise ValueError(f"ageing_s must be positive, not {self.ageing_s!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cluster": self.cluster,
-            "outbound_per_host": self.outbound_per_host,
-            "inbound_per_host": self.inbound_per_host,
-            "ageing_s": self.ageing_s,
-            "automatic": self.automatic,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Limits:
@@ -127,43 +123,19 @@ class QueueEntry:
         return self.state in LIVE_STATES
 
     def to_dict(self) -> dict[str, Any]:
+        """The entry as JSON values (the SQL stores keep it as a row's body)."""
         return {
-            "migration_id": self.migration_id,
-            "vm_id": self.vm_id,
-            "source_host": self.source_host,
+            **asdict(self),
             "candidates": list(self.candidates),
             "priority": int(self.priority),
-            "group": self.group,
-            "enqueued_at": self.enqueued_at,
             "state": self.state.value,
-            "target_host": self.target_host,
-            "policy_block": self.policy_block,
-            "placement_note": self.placement_note,
-            "owner": self.owner,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "request": self.request,
         }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> QueueEntry:
-        return cls(
-            migration_id=str(raw["migration_id"]),
-            vm_id=str(raw["vm_id"]),
-            source_host=str(raw["source_host"]),
-            candidates=tuple(raw.get("candidates") or ()),
-            priority=Priority(int(raw["priority"])),
-            group=str(raw["group"]),
-            enqueued_at=float(raw["enqueued_at"]),
-            state=EntryState(raw.get("state", "queued")),
-            target_host=raw.get("target_host"),
-            policy_block=raw.get("policy_block"),
-            placement_note=raw.get("placement_note"),
-            owner=raw.get("owner"),
-            started_at=None if raw.get("started_at") is None else float(raw["started_at"]),
-            ended_at=None if raw.get("ended_at") is None else float(raw["ended_at"]),
-            request=dict(raw.get("request") or {}),
-        )
+        """An entry from :meth:`to_dict`'s form, checked and coerced field by field."""
+        body = {**raw, "candidates": raw.get("candidates") or (), "request": raw.get("request") or {}}
+        return _ENTRY.validate_python(body)
 
     def started(self, target: str, owner: str, now: float) -> QueueEntry:
         return replace(self, state=EntryState.STARTED, target_host=target, owner=owner, started_at=now)
@@ -188,6 +160,8 @@ class QueueEntry:
             entry = replace(entry, policy_block=policy_block)
         return entry
 
+
+_ENTRY: TypeAdapter[QueueEntry] = TypeAdapter(QueueEntry)
 
 def new_entry(
     migration_id: str,

@@ -111,9 +111,10 @@ def plan(entries: Iterable[QueueEntry], limits: Limits, now: float) -> list[Deci
     return out
 
 
-def next_startable(entries: Iterable[QueueEntry], limits: Limits, now: float) -> Decision | None:
-    """The entry that starts next, if any can."""
-    for decision in plan(entries, limits, now):
-        if decision.startable:
-            return decision
-    return None
+def start_next(entries: Iterable[QueueEntry], limits: Limits, owner: str, now: float) -> QueueEntry | None:
+    """The entry that starts next, as started by ``owner`` on its target; None if none can.
+    Every store's ``claim_next`` runs this on the live entries it read in its transaction."""
+    decision = next((d for d in plan(entries, limits, now) if d.startable), None)
+    if decision is None or decision.target is None:
+        return None
+    return decision.entry.started(decision.target, owner, now)

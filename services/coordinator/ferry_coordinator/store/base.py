@@ -8,13 +8,16 @@ record's ``version`` (optimistic concurrency) and by the driving replica's lease
 
 from __future__ import annotations
 
+import abc
 import builtins
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, get_args
 
 from ferry_coordinator.fleet.drain import Drain, DrainState
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
+
+Change = Callable[[QueueEntry], QueueEntry]
 
 # failed: ended forward-only after post-copy started, neither completed nor rolled back
 SagaStatus = Literal["running", "compensating", "completed", "rolled_back", "rejected", "failed"]
@@ -106,35 +109,42 @@ class SagaRecord:
         )
 
 
-class FleetQueue(Protocol):
+class FleetQueue(abc.ABC):
     """Queued migrations and the slots they hold, in the saga store (so every replica sees one
     queue). Every backend passes ``tests/contract/fleet_queue_suite.py`` unchanged.
 
     A slot is an entry in state ``started``: taken by :meth:`claim_next`, given back by
     :meth:`release` or, in the same transaction, when the saga of that ``migration_id`` is
-    saved in a terminal state.
+    saved in a terminal state. A backend implements the storage; what an update or a cancel
+    does to an entry is decided here, once, on top of :meth:`change_queued`.
     """
 
+    @abc.abstractmethod
     async def limits(self) -> Limits:
         """The limits in force (the defaults until :meth:`set_limits`)."""
 
+    @abc.abstractmethod
     async def set_limits(self, limits: Limits) -> Limits:
         """Change the limits for every replica from the next claim on; slots already held
         stay held (a lowered limit drains down rather than aborting migrations)."""
 
+    @abc.abstractmethod
     async def enqueue(self, entry: QueueEntry) -> tuple[QueueEntry, bool]:
         """Insert ``entry`` (state queued) unless an entry with its id exists or a live one
         (queued or started) exists for its VM: then ``(existing, False)``."""
 
+    @abc.abstractmethod
     async def get(self, migration_id: str) -> QueueEntry | None: ...
 
+    @abc.abstractmethod
     async def entries(
         self, *, states: Collection[EntryState] | None = None, group: str | None = None
     ) -> builtins.list[QueueEntry]:
         """Entries, oldest first, optionally of some states or one group."""
 
+    @abc.abstractmethod
     async def claim_next(self, owner: str, *, now: float) -> QueueEntry | None:
-        """In one transaction: pick the next startable entry (see ``fleet.scheduling.plan``),
+        """In one transaction: pick the next startable entry (``fleet.scheduling.start_next``),
         check the limits against the slots held, and take its slot (state started, with its
         target). None when nothing can start. Never exceeds a limit, whatever the number of
         replicas claiming at once; an entry starts at most once.
@@ -143,12 +153,21 @@ class FleetQueue(Protocol):
         dies in between leaves a started entry without a saga: whoever takes over resumes it
         from ``entry.request`` (or releases it); it is never started a second time."""
 
+    @abc.abstractmethod
     async def release(self, migration_id: str, *, now: float) -> QueueEntry | None:
         """Give back the slot of a started entry (state done); idempotent."""
+
+    @abc.abstractmethod
+    async def change_queued(self, migration_id: str, change: Change) -> QueueEntry | None:
+        """Atomically replace a queued entry by ``change(entry)``; an entry in another state
+        is returned unchanged, an unknown one as None."""
 
     async def cancel(self, migration_id: str, *, now: float) -> QueueEntry | None:
         """Cancel a queued entry: it never starts. A started one is returned unchanged (its
         saga's cancel path applies). None if unknown."""
+        return await self.change_queued(
+            migration_id, lambda e: replace(e, state=EntryState.CANCELLED, ended_at=now)
+        )
 
     async def update_queued(
         self,
@@ -162,7 +181,11 @@ class FleetQueue(Protocol):
         """Refresh a queued entry's ranked targets (placement ran again; with none, its note
         says why per host) or mark it held by policy; entries in other states are returned
         unchanged."""
+        return await self.change_queued(
+            migration_id, lambda e: e.updated(candidates, policy_block, clear_policy_block, placement_note)
+        )
 
+    @abc.abstractmethod
     async def explain(self, *, now: float) -> builtins.list[Decision]:
         """Every queued entry in start order with what holds it (``migration.queued``)."""
 

@@ -4,14 +4,16 @@ so each method is atomic on the event loop."""
 from __future__ import annotations
 
 import builtins
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import replace
 
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
-from ferry_coordinator.fleet.scheduling import next_startable, plan
+from ferry_coordinator.fleet.scheduling import plan, start_next
+
+from .base import Change, FleetQueue
 
 
-class MemoryFleetQueue:
+class MemoryFleetQueue(FleetQueue):
     def __init__(self) -> None:
         self._entries: dict[str, QueueEntry] = {}
         self._limits = Limits()
@@ -51,11 +53,9 @@ class MemoryFleetQueue:
         return sorted(out, key=lambda e: (e.enqueued_at, e.migration_id))
 
     async def claim_next(self, owner: str, *, now: float) -> QueueEntry | None:
-        decision = next_startable(self._live(), self._limits, now)
-        if decision is None or decision.target is None:
-            return None
-        started = decision.entry.started(decision.target, owner, now)
-        self._entries[started.migration_id] = started
+        started = start_next(self._live(), self._limits, owner, now)
+        if started is not None:
+            self._entries[started.migration_id] = started
         return started
 
     def release_now(self, migration_id: str, now: float) -> QueueEntry | None:
@@ -67,26 +67,10 @@ class MemoryFleetQueue:
     async def release(self, migration_id: str, *, now: float) -> QueueEntry | None:
         return self.release_now(migration_id, now)
 
-    async def cancel(self, migration_id: str, *, now: float) -> QueueEntry | None:
+    async def change_queued(self, migration_id: str, change: Change) -> QueueEntry | None:
         entry = self._entries.get(migration_id)
         if entry is not None and entry.state is EntryState.QUEUED:
-            entry = replace(entry, state=EntryState.CANCELLED, ended_at=now)
-            self._entries[migration_id] = entry
-        return entry
-
-    async def update_queued(
-        self,
-        migration_id: str,
-        *,
-        candidates: Sequence[str] | None = None,
-        placement_note: str | None = None,
-        policy_block: str | None = None,
-        clear_policy_block: bool = False,
-    ) -> QueueEntry | None:
-        entry = self._entries.get(migration_id)
-        if entry is None or entry.state is not EntryState.QUEUED:
-            return entry
-        entry = self._entries[migration_id] = entry.updated(candidates, policy_block, clear_policy_block, placement_note)
+            entry = self._entries[migration_id] = change(entry)
         return entry
 
     async def explain(self, *, now: float) -> builtins.list[Decision]:

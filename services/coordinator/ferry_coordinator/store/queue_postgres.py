@@ -11,36 +11,27 @@ guarded UPDATE (``state = 'queued'``) loses to a cancel that committed first.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import replace
 
 import asyncpg
 
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
-from ferry_coordinator.fleet.scheduling import next_startable, plan
+from ferry_coordinator.fleet.scheduling import plan, start_next
 
+from .base import Change, FleetQueue
 from .columns import TERMINAL_SQL
-from .queue_sql import LIVE_SQL, QUEUED, STARTED, default_limits, entry_from, row_params
+from .queue_sql import (
+    LIVE_SQL,
+    QUEUED,
+    STARTED,
+    default_limits,
+    entry_from,
+    queue_schema,
+    row_params,
+)
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS ferry_fleet_queue (
-    id          TEXT PRIMARY KEY,
-    vm_id       TEXT NOT NULL,
-    state       TEXT NOT NULL,
-    grp         TEXT NOT NULL,
-    enqueued_at DOUBLE PRECISION NOT NULL,
-    body        JSONB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS ferry_fleet_queue_one_live_per_vm
-    ON ferry_fleet_queue (vm_id) WHERE state IN {LIVE_SQL};
-CREATE INDEX IF NOT EXISTS ferry_fleet_queue_live ON ferry_fleet_queue (state)
-    WHERE state IN {LIVE_SQL};
-CREATE INDEX IF NOT EXISTS ferry_fleet_queue_grp ON ferry_fleet_queue (grp, enqueued_at);
-CREATE TABLE IF NOT EXISTS ferry_fleet_limits (
-    id   INTEGER PRIMARY KEY CHECK (id = 1),
-    body JSONB NOT NULL
-);
-"""
+SCHEMA = queue_schema(real="DOUBLE PRECISION", json="JSONB")
 
 RELEASE_SQL = (
     "UPDATE ferry_fleet_queue SET state = 'done', "
@@ -80,7 +71,7 @@ def _one(row: asyncpg.Record | None) -> QueueEntry | None:
     return entry_from(row["body"]) if row is not None else None
 
 
-class PostgresFleetQueue:
+class PostgresFleetQueue(FleetQueue):
     """A :class:`~ferry_coordinator.store.base.FleetQueue` on the saga store's pool."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -145,10 +136,9 @@ class PostgresFleetQueue:
             limits = Limits.from_dict(row["body"] if row else default_limits())
             for _ in range(10):
                 live = [entry_from(r["body"]) for r in await conn.fetch(_LIVE)]
-                decision = next_startable(live, limits, now)
-                if decision is None or decision.target is None:
+                started = start_next(live, limits, owner, now)
+                if started is None:
                     return None
-                started = decision.entry.started(decision.target, owner, now)
                 done = await conn.fetchrow(
                     "UPDATE ferry_fleet_queue SET state = $2, body = $3 "
                     f"WHERE id = $1 AND state = '{QUEUED}' RETURNING id",
@@ -176,22 +166,15 @@ class PostgresFleetQueue:
         )
         return _one(row) if row is not None else await self.get(migration_id)
 
-    async def update_queued(
-        self,
-        migration_id: str,
-        *,
-        candidates: Sequence[str] | None = None,
-        placement_note: str | None = None,
-        policy_block: str | None = None,
-        clear_policy_block: bool = False,
-    ) -> QueueEntry | None:
+    async def change_queued(self, migration_id: str, change: Change) -> QueueEntry | None:
         async with self._pool.acquire() as conn, conn.transaction():
             entry = _one(await conn.fetchrow(_BODY_BY_ID + " FOR UPDATE", migration_id))
             if entry is not None and entry.state.value == QUEUED:
-                entry = entry.updated(candidates, policy_block, clear_policy_block, placement_note)
+                entry = change(entry)
                 await conn.execute(
-                    "UPDATE ferry_fleet_queue SET body = $2 WHERE id = $1",
+                    "UPDATE ferry_fleet_queue SET state = $2, body = $3 WHERE id = $1",
                     migration_id,
+                    entry.state.value,
                     entry.to_dict(),
                 )
         return entry

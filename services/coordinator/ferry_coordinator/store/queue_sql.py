@@ -18,6 +18,29 @@ QUEUED = EntryState.QUEUED.value
 STARTED = EntryState.STARTED.value
 
 
+def queue_schema(*, real: str, json: str) -> str:
+    """The tables, in the dialect's names for a float and a JSON body."""
+    return f"""
+CREATE TABLE IF NOT EXISTS ferry_fleet_queue (
+    id          TEXT PRIMARY KEY,
+    vm_id       TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    grp         TEXT NOT NULL,
+    enqueued_at {real} NOT NULL,
+    body        {json} NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS ferry_fleet_queue_one_live_per_vm
+    ON ferry_fleet_queue (vm_id) WHERE state IN {LIVE_SQL};
+CREATE INDEX IF NOT EXISTS ferry_fleet_queue_live ON ferry_fleet_queue (state)
+    WHERE state IN {LIVE_SQL};
+CREATE INDEX IF NOT EXISTS ferry_fleet_queue_grp ON ferry_fleet_queue (grp, enqueued_at);
+CREATE TABLE IF NOT EXISTS ferry_fleet_limits (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    body {json} NOT NULL
+);
+"""
+
+
 def row_params(entry: QueueEntry) -> tuple[str, str, str, str, float, dict[str, Any]]:
     """``(id, vm_id, state, grp, enqueued_at, body)`` of ``entry``."""
     return (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
@@ -19,31 +19,16 @@ import orjson
 
 from ferry_common.state import immediate_transaction
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
-from ferry_coordinator.fleet.scheduling import next_startable, plan
+from ferry_coordinator.fleet.scheduling import plan, start_next
 
-from .queue_sql import LIVE_SQL, QUEUED, STARTED, default_limits, entry_from, row_params
+from .base import Change, FleetQueue
+from .queue_sql import LIVE_SQL, STARTED, default_limits, entry_from, queue_schema, row_params
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS ferry_fleet_queue (
-    id          TEXT PRIMARY KEY,
-    vm_id       TEXT NOT NULL,
-    state       TEXT NOT NULL,
-    grp         TEXT NOT NULL,
-    enqueued_at REAL NOT NULL,
-    body        TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS ferry_fleet_queue_one_live_per_vm
-    ON ferry_fleet_queue (vm_id) WHERE state IN {LIVE_SQL};
-CREATE INDEX IF NOT EXISTS ferry_fleet_queue_live ON ferry_fleet_queue (state)
-    WHERE state IN {LIVE_SQL};
-CREATE INDEX IF NOT EXISTS ferry_fleet_queue_grp ON ferry_fleet_queue (grp, enqueued_at);
-CREATE TABLE IF NOT EXISTS ferry_fleet_limits (
-    id   INTEGER PRIMARY KEY CHECK (id = 1),
-    body TEXT NOT NULL
-);
-INSERT INTO ferry_fleet_limits (id, body) VALUES (1, '{orjson.dumps(default_limits()).decode()}')
-    ON CONFLICT DO NOTHING;
-"""
+SCHEMA = (
+    queue_schema(real="REAL", json="TEXT")
+    + f"INSERT INTO ferry_fleet_limits (id, body) VALUES (1, '{orjson.dumps(default_limits()).decode()}')"
+    + " ON CONFLICT DO NOTHING;\n"
+)
 
 RELEASE_SQL = (
     "UPDATE ferry_fleet_queue SET state = 'done', "
@@ -56,7 +41,7 @@ def _dump(body: dict[str, Any]) -> str:
     return orjson.dumps(body).decode()
 
 
-class SqliteFleetQueue:
+class SqliteFleetQueue(FleetQueue):
     """A :class:`~ferry_coordinator.store.base.FleetQueue` on the saga store's connection."""
 
     def __init__(self, conn: aiosqlite.Connection, lock: asyncio.Lock) -> None:
@@ -146,11 +131,9 @@ class SqliteFleetQueue:
 
     async def claim_next(self, owner: str, *, now: float) -> QueueEntry | None:
         async with self._write():
-            decision = next_startable(await self._live(), await self._limits(), now)
-            if decision is None or decision.target is None:
-                return None
-            started = decision.entry.started(decision.target, owner, now)
-            await self._put(started)
+            started = start_next(await self._live(), await self._limits(), owner, now)
+            if started is not None:
+                await self._put(started)
         return started
 
     async def release(self, migration_id: str, *, now: float) -> QueueEntry | None:
@@ -158,29 +141,11 @@ class SqliteFleetQueue:
             await self._conn.execute(RELEASE_SQL, (now, migration_id))
             return await self._one("SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,))
 
-    async def cancel(self, migration_id: str, *, now: float) -> QueueEntry | None:
+    async def change_queued(self, migration_id: str, change: Change) -> QueueEntry | None:
         async with self._write():
             entry = await self._one("SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,))
             if entry is not None and entry.state is EntryState.QUEUED:
-                entry = replace(entry, state=EntryState.CANCELLED, ended_at=now)
-                await self._put(entry)
-        return entry
-
-    async def update_queued(
-        self,
-        migration_id: str,
-        *,
-        candidates: Sequence[str] | None = None,
-        placement_note: str | None = None,
-        policy_block: str | None = None,
-        clear_policy_block: bool = False,
-    ) -> QueueEntry | None:
-        async with self._write():
-            entry = await self._one(
-                "SELECT body FROM ferry_fleet_queue WHERE id = ?", (migration_id,)
-            )
-            if entry is not None and entry.state.value == QUEUED:
-                entry = entry.updated(candidates, policy_block, clear_policy_block, placement_note)
+                entry = change(entry)
                 await self._put(entry)
         return entry
 

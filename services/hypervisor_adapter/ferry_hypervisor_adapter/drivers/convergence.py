@@ -15,11 +15,12 @@ otherwise aborts the migration (the source keeps the guest).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
-from .base import MigrationParams
+from .base import MigrationParams, MigrationProgress
+from .precopy import PrecopyWatch
 
 Action = Literal["wait", "raise", "postcopy", "abort"]
 
@@ -56,6 +57,16 @@ class Decision:
     reason: str = ""
 
 
+class FigureKeys(NamedTuple):
+    """Where a hypervisor's job figures keep a sample's numbers (their names differ)."""
+
+    total: str
+    transferred: str
+    remaining: str
+    dirty_rate: str
+    passes: str
+
+
 class Convergence:
     """Follows one migration's samples up the ladder; one instance per migration."""
 
@@ -74,6 +85,27 @@ class Convergence:
     @property
     def downtime_ms(self) -> int:
         return self.ladder.downtimes_ms[self.rung]
+
+    def sample(
+        self, status: str, figures: Mapping[str, Any], keys: FigureKeys, *, done: bool = False, **extra: int
+    ) -> MigrationProgress:
+        """A progress sample from a hypervisor's job ``figures`` (names in ``keys``), with this
+        ladder's rung, downtime and post-copy state; ``done``: nothing remains."""
+        total = int(figures.get(keys.total, 0))
+        remaining = 0 if done else int(figures.get(keys.remaining, 0))
+        return MigrationProgress(
+            status=status,
+            total_bytes=total,
+            transferred_bytes=int(figures.get(keys.transferred, 0)),
+            remaining_bytes=remaining,
+            dirty_pages_rate=int(figures.get(keys.dirty_rate, 0)),
+            passes=int(figures.get(keys.passes, 0)),
+            percent=PrecopyWatch.percent(total, remaining),
+            rung=self.rung,
+            downtime_limit_ms=self.downtime_ms,
+            postcopy=self.postcopy_started,
+            **extra,
+        )
 
     def observe(self, remaining_bytes: int, passes: int) -> Decision:
         """Take one sample of pre-copy and say what to do now."""

@@ -10,6 +10,7 @@ bumps its counters. It keeps a status block of four 32-bit words at guest-physic
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import re
@@ -60,11 +61,11 @@ def guest_cmdline(params: dict[str, Any]) -> str:
     return f"dirty_mib={dirty} rate_mibps={rate}"
 
 
-def guest_source_dir() -> Path:
-    """``$FERRY_GUEST_DIR`` or the repo's ``guest/`` (this file lives four levels below the root)."""
-    env = os.environ.get("FERRY_GUEST_DIR")
-    if env:
-        return Path(env)
+def guest_source_dir(configured: str | os.PathLike[str] | None = None) -> Path:
+    """``configured`` (the settings' ``guest_dir``, ``FERRY_GUEST_DIR``) or the repo's ``guest/``
+    (this file lives four levels below the root)."""
+    if configured:
+        return Path(configured)
     return Path(__file__).resolve().parents[4] / "guest"
 
 
@@ -85,7 +86,22 @@ def build_guest(source: Path | None = None) -> Path:
     return src / "build" / IMAGE_NAME
 
 
-def default_guest_image() -> Path:
-    """``$FERRY_GUEST_IMAGE`` if set, otherwise the repo's guest, built if needed."""
-    env = os.environ.get("FERRY_GUEST_IMAGE")
-    return Path(env) if env else build_guest()
+def default_guest_image(guest_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The guest built from ``guest_dir`` (default: the repo's), if needed. A driver asks for it
+    when it was given no ``guest_image`` (the settings' ``FERRY_GUEST_IMAGE``)."""
+    return build_guest(guest_source_dir(guest_dir))
+
+
+class GuestImage:
+    """The kernel a driver boots: the one configured (``FERRY_GUEST_IMAGE``), else the guest
+    built from ``guest_dir`` (``FERRY_GUEST_DIR``, default: the repo's), built once, on first use."""
+
+    def __init__(self, image: str | os.PathLike[str] | None = None, guest_dir: str | os.PathLike[str] | None = None):
+        self.path = Path(image) if image else None
+        self.guest_dir = guest_dir
+
+    async def resolve(self) -> Path:
+        """The image's path, building the default guest (in a thread) the first time."""
+        if self.path is None:
+            self.path = await asyncio.to_thread(default_guest_image, self.guest_dir)
+        return self.path

@@ -34,7 +34,7 @@ class AdoptedDomains:
         raise NotImplementedError
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        from .libvirt import _blocking  # the driver's own threads
+        from .libvirt_calls import _blocking  # the driver's own threads
 
         return await _blocking(fn, *args)
 

@@ -1,4 +1,4 @@
-"""Saga steps and their answers, named after the seed's messages.
+"""Saga steps and their answers, named after the seed's messages, and where each goes.
 
 Every command carries the ``migration_id`` that makes it idempotent: a host service
 answers a replayed command for a step it already did with the same answer.
@@ -10,10 +10,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..bus.topology import HOST_SERVICES, HostService
-from .base import Wire
-from .domain import Element, Embot, Event, ManagementGraph, Module, ModuleRef, VmSpec
-from .limits import (
+from ...bus.topology import HOST_SERVICES, HostService
+from ..base import Wire
+from ..domain import Element, Embot, Event, ManagementGraph, Module, ModuleRef, VmSpec
+from ..limits import (
     MAX_ELEMENTS,
     MAX_EVENTS,
     MAX_MODULE_ROUNDS,
@@ -297,189 +297,8 @@ class CleanupSource(Step):
     pass
 
 
-# --- ownership leases (fencing) -----------------------------------------------------
-class LeaseRequest(Wire):
-    """A host's sensor asks to keep dispatching these VMs' events."""
-
-    host: Name
-    vms: list[Name] = Field(max_length=10_000)
-
-
-class LeaseGrant(Wire):
-    """Which VMs the host owns for ``ttl_s`` more seconds, and which moved (to whom)."""
-
-    ttl_s: float
-    granted: list[Name] = Field(default_factory=list, max_length=10_000)
-    moved: dict[Name, Name] = Field(default_factory=dict)
-
-
-# --- administration and inspection (CLI, demo, tests) ------------------------------
-class CreateVm(Wire):
-    vm: VmSpec
-
-
-class DestroyVm(Wire):
-    vm_id: Name
-
-
-class RegisterManagementGraph(Wire):
-    graph: ManagementGraph
-    modules: list[Module] = Field(default_factory=list, max_length=MAX_MODULES)
-
-
-class ActivateVmEvents(Wire):
-    vm_id: Name
-
-
-class InstallModules(Wire):
-    modules: list[Module] = Field(max_length=MAX_MODULES)
-
-
-class SetAttributes(Wire):
-    vm_id: Name
-    element_id: Name
-    attributes: JsonObject
-
-
-class DispatchEvents(Wire):
-    """Sensor to managed-object: events in time order, for an active VM.
-
-    ``completed_by`` and ``epoch``: the migration that made the sensor's host the VM's owner,
-    and the ownership epoch it gave (none for a VM that never moved). The completion tells the
-    managed object and the sensor at once, so a dispatch can arrive before the managed
-    object's own ``MigrationComplete``: a plane still staged for that migration takes the
-    dispatch as the completion it is.
-    """
-
-    vm_id: Name
-    events: list[Event] = Field(max_length=MAX_EVENTS)
-    completed_by: Name | None = None
-    epoch: int = Field(default=0, ge=0)
-
-
-class Inspect(Wire):
-    query = True
-    vm_id: Name | None = None
-    services: ClassVar[tuple[HostService, ...]] = ()
-    replies: ClassVar[tuple[type[Wire], ...]] = ()
-
-
-#: what the saga sends: its steps' commands, and the query of a VM's state on a host
-Command = Step | Inspect
-
-
-class Inspection(Wire):
-    host: Name
-    service: Name
-    data: dict[str, object] = Field(default_factory=dict)
-
-
-class ListMigrations(Wire):
-    query = True
-    vm_id: Name | None = None
-    migration_id: Name | None = None  # just this one (if the store has it)
-    limit: int = Field(default=50, ge=1, le=1000)
-
-
-class MigrationList(Wire):
-    migrations: list[dict[str, object]]
-
-
-class ListHosts(Wire):
-    """The fleet as the coordinator sees it (``ferry hosts``)."""
-
-    query = True
-
-
-class HostList(Wire):
-    # each host: capacity_mib, used_mib, reserved_mib, inbound, outbound, labels, state, vms
-    hosts: list[dict[str, object]]
-
-
-class GetLimits(Wire):
-    """The migration limits in force; with any field set, change them first (``ferry limits``)."""
-
-    query = True
-    cluster: int | None = Field(default=None, ge=1, le=10_000)
-    outbound_per_host: int | None = Field(default=None, ge=1, le=10_000)
-    inbound_per_host: int | None = Field(default=None, ge=1, le=10_000)
-
-
-class LimitsInfo(Wire):
-    limits: dict[str, object]
-    in_flight: int = 0
-    queued: int = 0
-
-
-class GetTrace(Wire):
-    query = True
-    migration_id: Name
-
-
-class TraceSpans(Wire):
-    spans: list[dict[str, object]]
-
-
-class HealthCheck(Wire):
-    pass
-
-
-class Health(Wire):
-    service: Name
-    host: Name | None = None
-    ok: bool = True
-    detail: JsonObject = Field(default_factory=dict)
-
-
-
-
-# --- adopting guests a host already runs (libvirt) -----------------------------------
-StorageMode = Literal["shared", "copy"]
-
-
-class AdoptVm(Wire):
-    """Hypervisor adapter: take a defined domain (by name or UUID) under management, its disks
-    migrated by ``storage`` (docs/operations.md, "Storage modes"). Answered with :class:`VmAdopted`."""
-
-    domain: Name
-    storage: StorageMode = "shared"
-
-
-class VmAdopted(Wire):
-    vm: VmSpec
-    already: bool = False
-
-
-class ReleaseVm(Wire):
-    """Give a VM back: each host service stops managing it; the guest runs on, still defined."""
-
-    vm_id: Name
-
-
-# the codes of IncomingCheck's refusals: admission denies with them, before anything starts
-INCOMING_REFUSALS = ("host_device", "cpu_unsupported", "disk_missing", "disk_not_shared", "disk_cache_unsafe",
-                     "disk_exists", "disk_unsupported")
-
-
-class Refusal(Wire):
-    """Why a guest cannot come to this host: ``code`` names the reason for machines."""
-
-    code: Name
-    reason: Text
-
-
-class CheckIncoming(Wire):
-    """Target adapter, asked by its migration policy at admission: can ``vm`` run here?"""
-
-    vm: VmSpec
-
-
-class IncomingCheck(Wire):
-    refusals: list[Refusal] = Field(default_factory=list, max_length=64)
-
-
 # --- where each saga command goes, and the answers it accepts (an error reply aside) --
-def _declare(command: type[Command], services: tuple[HostService, ...], *replies: type[Wire]) -> None:
+def _declare(command: type[Step], services: tuple[HostService, ...], *replies: type[Wire]) -> None:
     command.services, command.replies = services, replies
 
 
@@ -503,4 +322,3 @@ _declare(MigrationComplete, ("managed_object", "sensor"), MigrationCompleteAck)
 _declare(SourceTeardown, ("sensor", "managed_object", "hypervisor_adapter"), Done)
 _declare(CleanupTarget, HOST_SERVICES, Done)
 _declare(CleanupSource, ("hypervisor_adapter", "managed_object", "sensor"), Done)
-_declare(Inspect, HOST_SERVICES, Inspection)
