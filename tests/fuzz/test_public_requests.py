@@ -73,7 +73,8 @@ CASES: dict[str, tuple[bytes, str, str | None, str | None]] = {
     "not_an_object": (b'["vm1", "host-b"]', "JSON object", None, None),
     "empty": (b"", "not JSON", None, None),
     "missing_vm_id": (body(target_host="host-b", migration_id="m-no-vm"), "vm_id", "m-no-vm", "unknown"),
-    "missing_target": (body(vm_id="vm1", migration_id="m-no-target"), "target_host", "m-no-target", "vm1"),
+    # target_host may be left out (placement picks one); a malformed one is still refused
+    "bad_target": (body(vm_id="vm1", target_host="host b!", migration_id="m-no-target"), "target_host", "m-no-target", "vm1"),
     "extra_field": (body(**GOOD, migration_id="m-extra", force=True), "force", "m-extra", "vm1"),
     "too_long_vm_id": (body(vm_id="v" * 200, target_host="host-b", migration_id="m-long"), "vm_id", "m-long", "unknown"),
     "too_long_migration_id": (body(**GOOD, migration_id="m" * 200), "migration_id", "?", "vm1"),
@@ -121,7 +122,7 @@ async def test_an_invalid_request_does_not_speak_for_a_migration_id_in_use(clust
     """A malformed request that reuses a running (or ended) migration's id announces nothing."""
     mid = await cluster.client.migrate("vm1", "host-z")  # unknown host: rejected, but recorded
     assert (await cluster.client.outcome(mid, timeout=5.0)).code == "unknown_host"
-    await publish(cluster, body(vm_id="vm1", migration_id=mid))
+    await publish(cluster, body(vm_id="vm1", target_host="host b!", migration_id=mid))  # malformed
     await asyncio.sleep(0.05)
     assert not rejections(cluster)
 

@@ -230,9 +230,9 @@ class Requests:
 
     async def _status(self, mid: str, vm_id: str, status: str, *, source: str | None = None, target: str | None = None,
                       reason: str | None = None, code: str | None = None, running: str | None = None,
-                      detail: dict[str, Any] | None = None) -> None:
+                      detail: dict[str, Any] | None = None, step: str = "request") -> None:
         event = MigrationStatusEvent(
-            migration_id=mid, vm_id=vm_id, status=status,  # type: ignore[arg-type]
+            migration_id=mid, vm_id=vm_id, status=status, step=step,  # type: ignore[arg-type]
             source_host=source or None, target_host=target or None, reason=reason, code=code,
             running_migration_id=running, detail=detail or {}, at=self.clock.now(),
         )
