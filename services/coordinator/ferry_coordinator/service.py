@@ -219,6 +219,9 @@ class CoordinatorService(Requests):
 
     # ---- private ----------------------------------------------------------------------
     async def on_inventory(self, msg: HostInventory, ctx: Context) -> None:
+        if msg.heartbeat:  # the host lives; what it holds, its next inventory says
+            self.liveness.beat(msg.host, period_s=msg.period_s)
+            return None
         before = self.hosts.hosts.get(msg.host)
         self.hosts.update(msg, self.endpoint.clock.monotonic())
         self.fleet.update(msg)

@@ -189,13 +189,31 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
             await self.endpoint.send(host_load(self.host), load, mandatory=False)
 
     async def _inventory_loop(self) -> None:
-        while True:
-            try:
-                await self.publish_inventory()
-                await self.publish_load()
-            except Exception:
-                log.exception("inventory of %s not published", self.host)
-            await self.endpoint.clock.sleep(self.inventory_interval_s)
+        """Every period the host says it lives: its inventory, or, while collecting one takes
+        longer (a hypervisor busy with a migration answers late), a heartbeat alone, so the
+        coordinator does not take a busy host for a dead one."""
+        collecting: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if collecting is None or collecting.done():
+                    collecting = asyncio.create_task(self._collect())
+                period = asyncio.ensure_future(self.endpoint.clock.sleep(self.inventory_interval_s))
+                await asyncio.wait({collecting, period}, return_when=asyncio.FIRST_COMPLETED)
+                if not collecting.done():
+                    beat = HostInventory(host=self.host, capacity_mib=0, driver=self.driver.name,
+                                         period_s=self.inventory_interval_s, heartbeat=True)
+                    with contextlib.suppress(FerryError):
+                        await self.endpoint.send(inventory(self.host), beat, mandatory=False)
+                await period  # one inventory or heartbeat a period
+        finally:
+            await cancel_and_wait(collecting)
+
+    async def _collect(self) -> None:
+        try:
+            await self.publish_inventory()
+            await self.publish_load()
+        except Exception:
+            log.exception("inventory of %s not published", self.host)
 
     # ---- administration -----------------------------------------------------------
     @property

@@ -76,7 +76,7 @@ class MigrationPolicyService(HostService):
             self.reservations[mid] = Reservation(**raw)
 
     async def on_inventory(self, msg: HostInventory, ctx: Context) -> None:
-        if msg.host == self.host:
+        if msg.host == self.host and not msg.heartbeat:
             self.inventory = msg
         return None
 

@@ -135,6 +135,9 @@ class HostInventory(Wire):
     # the inventory doubles as the host's heartbeat: how often it is sent, so the coordinator
     # knows when one is missed (None: an adapter that does not say)
     period_s: float | None = Field(default=None, gt=0, le=3600)
+    # a heartbeat alone: the adapter lives but its hypervisor is slow to answer (a migration
+    # holds it), so the lists above are empty and say nothing; only liveness reads it
+    heartbeat: bool = Field(default=False, description="a heartbeat alone: the VM lists are not a new inventory")
 
 
 def incoming_shape(memory_mib: int, vcpus: int) -> str:
