@@ -76,6 +76,9 @@ _OUTGOING: dict[str, type[Wire]] = {
     m.__name__: m for m in (Alarm, VmEvent, MigrateRequest, MigrationWanted, EvacuationWanted)}
 
 
+CLEANED_MAX = 10_000  # rolled-back migrations remembered (a late transfer comes within minutes)
+
+
 class ManagedObjectService(HostService):
     service = "managed_object"
 
@@ -85,6 +88,10 @@ class ManagedObjectService(HostService):
         self.modules = ModuleRegistry()
         self.engine = PolicyEngine()
         self.planes: dict[str, VmPlane] = {}
+        # migrations rolled back on this host as a target: a state transfer for one of them that
+        # arrives late (its source answered after the saga gave up) must not stage a plane that
+        # nothing would clean up again; the newest CLEANED_MAX are kept, across restarts
+        self.cleaned: dict[str, None] = {}
         # what was dispatched here, per VM, kept after the VM leaves: the audit trail of the
         # newest ``ledger_max`` events per VM (a host dispatches for months: it must not grow
         # without bound, in memory or in the state store)
@@ -135,6 +142,7 @@ class ManagedObjectService(HostService):
 
     # ---- durable state: planes, modules, the dedup window and the ledger ----------------
     async def restore(self) -> None:
+        self.cleaned = dict.fromkeys(mid for mid, _ in await self.state.items("cleaned"))
         for _, raw in await self.state.items("modules"):
             self.modules.install(Module.model_validate(raw))
         for vm_id, meta in await self.state.items("plane"):
@@ -460,6 +468,8 @@ class ManagedObjectService(HostService):
 
     # ---- migration, target side -----------------------------------------------------
     async def on_state(self, msg: ManagementState, ctx: Context) -> Wire | Forward:
+        if msg.migration_id in self.cleaned:
+            return ManagementStateFailed(reason=f"migration {msg.migration_id} was rolled back on {self.host!r}")
         existing = self.planes.get(msg.vm_id)
         if existing is not None:
             if existing.status == "staged" and existing.migration_id == msg.migration_id:
@@ -501,6 +511,8 @@ class ManagedObjectService(HostService):
             return ManagedObjectInstantiationError(reason=str(exc))
         except GraphError as exc:
             return ManagementStateFailed(reason=str(exc))
+        if msg.migration_id in self.cleaned:  # cleaned up while the modules were installed
+            return ManagementStateFailed(reason=f"migration {msg.migration_id} was rolled back on {self.host!r}")
         plane = self.planes[msg.vm_id] = VmPlane.from_graph(graph, "staged", msg.migration_id)
         await self._save_plane(plane)
         # the plane itself, not a lookup: a clean-up handled meanwhile may have dropped it
@@ -545,6 +557,13 @@ class ManagedObjectService(HostService):
         await self._save_meta(plane)
 
     async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
+        if msg.migration_id not in self.cleaned:
+            self.cleaned[msg.migration_id] = None
+            await self.state.put("cleaned", msg.migration_id, msg.vm_id)
+            while len(self.cleaned) > CLEANED_MAX:
+                oldest = next(iter(self.cleaned))
+                del self.cleaned[oldest]
+                await self.state.delete("cleaned", oldest)
         plane = self.planes.get(msg.vm_id)
         if plane is not None and plane.status == "staged" and plane.migration_id == msg.migration_id:
             del self.planes[msg.vm_id]
