@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A RabbitMQ cluster of three nodes on this machine, for tests: ferry-c1..3@localhost on AMQP
-# ports 5681-5683 (distribution 25681-25683, management off), state under /tmp/ferry-rmq-cluster,
+# ports 5681-5683 (distribution 25681-25683, management off), state under /tmp/ferry-rmq-cluster
+# (wiped by stop: every start is a fresh cluster),
 # one Erlang cookie of its own. The machine's main broker (rabbit@HOST, 5672) is never touched.
-#   scripts/rabbitmq-cluster.sh start|stop|status|urls|kill NODE|restart NODE   (NODE: 1, 2 or 3)
+#   scripts/rabbitmq-cluster.sh start|stop|status|urls|kill NODE|restart NODE|ctl NODE ARGS  (NODE: 1-3)
 set -euo pipefail
 
 BASE=${FERRY_RMQ_CLUSTER_DIR:-/tmp/ferry-rmq-cluster}
@@ -79,7 +80,12 @@ joined() {
 cmd_start() {
   command -v rabbitmq-server >/dev/null || { echo "rabbitmq-cluster: rabbitmq-server is not installed" >&2; exit 2; }
   prepare
-  for i in "${NODES[@]}"; do up "$i" || start_node "$i"; done
+  # all at once: a clustered node that boots waits for the peers it last saw
+  local pids=() i
+  for i in "${NODES[@]}"; do
+    up "$i" || { start_node "$i" & pids+=($!); }
+  done
+  for i in "${pids[@]}"; do wait "$i"; done
   for i in 2 3; do
     joined "$i" && continue
     ctl "$i" stop_app >/dev/null
@@ -95,8 +101,9 @@ cmd_stop() {
   for i in "${NODES[@]}"; do
     if up "$i"; then ctl "$i" stop >/dev/null 2>&1 || true; fi
   done
-  # a node killed earlier may have left its Erlang VM behind
-  pkill -f -- "-sname ferry-c[123]@localhost" 2>/dev/null || true
+  for i in "${NODES[@]}"; do cmd_kill "$i"; done  # what did not stop in time
+  # the cluster is for tests: each start is a fresh one
+  rm -rf "$BASE"/c[123]/mnesia
 }
 
 cmd_status() {
@@ -122,7 +129,8 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   urls) for i in "${NODES[@]}"; do printf '%s' "${sep:-}amqp://guest:guest@127.0.0.1:$(amqp_port "$i")"; sep=,; done; echo ;;
+  ctl) shift; ctl "$@" ;;  # ctl NODE ARGS...: rabbitmqctl on one node of the cluster
   kill) cmd_kill "${2:?node 1, 2 or 3}" ;;
   restart) cmd_restart "${2:?node 1, 2 or 3}" ;;
-  *) echo "usage: $0 start|stop|status|urls|kill NODE|restart NODE" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|urls|kill NODE|restart NODE|ctl NODE ARGS" >&2; exit 2 ;;
 esac
