@@ -39,6 +39,7 @@ class FailoverConnection(RobustConnection):
         self._urls = [URL(u) for u in (urls or [str(url)])]
         self._attempts = 0
         super().__init__(url=self._urls[0], loop=loop, **kwargs)
+        self._attempts = 0  # the base class cleared ``transport`` once already: not an attempt
 
     # aio-pika clears ``transport`` at the start of every connection attempt (a name-mangled
     # method we cannot override): that is where the next address is chosen
