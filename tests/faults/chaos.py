@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import random
 import subprocess
 import sys
@@ -25,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry_common.bus.topology import COORDINATOR_QUERY
 from ferry_common.errors import FerryError
+from ferry_common.messages.commands import ListMigrations, MigrationList
 from ferry_common.messages.public import VmEvent
 from tests.faults.cases import step_at
 from tests.faults.chaos_limits import limit_violations
@@ -52,6 +55,7 @@ class Chaos:
     broker_restarts: bool
     seed: int
     pause_s: tuple[float, float] = (0.5, 3.0)
+    stop_at: float = float("inf")  # monotonic: no migration starts after it (a time budget)
     struck: list[Struck] = field(default_factory=list)
     runs: list[tuple[str, str, str, str, float, float]] = field(default_factory=list)  # vm, mid, src, dst, t0, t1
     where: dict[str, str] = field(default_factory=dict)
@@ -63,17 +67,19 @@ class Chaos:
         vm = f"chaos-{n}"
         self.where[vm] = HOSTS[n % 2]
         await retry(lambda: self.sess.create_vm(vm, self.where[vm], sim_bandwidth_mibps=512))
-        while self.started < self.migrations:
+        k = 0
+        while self.started < self.migrations and time.monotonic() < self.stop_at:
             self.started += 1
+            k += 1
             source = self.where[vm]
             target = next(h for h in HOSTS if h != source)
             await self.sess.send_events(vm, 3)
             stop = asyncio.Event()
             feeder = asyncio.create_task(self.sess.feed(vm, stop, every_s=0.1))
-            mid = f"chaos-{self.seed}-{n}-{self.started}"
+            mid = f"chaos-{self.seed}-{n}-{k}"
             t0 = time.time()
             try:
-                await retry(lambda: self.sess.client.migrate(vm, target, migration_id=mid))
+                await retry(functools.partial(self.sess.client.migrate, vm, target, migration_id=mid))
                 rec = await self.sess.outcome(mid, timeout=300)
                 if rec["status"] == "completed":
                     self.where[vm] = target
@@ -140,7 +146,7 @@ class Chaos:
         for vm, mid, *_ in self.runs:
             last_of[vm] = mid
         for vm, mid, _src, _dst, t0, t1 in self.runs:
-            r = await self.sess.record(mid)
+            r = await retry(functools.partial(self.record, mid))
             hit = [s for s in self.struck if s.start <= t1 and (s.end or t1) >= t0]
             kind = "+".join(sorted({s.kind.split(":")[0] for s in hit})) or "none"
             case = Case(kind, step_at(r, hit[0].start) if (r and hit) else "-", r["status"] if r else "unknown",
@@ -157,6 +163,14 @@ class Chaos:
             rec.add(case)
         for v in await limit_violations(self.procs.root / "sagas.db"):
             rec.add(Case("limits", "-", "completed", [v]))
+
+
+    async def record(self, mid: str) -> dict[str, Any] | None:
+        """The saga record of ``mid`` by its id (the session's look-up sees the newest 500)."""
+        ans = await self.sess.client.endpoint.request(COORDINATOR_QUERY, ListMigrations(migration_id=mid, limit=1),
+                                                      timeout=10.0)
+        assert isinstance(ans, MigrationList)
+        return next((dict(m) for m in ans.migrations if m["migration_id"] == mid), None)
 
 
 def _role(name: str) -> str:
@@ -184,7 +198,7 @@ def broker_restart(down_s: float) -> None:
 
 
 async def chaos_run(seed: int, migrations: int, concurrency: int, *, broker_restarts: bool = True,
-                    pause_s: tuple[float, float] = (0.5, 3.0)) -> Recorder:
+                    pause_s: tuple[float, float] = (0.5, 3.0), max_s: float | None = None) -> Recorder:
     """Start the process cluster in a private vhost, run, judge, tear down."""
     from tests.harness import drop_vhost, make_vhost
 
@@ -196,6 +210,8 @@ async def chaos_run(seed: int, migrations: int, concurrency: int, *, broker_rest
         sess = await Session.open(vhost)
         try:
             chaos = Chaos(procs, sess, random.Random(seed), migrations, concurrency, broker_restarts, seed, pause_s)
+            if max_s is not None:
+                chaos.stop_at = time.monotonic() + max_s
             return await chaos.run()
         finally:
             await sess.close()
@@ -210,9 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--migrations", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=8, help="migrations in flight at once")
     ap.add_argument("--no-broker-restart", action="store_true", help="leave the machine's RabbitMQ running")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="start no migration after this long (the table says how many ran)")
     args = ap.parse_args(argv)
     started = time.monotonic()
-    rec = asyncio.run(chaos_run(args.seed, args.migrations, args.concurrency, broker_restarts=not args.no_broker_restart))
+    rec = asyncio.run(chaos_run(args.seed, args.migrations, args.concurrency, broker_restarts=not args.no_broker_restart,
+                                 max_s=args.max_seconds))
     print(f"chaos seed {args.seed}: {len(rec.cases)} migrations, concurrency {args.concurrency}, "
           f"{time.monotonic() - started:.0f}s")
     print(rec.render())

@@ -13,8 +13,8 @@ import pytest
 
 from tests.faults import rmq_cluster as rmq_cluster_mod
 from tests.faults.procs import ProcCluster
-from tests.faults.rmq_cluster import RmqCluster
 from tests.faults.report import RESULTS
+from tests.faults.rmq_cluster import RmqCluster
 from tests.harness import drop_vhost, make_vhost
 
 SOAK = os.environ.get("FERRY_SOAK") == "1"

@@ -32,8 +32,8 @@ from ..errors import FerryError, InvalidMessage, Transient, Unroutable
 from ..ids import new_id
 from ..settings import Settings
 from ..tls import TlsSettings, tls_context
-from .failover import connect_first, split_urls
 from .batch import BATCH_CONTENT_TYPE, BATCH_TYPE, Lanes, batchable, pack, unpack
+from .failover import connect_first, split_urls
 from .interfaces import DeliveryHandler, Message, QueueSpec
 from .topology import (
     CODE_HEADER,
