@@ -104,7 +104,7 @@ class Chaos:
             if kind == "kill":
                 await asyncio.to_thread(self.procs.kill, name)
                 await asyncio.sleep(hold)
-                await self.procs.restart(name)
+                await self.revive()
             elif kind == "cut":
                 self.procs.proxies.cut(name)
             elif kind == "stall":
@@ -113,8 +113,22 @@ class Chaos:
                 await self.duplicate()
             else:
                 await asyncio.to_thread(broker_restart, hold)
-                await asyncio.to_thread(self.procs.wait_ready, None, 120.0)
+                await self.revive()
             s.end = time.time()
+
+    async def revive(self) -> None:
+        """What a supervisor (systemd, Kubernetes) does: start every dead process again until
+        it is ready; one that starts while the broker is away exits, and goes again."""
+        for _ in range(60):
+            for name, p in self.procs.procs.items():
+                if not p.alive:
+                    self.procs.spawn(name)
+            try:
+                await asyncio.to_thread(self.procs.wait_ready, None, 60.0)
+                return
+            except RuntimeError:
+                await asyncio.sleep(1.0)
+        raise RuntimeError("processes did not come back")
 
     async def duplicate(self) -> None:
         """One event of a VM sent again, same id: the managed object must act on it once."""
@@ -133,7 +147,7 @@ class Chaos:
         finally:
             self.done.set()
             await faults
-        await asyncio.to_thread(self.procs.wait_ready, None, 120.0)
+        await self.revive()
         await self.judge(rec)
         return rec
 
@@ -142,6 +156,13 @@ class Chaos:
         for vm, where in self.where.items():
             await self.sess.send_events(vm, 2)  # still acted on, by the one that has it
             bad_vm[vm] = await self.sess.verdict(vm, where, HOSTS)
+            # clean-up commands of a rollback may still wait in a queue behind a stall: what
+            # is wrong must stay wrong for a while to count
+            for _ in range(10):
+                if not bad_vm[vm]:
+                    break
+                await asyncio.sleep(2.0)
+                bad_vm[vm] = await self.sess.verdict(vm, where, HOSTS)
         last_of: dict[str, str] = {}
         for vm, mid, *_ in self.runs:
             last_of[vm] = mid
