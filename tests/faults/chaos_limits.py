@@ -5,8 +5,10 @@ limits allow (cluster-wide, outbound per source, inbound per target)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+from ferry_coordinator.fleet.queue import Limits, QueueEntry
 from ferry_coordinator.store import open_store
 
 
@@ -23,6 +25,12 @@ async def limit_violations(db: Path) -> list[str]:
         close = getattr(store, "close", None)
         if close is not None:
             await close()
+    return exceeded(entries, limits)
+
+
+def exceeded(entries: Sequence[QueueEntry], limits: Limits) -> list[str]:
+    """Every instant at which the slots held (``started_at`` to ``ended_at``) exceeded a limit."""
+    entries = [e for e in entries if e.started_at is not None]
     # sweep over start and end instants; an end at the same instant as a start frees first
     points = sorted([(e.started_at or 0.0, 1, e) for e in entries] +
                     [(e.ended_at if e.ended_at is not None else float("inf"), -1, e) for e in entries],
