@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-placement bench-qemu bench-balance bench-drain soak clean
+.PHONY: help venv demo test test-fast lint typecheck bench bench-control bench-scale bench-sensor bench-placement bench-qemu bench-balance bench-drain soak chaos clean
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -65,6 +65,12 @@ bench-balance: $(STAMP) ## Fleet balancing simulation: 100 hosts, 2,000 VMs, non
 soak: $(STAMP) ## The fault-injection suite in its long mode
 	bash scripts/ensure-services.sh
 	FERRY_SOAK=1 $(PY) -m pytest -q tests/faults
+
+CHAOS_SEED ?= 1
+CHAOS_MIGRATIONS ?= 200
+chaos: $(STAMP) ## Randomized chaos run: CHAOS_SEED=N CHAOS_MIGRATIONS=N (faults at random, then every invariant)
+	bash scripts/ensure-services.sh
+	$(PY) -m tests.faults.chaos --seed $(CHAOS_SEED) --migrations $(CHAOS_MIGRATIONS) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import rmq_cluster as rmq_cluster_mod
 from tests.faults.procs import ProcCluster
 from tests.faults.report import RESULTS
+from tests.faults.rmq_cluster import RmqCluster
 from tests.harness import drop_vhost, make_vhost
 
 SOAK = os.environ.get("FERRY_SOAK") == "1"
@@ -61,3 +63,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_sep("=", "fault injection")
     terminalreporter.write(RESULTS.render())
     terminalreporter.write_line(f"(also in {Path(__file__).with_name('last-run.txt')})")
+
+
+@pytest.fixture(scope="session")
+def rmq_cluster() -> Iterator[RmqCluster]:
+    """Three RabbitMQ nodes of the session's own (scripts/rabbitmq-cluster.sh), torn down after."""
+    why = rmq_cluster_mod.available()
+    if why:
+        pytest.skip(why)
+    c = RmqCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

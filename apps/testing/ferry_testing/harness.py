@@ -50,11 +50,12 @@ def amqp_url(vhost: str) -> str:
     return AMQP_BASE.rstrip("/") + "/" + vhost
 
 
-async def new_bus(kind: str, vhost: str | None = None, shared: MemoryBus | None = None) -> Bus:
+async def new_bus(kind: str, vhost: str | None = None, shared: MemoryBus | None = None, *,
+                  url: str | None = None) -> Bus:
     if kind == "memory":
         return shared or MemoryBus()
-    assert vhost is not None
-    bus = AmqpBus(amqp_url(vhost), name=f"test-{uuid.uuid4().hex[:6]}")
+    assert vhost is not None or url is not None
+    bus = AmqpBus(url or amqp_url(vhost or ""), name=f"test-{uuid.uuid4().hex[:6]}")
     await bus.connect()
     return bus
 
@@ -174,16 +175,22 @@ async def make_cluster(
     auth: Any = None,
     client_identity: str = "client/test",
     watch: Sequence[str] = STATUSES,
+    broker_urls: Sequence[str] | None = None,
 ) -> Cluster:
     """A coordinator and ``hosts`` on a fresh broker, and a client watching the statuses
-    ``watch`` (every one by default)."""
+    ``watch`` (every one by default). ``broker_urls`` (rabbitmq only): the nodes of a broker
+    cluster of the test's own, used as they are; each bus gets them all, starting at the next."""
     clock = clock or SystemClock()
-    vhost = make_vhost() if kind == "rabbitmq" else None
+    vhost = make_vhost() if kind == "rabbitmq" and not broker_urls else None
     shared = MemoryBus() if kind == "memory" else None
     buses: list[Bus] = []
 
     async def bus() -> Bus:
-        b = await new_bus(kind, vhost, shared)
+        url = None
+        if broker_urls:
+            i = len(buses) % len(broker_urls)
+            url = ",".join([*broker_urls[i:], *broker_urls[:i]])
+        b = await new_bus(kind, vhost, shared, url=url)
         buses.append(b)
         return b
 

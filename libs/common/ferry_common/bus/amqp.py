@@ -41,6 +41,7 @@ from .amqp_delivery import (
     _ItemDelivery,
 )
 from .batch import BATCH_CONTENT_TYPE, BATCH_TYPE, Lanes, batchable, pack, unpack
+from .failover import connect_first, split_urls
 from .interfaces import DeliveryHandler, Message, QueueSpec
 from .topology import (
     CODE_HEADER,
@@ -63,11 +64,13 @@ def durable_queue_arguments() -> dict[str, Any]:
 
 
 class AmqpBus:
-    """RabbitMQ through one robust connection: a publishing channel plus one channel per consumer."""
+    """RabbitMQ through one robust connection: a publishing channel plus one channel per consumer.
+    ``url`` may list several nodes of a cluster, comma-separated: they are tried in turn."""
 
     def __init__(self, url: str, *, ssl_context: ssl.SSLContext | None = None, name: str = "ferry",
                  coalesce: bool = True) -> None:
         self.url = url
+        self.urls = split_urls(url)
         self.ssl_context = ssl_context
         self.name = name
         # coalesce=False (FERRY_AMQP_COALESCE=0) sends every message as itself (same contract)
@@ -87,7 +90,7 @@ class AmqpBus:
         url = settings.amqp_url.get_secret_value()
         tls = TlsSettings(ca_file=settings.amqp_ca_file, cert_file=settings.amqp_cert_file,
                           key_file=settings.amqp_key_file)
-        return cls(url, ssl_context=tls_context(url, tls), name=name, coalesce=settings.amqp_coalesce)
+        return cls(url, ssl_context=tls_context(split_urls(url)[0], tls), name=name, coalesce=settings.amqp_coalesce)
 
     @classmethod
     def from_env(cls, url: str, *, name: str = "ferry") -> AmqpBus:
@@ -99,7 +102,7 @@ class AmqpBus:
         if self.ssl_context is not None:
             kwargs["ssl_context"] = self.ssl_context
         try:
-            self._conn = await aio_pika.connect_robust(self.url, **kwargs)
+            self._conn = await connect_first(self.urls, kwargs)
             self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
             self._exchange = await self._channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
             self._dlx = await self._channel.declare_exchange(
@@ -110,7 +113,8 @@ class AmqpBus:
             )
             await dlq.bind(self._dlx, "#")
         except (aiormq.exceptions.AMQPError, OSError) as exc:
-            raise Transient(f"cannot connect to RabbitMQ at {_redact(self.url)}: {exc}") from exc
+            where = ", ".join(_redact(u) for u in self.urls)
+            raise Transient(f"cannot connect to RabbitMQ at {where}: {exc}") from exc
 
     async def close(self) -> None:
         if self._lanes is not None:
