@@ -7,10 +7,7 @@ drain's wall time runs from the DrainRequest to the host being empty. Goal: with
 Also reported: the slot ratio, the wall time against ceil(VMs / outbound) x the median of the
 drain's own migrations (how busy the slots were kept, whatever slows migrations run together).
 
-The drain's migrations are fleet-queue entries; the coordinator's fleet dispatcher (branch
-``fleet-path``) starts them. Without it in the coordinator, ``--stand-in-dispatcher`` starts
-them the way the drain tests' TEST-ONLY dispatcher does (claim_next, then publish the entry's
-MigrateRequest), which measures the drain and the queue but not the real dispatcher.
+The drain's migrations are fleet-queue entries, started by the coordinator's dispatcher.
 
 Run: ``make bench-drain`` or ``.venv/bin/python bench/drain.py --help``.
 """
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import sys
 import time
@@ -31,26 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, ratio, table, write_results  # noqa: E402
 
 from ferry_cli.cluster import HostOptions  # noqa: E402
-from ferry_common.bus.topology import COORDINATOR_QUERY, HOST_DRAIN_REQUEST, MIGRATION_REQUESTED  # noqa: E402
+from ferry_common.bus.topology import COORDINATOR_QUERY, HOST_DRAIN_REQUEST  # noqa: E402
 from ferry_common.messages.drains import DrainRequest, DrainStatusEvent, GetDrain  # noqa: E402
-from ferry_common.messages.public import MigrateRequest  # noqa: E402
-from ferry_coordinator.fleet.queue import EntryState, Limits  # noqa: E402
+from ferry_coordinator.fleet.queue import Limits  # noqa: E402
 from ferry_coordinator.timeouts import SagaTimeouts  # noqa: E402
 from ferry_testing.harness import Cluster, make_cluster  # noqa: E402
 
 HOSTS = ("host-a", "host-b", "host-c", "host-d", "host-e")
 TIMEOUTS = SagaTimeouts(reply_s=30.0, attempts=2, status_poll_s=2.0, lease_s=60.0)
-
-
-async def stand_in_dispatcher(c: Cluster) -> None:
-    """Starts queue entries as the fleet dispatcher would (for runs before it is merged)."""
-    while True:
-        entry = await c.store.queue.claim_next("bench-dispatcher", now=c.clock.now())
-        if entry is None:
-            await asyncio.sleep(0.01)
-            continue
-        body: dict[str, Any] = {**entry.request, "target_host": entry.target_host, "migration_id": entry.migration_id}
-        await c.client.endpoint.send(MIGRATION_REQUESTED, MigrateRequest.model_validate(body))
 
 
 async def drain_status(c: Cluster) -> DrainStatusEvent:
@@ -62,7 +46,6 @@ async def drain_status(c: Cluster) -> DrainStatusEvent:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     opts = {h: HostOptions(inventory_interval_s=0.5, capacity_mib=1024 * 1024) for h in HOSTS}
     c = await make_cluster(args.bus, HOSTS, timeouts=TIMEOUTS, options=opts)
-    helper: asyncio.Task[None] | None = None
     try:
         limits = Limits(cluster=args.cluster, outbound_per_host=args.outbound, inbound_per_host=args.inbound)
         await c.store.queue.set_limits(limits)
@@ -78,21 +61,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         one = median(singles)
         for i in range(args.vms):
             await c.create_vm("host-a", f"vm{i:03d}", memory_mib=args.memory, **params)
-        if args.stand_in_dispatcher:
-            helper = asyncio.create_task(stand_in_dispatcher(c))
         t0 = time.perf_counter()
         ans = await c.client.endpoint.request(HOST_DRAIN_REQUEST, DrainRequest(host="host-a"), timeout=30)
         assert isinstance(ans, DrainStatusEvent), ans
-        started_any = False
         while True:
             st = await drain_status(c)
             if st.status != "draining" and st.in_flight == 0:
                 break
-            if not started_any:
-                started_any = bool(await c.store.queue.entries(states=(EntryState.STARTED, EntryState.DONE)))
-                if not started_any and time.perf_counter() - t0 > 10:
-                    raise SystemExit("no drain migration started in 10 s: the coordinator has no fleet dispatcher "
-                                     "(merge fleet-path) - or run with --stand-in-dispatcher")
             await asyncio.sleep(0.05)
         wall = time.perf_counter() - t0
         assert st.status == "drained" and st.done == args.vms, st
@@ -102,14 +77,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         d = await c.store.drains.latest("host-a")
         in_drain = median(d.durations) if d is not None else float("nan")
         busy_floor = math.ceil(args.vms / min(args.outbound, args.cluster)) * in_drain
-        return {"drain_migration_median_s": in_drain, "slot_ratio": ratio(wall, busy_floor),"vms": args.vms, "memory_mib": args.memory, "limits": limits.to_dict(), "one_migration_s": one,
+        return {"drain_migration_median_s": in_drain, "slot_ratio": ratio(wall, busy_floor), "vms": args.vms, "memory_mib": args.memory, "limits": limits.to_dict(), "one_migration_s": one,
                 "singles_s": singles, "drain_wall_s": wall, "floor_s": floor, "ratio": ratio(wall, floor),
-                "dispatcher": "stand-in (test-only)" if args.stand_in_dispatcher else "coordinator's", "bus": args.bus}
+                "bus": args.bus}
     finally:
-        if helper is not None:
-            helper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await helper
         await c.close()
 
 
@@ -123,14 +94,13 @@ def main() -> None:
     p.add_argument("--inbound", type=int, default=2)
     p.add_argument("--singles", type=int, default=5, help="single migrations timed for the floor")
     p.add_argument("--bus", choices=("memory", "rabbitmq"), default="rabbitmq")
-    p.add_argument("--stand-in-dispatcher", action="store_true", help="start queue entries here (before fleet-path)")
     args = p.parse_args()
     result = asyncio.run(run(args))
     print(table([[result["vms"], f"{result['one_migration_s']:.3f}", f"{result['floor_s']:.2f}",
                   f"{result['drain_wall_s']:.2f}", f"{result['ratio']:.3f}",
-                  f"{result['drain_migration_median_s']:.3f}", f"{result['slot_ratio']:.3f}", result["dispatcher"]]],
+                  f"{result['drain_migration_median_s']:.3f}", f"{result['slot_ratio']:.3f}"]],
                 ["VMs", "one migration (s)", "floor (s)", "drain (s)", "ratio", "in-drain migration (s)",
-                 "slot ratio", "dispatcher"]))
+                 "slot ratio"]))
     print(f"results: {write_results('drain', result)}")
 
 
