@@ -107,12 +107,20 @@ def process_guests(meter: CpuMeter, guests: list[tuple[VmSpec, int | None]]) -> 
     return out
 
 
+def _libvirt_cpu_ns(dom: Any) -> float:
+    """The domain's CPU time: its cgroup's (``getCPUStats``), or, on a host without the cpuacct
+    controller (libvirt refuses the call there), what ``info()`` reports."""
+    try:
+        return float(dom.getCPUStats(True)[0].get("cpu_time", 0))
+    except Exception:
+        return float(dom.info()[4])
+
+
 def libvirt_guest(meter: CpuMeter, spec: VmSpec, dom: Any) -> GuestLoad:
     """One libvirt domain: total CPU time (``getCPUStats(True)``, ns) and memory in use
     (``memoryStats``: the balloon's actual size less what the guest reports unused)."""
     try:
-        cpu_ns = float(dom.getCPUStats(True)[0].get("cpu_time", 0))
-        cpu = meter.cores(spec.vm_id, cpu_ns / 1e9)
+        cpu = meter.cores(spec.vm_id, _libvirt_cpu_ns(dom) / 1e9)
     except Exception:  # a domain that stopped meanwhile: no figure, not a failure
         cpu = 0.0
     try:
