@@ -7,6 +7,7 @@ span belongs to even when the message body does not say (see :mod:`.tracing`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -48,6 +49,7 @@ def migration_span(
     migration_id: str,
     attributes: Mapping[str, Any],
     *,
+    requested_by: tuple[str, str] | None = None,
     resume: Any = None,
 ) -> Iterator[trace.Span]:
     """The root span of one migration: a NEW trace, linked to the context that asked for it.
@@ -60,6 +62,10 @@ def migration_span(
     travels with every message the saga sends.
     """
     requester = trace.get_current_span().get_span_context()
+    if not requester.is_valid and requested_by is not None:  # started later, from the queue
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            requester = SpanContext(int(requested_by[0], 16), int(requested_by[1], 16), is_remote=True,
+                                    trace_flags=TraceFlags(TraceFlags.SAMPLED))
     links = [Link(requester)] if requester.is_valid else []
     ctx = baggage.set_baggage(MIGRATION_ID, migration_id, context=otel_context.Context())
     name = f"migration {migration_id}"

@@ -49,7 +49,15 @@ def request_of(msg: MigrateRequest, requested_by: str | None) -> dict[str, Any]:
     the balancer) may enqueue entries with fewer keys: every one is optional."""
     return {"target_host": msg.target_host, "reason": msg.reason, "params": dict(msg.params),
             "requested_by": requested_by, "placed": msg.target_host is None,
-            "why": msg.why.model_dump(mode="json") if msg.why else None}
+            "why": msg.why.model_dump(mode="json") if msg.why else None, "span": _current_span()}
+
+
+def _current_span() -> list[str] | None:
+    """The request's span (its handler's), which the migration's trace links to."""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return [format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")] if ctx.is_valid else None
 
 
 class Requests:
@@ -136,7 +144,7 @@ class Requests:
         mid, now = entry.migration_id, self.clock.now()
         target = entry.target_host or ""
         state = SagaState(params=dict(req.get("params") or {}), requested_by=req.get("requested_by"),
-                          reason_requested=req.get("reason"), why=req.get("why"))
+                          reason_requested=req.get("reason"), why=req.get("why"), request_span=req.get("span"))
         located = self.hosts.locate(entry.vm_id)
         if located is None or located[0] != entry.source_host:
             where = f"now runs on {located[0]}" if located else "runs on no known host"

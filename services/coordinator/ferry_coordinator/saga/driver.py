@@ -38,7 +38,8 @@ class MigrationSaga:
         # a new trace per migration (linked to the request); a resumed saga continues it
         s = r.state
         resume = (s.trace_id, s.trace_span_id) if s.trace_id and s.trace_span_id else None
-        with migration_span(r.mid, attrs, resume=resume) as root:
+        link = tuple(s.request_span) if s.request_span and len(s.request_span) == 2 else None
+        with migration_span(r.mid, attrs, resume=resume, requested_by=link) as root:  # type: ignore[arg-type]
             r.root = root
             if s.why:  # an automatic migration: why it started, on its trace
                 root.set_attributes({f"ferry.why.{k}": str(v) for k, v in s.why.items() if k != "figures"}

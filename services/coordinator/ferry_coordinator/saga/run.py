@@ -131,7 +131,7 @@ class SagaRun:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         down = sorted(h for w, h in watchers.items() if w in done)
-        raise TimedOut(f"host {', '.join(down)} is not ready (its heartbeats stopped)")
+        raise TimedOut(f"host {', '.join(down)} is not ready (its hypervisor_adapter, which sends the heartbeats, stopped answering)")
 
     # ---- the record -------------------------------------------------------------------
     async def save(self, step: str, event: str, detail: dict[str, Any] | None = None, *,

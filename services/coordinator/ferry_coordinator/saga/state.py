@@ -28,6 +28,7 @@ class SagaState(BaseModel):
     # the trace a resumed saga continues
     trace_id: str | None = None
     trace_span_id: str | None = None
+    request_span: list[str] | None = None  # the request's span (trace id, span id), which the root links to
     # what the steps learnt
     reservation_id: str | None = None
     elements: int | None = None
