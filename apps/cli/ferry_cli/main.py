@@ -31,9 +31,10 @@ vm_app = typer.Typer(help="create a VM with its management graph, or show one", 
 keys_app = typer.Typer(help="message-signing keys", no_args_is_help=True)
 app.add_typer(vm_app, name="vm")
 app.add_typer(keys_app, name="keys")
-plane_app = typer.Typer(help="a VM's management plane as a YAML or JSON file", no_args_is_help=True)
-app.add_typer(plane_app, name="plane")
 from .hosts_cli import host_app  # noqa: E402 - after the app it joins
+from .planes_cli import plane_app  # noqa: E402
+
+app.add_typer(plane_app, name="plane")
 
 app.add_typer(host_app, name="host")
 
@@ -240,46 +241,6 @@ def trace(migration_id: str, as_json: Json = False) -> None:
             return 1
         print(render_trace(spans))
         return 0
-
-    _run(go())
-
-
-# ---- management planes from files (docs/planes.md) -----------------------------------------
-class PlaneFormat(StrEnum):
-    yaml = "yaml"
-    json = "json"
-
-
-OnHost = Annotated[str | None, typer.Option("--on", help="the VM's host (default: where the coordinator sees it)")]
-
-
-@plane_app.command("apply")
-def plane_apply(file: Annotated[str, typer.Option("-f", "--file", help="the plane file (YAML or JSON)")],
-                vm: Annotated[str | None, typer.Option(help="apply it to this VM instead of the file's")] = None,
-                host: OnHost = None) -> None:
-    """create or update a VM's plane from a file (idempotent)"""
-    from ferry_common.planes.commands import apply_command, read_plane
-
-    doc = read_plane(file, vm)
-    if doc is None:
-        raise typer.Exit(2)
-
-    async def go() -> int:
-        async with _client() as client:
-            return await apply_command(client.endpoint, doc, host=host)
-
-    _run(go())
-
-
-@plane_app.command("get")
-def plane_get(vm: str, output: Annotated[PlaneFormat, typer.Option("-o", "--output")] = PlaneFormat.yaml,
-              host: OnHost = None) -> None:
-    """print a VM's plane as a file"""
-    from ferry_common.planes.commands import get_command
-
-    async def go() -> int:
-        async with _client() as client:
-            return await get_command(client.endpoint, vm, fmt=output.value, host=host)
 
     _run(go())
 
