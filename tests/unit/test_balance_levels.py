@@ -119,6 +119,21 @@ def test_recommendations_are_dismissed_once_balanced() -> None:
     assert c.book.current() == []
 
 
+def test_balance_dismisses_only_the_balancers_own_recommendations() -> None:
+    c = cycle("manual")
+    c.run(lopsided())
+    # a host's plane recommended a move of its own on the same inventory (sustained overload)
+    own = c.book.current()[0]
+    plane = own.model_copy(update={"id": "rec-plane", "reason": own.reason.model_copy(
+        update={"policy": "sustained-overload"})})
+    c.book.offer([plane])
+    cooled = fleet({"h1": [vm(f"v{i}", 0.2) for i in range(6)], "h2": [vm("w1", 1.0)],
+                    "h3": [vm("w2", 1.0)], "h4": [vm("w3", 1.0)]})
+    calm = c.run(cooled)
+    assert {e.recommendation.id for e in calm.events if e.status == "dismissed"} == {own.id}
+    assert c.book.current() == [plane]
+
+
 def test_wire_models_round_trip_and_are_registered() -> None:
     ev = cycle("manual").run(lopsided()).events[0]
     assert decode(encode(ev), RecommendationEvent) == ev

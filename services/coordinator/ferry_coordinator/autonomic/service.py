@@ -27,10 +27,11 @@ from ferry_common.bus.topology import (
     HOST_LOADS,
     recommendation_status,
 )
+from ferry_common.clock import sleep_or_set
 from ferry_common.endpoint import Context, Router
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.messages.commands import Done
-from ferry_common.messages.host_events import HostFaultEvent, HostLoad
+from ferry_common.messages.host_events import GuestLoad, HostFaultEvent, HostLoad
 from ferry_common.messages.recommendations import (
     ApplyRecommendation,
     AutomationLevel,
@@ -78,14 +79,16 @@ class AutonomicOptions:
 class AutonomicService:
     def __init__(self, coordinator: CoordinatorService, options: AutonomicOptions | None = None) -> None:
         self.c = coordinator
-        self.options = options or AutonomicOptions()
+        self._options = options or AutonomicOptions()
+        self._stir = asyncio.Event()  # a poke or new options: look again at when to run
+        self._poked = False
         self.endpoint = coordinator.endpoint
         self.clock = coordinator.endpoint.clock
         self.ledger: Ledger = ledger_for(coordinator.store)
         self.loads: dict[str, HostLoad] = {}
+        self.guests: dict[str, GuestLoad] = {}  # each VM's last sample, wherever it was taken
         self.leading = False
         self.last_round: Any = None  # the last RoundResult (tests, ferry recommendations)
-        self._wake = asyncio.Event()
         self._last_at = -1e18
         self._task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
@@ -101,6 +104,16 @@ class AutonomicService:
         self.private = Router()
         self.private.route_key(HOST_LOADS, HostLoad)
         self.private.add(HostLoad, self.on_load)
+
+    @property
+    def options(self) -> AutonomicOptions:
+        return self._options
+
+    @options.setter
+    def options(self, value: AutonomicOptions) -> None:
+        """New rules take effect at once: the loop stops waiting out the old interval."""
+        self._options = value
+        self._stir.set()
 
     def route(self, queries: Router) -> None:
         """The operators' commands, on the coordinator's own queries (``coordinator.query``)."""
@@ -132,24 +145,20 @@ class AutonomicService:
     # ---- inputs ---------------------------------------------------------------------------
     async def on_load(self, msg: HostLoad, ctx: Context) -> None:
         self.loads[msg.host] = msg
+        for g in msg.vms:
+            self.guests[g.vm_id] = g
         self.poke()
         return None
 
     def poke(self) -> None:
         """Ask for a round soon (at most one per ``interval_s / 3``)."""
-        self._wake.set()
+        self._poked = True
+        self._stir.set()
 
     # ---- the loop -------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            rules = self.options.rules
-            gap = rules.interval_s / 3
-            wait = max(0.0, self._last_at + gap - self.clock.monotonic())
-            if wait:
-                await self.clock.sleep(wait)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, rules.interval_s - gap))
-            self._wake.clear()
+            await self._next_round()
             self._last_at = self.clock.monotonic()
             try:
                 await self.round()
@@ -157,6 +166,19 @@ class AutonomicService:
                 log.warning("balancer round: %s", exc.reason)
             except Exception:
                 log.exception("balancer round failed")
+
+    async def _next_round(self) -> None:
+        """Wait for the next round: ``interval_s`` after the last, or a poke once a third of
+        it has passed. Re-read on new options, so a shorter interval applies at once."""
+        while True:
+            rules = self.options.rules
+            since = self.clock.monotonic() - self._last_at
+            if since >= rules.interval_s or (self._poked and since >= rules.interval_s / 3):
+                self._poked = False
+                return
+            self._stir.clear()
+            due = rules.interval_s / 3 if self._poked else rules.interval_s
+            await sleep_or_set(self.clock, due - since, self._stir)
 
     async def _renew(self) -> None:
         """Keep the lease between rounds (a round comes every ``interval_s``, the lease is
@@ -174,7 +196,11 @@ class AutonomicService:
 
     def snapshot(self, doc: Doc, entries: list[Any]) -> Snapshot:
         faulty = set(doc.body.get("faulty", {}))
-        return build(self.c.hosts, self.loads, entries, ready=self.c.liveness.states(), cordoned=faulty)
+        known = {vm.vm_id for inv in self.c.hosts.hosts.values() for vm in inv.vms}
+        for vm_id in [v for v in self.guests if v not in known]:  # gone from the fleet
+            del self.guests[vm_id]
+        return build(self.c.hosts, self.loads, entries, ready=self.c.liveness.states(), cordoned=faulty,
+                     guests=self.guests)
 
     def policy(self, doc: Doc, snap: Snapshot) -> AutomationPolicy:
         per_vm: dict[str, AutomationLevel] = {}

@@ -35,12 +35,15 @@ def build(
     *,
     ready: Mapping[str, bool],
     cordoned: Iterable[str] = (),
+    guests: Mapping[str, he.GuestLoad] | None = None,
 ) -> Snapshot:
     """The fleet as sampled now. A host counts once both its inventory and a load sample
-    arrived; a host not ready or cordoned (faulty, draining) takes nothing."""
+    arrived; a host not ready or cordoned (faulty, draining) takes nothing. ``guests``: each
+    VM's last sample from any host, for a VM that just moved and no sample lists yet (it
+    would count as idle where it arrived, and draw more moves there)."""
     live = [e for e in entries if e.live]
     off = set(cordoned) | {h for h, ok in ready.items() if not ok}
-    guest: dict[str, he.GuestLoad] = {g.vm_id: g for s in loads.values() for g in s.vms}
+    guest: dict[str, he.GuestLoad] = {**(guests or {}), **{g.vm_id: g for s in loads.values() for g in s.vms}}
     # one host per VM: inventories cross during a switch-over (the target's says it runs, the
     # source's has not said it left), and where a saga just moved it is the registry's call
     where: dict[str, str] = {}

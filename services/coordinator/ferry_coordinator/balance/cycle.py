@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ferry_common.messages.recommendations import MoveReason, RecommendationEvent
 
-from .balancer import Balancer, Evaluation, Proposal, WorkInFlight
+from .balancer import LOAD_POLICY, Balancer, Evaluation, Proposal, WorkInFlight
 from .levels import AutomationPolicy
 from .model import Fleet
 from .recommendations import RecommendationBook, recommendation
@@ -45,7 +45,7 @@ class BalanceCycle:
         ev = self.balancer.evaluate(fleet, work)
         events = self.book.observe(ev.version)
         if ev.idle == "balanced":
-            events += self.book.dismiss_all()
+            events += self.book.dismiss(LOAD_POLICY)
         actions, more = self.triage(ev.proposals, ev.version)
         return RoundResult(ev, actions, tuple(events + more))
 

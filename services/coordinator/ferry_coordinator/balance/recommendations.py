@@ -76,11 +76,14 @@ class RecommendationBook:
         return [RecommendationEvent(status="superseded", recommendation=r, at=now, superseded_by=version)
                 for r in stale]
 
-    def dismiss_all(self) -> list[RecommendationEvent]:
-        """The fleet is balanced again: nothing is recommended any more."""
+    def dismiss(self, policy: str) -> list[RecommendationEvent]:
+        """The fleet is balanced again: what ``policy`` recommended is ``dismissed``. Others
+        (a host's plane, a fault) are not the balancer's to withdraw."""
         now = self.clock.now()
-        out = [RecommendationEvent(status="dismissed", recommendation=r, at=now) for r in self.current()]
-        self._current.clear()
+        out = [RecommendationEvent(status="dismissed", recommendation=r, at=now)
+               for r in self.current() if r.reason.policy == policy]
+        for e in out:
+            del self._current[e.recommendation.id]
         return out
 
     def apply(self, rec_id: str, version: str) -> tuple[Recommendation, RecommendationEvent]:
