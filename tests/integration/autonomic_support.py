@@ -8,8 +8,14 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-from ferry_common.bus.topology import COORDINATOR_QUERY
-from ferry_common.messages.recommendations import ListRecommendations, RecommendationList
+from ferry_common.bus.interfaces import QueueSpec
+from ferry_common.bus.topology import COORDINATOR_QUERY, recommendation_status
+from ferry_common.endpoint import Context, Router
+from ferry_common.messages.recommendations import (
+    ListRecommendations,
+    RecommendationEvent,
+    RecommendationList,
+)
 from ferry_coordinator.autonomic import AutonomicOptions
 from ferry_coordinator.balance import BalanceRules
 from ferry_coordinator.fleet.queue import EntryState, Priority
@@ -54,3 +60,19 @@ async def recommendations(client: Any) -> RecommendationList:
     ans = await client.endpoint.request(COORDINATOR_QUERY, ListRecommendations(), timeout=5.0)
     assert isinstance(ans, RecommendationList), ans
     return ans
+
+
+async def recommendation_events(c: Any) -> list[RecommendationEvent]:
+    """Every ``recommendation.*`` event from now on, as it arrives (a recommendation can be
+    superseded before a listing sees it)."""
+    seen: list[RecommendationEvent] = []
+    router = Router()
+    router.route_key(recommendation_status("*"), RecommendationEvent)
+
+    async def on(msg: RecommendationEvent, ctx: Context) -> None:
+        seen.append(msg)
+
+    router.add(RecommendationEvent, on)
+    spec = QueueSpec(f"recommendations.{c.client.endpoint.instance}", (recommendation_status("*"),), durable=False)
+    await c.client.endpoint.serve(spec, router)
+    return seen

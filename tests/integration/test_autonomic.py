@@ -12,6 +12,7 @@ from dataclasses import replace
 from ferry_cli.cluster import HostOptions
 from ferry_common.bus.topology import COORDINATOR_QUERY, host_event
 from ferry_common.messages.commands import Done
+from ferry_common.messages.drains import DrainStatusEvent
 from ferry_common.messages.host_events import HostFaultEvent
 from ferry_common.messages.public import VmEvent
 from ferry_common.messages.recommendations import ApplyRecommendation
@@ -25,7 +26,14 @@ from ferry_coordinator.fleet.queue import EntryState, Priority, new_entry
 from ferry_testing.sample import examples_dir
 from tests.harness import Cluster, make_cluster, until
 
-from .autonomic_support import FAST_RULES, AutomaticSampler, options, recommendations
+from .autonomic_support import (
+    FAST_RULES,
+    AutomaticSampler,
+    options,
+    recommendation_events,
+    recommendations,
+)
+from .drain_support import drain, status, wait_end
 
 HOSTS = ("host-a", "host-b", "host-c")
 
@@ -48,6 +56,10 @@ def starter(c: Cluster) -> AutomaticSampler:
 
 async def entries(c: Cluster) -> list:
     return await c.store.queue.entries()
+
+
+def placement(c: Cluster, host: str) -> set[str]:
+    return set(c.coordinator.hosts.placement().get(host, []))
 
 
 async def test_full_mode_converges_with_no_vm_moved_twice_and_one_move_in_flight(bus_kind: str) -> None:
@@ -115,34 +127,49 @@ async def test_manual_mode_moves_nothing_and_lists_the_same_moves(bus_kind: str)
 async def test_partial_mode_evacuates_on_a_fault_and_only_recommends_load(bus_kind: str) -> None:
     layout = {"host-a": [(f"vm{i}", 2.0) for i in range(4)], "host-b": [("vm-b1", 0.5), ("vm-b2", 0.5)]}
     c = await cluster(bus_kind, "partial", layout)
+    # its own level says manual: the evacuation leaves it there and recommends its move
+    await c.create_vm("host-b", "vm-b3", memory_mib=128, sim_instant=True, sim_cpu=0.5, automation_level="manual")
     s = starter(c)
     try:
         async def recommended() -> bool:
             return bool((await recommendations(c.client)).recommendations)
         await until(recommended, 30, "a load recommendation")
         assert await entries(c) == []  # load: recommended only
+        offered = await recommendation_events(c)
         fault = HostFaultEvent(id="f-1", host="host-b", kind="disk", severity="critical", message="smart failing")
-        await c.client.endpoint.send(host_event("host-b"), fault)
+        again = HostFaultEvent(id="f-3", host="host-b", kind="memory", severity="critical", message="ecc errors")
+        for ev in (fault, fault, again):  # redelivered, and a second fault while the host drains
+            await c.client.endpoint.send(host_event("host-b"), ev)
 
         async def evacuated() -> bool:
-            where = c.coordinator.hosts.placement()
-            done = all(not e.live for e in await entries(c))
-            return done and not where.get("host-b")
+            d = await c.store.drains.latest("host-b")
+            return d is not None and not d.open and placement(c, "host-b") == {"vm-b3"}
         await until(evacuated, 60, "host-b to be evacuated")
+        [drain] = await c.store.drains.list()  # one drain, whatever the faults
+        got = await status(c, "host-b")
+        assert got.status == "drained" and got.done == 2 and got.priority == "evacuation"
+        assert got.why is not None and (got.why.kind, got.why.policy) == ("fault", "host.fault.disk")
+        assert got.unmovable_vms.keys() == {"vm-b3"} and "manual" in got.unmovable_vms["vm-b3"]
+        assert drain.requested_by is not None and drain.requested_by.startswith("autonomic")
         es = await entries(c)
-        assert {e.vm_id for e in es} == {"vm-b1", "vm-b2"}
-        assert {e.priority for e in es} == {Priority.EVACUATION}  # no automatic load move
+        assert sorted(e.vm_id for e in es) == ["vm-b1", "vm-b2"]  # each once
+        assert {(e.priority, e.group) for e in es} == {(Priority.EVACUATION, drain.drain_id)}  # no load move
         for e in es:
             rec = await c.store.get(e.migration_id)
             assert rec is not None and rec.status == "completed" and rec.target_host != "host-b"
             assert rec.data["why"]["kind"] == "fault" and rec.data["why"]["level"] == "partial"
-        assert {f"vm{i}" for i in range(4)} <= set(c.coordinator.hosts.placement()["host-a"])  # load: not moved
+            assert rec.data["why"]["policy"] == "host.fault.disk" and rec.data["why"]["detail"] == "smart failing"
+        assert any(ev.status == "created" and ev.recommendation.vm_id == "vm-b3" and ev.recommendation.reason.kind
+                   == "fault" and ev.recommendation.reason.level == "manual" for ev in offered)
+        assert {f"vm{i}" for i in range(4)} <= placement(c, "host-a")  # load: not moved
         assert "host-b" in (await c.coordinator.autonomic.ledger.read()).body["faulty"]  # no VM goes there
+        assert "host-b" in await c.store.drains.cordoned()
         resolved = HostFaultEvent(id="f-2", host="host-b", kind="disk", severity="info", detail={"resolved": True})
         await c.client.endpoint.send(host_event("host-b"), resolved)
 
         async def back() -> bool:
-            return "host-b" not in (await c.coordinator.autonomic.ledger.read()).body["faulty"]
+            faulty = (await c.coordinator.autonomic.ledger.read()).body["faulty"]
+            return "host-b" not in faulty and "host-b" not in await c.store.drains.cordoned()
         await until(back, 10, "host-b to be given back to the balancer")
     finally:
         await s.stop()
@@ -212,15 +239,20 @@ async def test_a_hosts_plane_recommends_on_overload_and_evacuates_for_maintenanc
         await c.client.endpoint.send(host_event("host-b"), announce)
 
         async def emptied() -> bool:
-            es = await entries(c)
-            return bool(es) and all(not e.live for e in es) and not c.coordinator.hosts.placement().get("host-b")
+            d = await c.store.drains.latest("host-b")
+            return d is not None and not d.open and not placement(c, "host-b")
         await until(emptied, 60, "host-b to be emptied for its maintenance")
+        got = await status(c, "host-b")
+        assert got.status == "drained" and got.done == 2 and got.priority == "drain"
+        assert got.why is not None and (got.why.kind, got.why.policy) == ("maintenance", "maintenance-due")
+        assert "host-b" in await c.store.drains.cordoned()
         es = await entries(c)
-        assert {e.vm_id for e in es} == {"vm-b1", "vm-b2"} and {e.priority for e in es} == {Priority.DRAIN}
+        assert sorted(e.vm_id for e in es) == ["vm-b1", "vm-b2"] and {e.priority for e in es} == {Priority.DRAIN}
         for e in es:
             rec = await c.store.get(e.migration_id)
             assert rec is not None and rec.status == "completed"
             assert rec.data["why"]["kind"] == "maintenance" and rec.data["why"]["policy"] == "maintenance-due"
+            assert rec.data["why"]["level"] == "partial"
         state = c.host("host-b").managed_object.planes["host.host-b"].state["host.host-b.reasons"]
         assert state["evacuating"] is True and state["maintenance_at"] == announce.detail["maintenance_at"]
     finally:
@@ -251,4 +283,28 @@ async def test_automatic_work_yields_while_other_work_is_queued(bus_kind: str) -
         await until(moving, 30, "the balancer to move once nothing else waits")
     finally:
         await s.stop()
+        await c.close()
+
+
+async def test_an_operators_drain_pre_empts_queued_automatic_work(bus_kind: str) -> None:
+    c = await cluster(bus_kind, "manual", {"host-a": [(f"vm{i}", 1.0) for i in range(3)], "host-b": [("vm-b1", 1.0)]})
+    try:
+        # the balancer's moves, queued (held by policy for now): off host-a, and onto it
+        auto = [("vm0", "host-a", "host-b"), ("vm1", "host-a", "host-c"), ("vm-b1", "host-b", "host-a")]
+        for vm_id, source, target in auto:
+            entry = new_entry(f"auto-{vm_id}", vm_id, source, (target,), priority=Priority.REBALANCE,
+                              group="rebalance", now=c.clock.now())
+            await c.store.queue.enqueue(replace(entry, policy_block="held"))
+        ans = await drain(c, "host-a")
+        assert isinstance(ans, DrainStatusEvent) and ans.priority == "drain" and ans.why is None, ans
+        got = await wait_end(c, "host-a")
+        assert got.status == "drained" and got.done == 3 and not placement(c, "host-a")
+        assert placement(c, "host-b") >= {"vm-b1"}  # its move onto the drained host never ran
+        es = {e.migration_id: e for e in await entries(c)}
+        assert {es[f"auto-{v}"].state for v, *_ in auto} == {EntryState.CANCELLED}
+        drained = [e for e in es.values() if e.group == got.drain_id]
+        assert sorted(e.vm_id for e in drained) == ["vm0", "vm1", "vm2"]  # each once, by the drain
+        assert {e.priority for e in drained} == {Priority.DRAIN} and all(e.state is EntryState.DONE for e in drained)
+        assert [r.migration_id for r in await c.store.list() if r.migration_id.startswith("auto-")] == []
+    finally:
         await c.close()

@@ -12,8 +12,10 @@ from ferry_common.clock import FakeClock
 from ferry_common.messages.domain import VmSpec
 from ferry_common.messages.drains import DrainRequest, DrainStatusEvent
 from ferry_common.messages.public import HostInventory
-from ferry_coordinator.fleet.drain import VmState
+from ferry_common.messages.recommendations import MoveReason
+from ferry_coordinator.fleet.drain import DrainState, VmState
 from ferry_coordinator.fleet.drain_manager import DrainManager
+from ferry_coordinator.fleet.queue import EntryState, Priority, new_entry
 from ferry_coordinator.hosts import HostRegistry
 from ferry_coordinator.store import MemorySagaStore, SagaRecord
 
@@ -91,3 +93,39 @@ async def test_a_rolled_back_migration_is_asked_for_again_elsewhere() -> None:
     assert again is not None and target not in again.candidates and again.candidates
     d = await store.drains.get("d1")
     assert d is not None and d.vms[started.vm_id].tried == [target]
+
+
+async def test_an_evacuation_leaves_the_vms_asked_to_stay_and_says_why_on_each_migration() -> None:
+    store, hosts = MemorySagaStore(), registry()
+    sent: list[Any] = []
+    m = manager(store, hosts, sent)
+    fault = MoveReason(kind="fault", policy="host.fault.disk", level="partial", detail="smart failing")
+    own = MoveReason(kind="fault", policy="host.fault.disk", level="full")
+    ans = await m.request(DrainRequest(host="host-a", priority="evacuation", why=fault, leave={"vm2": "manual"}),
+                          "d1", "autonomic", {"vm1": own})
+    assert isinstance(ans, DrainStatusEvent) and ans.priority == "evacuation" and ans.why == fault
+    assert ans.unmovable_vms == {"vm2": "manual"}
+    entries = {e.vm_id: e for e in await store.queue.entries()}
+    assert entries.keys() == {"vm0", "vm1"} and {e.priority for e in entries.values()} == {Priority.EVACUATION}
+    assert entries["vm0"].request["why"] == fault.model_dump(mode="json")
+    assert entries["vm1"].request["why"]["level"] == "full"
+    d = await store.drains.get("d1")
+    assert d is not None
+    for vm in ("vm0", "vm1"):  # both left: the one asked to stay does not fail the drain
+        d.vms[vm].state = VmState.DONE
+    assert d.outcome() == (DrainState.DRAINED, "left as asked: vm2")
+
+
+async def test_a_drain_pre_empts_the_queued_automatic_moves_off_or_onto_its_host() -> None:
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    for mid, vm, source, target, priority in [("a0", "vm0", "host-a", "host-b", Priority.REBALANCE),
+                                              ("a1", "vx", "host-b", "host-a", Priority.REBALANCE),
+                                              ("a2", "vy", "host-b", "host-c", Priority.REBALANCE),
+                                              ("o1", "vz", "host-c", "host-a", Priority.OPERATOR)]:
+        await store.queue.enqueue(new_entry(mid, vm, source, (target,), priority=priority, now=0.0))
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    state = {e.migration_id: e.state for e in await store.queue.entries()}
+    assert state["a0"] is state["a1"] is EntryState.CANCELLED  # automatic, off host-a or onto it
+    assert state["a2"] is state["o1"] is EntryState.QUEUED  # elsewhere, or an operator's
+    assert state["drain.d1.vm0.1"] is EntryState.QUEUED

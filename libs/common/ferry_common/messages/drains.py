@@ -14,14 +14,17 @@ from pydantic import Field
 
 from .base import Wire
 from .limits import Name, Text
+from .recommendations import MoveReason
 
 OnUnmovable = Literal["block", "leave"]
+DrainPriority = Literal["drain", "evacuation"]
 DrainStatus = Literal["draining", "drained", "failed", "cancelled"]
 MAX_DRAIN_VMS = 10_000
 
 
 class DrainRequest(Wire):
-    """Empty ``host``: cordon it and migrate every VM on it away, at drain priority."""
+    """Empty ``host``: cordon it and migrate every VM on it away, at drain priority (or, for a
+    failing host, evacuation priority). A drain already running on ``host`` is the answer."""
 
     host: Name
     drain_id: Name | None = Field(default=None, description="Chosen by the client to make the request idempotent.")
@@ -36,6 +39,16 @@ class DrainRequest(Wire):
     )
     max_attempts: int = Field(default=3, ge=1, le=10, description="Migrations tried per VM (each on another host).")
     reason: Text | None = None
+    priority: DrainPriority = Field(
+        default="drain", description="The queue priority of its migrations: `evacuation` goes before every other."
+    )
+    why: MoveReason | None = Field(
+        default=None, description="Why the host is emptied (a fault, a policy): kept on the drain and each migration."
+    )
+    leave: dict[Name, Text] = Field(
+        default_factory=dict, max_length=MAX_DRAIN_VMS,
+        description="VMs not to move, with why: listed as unmovable, never a reason to fail the drain.",
+    )
 
 
 class DrainCancel(Wire):
@@ -94,4 +107,6 @@ class DrainStatusEvent(Wire):
     unmovable_vms: dict[Name, Text] = Field(default_factory=dict, description="VM -> why it cannot move.")
     remaining_vms: list[Name] = Field(default_factory=list, max_length=MAX_DRAIN_VMS)
     reason: Text | None = None
+    priority: DrainPriority = "drain"
+    why: MoveReason | None = None
     at: float = 0.0

@@ -52,6 +52,7 @@ from ..balance import (
     BalancerState,
     BalanceRules,
     RecommendationBook,
+    inventory_version,
 )
 from ..balance.recommendations import RecommendationError
 from ..fleet.queue import Priority
@@ -194,8 +195,12 @@ class AutonomicService:
             except Exception:
                 log.exception("balancer lease not renewed")
 
-    def snapshot(self, doc: Doc, entries: list[Any]) -> Snapshot:
-        faulty = set(doc.body.get("faulty", {}))
+    async def read_snapshot(self, doc: Doc) -> Snapshot:
+        """The fleet now, with the queue's entries and the drains' cordons."""
+        return self.snapshot(doc, await self.c.store.queue.entries(), await self.c.drains.cordoned())
+
+    def snapshot(self, doc: Doc, entries: list[Any], drained: set[str] | frozenset[str] = frozenset()) -> Snapshot:
+        faulty = set(doc.body.get("faulty", {})) | drained
         known = {vm.vm_id for inv in self.c.hosts.hosts.values() for vm in inv.vms}
         for vm_id in [v for v in self.guests if v not in known]:  # gone from the fleet
             del self.guests[vm_id]
@@ -229,7 +234,7 @@ class AutonomicService:
         if doc is None or not self.loads:
             return
         entries = await self.c.store.queue.entries()
-        snap = self.snapshot(doc, entries)
+        snap = self.snapshot(doc, entries, await self.c.drains.cordoned())
         if len(snap.fleet.hosts) < 2:
             return
         state = BalancerState.from_dict(doc.body.get("balancer", {}))
@@ -290,11 +295,7 @@ class AutonomicService:
 
     async def on_apply(self, msg: ApplyRecommendation, ctx: Context) -> Done:
         """Run a recommendation: refused when unknown or computed on another inventory."""
-        entries = await self.c.store.queue.entries()
-        version = self.snapshot(await self.ledger.read(), entries).fleet
-        from ..balance import inventory_version
-
-        current = inventory_version(version)
+        current = inventory_version((await self.read_snapshot(await self.ledger.read())).fleet)
         taken: list[tuple[Recommendation, RecommendationEvent]] = []
 
         def take(doc: Doc) -> None:

@@ -2,9 +2,12 @@
 (``EvacuationWanted``, or a critical ``HostFaultEvent``). Each is acted on or only
 recommended by the VM's automation level for its kind (fault, maintenance, load).
 
-Acting queues the migration at the priority of its kind (a fault's evacuation first, then
-maintenance at drain priority; a VM's own embot asking for itself at operator priority; load
-moves last), with ids derived from the request's id: a redelivery queues nothing more.
+Acting on a VM queues its migration at the priority of its kind (a VM's own embot asking for
+itself at operator priority; load moves last), with ids derived from the request's id: a
+redelivery queues nothing more. Emptying a host is a drain (``fleet.drain_manager``, as
+``ferry host drain``): at evacuation priority for a fault, drain priority for maintenance,
+the VMs whose level only recommends left in place; its id is derived from the request's, and
+a host has one drain at a time, so a redelivery or a second fault moves no VM twice.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING
 from ferry_common.endpoint import Context
 from ferry_common.errors import InvalidMessage
 from ferry_common.messages.commands import Done
+from ferry_common.messages.drains import DrainRequest
 from ferry_common.messages.host_events import HostFaultEvent
 from ferry_common.messages.recommendations import (
     EvacuationWanted,
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
 
 PRIORITY: dict[ReasonKind, Priority] = {
     "fault": Priority.EVACUATION, "maintenance": Priority.DRAIN, "load": Priority.REBALANCE}
+#: who the autonomic module's drains say requested them
+REQUESTED_BY = "autonomic"
 
 
 class Wanted:
@@ -43,54 +49,69 @@ class Wanted:
 
     async def on_fault(self, msg: HostFaultEvent, ctx: Context) -> None:
         """A critical fault evacuates the host (acted on or recommended per VM's level); one
-        whose ``detail.resolved`` is true gives the host back to the balancer; the rest are
-        for the host's own policies to weigh."""
+        whose ``detail.resolved`` is true gives the host back to the balancer (and uncordons
+        it, once the evacuation this module started there has ended); the rest are for the
+        host's own policies to weigh."""
         if msg.detail.get("resolved") is True:
             def clear(doc: Doc) -> None:
                 doc.body.get("faulty", {}).pop(msg.host, None)
             await self.s.change(clear)
+            drain = await self.s.c.store.drains.latest(msg.host)
+            if drain is not None and drain.cordoned and not drain.active and \
+                    (drain.requested_by or "").startswith(REQUESTED_BY):
+                await self.s.c.drains.uncordon(msg.host, return_vms=False)
             self.s.poke()
         elif msg.severity == "critical":
             await self.evacuate(msg.host, "fault", f"host.fault.{msg.kind}", msg.id, msg.message or msg.kind)
         return None
 
     async def on_evacuation_wanted(self, msg: EvacuationWanted, ctx: Context) -> Done:
-        queued, recommended = await self.evacuate(msg.host, msg.kind, msg.policy, msg.id, msg.detail)
-        return Done(detail={"queued": queued, "recommended": recommended})
+        drain_id, queued, recommended = await self.evacuate(msg.host, msg.kind, msg.policy, msg.id, msg.detail)
+        return Done(detail={"drain_id": drain_id, "queued": queued, "recommended": recommended})
 
     async def evacuate(self, host: str, kind: ReasonKind, policy: str, source_id: str,
-                       detail: str) -> tuple[list[str], list[str]]:
+                       detail: str) -> tuple[str, list[str], list[str]]:
+        """Drain ``host`` of the VMs whose level acts on ``kind``; recommend moving the others.
+        Returns the drain's id (the one already running there, if any), and the VMs of each."""
         s = self.s
 
         def cordon(doc: Doc) -> None:
             doc.body.setdefault("faulty", {})[host] = kind
         await s.change(cordon)  # the balancer sends nothing there from now on
         doc = await s.ledger.read()
-        snap = s.snapshot(doc, await s.c.store.queue.entries())
+        snap = await s.read_snapshot(doc)
         levels = s.policy(doc, snap)
         version = inventory_version(snap.fleet)
-        queued, recs = [], []
+        whys: dict[str, MoveReason] = {}
+        leave: dict[str, str] = {}
+        recs: list[Recommendation] = []
         now = s.clock.now()
         for vm_id in sorted(s.c.hosts.placement().get(host, [])):
             spec = snap.specs.get(vm_id)
             if spec is None:
                 continue
-            targets, note = snapshot.ranked_targets(spec, host, snap.view.values())
+            targets, _ = snapshot.ranked_targets(spec, host, snap.view.values())
             level = levels.level_for(vm_id)
             why = MoveReason(kind=kind, policy=policy, level=level, detail=detail[:200],
                              figures={"targets": float(len(targets))})
             if levels.decide(vm_id, kind) == "act":
-                mid = derived_id("evac", source_id, vm_id)
-                await enqueue_move(s.c.store, mid, vm_id, host, targets, priority=PRIORITY[kind],
-                                   group=f"evacuate:{host}", why=why, now=now, note=note)
-                queued.append(vm_id)
-            elif targets:
+                whys[vm_id] = why
+                continue
+            leave[vm_id] = f"automation level {level}: a {kind} move is only recommended"
+            if targets:
                 recs.append(Recommendation(id=recommendation_id(version, vm_id, host, targets[0]), vm_id=vm_id,
                                            source_host=host, target_host=targets[0], reason=why,
                                            inventory_version=version, created_at=now))
+        request = DrainRequest(
+            host=host, drain_id=derived_id("evac", source_id), reason=detail[:200], leave=leave,
+            priority="evacuation" if kind == "fault" else "drain",
+            why=MoveReason(kind=kind, policy=policy, level=levels.cluster, detail=detail[:200]),
+        )
+        assert request.drain_id is not None
+        status = await s.c.drains.request(request, request.drain_id, f"{REQUESTED_BY} ({policy})", whys)
         await self.recommend(recs)
         s.poke()
-        return queued, [r.vm_id for r in recs]
+        return getattr(status, "drain_id", request.drain_id), sorted(whys), [r.vm_id for r in recs]
 
     async def on_migration_wanted(self, msg: MigrationWanted, ctx: Context) -> Done:
         s = self.s
@@ -99,7 +120,7 @@ class Wanted:
             raise InvalidMessage(f"vm {msg.vm_id!r} runs on no known host")
         source, spec = located
         doc = await s.ledger.read()
-        snap = s.snapshot(doc, await s.c.store.queue.entries())
+        snap = await s.read_snapshot(doc)
         if msg.target_host is not None:
             targets: tuple[str, ...] = (msg.target_host,)
             note = None

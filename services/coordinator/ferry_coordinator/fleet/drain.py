@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from .queue import Priority
+
 
 class DrainState(StrEnum):
     DRAINING = "draining"
@@ -68,6 +70,7 @@ class DrainVm:
     reason: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    why: dict[str, Any] | None = None  # its own MoveReason, else the drain's
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> DrainVm:
@@ -92,6 +95,9 @@ class Drain:
     durations: list[float] = field(default_factory=list)  # seconds of each completed migration
     trace_links: list[str] = field(default_factory=list)  # the migrations' trace ids
     returned: bool = False  # undrain --return asked for
+    priority: int = int(Priority.DRAIN)  # its migrations' (EVACUATION for a failing host)
+    why: dict[str, Any] | None = None  # a MoveReason: the fault or policy that asked for it
+    left: list[str] = field(default_factory=list)  # VMs asked to stay: unmovable, yet never failing it
     version: int = 0
 
     @property
@@ -154,10 +160,10 @@ class Drain:
         return all(v.state in VM_ENDS for v in self.vms.values())
 
     def outcome(self) -> tuple[DrainState, str | None]:
-        """How it ends once every VM has: failed if any VM failed, or is unmovable under
-        ``block``; else drained."""
+        """How it ends once every VM has: failed if any VM failed, or is unmovable (and not
+        asked to stay) under ``block``; else drained."""
         failed = sorted(v.vm_id for v in self.vms.values() if v.state is VmState.FAILED)
-        stuck = sorted(v.vm_id for v in self.vms.values() if v.state is VmState.UNMOVABLE)
+        stuck = sorted(v.vm_id for v in self.vms.values() if v.state is VmState.UNMOVABLE and v.vm_id not in self.left)
         parts = []
         if failed:
             parts.append(f"failed to move: {', '.join(failed)}")
@@ -165,6 +171,8 @@ class Drain:
             parts.append(f"cannot move: {', '.join(stuck)}")
         if failed or (stuck and self.on_unmovable == "block"):
             return DrainState.FAILED, "; ".join(parts)
+        if self.left:
+            parts.append(f"left as asked: {', '.join(sorted(self.left))}")
         return DrainState.DRAINED, "; ".join(parts) or None
 
     def moved(self) -> dict[str, str]:

@@ -7,8 +7,10 @@ compute the same thing: one save wins, the other's is refused and retried on its
 and the migrations both asked for have the same deterministic ids, which the queue takes once.
 So a drain survives its coordinator dying at any moment; nothing is asked for twice.
 
-A drain's migrations are queue entries (priority DRAIN, group = the drain id, ``request`` =
-the MigrateRequest body); the fleet dispatcher starts them as limits allow.
+A drain's migrations are queue entries (priority DRAIN, or EVACUATION for a failing host;
+group = the drain id, ``request`` = the MigrateRequest body, with the drain's ``why``); the
+fleet dispatcher starts them as limits allow. A drain pre-empts automatic work: queued
+rebalancing moves off its host or onto it are cancelled before its own are queued.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +28,7 @@ from ferry_common.errors import Conflict, FerryError, InvalidMessage
 from ferry_common.messages.base import Wire
 from ferry_common.messages.drains import DrainPlan, DrainRequest, DrainStatusEvent, DrainVmPlan
 from ferry_common.messages.limits import MAX_STRING
+from ferry_common.messages.recommendations import MoveReason
 
 from ..hosts import HostRegistry
 from ..saga.state import SagaState
@@ -81,38 +84,54 @@ class DrainManager:
             view.set_ready(host, ok)
         return view
 
+    async def cordoned(self) -> set[str]:
+        """The hosts placement skips because of drains: cordoned, or being drained."""
+        return await self.store.drains.cordoned() | {d.host for d in await self.store.drains.list(active=True)}
+
     async def parallel(self) -> int:
         limits = await self.store.queue.limits()
         return max(1, min(limits.outbound_per_host, limits.cluster))
 
     # ---- requests ----------------------------------------------------------------------
-    async def plan(self, host: str) -> DrainPlan:
-        vms = [spec for vm_id in self.hosts.placement().get(host, []) if (loc := self.hosts.locate(vm_id)) and (spec := loc[1])]
+    async def plan(self, host: str, leave: Mapping[str, str] | None = None) -> DrainPlan:
+        """What draining ``host`` would do; the VMs of ``leave`` stay, named unmovable with why."""
+        leave = leave or {}
+        vms = [spec for vm_id in self.hosts.placement().get(host, [])
+               if vm_id not in leave and (loc := self.hosts.locate(vm_id)) and (spec := loc[1])]
         parallel = await self.parallel()
         movable, stuck = plan_drain(host, vms, await self.view(), parallel=parallel)
+        staying = [DrainVmPlan(vm_id=v, reason=why[:MAX_STRING]) for v, why in sorted(leave.items())
+                   if v in self.hosts.placement().get(host, [])]
         return DrainPlan(
             host=host,
             vms=[DrainVmPlan(vm_id=p.vm_id, target=p.target, order=p.order, estimate_s=round(p.estimate_s, 3)) for p in movable],
-            unmovable=[DrainVmPlan(vm_id=p.vm_id, reason=(p.reason or "")[:MAX_STRING]) for p in stuck],
+            unmovable=[DrainVmPlan(vm_id=p.vm_id, reason=(p.reason or "")[:MAX_STRING]) for p in stuck] + staying,
             estimate_s=round(max((p.estimate_s for p in movable), default=0.0), 3),
             parallel=parallel,
         )
 
-    async def request(self, msg: DrainRequest, drain_id: str, requested_by: str | None) -> Wire:
+    async def request(self, msg: DrainRequest, drain_id: str, requested_by: str | None,
+                      whys: Mapping[str, MoveReason] | None = None) -> Wire:
+        """Start draining ``msg.host`` (or answer the drain already running there).
+        ``whys``: a VM's own reason, for the VMs whose differs from ``msg.why`` (the balancer
+        records the automation level each VM moved at)."""
         await self._warm.wait()
         if not self.hosts.known(msg.host):
             raise InvalidMessage(f"host {msg.host!r} is unknown")
-        plan = await self.plan(msg.host)
+        plan = await self.plan(msg.host, msg.leave)
         if msg.dry_run:
             return plan
         now = self.clock.now()
-        vms = {p.vm_id: DrainVm(p.vm_id) for p in plan.vms}
+        whys = whys or {}
+        vms = {p.vm_id: DrainVm(p.vm_id, why=_dump(whys.get(p.vm_id))) for p in plan.vms}
         for p in plan.unmovable:  # named at once; placement may still find room later for none of them
             vms[p.vm_id] = DrainVm(p.vm_id, state=VmState.UNMOVABLE, reason=p.reason, ended_at=now)
         drain = Drain(
             drain_id=drain_id, host=msg.host, created_at=now, updated_at=now,
             deadline_at=None if msg.deadline_s is None else now + msg.deadline_s,
             on_unmovable=msg.on_unmovable, max_attempts=msg.max_attempts, requested_by=requested_by, vms=vms,
+            priority=int(Priority.EVACUATION if msg.priority == "evacuation" else Priority.DRAIN),
+            why=_dump(msg.why), left=sorted(v for v in msg.leave if v in vms),
         )
         stored, _ = await self.store.drains.create(drain)
         with contextlib.suppress(Conflict):  # a pass got there first
@@ -235,16 +254,24 @@ class DrainManager:
                 raise
             if ending:  # only the replica whose save ended it records the drain's span
                 record_drain_trace(drain)
+        if to_enqueue and drain.active:
+            await self._preempt(drain, now)
         for vm in to_enqueue:  # after the save: a replica that dies here is redone by the next pass
             assert vm.migration_id is not None
-            request = {"vm_id": vm.vm_id, "target_host": vm.target, "migration_id": vm.migration_id,
-                       "reason": f"drain of {drain.host} ({drain.drain_id})"}
             await self.store.drains.enqueue(drain.drain_id, new_entry(
                 vm.migration_id, vm.vm_id, drain.host, self._candidates.pop(vm.migration_id, ()),
-                priority=Priority.DRAIN, group=drain.drain_id, now=now, request=request,
+                priority=Priority(drain.priority), group=drain.drain_id, now=now, request=_request(drain, vm),
             ))
         await self._announce(drain)
         return drain
+
+    async def _preempt(self, drain: Drain, now: float) -> None:
+        """Cancel the queued automatic moves off ``drain.host`` or onto it: the drain goes
+        first, and the balancer plans again around the cordon (those started finish)."""
+        for e in await self.store.queue.entries(states=(EntryState.QUEUED,)):
+            if e.priority is Priority.REBALANCE and (e.source_host == drain.host or drain.host in e.candidates):
+                await self.store.queue.cancel(e.migration_id, now=now)
+                log.info("drain %s pre-empts %s (%s)", drain.drain_id, e.migration_id, e.vm_id)
 
     def _place(self, drain: Drain, vm: DrainVm, view: FleetView, now: float, out: list[DrainVm]) -> None:
         located = self.hosts.locate(vm.vm_id)
@@ -308,12 +335,14 @@ class DrainManager:
             return None
         entry = await self.store.queue.get(vm.migration_id)
         if entry is None:
-            if drain.active:  # saved as queued, then its replica died before enqueueing it
+            located = self.hosts.locate(vm.vm_id)
+            if located is not None and located[0] != drain.host:
+                # never queued under this id (another move of the VM was live), and that one took it away
+                vm.state, vm.ended_at, vm.target = VmState.DONE, now, located[0]
+            elif drain.active:  # saved as queued, then its replica died before enqueueing it
                 await self.store.drains.enqueue(drain.drain_id, new_entry(
                     vm.migration_id, vm.vm_id, drain.host, (vm.target,) if vm.target else (),
-                    priority=Priority.DRAIN, group=drain.drain_id, now=now,
-                    request={"vm_id": vm.vm_id, "target_host": vm.target, "migration_id": vm.migration_id,
-                             "reason": f"drain of {drain.host} ({drain.drain_id})"},
+                    priority=Priority(drain.priority), group=drain.drain_id, now=now, request=_request(drain, vm),
                 ))
             else:
                 vm.state, vm.ended_at = VmState.CANCELLED, now
@@ -339,6 +368,8 @@ class DrainManager:
             unmovable_vms={v.vm_id: (v.reason or "")[:MAX_STRING] for v in drain.vms.values() if v.state is VmState.UNMOVABLE},
             remaining_vms=sorted(v.vm_id for v in drain.vms.values() if v.state is not VmState.DONE),
             reason=(drain.reason or None) and drain.reason[:MAX_STRING],
+            priority="evacuation" if drain.priority >= Priority.EVACUATION else "drain",
+            why=MoveReason.model_validate(drain.why) if drain.why else None,
             at=self.clock.now(),
         )
 
@@ -352,3 +383,17 @@ class DrainManager:
         event = self.event(drain, await self.parallel())
         with contextlib.suppress(FerryError, asyncio.TimeoutError):
             await self.publish(drain_status(drain.host, drain.state.value), event)
+
+
+def _dump(why: MoveReason | None) -> dict[str, Any] | None:
+    return why.model_dump(mode="json") if why is not None else None
+
+
+def _request(drain: Drain, vm: DrainVm) -> dict[str, Any]:
+    """The MigrateRequest body of ``vm``'s current attempt (its ``why`` lands on the saga's record)."""
+    request: dict[str, Any] = {"vm_id": vm.vm_id, "target_host": vm.target, "migration_id": vm.migration_id,
+                               "reason": f"drain of {drain.host} ({drain.drain_id})"}
+    why = vm.why or drain.why
+    if why:
+        request["why"] = why
+    return request
