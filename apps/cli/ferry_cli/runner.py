@@ -89,6 +89,8 @@ def _options(settings: Settings, host: str) -> HostOptions:
         driver_options["guest_image"] = settings.guest_image
     if settings.driver in ("qemu", "libvirt") and settings.guest_dir:
         driver_options["guest_dir"] = settings.guest_dir
+    if settings.driver in ("qemu", "libvirt") and settings.capacity_mib is not None:
+        driver_options["capacity_mib"] = settings.capacity_mib
     return HostOptions(
         driver=settings.driver,
         driver_options=driver_options,

@@ -150,11 +150,15 @@ class HypervisorAdapterService(AdoptionCommands, HostService):
         await self.driver.close()
 
     async def publish_inventory(self) -> None:
+        # a VM runs on this host's driver whatever its spec was created with: placement
+        # matches it to hosts of the same driver
+        name = self.driver.name
+        vms = [vm if vm.driver == name else vm.model_copy(update={"driver": name}) for vm in await self.driver.list()]
         inv = HostInventory(
             host=self.host,
-            vms=await self.driver.list(),
+            vms=vms,
             capacity_mib=int(getattr(self.driver, "capacity_mib", 0) or 0),
-            driver=self.driver.name,
+            driver=name,
             ready_incoming=list(self.driver.ready_shapes()),
             adoptable=await self.adoptable(),
             labels=self.labels,

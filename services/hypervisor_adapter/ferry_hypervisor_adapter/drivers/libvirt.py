@@ -99,8 +99,11 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         finish_timeout_s: float = 10.0,
         abort_grace_s: float = 5.0,
         tls: bool = False,
+        capacity_mib: int | None = None,
     ) -> None:
         self.host = host
+        # memory offered to guests, in inventories (placement): the host's own unless told
+        self.capacity_mib = capacity_mib if capacity_mib is not None else telemetry.host_memory_mib()[0]
         self.tls = tls
         self.uri = uri
         self.peer_uri = peer_uri or uri

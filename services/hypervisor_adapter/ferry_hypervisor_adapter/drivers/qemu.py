@@ -97,8 +97,11 @@ class QemuDriver(MigrationMixin, StandbyMixin):
         standby: str | None = None,
         standby_refill_s: float = 2.0,
         tls_dir: str | os.PathLike[str] | None = None,
+        capacity_mib: int | None = None,
     ) -> None:
         self.host = host
+        # memory offered to guests, in inventories (placement): the host's own unless told
+        self.capacity_mib = capacity_mib if capacity_mib is not None else telemetry.host_memory_mib()[0]
         self.tls_dir = Path(tls_dir).resolve() if tls_dir else None  # QEMU runs from / once daemonized
         if self.tls_dir is not None and "," in str(self.tls_dir):
             raise ValueError(f"tls_dir {self.tls_dir} contains a comma, which QEMU's -object cannot carry")
