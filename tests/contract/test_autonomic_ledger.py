@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry_coordinator.autonomic.ledger import Ledger, acquire, ledger_for
+from ferry_coordinator.autonomic.ledger import Ledger, acquire
 from ferry_coordinator.store import MemorySagaStore, SagaStore
 
 PG = os.environ.get("FERRY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -47,8 +47,8 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 
 async def test_one_holder_at_a_time_and_a_stale_write_is_refused(stores: tuple[SagaStore, SagaStore]) -> None:
-    a: Ledger = ledger_for(stores[0])
-    b: Ledger = ledger_for(stores[1])
+    a: Ledger = stores[0].balancer
+    b: Ledger = stores[1].balancer
     held = await acquire(a, "r1", now=100.0, lease_s=10.0)
     assert held is not None and held.owner == "r1"
     assert await acquire(b, "r2", now=105.0, lease_s=10.0) is None  # r1 holds it

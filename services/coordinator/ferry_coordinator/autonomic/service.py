@@ -56,7 +56,7 @@ from ..balance import (
 )
 from ..balance.recommendations import RecommendationError
 from ..fleet.queue import Priority
-from .ledger import Doc, Ledger, acquire, ledger_for
+from .ledger import Doc, Ledger, acquire
 from .moves import derived_id, enqueue_move
 from .snapshot import LEVEL_PARAM, FilteredPlacement, Snapshot, build
 from .wanted import Wanted
@@ -85,7 +85,7 @@ class AutonomicService:
         self._poked = False
         self.endpoint = coordinator.endpoint
         self.clock = coordinator.endpoint.clock
-        self.ledger: Ledger = ledger_for(coordinator.store)
+        self.ledger: Ledger = coordinator.store.balancer
         self.loads: dict[str, HostLoad] = {}
         self.guests: dict[str, GuestLoad] = {}  # each VM's last sample, wherever it was taken
         self.leading = False

@@ -17,6 +17,8 @@ from typing import Any, Literal, Protocol, get_args
 from ferry_coordinator.fleet.drain import Drain, DrainState
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 
+from .ledger import Ledger
+
 Change = Callable[[QueueEntry], QueueEntry]
 
 # failed: ended forward-only after post-copy started, neither completed nor rolled back
@@ -240,6 +242,10 @@ class SagaStore(Protocol):
     @property
     def drains(self) -> DrainStore:
         """Host drains, in the same storage as the queue."""
+
+    @property
+    def balancer(self) -> Ledger:
+        """The autonomic balancer's row (its lease, state and recommendations)."""
 
     async def close(self) -> None: ...
 

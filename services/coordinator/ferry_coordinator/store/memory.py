@@ -12,6 +12,7 @@ from ferry_common.errors import Conflict
 
 from .base import SagaRecord
 from .drains_memory import MemoryDrainStore
+from .ledger import MemoryLedger
 from .queue_memory import MemoryFleetQueue
 
 
@@ -27,6 +28,7 @@ class MemorySagaStore:
         self._spans: dict[str, list[dict[str, Any]]] = {}
         self.queue = MemoryFleetQueue()
         self.drains = MemoryDrainStore(self.queue)
+        self.balancer = MemoryLedger()  # every replica sharing this store shares its row
 
     def _index(self, record: SagaRecord) -> None:
         if record.terminal:

@@ -26,6 +26,7 @@ from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
 from .drains_postgres import SCHEMA as DRAINS_SCHEMA
 from .drains_postgres import PostgresDrainStore
+from .ledger import PostgresLedger
 from .queue_postgres import PostgresFleetQueue, create_schema, releasing
 
 _SCHEMA = f"""
@@ -103,6 +104,7 @@ class PostgresSagaStore:
         self._pool = pool
         self.queue = PostgresFleetQueue(pool)
         self.drains = PostgresDrainStore(pool)
+        self.balancer = PostgresLedger(pool)
 
     @classmethod
     async def open(

@@ -28,6 +28,7 @@ from .base import SagaRecord
 from .columns import COLUMNS, TERMINAL_SQL, blob, record_from
 from .drains_sqlite import SCHEMA as DRAINS_SCHEMA
 from .drains_sqlite import SqliteDrainStore
+from .ledger import SqliteLedger
 from .queue_sqlite import RELEASE_SQL, SqliteFleetQueue
 from .queue_sqlite import SCHEMA as QUEUE_SCHEMA
 
@@ -78,6 +79,7 @@ class SqliteSagaStore:
         self._lock = asyncio.Lock()
         self.queue = SqliteFleetQueue(conn, self._lock)
         self.drains = SqliteDrainStore(conn, self._lock)
+        self.balancer = SqliteLedger(conn, self._lock)
 
     @classmethod
     async def open(cls, url: str) -> SqliteSagaStore:
