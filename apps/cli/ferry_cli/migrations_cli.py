@@ -41,14 +41,7 @@ def migrate(vm: str, target: Annotated[str | None, typer.Option("--to", help="ta
 
 def cancel(migration_id: str, reason: Annotated[str, typer.Option()] = "cancelled by operator") -> None:
     """cancel a migration (a queued one never starts; a running one rolls back)"""
-
-    async def go() -> int:
-        async with runtime.connect() as client:
-            await client.cancel(migration_id, reason)
-        print(f"cancel requested for {migration_id}")
-        return 0
-
-    runtime.run(go())
+    runtime.act(lambda client: client.cancel(migration_id, reason), f"cancel requested for {migration_id}")
 
 
 def migrations(vm: Annotated[str | None, typer.Option()] = None, limit: Annotated[int, typer.Option()] = 20,

@@ -88,6 +88,18 @@ def show(fetch: Callable[[FerryClient], Awaitable[Any]], table: Callable[[Consol
     run(go())
 
 
+def act(work: Callable[[FerryClient], Awaitable[object]], done: str) -> None:
+    """A command that asks one thing of the fleet, then says ``done``."""
+
+    async def go() -> int:
+        async with connect() as client:
+            await work(client)
+        print(done)
+        return 0
+
+    run(go())
+
+
 class connect:  # lower case: it reads as a call, ``async with connect() as client``
     """``async with connect() as c``: a FerryClient on RabbitMQ, closed afterwards."""
 

@@ -73,14 +73,7 @@ def vm_adopt(domain: Annotated[str, typer.Argument(help="the defined domain's na
 @vm_app.command("release")
 def vm_release(vm: str, host: Annotated[str, typer.Option("--on", help="the VM's host")]) -> None:
     """stop managing an adopted guest (it runs on, still defined)"""
-
-    async def go() -> int:
-        async with runtime.connect() as client:
-            await client.release_vm(host, vm)
-        print(f"released {vm} on {host}: it runs on, no longer managed")
-        return 0
-
-    runtime.run(go())
+    runtime.act(lambda client: client.release_vm(host, vm), f"released {vm} on {host}: it runs on, no longer managed")
 
 
 @vm_app.command("show")
