@@ -3,8 +3,6 @@ write from a holder that lost the lease (or raced another writer) changes nothin
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,8 +10,7 @@ import pytest
 
 from ferry_coordinator.autonomic.ledger import Ledger, acquire
 from ferry_coordinator.store import MemorySagaStore, SagaStore
-
-PG = os.environ.get("FERRY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.postgres import fresh_schema
 
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -34,16 +31,11 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         return
     from ferry_coordinator.store.postgres import PostgresSagaStore
 
-    schema = f"ferry_ledger_{uuid.uuid4().hex[:8]}"
-    a = await PostgresSagaStore.open(f"{PG}?schema={schema}")
-    b = await PostgresSagaStore.open(f"{PG}?schema={schema}")
-    yield a, b
-    await a.close()
-    await b.close()
-    import asyncpg
-    conn = await asyncpg.connect(PG)
-    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    await conn.close()
+    async with fresh_schema("ferry_ledger") as url:
+        a, b = await PostgresSagaStore.open(url), await PostgresSagaStore.open(url)
+        yield a, b
+        await a.close()
+        await b.close()
 
 
 async def test_one_holder_at_a_time_and_a_stale_write_is_refused(stores: tuple[SagaStore, SagaStore]) -> None:

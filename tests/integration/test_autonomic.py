@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 from ferry_cli.cluster import HostOptions
 from ferry_common.bus.topology import COORDINATOR_QUERY, host_event
@@ -38,20 +41,26 @@ from .drain_support import drain, status, wait_end
 HOSTS = ("host-a", "host-b", "host-c")
 
 
-async def cluster(bus_kind: str, level: str, layout: dict[str, list[tuple[str, float]]]) -> Cluster:
-    opts = {h: HostOptions(inventory_interval_s=0.2, driver_options={"cpus": 16}) for h in HOSTS}
-    c = await make_cluster(bus_kind, HOSTS, options=opts)
-    c.coordinator.autonomic.options = options(level)
-    for host, vms in layout.items():
-        for vm_id, cpu in vms:
-            await c.create_vm(host, vm_id, memory_mib=128, sim_instant=True, sim_cpu=cpu)
-    return c
-
-
-def starter(c: Cluster) -> AutomaticSampler:
-    s = AutomaticSampler(c.store, c.client.endpoint, c.clock)
-    s.start()
-    return s
+@asynccontextmanager
+async def running(bus_kind: str, level: str, layout: dict[str, list[tuple[str, float]]],
+                  **opts: Any) -> AsyncIterator[tuple[Cluster, AutomaticSampler]]:
+    """A cluster at automation ``level`` with the VMs of ``layout`` (host -> [(vm, cpu)]), and
+    the sampler of the queue's started entries; both stopped on the way out."""
+    hosts = {h: HostOptions(inventory_interval_s=0.2, driver_options={"cpus": 16}) for h in HOSTS}
+    c = await make_cluster(bus_kind, HOSTS, options=hosts)
+    try:
+        c.coordinator.autonomic.options = options(level, **opts)
+        for host, vms in layout.items():
+            for vm_id, cpu in vms:
+                await c.create_vm(host, vm_id, memory_mib=128, sim_instant=True, sim_cpu=cpu)
+        s = AutomaticSampler(c.store, c.client.endpoint, c.clock)
+        s.start()
+        try:
+            yield c, s
+        finally:
+            await s.stop()
+    finally:
+        await c.close()
 
 
 async def entries(c: Cluster) -> list:
@@ -63,10 +72,8 @@ def placement(c: Cluster, host: str) -> set[str]:
 
 
 async def test_full_mode_converges_with_no_vm_moved_twice_and_one_move_in_flight(bus_kind: str) -> None:
-    c = await cluster(bus_kind, "full", {"host-a": [(f"vm{i}", 2.0) for i in range(6)]})
-    s = starter(c)
-    auto = c.coordinator.autonomic
-    try:
+    async with running(bus_kind, "full", {"host-a": [(f"vm{i}", 2.0) for i in range(6)]}) as (c, s):
+        auto = c.coordinator.autonomic
         async def balanced() -> bool:
             live = [e for e in await entries(c) if e.live]
             r = auto.last_round
@@ -84,16 +91,11 @@ async def test_full_mode_converges_with_no_vm_moved_twice_and_one_move_in_flight
             why = rec.data["why"]
             assert why["policy"] == "balance.load" and why["level"] == "full" and why["kind"] == "load"
             assert why["figures"]["imbalance_before"] > why["figures"]["imbalance_after"]
-    finally:
-        await s.stop()
-        await c.close()
 
 
 async def test_manual_mode_moves_nothing_and_lists_the_same_moves(bus_kind: str) -> None:
-    c = await cluster(bus_kind, "manual", {"host-a": [(f"vm{i}", 2.0) for i in range(6)]})
-    s = starter(c)
-    auto = c.coordinator.autonomic
-    try:
+    async with running(bus_kind, "manual", {"host-a": [(f"vm{i}", 2.0) for i in range(6)]}) as (c, s):
+        auto = c.coordinator.autonomic
         async def recommended() -> bool:
             return bool((await recommendations(c.client)).recommendations)
         await until(recommended, 30, "a recommendation")
@@ -119,18 +121,13 @@ async def test_manual_mode_moves_nothing_and_lists_the_same_moves(bus_kind: str)
         assert outcome.status == "completed"
         assert rec.vm_id in c.coordinator.hosts.placement()[rec.target_host]
         assert rec.id not in {r.id for r in (await recommendations(c.client)).recommendations}
-    finally:
-        await s.stop()
-        await c.close()
 
 
 async def test_partial_mode_evacuates_on_a_fault_and_only_recommends_load(bus_kind: str) -> None:
     layout = {"host-a": [(f"vm{i}", 2.0) for i in range(4)], "host-b": [("vm-b1", 0.5), ("vm-b2", 0.5)]}
-    c = await cluster(bus_kind, "partial", layout)
-    # its own level says manual: the evacuation leaves it there and recommends its move
-    await c.create_vm("host-b", "vm-b3", memory_mib=128, sim_instant=True, sim_cpu=0.5, automation_level="manual")
-    s = starter(c)
-    try:
+    async with running(bus_kind, "partial", layout) as (c, s):
+        # its own level says manual: the evacuation leaves it there and recommends its move
+        await c.create_vm("host-b", "vm-b3", memory_mib=128, sim_instant=True, sim_cpu=0.5, automation_level="manual")
         async def recommended() -> bool:
             return bool((await recommendations(c.client)).recommendations)
         await until(recommended, 30, "a load recommendation")
@@ -171,15 +168,10 @@ async def test_partial_mode_evacuates_on_a_fault_and_only_recommends_load(bus_ki
             faulty = (await c.coordinator.autonomic.ledger.read()).body["faulty"]
             return "host-b" not in faulty and "host-b" not in await c.store.drains.cordoned()
         await until(back, 10, "host-b to be given back to the balancer")
-    finally:
-        await s.stop()
-        await c.close()
 
 
 async def test_a_vms_embot_asks_for_its_vm_to_move_and_its_counters_move_with_it(bus_kind: str) -> None:
-    c = await cluster(bus_kind, "partial", {})
-    s = starter(c)
-    try:
+    async with running(bus_kind, "partial", {}) as (c, s):
         doc = load_plane(examples_dir() / "failing-disk.yaml")
         modules = modules_of(doc, lambda key: None)
         g, _ = to_graph(doc, {m.ref().key: m for m in modules}.get)
@@ -214,17 +206,12 @@ async def test_a_vms_embot_asks_for_its_vm_to_move_and_its_counters_move_with_it
         await until(counted, 10, "the fourth error counted on the target")
         assert target.planes["app-01"].state["app-01.disks"] == {"errors": 4, "moves_asked": 1}
         assert "app-01" not in c.host("host-a").managed_object.planes
-    finally:
-        await s.stop()
-        await c.close()
 
 
 async def test_a_hosts_plane_recommends_on_overload_and_evacuates_for_maintenance(bus_kind: str) -> None:
-    c = await cluster(bus_kind, "partial", {"host-b": [("vm-b1", 15.0), ("vm-b2", 0.5)]})
     # the balancer's own threshold out of reach: the recommendation must come from the plane
-    c.coordinator.autonomic.options = options("partial", rules=replace(FAST_RULES, threshold=5.0))
-    s = starter(c)
-    try:
+    layout = {"host-b": [("vm-b1", 15.0), ("vm-b2", 0.5)]}
+    async with running(bus_kind, "partial", layout, rules=replace(FAST_RULES, threshold=5.0)) as (c, s):
         # as ferry plane apply -f examples/host-policies.yaml --vm host.host-b --on host-b
         doc = retarget(load_plane(examples_dir() / "host-policies.yaml"), "host.host-b")
         assert await apply_command(c.client.endpoint, doc, host="host-b") == 0
@@ -255,16 +242,11 @@ async def test_a_hosts_plane_recommends_on_overload_and_evacuates_for_maintenanc
             assert rec.data["why"]["level"] == "partial"
         state = c.host("host-b").managed_object.planes["host.host-b"].state["host.host-b.reasons"]
         assert state["evacuating"] is True and state["maintenance_at"] == announce.detail["maintenance_at"]
-    finally:
-        await s.stop()
-        await c.close()
 
 
 async def test_automatic_work_yields_while_other_work_is_queued(bus_kind: str) -> None:
-    c = await cluster(bus_kind, "full", {"host-a": [(f"vm{i}", 2.0) for i in range(6)]})
-    s = starter(c)
-    auto = c.coordinator.autonomic
-    try:
+    async with running(bus_kind, "full", {"host-a": [(f"vm{i}", 2.0) for i in range(6)]}) as (c, s):
+        auto = c.coordinator.autonomic
         # an operator's migration waiting in the queue (no host fits it yet): the balancer yields
         held = new_entry("op-1", "vm0", "host-a", [], priority=Priority.OPERATOR, now=c.clock.now(),
                          placement_note="host-b: insufficient memory")
@@ -281,14 +263,11 @@ async def test_automatic_work_yields_while_other_work_is_queued(bus_kind: str) -
         async def moving() -> bool:
             return any(e.priority == Priority.REBALANCE for e in await entries(c))
         await until(moving, 30, "the balancer to move once nothing else waits")
-    finally:
-        await s.stop()
-        await c.close()
 
 
 async def test_an_operators_drain_pre_empts_queued_automatic_work(bus_kind: str) -> None:
-    c = await cluster(bus_kind, "manual", {"host-a": [(f"vm{i}", 1.0) for i in range(3)], "host-b": [("vm-b1", 1.0)]})
-    try:
+    layout = {"host-a": [(f"vm{i}", 1.0) for i in range(3)], "host-b": [("vm-b1", 1.0)]}
+    async with running(bus_kind, "manual", layout) as (c, _):
         # the balancer's moves, queued (held by policy for now): off host-a, and onto it
         auto = [("vm0", "host-a", "host-b"), ("vm1", "host-a", "host-c"), ("vm-b1", "host-b", "host-a")]
         for vm_id, source, target in auto:
@@ -306,5 +285,3 @@ async def test_an_operators_drain_pre_empts_queued_automatic_work(bus_kind: str)
         assert sorted(e.vm_id for e in drained) == ["vm0", "vm1", "vm2"]  # each once, by the drain
         assert {e.priority for e in drained} == {Priority.DRAIN} and all(e.state is EntryState.DONE for e in drained)
         assert [r.migration_id for r in await c.store.list() if r.migration_id.startswith("auto-")] == []
-    finally:
-        await c.close()

@@ -5,8 +5,6 @@ it recorded it; another takes the lease over and balances, and no VM is moved tw
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -17,10 +15,10 @@ from ferry_coordinator.autonomic.ledger import Doc, Ledger
 from ferry_coordinator.fleet.queue import Priority
 from ferry_coordinator.store.postgres import PostgresSagaStore
 from tests.harness import make_cluster, new_bus, until
+from tests.postgres import fresh_schema
 
 from .autonomic_support import FAST_RULES, AutomaticSampler, options
 
-PG = os.environ.get("FERRY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 HOSTS = ("host-a", "host-b", "host-c")
 
@@ -44,11 +42,15 @@ class Stalling:
 
 async def test_a_balancer_replica_killed_mid_evaluation_is_taken_over_without_duplicates(
         rabbitmq_available: None) -> None:
-    schema = f"ferry_autonomic_{uuid.uuid4().hex[:8]}"
-    store = await PostgresSagaStore.open(f"{PG}?schema={schema}")
+    async with fresh_schema("ferry_autonomic") as url:
+        await _balancer_replica_killed_mid_evaluation(url)
+
+
+async def _balancer_replica_killed_mid_evaluation(url: str) -> None:
+    store = await PostgresSagaStore.open(url)
     opts = {h: HostOptions(inventory_interval_s=0.2, driver_options={"cpus": 16}) for h in HOSTS}
     c = await make_cluster("rabbitmq", HOSTS, options=opts, store=store)
-    other_store = await PostgresSagaStore.open(f"{PG}?schema={schema}")
+    other_store = await PostgresSagaStore.open(url)
     c.buses.append(await new_bus("rabbitmq", c.vhost))
     other = build_coordinator(c.buses[-1], other_store, clock=c.clock)
     replicas = [c.coordinator, other]
@@ -86,10 +88,6 @@ async def test_a_balancer_replica_killed_mid_evaluation_is_taken_over_without_du
         await other.stop()
         await other_store.close()
         await c.close()
-        import asyncpg
-        conn = await asyncpg.connect(PG)
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
         await store.close()
 
 

@@ -4,8 +4,6 @@ VM is migrated twice. The coordinators' dispatchers start the queue's entries.""
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections import Counter
 
 import pytest
@@ -15,10 +13,10 @@ from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store.postgres import PostgresSagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
 from tests.harness import Cluster, check_invariants, make_cluster, new_bus, until
+from tests.postgres import fresh_schema
 
 from .drain_support import dispatcher, drain, fill, status, wait_end
 
-PG = os.environ.get("FERRY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TIMEOUTS = SagaTimeouts(reply_s=2.0, attempts=2, status_poll_s=0.3, forward_retry_s=0.05,
                         forward_retry_max_s=0.3, lease_s=2.0)
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
@@ -37,7 +35,11 @@ async def replica(c: Cluster, url: str) -> CoordinatorService:
 
 
 async def test_a_drain_survives_its_coordinator_killed(rabbitmq_available: None) -> None:
-    url = f"{PG}?schema=ferry_drain_{uuid.uuid4().hex[:8]}"
+    async with fresh_schema("ferry_drain") as url:
+        await _drain_survives_its_coordinator_killed(url)
+
+
+async def _drain_survives_its_coordinator_killed(url: str) -> None:
     store = await PostgresSagaStore.open(url)
     c = await make_cluster("rabbitmq", ("host-a", "host-b", "host-c", "host-d"), timeouts=TIMEOUTS, store=store)
     extra: list[CoordinatorService] = []
@@ -73,8 +75,4 @@ async def test_a_drain_survives_its_coordinator_killed(rabbitmq_available: None)
             await r.stop()
             await r.store.close()
         await c.close()
-        import asyncpg
-        conn = await asyncpg.connect(PG)
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{url.rsplit("=", 1)[1]}" CASCADE')
-        await conn.close()
         await store.close()

@@ -5,8 +5,6 @@ replica dies the others take its sagas over."""
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 
 import pytest
 
@@ -15,8 +13,8 @@ from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store.postgres import PostgresSagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
 from tests.harness import Cluster, inspect_problems, make_cluster, new_bus, until
+from tests.postgres import fresh_schema
 
-PG = os.environ.get("FERRY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TIMEOUTS = SagaTimeouts(reply_s=2.0, attempts=2, status_poll_s=0.3, forward_retry_s=0.05,
                         forward_retry_max_s=0.3, lease_s=2.0)
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
@@ -24,32 +22,28 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
 @pytest.fixture
 async def replicas(rabbitmq_available: None):
-    schema = f"ferry_replicas_{uuid.uuid4().hex[:8]}"
-    store = await PostgresSagaStore.open(f"{PG}?schema={schema}")
-    c = await make_cluster("rabbitmq", ("host-a", "host-b", "host-c"), timeouts=TIMEOUTS, store=store)
-    others: list[CoordinatorService] = []
-    for _ in range(2):
-        other_store = await PostgresSagaStore.open(f"{PG}?schema={schema}")
-        bus = await new_bus("rabbitmq", c.vhost)
-        c.buses.append(bus)
-        replica = build_coordinator(bus, other_store, clock=c.clock, timeouts=TIMEOUTS)
-        await replica.start()
-        others.append(replica)
+    async with fresh_schema("ferry_replicas") as url:
+        store = await PostgresSagaStore.open(url)
+        c = await make_cluster("rabbitmq", ("host-a", "host-b", "host-c"), timeouts=TIMEOUTS, store=store)
+        others: list[CoordinatorService] = []
+        for _ in range(2):
+            other_store = await PostgresSagaStore.open(url)
+            bus = await new_bus("rabbitmq", c.vhost)
+            c.buses.append(bus)
+            replica = build_coordinator(bus, other_store, clock=c.clock, timeouts=TIMEOUTS)
+            await replica.start()
+            others.append(replica)
 
-    async def known() -> bool:
-        return all(r.hosts.known(h) for r in others for h in c.hosts)
-    await until(known, 10, "every replica to know every host")
-    c.replicas = [c.coordinator, *others]  # type: ignore[attr-defined]
-    yield c
-    for r in others:
-        await r.stop()
-        await r.store.close()
-    await c.close()
-    import asyncpg
-    conn = await asyncpg.connect(PG)
-    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    await conn.close()
-    await store.close()
+        async def known() -> bool:
+            return all(r.hosts.known(h) for r in others for h in c.hosts)
+        await until(known, 10, "every replica to know every host")
+        c.replicas = [c.coordinator, *others]  # type: ignore[attr-defined]
+        yield c
+        for r in others:
+            await r.stop()
+            await r.store.close()
+        await c.close()
+        await store.close()
 
 
 async def test_sagas_spread_over_replicas_each_driven_by_one(replicas: Cluster) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from ferry_cli import main as cli
+from ferry_cli import runtime
 from ferry_common.bus.topology import COORDINATOR_QUERY
 from ferry_common.messages.commands import Done
 from ferry_common.messages.host_events import HostFaultEvent
@@ -61,7 +62,7 @@ class FakeConnection:
 
 @pytest.fixture(autouse=True)
 def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_client", FakeConnection)
+    monkeypatch.setattr(runtime, "connect", FakeConnection)
     ENDPOINT.sent.clear()
 
 

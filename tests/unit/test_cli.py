@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 import ferry_cli.main as cli
-from ferry_cli import views
+from ferry_cli import runtime, views
 from ferry_common.messages.public import MigrationStatusEvent
 from ferry_common.settings import load_settings
 
@@ -134,7 +134,7 @@ class FakeConnection:
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_client", FakeConnection)
+    monkeypatch.setattr(runtime, "connect", FakeConnection)
 
 
 def test_migrations_json_is_the_records(fake: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from ferry_cli import main as cli
-from ferry_cli import views
+from ferry_cli import runtime, views
 
 HOSTS = [
     {"host": "host-a", "driver": "sim", "capacity_mib": 8192, "used_mib": 2048, "reserved_mib": 0, "free_mib": 6144,
@@ -47,7 +47,7 @@ class FakeConnection:
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_client", FakeConnection)
+    monkeypatch.setattr(runtime, "connect", FakeConnection)
 
 
 def test_hosts_table_shows_state_use_and_migrations_in_flight() -> None:

@@ -21,6 +21,7 @@ from ferry_common.messages.recommendations import (
     SetAutomationLevel,
 )
 
+from . import runtime
 from .hosts_cli import host_app  # `ferry host fault` joins the drain commands
 
 recommendations_app = typer.Typer(help="the balancer's recommendations: list them, or apply one",
@@ -36,22 +37,18 @@ def register(app: typer.Typer) -> None:
 
 
 async def _ask(model: Any) -> Any:
-    from .main import _client
-
-    async with _client() as client:
+    async with runtime.connect() as client:
         return await client.endpoint.request(COORDINATOR_QUERY, model, timeout=client.timeout)
 
 
 def _go(coro: Any) -> None:
-    from .main import _run
-
     async def guarded() -> int:
         try:
             return int(await coro or 0)
         except FerryError as exc:
             typer.echo(f"error: {exc.reason}", err=True)
             return 1
-    _run(guarded())
+    runtime.run(guarded())
 
 
 @recommendations_app.callback()
@@ -59,15 +56,13 @@ def recommendations(ctx: typer.Context, as_json: Json = False) -> None:
     """list the current recommendations (superseded ones are gone)"""
     if ctx.invoked_subcommand is not None:
         return
-    from .main import _console, _print_json
-
     async def go() -> int:
         ans = await _ask(ListRecommendations())
         assert isinstance(ans, RecommendationList)
         if as_json:
-            _print_json(ans.model_dump(mode="json"))
+            runtime.print_json(ans.model_dump(mode="json"))
             return 0
-        console = _console()
+        console = runtime.console()
         imbalance = "?" if ans.imbalance is None else f"{ans.imbalance:.3f}"
         console.print(f"automation level: {ans.level}   imbalance: {imbalance}   leader: {ans.leader or '-'}")
         for r in ans.recommendations:
@@ -120,8 +115,6 @@ def fault(host: str,
               "--resolved", help="the host is sound again: the balancer may place VMs on it")] = False,
           ) -> None:
     """report a fault on HOST (host.HOST.event): critical evacuates it where the level acts on faults"""
-    from .main import _client
-
     try:
         event = HostFaultEvent(id=new_id(), host=host, kind=kind, severity=severity,  # type: ignore[arg-type]
                                at=time.time(), source="client/cli", message=message,
@@ -131,7 +124,7 @@ def fault(host: str,
         raise typer.BadParameter(str(exc).splitlines()[-1]) from None
 
     async def go() -> int:
-        async with _client() as client:
+        async with runtime.connect() as client:
             await client.endpoint.send(host_event(host), event)
         print(f"fault {event.id} reported on {host}: {kind} {severity}")
         return 0

@@ -36,6 +36,7 @@ from ferry_common.messages.drains import (
     HostUncordon,
 )
 
+from . import runtime
 from .client import FerryClient
 
 host_app = typer.Typer(help="host maintenance: drain, cancel-drain, uncordon, undrain, fault", no_args_is_help=True)
@@ -160,21 +161,15 @@ async def run_uncordon(client: FerryClient, host: str, *, return_vms: bool, cons
 
 
 def _go(work: Any) -> None:
-    from .main import _client, _run
-
     async def go() -> int:
         try:
-            async with _client() as client:
+            async with runtime.connect() as client:
                 return int(await work(client))
         except FerryError as exc:
             print(f"ferry: {exc.reason}")
             return 2
 
-    _run(go())
-
-
-def _console() -> Console:
-    return Console(highlight=False)
+    runtime.run(go())
 
 
 @host_app.command("drain")
@@ -187,7 +182,7 @@ def drain(host: str,
           timeout: Annotated[float, typer.Option()] = 3600.0,
           as_json: Annotated[bool, typer.Option("--json", help="the dry run's plan as JSON")] = False) -> None:
     """cordon HOST and move every VM away; exit 0 only when the host is empty"""
-    _go(lambda c: run_drain(c, host, console=_console(), dry_run=dry_run, deadline=deadline,
+    _go(lambda c: run_drain(c, host, console=runtime.console(), dry_run=dry_run, deadline=deadline,
                             on_unmovable=on_unmovable.value, attempts=attempts, wait=not no_wait,
                             timeout=timeout, as_json=as_json))
 
@@ -196,17 +191,17 @@ def drain(host: str,
 def cancel_drain(host: str,
                  abort: Annotated[bool, typer.Option("--abort", help="also roll back migrations in flight")] = False) -> None:
     """stop draining HOST: nothing more starts (the host stays cordoned)"""
-    _go(lambda c: run_cancel(c, host, abort=abort, console=_console()))
+    _go(lambda c: run_cancel(c, host, abort=abort, console=runtime.console()))
 
 
 @host_app.command("uncordon")
 def uncordon(host: str) -> None:
     """let placement choose HOST again"""
-    _go(lambda c: run_uncordon(c, host, return_vms=False, console=_console()))
+    _go(lambda c: run_uncordon(c, host, return_vms=False, console=runtime.console()))
 
 
 @host_app.command("undrain")
 def undrain(host: str,
             return_vms: Annotated[bool, typer.Option("--return", help="move back the VMs the drain moved away")] = False) -> None:
     """uncordon HOST and, with --return, bring its VMs back"""
-    _go(lambda c: run_uncordon(c, host, return_vms=return_vms, console=_console()))
+    _go(lambda c: run_uncordon(c, host, return_vms=return_vms, console=runtime.console()))

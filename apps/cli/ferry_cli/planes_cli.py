@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from . import runtime
+
 plane_app = typer.Typer(help="a VM's management plane as a YAML or JSON file", no_args_is_help=True)
 
 
@@ -29,13 +31,11 @@ def plane_apply(file: Annotated[str, typer.Option("-f", "--file", help="the plan
     if doc is None:
         raise typer.Exit(2)
 
-    from .main import _client, _run
-
     async def go() -> int:
-        async with _client() as client:
+        async with runtime.connect() as client:
             return await apply_command(client.endpoint, doc, host=host)
 
-    _run(go())
+    runtime.run(go())
 
 
 @plane_app.command("get")
@@ -44,10 +44,8 @@ def plane_get(vm: str, output: Annotated[PlaneFormat, typer.Option("-o", "--outp
     """print a VM's plane as a file"""
     from ferry_common.planes.commands import get_command
 
-    from .main import _client, _run
-
     async def go() -> int:
-        async with _client() as client:
+        async with runtime.connect() as client:
             return await get_command(client.endpoint, vm, fmt=output.value, host=host)
 
-    _run(go())
+    runtime.run(go())

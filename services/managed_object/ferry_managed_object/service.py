@@ -7,26 +7,15 @@ embots), and stages, checks and activates a plane that arrives from another host
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-from ferry_common.bus.topology import (
-    MIGRATION_REQUESTED,
-    alarm,
-    host_command,
-    host_event,
-    host_load,
-    vm_events,
-)
-from ferry_common.endpoint import Context, Endpoint, Forward
-from ferry_common.errors import Conflict, FerryError, InvalidMessage
-from ferry_common.ids import new_id
-from ferry_common.messages.base import Wire
+from ferry_common.bus.topology import host_event, host_load
+from ferry_common.endpoint import Context, Endpoint
+from ferry_common.errors import Conflict, InvalidMessage
 from ferry_common.messages.commands import (
     CleanupSource,
     CleanupTarget,
-    DirtyObjects,
     DispatchEvents,
     Done,
     ExportDirtyObjects,
@@ -35,17 +24,9 @@ from ferry_common.messages.commands import (
     Inspect,
     Inspection,
     InstallModules,
-    ManagedObjectInstantiationError,
     ManagementState,
-    ManagementStateExport,
-    ManagementStateFailed,
-    ManagementStateSuccess,
     MigrationComplete,
-    MigrationCompleteAck,
     MigrationState,
-    MigrationStateSuccess,
-    ModulesFetched,
-    ModulesRequired,
     RegisterManagementGraph,
     ReleaseVm,
     SetAttributes,
@@ -53,17 +34,16 @@ from ferry_common.messages.commands import (
 )
 from ferry_common.messages.domain import Element, Embot, Module
 from ferry_common.messages.host_events import HostFaultEvent, HostLoad
-from ferry_common.messages.limits import MAX_MODULE_ROUNDS, MAX_MODULES
 from ferry_common.messages.planes import ApplyPlane, GetPlane
-from ferry_common.messages.public import Alarm, MigrateRequest, VmEvent
-from ferry_common.messages.recommendations import EvacuationWanted, MigrationWanted
 from ferry_common.security import host_identity
 from ferry_common.service import HostService
 from ferry_common.state import StateStore
 
-from .autonomic import wanted
 from .host_plane import HostFeed
+from .migration_source import MigrationSource
+from .migration_target import MigrationTarget
 from .modules import ModuleError, ModuleRegistry
+from .outbox import Outbox
 from .plane import GraphError, TypeResolutionError, VmPlane, apply_event, check_graph
 from .plane_files import PlaneFiles
 from .policy import Effect, PolicyEngine
@@ -72,11 +52,6 @@ log = logging.getLogger(__name__)
 # the audit trail kept per VM and host (FERRY_LEDGER_MAX): enough to verify a migration's
 # events were each dispatched once; an event id is ~32 bytes, so 10k ids cost ~1 MB per VM
 LEDGER_MAX = 10_000
-_OUTGOING: dict[str, type[Wire]] = {
-    m.__name__: m for m in (Alarm, VmEvent, MigrateRequest, MigrationWanted, EvacuationWanted)}
-
-
-CLEANED_MAX = 10_000  # rolled-back migrations remembered (a late transfer comes within minutes)
 
 
 class ManagedObjectService(HostService):
@@ -88,10 +63,6 @@ class ManagedObjectService(HostService):
         self.modules = ModuleRegistry()
         self.engine = PolicyEngine()
         self.planes: dict[str, VmPlane] = {}
-        # migrations rolled back on this host as a target: a state transfer for one of them that
-        # arrives late (its source answered after the saga gave up) must not stage a plane that
-        # nothing would clean up again; the newest CLEANED_MAX are kept, across restarts
-        self.cleaned: dict[str, None] = {}
         # what was dispatched here, per VM, kept after the VM leaves: the audit trail of the
         # newest ``ledger_max`` events per VM (a host dispatches for months: it must not grow
         # without bound, in memory or in the state store)
@@ -99,10 +70,8 @@ class ManagedObjectService(HostService):
         self.ledger_max = ledger_max
         self._ledger_next: dict[str, int] = {}  # per VM, the sequence number of the next entry
         self._ledger_low: dict[str, int] = {}  # per VM, the oldest sequence number still stored
-        # per VM, what its policies asked to send that is not out yet, oldest first
-        self.outbox: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        # one sender per VM's outbox: two dispatches handled at once would send its head twice
-        self._outbox_locks: dict[str, asyncio.Lock] = {}
+        # what the policies asked to send, kept until it is out (ferry_managed_object.outbox)
+        self.outbox = Outbox(host, endpoint, self.state)
         self.policy_errors = 0
         r = self.router
         r.add(RegisterManagementGraph, self.on_register)
@@ -115,16 +84,19 @@ class ManagedObjectService(HostService):
         r.add(ApplyPlane, self.plane_files.on_apply)
         r.add(GetPlane, self.plane_files.on_get)
         r.add(Inspect, self.on_inspect)
-        r.add(FetchModules, self.on_fetch_modules)
-        r.add(ExportManagementState, self.on_export)
-        r.add(ManagementState, self.on_state)  # not memoised: ModulesRequired is answered again
-        r.add(ExportDirtyObjects, self.on_export_dirty)
-        self.step(MigrationState, self.on_migration_state)
+        # the migration's steps, as its source and as its target
+        self.source = source = MigrationSource(self)
+        self.target = target = MigrationTarget(self)
+        r.add(FetchModules, source.on_fetch_modules)
+        r.add(ExportManagementState, source.on_export)
+        r.add(ExportDirtyObjects, source.on_export_dirty)
+        self.step(SourceTeardown, source.on_teardown)
+        self.step(CleanupSource, source.on_cleanup_source)
+        r.add(ManagementState, target.on_state)  # not memoised: ModulesRequired is answered again
+        self.step(MigrationState, target.on_migration_state)
         # not memoised: activating is idempotent itself, and a replay is passed on again
-        r.add(MigrationComplete, self.on_complete)
-        self.step(SourceTeardown, self.on_teardown)
-        self.step(CleanupTarget, self.on_cleanup_target)
-        self.step(CleanupSource, self.on_cleanup_source)
+        r.add(MigrationComplete, target.on_complete)
+        self.step(CleanupTarget, target.on_cleanup_target)
         # the host's own plane, fed by its telemetry (ferry_managed_object.host_plane)
         self.host_feed = HostFeed(self)
         r.route_key(host_load(host), HostLoad)
@@ -142,7 +114,7 @@ class ManagedObjectService(HostService):
 
     # ---- durable state: planes, modules, the dedup window and the ledger ----------------
     async def restore(self) -> None:
-        self.cleaned = dict.fromkeys(mid for mid, _ in await self.state.items("cleaned"))
+        await self.target.restore()
         for _, raw in await self.state.items("modules"):
             self.modules.install(Module.model_validate(raw))
         for vm_id, meta in await self.state.items("plane"):
@@ -157,13 +129,11 @@ class ManagedObjectService(HostService):
             self.ledger[key] = [v for _, v in rows][-self.ledger_max:]
             self._ledger_next[key] = int(rows[-1][0]) + 1 if rows else 0
             self._ledger_low[key] = int(rows[0][0]) if rows else 0
-            if pending := await self.state.items(f"outbox.{key}"):
-                self.outbox[key] = pending
+            await self.outbox.restore(key)
 
     async def start(self) -> None:
         await super().start()
-        if self.outbox:  # left by a crash between the write and the sends
-            await self._send_all_outboxes()
+        await self.outbox.send_all()  # what a crash left between the write and the sends
 
     async def _save_modules(self, modules: list[Module]) -> None:
         await self.state.put_many("modules", [(f"{m.name}@{m.version}", m.model_dump(mode="json")) for m in modules])
@@ -257,7 +227,7 @@ class ManagedObjectService(HostService):
             # this host's sensor was told of the completion first (step 7 tells both at once):
             # it dispatches only as the owner, and it became the owner by this migration. Only
             # that sender counts: a dispatch from anyone else must not move ownership
-            await self._activate(plane, msg.epoch)
+            await self.target.activate(plane, msg.epoch)
         if plane.status not in ("active", "exporting"):
             # fencing: only the owner's plane acts on events. While it is exported (the VM
             # pre-copies, then until the sensor's freeze) it acts on events as before; the
@@ -281,8 +251,7 @@ class ManagedObjectService(HostService):
             start = self._ledger_next.get(msg.vm_id, 0)
             ledger.extend(applied)
             self._ledger_next[msg.vm_id] = start + len(applied)
-            outbox = [(f"{start:012d}.{j:04d}", row) for j, row in enumerate(self._outgoing(plane, effects))]
-            self.outbox.setdefault(plane.vm_id, []).extend(outbox)
+            outbox = self.outbox.add(plane, start, effects)
             vm = plane.vm_id
             await self.state.write([
                 *((f"eb.{vm}", i, plane.embot(i).model_dump(mode="json")) for i in sorted(touched)),
@@ -305,270 +274,8 @@ class ManagedObjectService(HostService):
                 await self.state.delete_through(f"ledger.{vm}", f"{end - self.ledger_max - 1:012d}")
                 self._ledger_low[vm] = end - self.ledger_max
         # also on a redelivery that applies nothing: what a failed send left is sent now
-        await self._send_outbox(msg.vm_id)
+        await self.outbox.send(msg.vm_id)
         return Done()  # answered only when asked (a drain's chunk); live dispatches are sent
-
-    def _outgoing(self, plane: VmPlane, effects: list[tuple[str, str, str, Effect]]) -> list[dict[str, Any]]:
-        """The messages ``effects`` ask for, made once: a resend carries the same ids."""
-        out: list[dict[str, Any]] = []
-        for element_id, embot_id, policy, effect in effects:
-            msg: Wire
-            if effect.kind == "alarm":
-                detail = effect.value if isinstance(effect.value, dict) else {"value": effect.value}
-                msg = Alarm(vm_id=plane.vm_id, element_id=element_id, embot_id=embot_id, policy=policy,
-                            host=self.host, name=effect.key or policy, detail=detail)
-                key = alarm(plane.vm_id)
-            elif effect.kind == "emit":
-                data = effect.value if isinstance(effect.value, dict) else {"value": effect.value}
-                msg = VmEvent(id=new_id(), vm_id=plane.vm_id, element_id=element_id, kind=effect.key or "emitted",
-                              ts=self.endpoint.clock.now(), data=data)
-                key = vm_events(plane.vm_id)
-            elif (asked := wanted(effect, vm_id=plane.vm_id, host=self.host, policy=policy,
-                                  embot_id=embot_id)) is not None:
-                key, msg = asked  # the balancer's actions (ferry_managed_object.autonomic)
-            elif effect.kind == "migrate" and effect.target_host:
-                # a fixed id: the coordinator starts one migration however often this is sent
-                msg = MigrateRequest(vm_id=plane.vm_id, target_host=effect.target_host, migration_id=new_id(),
-                                     reason=f"policy {policy} of {embot_id}")
-                key = MIGRATION_REQUESTED
-            else:
-                continue
-            out.append({"key": key, "type": type(msg).__name__, "body": msg.model_dump(mode="json")})
-        return out
-
-    async def _send_outbox(self, vm_id: str) -> None:
-        """Send what ``vm_id``'s policies asked for, oldest first; each entry leaves the outbox
-        once sent (or refused for good). A passing fault stops here and is raised, so the
-        delivery comes again and the rest goes then."""
-        if not self.outbox.get(vm_id):
-            return
-        async with self._outbox_locks.setdefault(vm_id, asyncio.Lock()):
-            await self._send_pending(vm_id)
-
-    async def _send_pending(self, vm_id: str) -> None:
-        pending = self.outbox.get(vm_id)
-        while pending:
-            key, row = pending[0]
-            model = _OUTGOING[row["type"]]
-            try:
-                await self.endpoint.send(row["key"], model.model_validate(row["body"]))
-            except FerryError as exc:
-                if exc.retryable:
-                    raise
-                # nobody listens for this alarm or event: the state change still stands
-                log.info("%s of %s not delivered: %s", row["type"], vm_id, exc.reason)
-            await self.state.delete(f"outbox.{vm_id}", key)
-            pending.pop(0)
-
-    async def _send_all_outboxes(self) -> None:
-        for vm_id in list(self.outbox):
-            try:
-                await self._send_outbox(vm_id)
-            except FerryError as exc:
-                log.info("outbox of %s waits for the next dispatch: %s", vm_id, exc.reason)
-
-    # ---- migration, source side -----------------------------------------------------
-    async def on_fetch_modules(self, msg: FetchModules, ctx: Context) -> Wire | Forward:
-        """The modules asked for and, after them, every module they depend on (transitively)
-        that this host has: the target would ask for those next. Asked by the target (host to
-        host), the graph goes to it again with them."""
-        found: dict[str, Module] = {}
-        todo = list(msg.refs)
-        while todo and len(found) < MAX_MODULES:
-            ref = todo.pop(0)
-            if ref.key in found:
-                continue
-            module = self.modules.find(ref)
-            if module is not None:
-                found[ref.key] = module
-                todo.extend(module.depends)
-        if msg.target_host is None:
-            return ModulesFetched(modules=list(found.values()))
-        plane = self.planes.get(msg.vm_id)
-        if plane is None or plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
-            # late: the export it belongs to was rolled back meanwhile, and a fetch must not
-            # start another (the requester gave up on this answer)
-            return ManagementStateFailed(reason=f"vm {msg.vm_id!r} is not exported for migration {msg.migration_id}")
-        lacking = [r.key for r in msg.refs if r.key not in found]
-        if lacking:
-            return ManagedObjectInstantiationError(reason=f"modules unknown on both hosts: {', '.join(lacking)}")
-        export = ExportManagementState(migration_id=msg.migration_id, vm_id=msg.vm_id, target_host=msg.target_host,
-                                       modules=list(found.values()))
-        return await self._export(export, module_round=msg.module_round, supplied=msg.supplied)
-
-    async def on_export(self, msg: ExportManagementState, ctx: Context) -> Wire | Forward:
-        return await self._export(msg)
-
-    async def _export(self, msg: ExportManagementState, *, module_round: int = 0,
-                      supplied: list[str] | None = None) -> Wire | Forward:
-        plane = self._plane(msg.vm_id)
-        if plane.status == "active":
-            plane.status, plane.migration_id = "exporting", msg.migration_id
-            plane.changed_elements.clear()
-            plane.changed_embots.clear()
-            plane.recent_at_export = plane.recent_at_round = plane.recent_next
-        elif plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
-            raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
-        if plane.status == "exporting":
-            # a replayed export sends the current state; dirt since the first export is in it
-            plane.dirty_elements.clear()
-            plane.dirty_embots.clear()
-            plane.recent_at_round = plane.recent_next
-            await self._save_meta(plane)
-        # sealed (a coordinator that resumed after the final round replays step 3 for the
-        # staged graph's ids): nothing changes here any more, the target has it all
-        if msg.target_host is None:
-            return ManagementStateExport(graph=plane.graph())
-        # host to host: the target stages the graph and answers the requester
-        staged = ManagementState(migration_id=msg.migration_id, vm_id=msg.vm_id, graph=plane.graph(), modules=msg.modules,
-                                 source_host=self.host, module_round=module_round, supplied=supplied or [])
-        return Forward(host_command(msg.target_host, self.service), staged)
-
-    async def on_export_dirty(self, msg: ExportDirtyObjects, ctx: Context) -> Wire | Forward:
-        plane = self._plane(msg.vm_id)
-        if plane.migration_id != msg.migration_id or plane.status not in ("exporting", "sealed"):
-            raise Conflict(f"vm {msg.vm_id!r} is {plane.status} for migration {plane.migration_id}")
-        element_ids = plane.changed_elements if msg.since_export else plane.dirty_elements
-        embot_ids = plane.changed_embots if msg.since_export else plane.dirty_embots
-        elements = [plane.elements[i] for i in sorted(element_ids) if i in plane.elements]
-        embots = [plane.embot(i) for i in sorted(embot_ids) if i in plane.embots]
-        recent = plane.recent_since(plane.recent_at_export if msg.since_export else plane.recent_at_round)
-        # the seed resets dirty bits as it serializes; a lost answer is covered by the final round
-        plane.dirty_elements.clear()
-        plane.dirty_embots.clear()
-        plane.recent_at_round = plane.recent_next
-        plane.dirty_round += 1
-        if msg.final:
-            plane.status = "sealed"
-        await self._save_meta(plane)
-        if msg.target_host is None:
-            return DirtyObjects(elements=elements, embots=embots, round=plane.dirty_round, recent_event_ids=recent)
-        if not elements and not embots and not recent:
-            return MigrationStateSuccess(applied=0)  # nothing to send
-        # host to host, as the export: the target applies the round and answers the requester
-        return Forward(host_command(msg.target_host, self.service),
-                       MigrationState(migration_id=msg.migration_id, vm_id=msg.vm_id, elements=elements,
-                                      embots=embots, round=plane.dirty_round, recent_event_ids=recent))
-
-    async def on_teardown(self, msg: SourceTeardown, ctx: Context) -> Done:
-        plane = self.planes.get(msg.vm_id)
-        if plane is not None and plane.migration_id == msg.migration_id and plane.status in ("exporting", "sealed"):
-            del self.planes[msg.vm_id]
-            await self._drop_plane(msg.vm_id)
-        return Done()
-
-    async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Done:
-        plane = self.planes.get(msg.vm_id)
-        if plane is not None and plane.migration_id == msg.migration_id and plane.status in ("exporting", "sealed"):
-            plane.status, plane.migration_id = "active", None
-            plane.dirty_elements.clear()
-            plane.dirty_embots.clear()
-            await self._save_meta(plane)
-        return Done()
-
-    # ---- migration, target side -----------------------------------------------------
-    async def on_state(self, msg: ManagementState, ctx: Context) -> Wire | Forward:
-        if msg.migration_id in self.cleaned:
-            return ManagementStateFailed(reason=f"migration {msg.migration_id} was rolled back on {self.host!r}")
-        existing = self.planes.get(msg.vm_id)
-        if existing is not None:
-            if existing.status == "staged" and existing.migration_id == msg.migration_id:
-                return ManagementStateSuccess(element_ids=list(existing.elements), **_fetched(msg))
-            raise Conflict(f"vm {msg.vm_id!r} already has a {existing.status} plane on {self.host!r}")
-        graph = msg.graph
-        if graph.vm_id != msg.vm_id:
-            return ManagementStateFailed(reason=f"graph is for vm {graph.vm_id!r}, not {msg.vm_id!r}")
-        try:
-            wanted = {r.key: r for r in graph.manifest}
-            for known in self.modules.resolve(graph.manifest).resolved.values():
-                wanted.update({d.key: d for d in known.depends})
-            # a supplied module is wanted if the manifest names it or a wanted module depends on
-            # it: the source sends a requested module's dependencies along, so a target lacking
-            # a chain of modules gets it in one round, not one round per level
-            pending = list(msg.modules)
-            while pending:
-                ready = [m for m in pending if f"{m.name}@{m.version}" in wanted]
-                if not ready:
-                    m = pending[0]
-                    return ManagedObjectInstantiationError(reason=f"module {m.name}@{m.version} was not asked for")
-                for m in ready:
-                    self.modules.install(m, expected=wanted[f"{m.name}@{m.version}"])
-                    wanted.update({d.key: d for d in m.depends})
-                pending = [m for m in pending if m not in ready]
-            await self._save_modules(list(msg.modules))
-            resolution = self.modules.resolve(graph.manifest)
-            if resolution.missing:
-                if msg.source_host is None or msg.module_round >= MAX_MODULE_ROUNDS:
-                    return ModulesRequired(missing=resolution.missing)
-                # asked of the source directly: it sends the graph again with them, and the
-                # answer still goes to whoever asked for the transfer
-                fetch = FetchModules(migration_id=msg.migration_id, vm_id=msg.vm_id, refs=resolution.missing,
-                                     target_host=self.host, module_round=msg.module_round + 1,
-                                     supplied=_fetched(msg)["modules_fetched"])
-                return Forward(host_command(msg.source_host, self.service), fetch)
-            check_graph(graph, self.modules, self.engine)
-        except (ModuleError, TypeResolutionError) as exc:
-            return ManagedObjectInstantiationError(reason=str(exc))
-        except GraphError as exc:
-            return ManagementStateFailed(reason=str(exc))
-        if msg.migration_id in self.cleaned:  # cleaned up while the modules were installed
-            return ManagementStateFailed(reason=f"migration {msg.migration_id} was rolled back on {self.host!r}")
-        plane = self.planes[msg.vm_id] = VmPlane.from_graph(graph, "staged", msg.migration_id)
-        await self._save_plane(plane)
-        # the plane itself, not a lookup: a clean-up handled meanwhile may have dropped it
-        return ManagementStateSuccess(element_ids=list(plane.elements), **_fetched(msg))
-
-    async def on_migration_state(self, msg: MigrationState, ctx: Context) -> Wire:
-        plane = self._staged(msg.vm_id, msg.migration_id)
-        for e in msg.elements:
-            if e.id not in plane.elements or e.vm_id != msg.vm_id:
-                return ManagementStateFailed(reason=f"dirty element {e.id!r} was never staged")
-        for b in msg.embots:
-            if b.id not in plane.embots:
-                return ManagementStateFailed(reason=f"dirty embot {b.id!r} was never staged")
-        for e in msg.elements:
-            plane.elements[e.id] = e
-        for b in msg.embots:
-            plane.embots[b.id] = b
-            plane.state[b.id] = dict(b.state)
-        plane.reindex()
-        # the events the source acted on meanwhile: acted on, as far as this host is concerned
-        known = sum(1 for i in msg.recent_event_ids if plane.first_time(i))
-        vm = msg.vm_id
-        await self.state.write([
-            *((f"el.{vm}", e.id, e.model_dump(mode="json")) for e in msg.elements),
-            *((f"eb.{vm}", b.id, plane.embot(b.id).model_dump(mode="json")) for b in msg.embots),
-            *((f"recent.{vm}", k, e) for k, e in plane.recent_rows(known)),
-        ])
-        await self._drop_stale_recent(plane)
-        return MigrationStateSuccess(applied=len(msg.elements) + len(msg.embots))
-
-    async def on_complete(self, msg: MigrationComplete, ctx: Context) -> Wire:
-        done = self.planes.get(msg.vm_id)
-        if done is None or done.status != "active" or not msg.epoch or done.epoch != msg.epoch:
-            await self._activate(self._staged(msg.vm_id, msg.migration_id), msg.epoch)
-        # else done before (a crash took the answer with it, or a dispatch of the sensor's came first)
-        return MigrationCompleteAck()
-
-    async def _activate(self, plane: VmPlane, epoch: int) -> None:
-        """Step 7 on the target: the staged plane becomes the VM's, under ownership ``epoch``."""
-        plane.status, plane.migration_id, plane.epoch = "active", None, epoch
-        self.ledger.setdefault(plane.vm_id, [])
-        await self._save_meta(plane)
-
-    async def on_cleanup_target(self, msg: CleanupTarget, ctx: Context) -> Done:
-        if msg.migration_id not in self.cleaned:
-            self.cleaned[msg.migration_id] = None
-            await self.state.put("cleaned", msg.migration_id, msg.vm_id)
-            while len(self.cleaned) > CLEANED_MAX:
-                oldest = next(iter(self.cleaned))
-                del self.cleaned[oldest]
-                await self.state.delete("cleaned", oldest)
-        plane = self.planes.get(msg.vm_id)
-        if plane is not None and plane.status == "staged" and plane.migration_id == msg.migration_id:
-            del self.planes[msg.vm_id]
-            await self._drop_plane(msg.vm_id)
-        return Done()
 
     # ---- inspection -------------------------------------------------------------------
     async def on_inspect(self, msg: Inspect, ctx: Context) -> Inspection:
@@ -594,15 +301,3 @@ class ManagedObjectService(HostService):
         if plane is None:
             raise Conflict(f"vm {vm_id!r} has no management plane on {self.host!r}")
         return plane
-
-    def _staged(self, vm_id: str, migration_id: str) -> VmPlane:
-        plane = self._plane(vm_id)
-        if plane.migration_id != migration_id or plane.status != "staged":
-            raise Conflict(f"vm {vm_id!r} is {plane.status} here, not staged for {migration_id}")
-        return plane
-
-
-def _fetched(msg: ManagementState) -> dict[str, Any]:
-    """What a transfer's answer says of the modules taken from the source on the way."""
-    return {"modules_fetched": [*msg.supplied, *(f"{m.name}@{m.version}" for m in msg.modules)],
-            "module_rounds": msg.module_round}

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 from dataclasses import replace
-from typing import Any
 
 import aiosqlite
 import orjson
 
 from ferry_common.errors import Conflict
-from ferry_common.state import immediate_transaction
 from ferry_coordinator.fleet.drain import Drain, DrainState
 from ferry_coordinator.fleet.queue import EntryState, QueueEntry
 
 from .queue_sql import LIVE_SQL, QUEUED, entry_from, row_params
+from .sqlite_records import SqliteRecords
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ferry_drains (
@@ -40,18 +38,9 @@ def _dump(d: Drain) -> str:
     return orjson.dumps(d.to_dict()).decode()
 
 
-class SqliteDrainStore:
+class SqliteDrainStore(SqliteRecords[Drain]):
     def __init__(self, conn: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._conn = conn
-        self._lock = lock
-
-    def _write(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return immediate_transaction(self._conn, self._lock)
-
-    async def _one(self, sql: str, params: tuple[Any, ...]) -> Drain | None:
-        async with self._conn.execute(sql, params) as cur:
-            row = await cur.fetchone()
-        return Drain.from_dict(orjson.loads(row[0])) if row else None
+        super().__init__(conn, lock, Drain.from_dict)
 
     async def create(self, drain: Drain) -> tuple[Drain, bool]:
         stored = replace(drain, version=1)
@@ -83,16 +72,12 @@ class SqliteDrainStore:
 
     async def list(self, *, active: bool = False) -> builtins.list[Drain]:
         where = "WHERE state = 'draining'" if active else ""
-        async with self._lock, self._conn.execute(f"SELECT body FROM ferry_drains {where} ORDER BY created_at, id") as cur:
-            rows = await cur.fetchall()
-        return [Drain.from_dict(orjson.loads(r[0])) for r in rows]
+        async with self._lock:
+            return await self._many(f"SELECT body FROM ferry_drains {where} ORDER BY created_at, id", ())
 
     async def open(self) -> builtins.list[Drain]:
-        async with self._lock, self._conn.execute(
-            "SELECT body FROM ferry_drains WHERE open = 1 ORDER BY created_at, id"
-        ) as cur:
-            rows = await cur.fetchall()
-        return [Drain.from_dict(orjson.loads(r[0])) for r in rows]
+        async with self._lock:
+            return await self._many("SELECT body FROM ferry_drains WHERE open = 1 ORDER BY created_at, id", ())
 
     async def save(self, drain: Drain) -> Drain:
         stored = replace(drain, version=drain.version + 1)

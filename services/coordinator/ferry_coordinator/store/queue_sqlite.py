@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
@@ -17,12 +16,12 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from ferry_common.state import immediate_transaction
 from ferry_coordinator.fleet.queue import Decision, EntryState, Limits, QueueEntry
 from ferry_coordinator.fleet.scheduling import plan, start_next
 
 from .base import Change, FleetQueue
 from .queue_sql import LIVE_SQL, STARTED, default_limits, entry_from, queue_schema, row_params
+from .sqlite_records import SqliteRecords
 
 SCHEMA = (
     queue_schema(real="REAL", json="TEXT")
@@ -41,25 +40,11 @@ def _dump(body: dict[str, Any]) -> str:
     return orjson.dumps(body).decode()
 
 
-class SqliteFleetQueue(FleetQueue):
+class SqliteFleetQueue(SqliteRecords[QueueEntry], FleetQueue):
     """A :class:`~ferry_coordinator.store.base.FleetQueue` on the saga store's connection."""
 
     def __init__(self, conn: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self._conn = conn
-        self._lock = lock
-
-    def _write(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return immediate_transaction(self._conn, self._lock)
-
-    async def _one(self, sql: str, params: tuple[Any, ...]) -> QueueEntry | None:
-        async with self._conn.execute(sql, params) as cur:
-            row = await cur.fetchone()
-        return entry_from(orjson.loads(row[0])) if row else None
-
-    async def _many(self, sql: str, params: tuple[Any, ...]) -> builtins.list[QueueEntry]:
-        async with self._conn.execute(sql, params) as cur:
-            rows = await cur.fetchall()
-        return [entry_from(orjson.loads(r[0])) for r in rows]
+        super().__init__(conn, lock, entry_from)
 
     async def _limits(self) -> Limits:
         async with self._conn.execute("SELECT body FROM ferry_fleet_limits WHERE id = 1") as cur:
