@@ -269,8 +269,10 @@ class DrainManager:
         out.append(vm)
 
     async def _refresh(self, drain: Drain, vm: DrainVm, entry: QueueEntry, view: FleetView) -> None:
-        """A queued entry's targets, again, if one of them was cordoned or drained since."""
-        if all(view.hosts[h].schedulable for h in entry.candidates if h in view.hosts):
+        """A queued entry's targets, again, if one of them was cordoned or drained since, or
+        if it has none (no host was ready when it was placed: a replica's first pass, before
+        the inventories came in, or the broker down); else it would wait for ever."""
+        if entry.candidates and all(view.hosts[h].schedulable for h in entry.candidates if h in view.hosts):
             return
         located = self.hosts.locate(vm.vm_id)
         if located is None:
