@@ -91,3 +91,16 @@ async def test_a_rolled_back_migration_is_asked_for_again_elsewhere() -> None:
     assert again is not None and target not in again.candidates and again.candidates
     d = await store.drains.get("d1")
     assert d is not None and d.vms[started.vm_id].tried == [target]
+
+
+async def test_a_queued_entry_left_without_targets_is_placed_again() -> None:
+    """Placed while no host looked ready (a new replica before the inventories, the broker
+    down): once they are, the entry gets its targets back instead of waiting for ever."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    for e in await store.queue.entries():
+        await store.queue.update_queued(e.migration_id, candidates=(), placement_note="host-b: not ready")
+    await m.tick()
+    entries = await store.queue.entries()
+    assert len(entries) == 3 and all(e.candidates and "host-a" not in e.candidates for e in entries), entries
