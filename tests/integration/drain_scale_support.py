@@ -138,12 +138,13 @@ async def drain_two_hosts(c: Cluster, *, during: Callable[[], Awaitable[None]] |
     assert entries and all(e.state is EntryState.DONE for e in entries if e.vm_id in vms), note
     shifted = [dataclasses.replace(e, started_at=(e.started_at or 0.0) + slack_s) for e in entries if e.started_at is not None]
     assert exceeded(shifted, LIMITS) == [], (note, exceeded(shifted, LIMITS)[:5])
-    # each VM moved exactly once (a rolled-back attempt moved nothing), off the drained hosts
+    # each drained VM moved exactly once (a rolled-back attempt moved nothing), no VM twice (a
+    # side migration may roll back under faults: its VM stays where it was)
     completed: Counter[str] = Counter()
     for rec in await store.list(limit=10_000):
         completed[rec.vm_id] += rec.status == "completed"
-    twice = {vm: k for vm, k in completed.items() if k != 1}
-    assert not twice and all(completed[vm] == 1 for vm in vms), (note, twice)
+    wrong = {vm: k for vm, k in completed.items() if k > 1 or (vm in vms and k != 1)}
+    assert not wrong and all(completed[vm] == 1 for vm in vms), (note, wrong)
     for vm in with_events(vms):
         await c.send_events(vm, 3)  # acted on where the VM is now
     for vm in vms:
