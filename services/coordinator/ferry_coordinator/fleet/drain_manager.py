@@ -197,6 +197,11 @@ class DrainManager:
         before = drain.to_dict()
         view: FleetView | None = None
         to_enqueue: list[DrainVm] = []
+        if drain.active and self.hosts.known(drain.host):
+            # a VM that arrived after the plan (its migration here was in flight when the drain
+            # began, e.g. another drain's) leaves too: a drained host keeps none
+            for vm_id in self.hosts.placement().get(drain.host, []):
+                drain.vms.setdefault(vm_id, DrainVm(vm_id))
         for vm in drain.vms.values():
             if vm.state in VM_ENDS:
                 continue
@@ -220,7 +225,9 @@ class DrainManager:
                                                    reason="deadline passed; still there: " + ", ".join(left))
             if ended is not None:
                 drain, before, to_enqueue = ended, ended.to_dict(), []
-        ending = drain.active and drain.finished_vms()
+        # and not while a migration into the host is still in flight: its VM would stay
+        ending = drain.active and drain.finished_vms() and not any(
+            e.target_host == drain.host for e in await self.store.queue.entries(states={EntryState.STARTED}))
         if ending:
             state, reason = drain.outcome()
             drain = drain.to(state, now=now, reason=reason)
