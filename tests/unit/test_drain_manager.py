@@ -104,3 +104,17 @@ async def test_a_queued_entry_left_without_targets_is_placed_again() -> None:
     await m.tick()
     entries = await store.queue.entries()
     assert len(entries) == 3 and all(e.candidates and "host-a" not in e.candidates for e in entries), entries
+
+
+async def test_a_vm_that_arrives_while_its_host_drains_leaves_too() -> None:
+    """Its migration was under way to host-a when the drain began (another drain's, say): it
+    lands after the plan, and the drain asks for its move too instead of ending without it."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    vms = [VmSpec(vm_id=f"vm{i}", memory_mib=512) for i in range(3)] + [VmSpec(vm_id="late", memory_mib=512)]
+    hosts.update(HostInventory(host="host-a", vms=vms, capacity_mib=8192), 1.0)
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.active and d.vms["late"].state is VmState.QUEUED
+    assert await store.queue.get("drain.d1.late.1") is not None
