@@ -118,3 +118,23 @@ async def test_a_vm_that_arrives_while_its_host_drains_leaves_too() -> None:
     d = await store.drains.get("d1")
     assert d is not None and d.active and d.vms["late"].state is VmState.QUEUED
     assert await store.queue.get("drain.d1.late.1") is not None
+
+
+async def test_a_retry_waits_while_every_other_host_is_silent() -> None:
+    """The broker away: every heartbeat lapses and a migration rolls back. Its retry finds no
+    ready host; that is no reason to fail the VM, whose next attempt goes once hosts are back."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    started = await store.queue.claim_next("test", now=1.0)
+    assert started is not None and started.target_host is not None
+    await store.create(SagaRecord(migration_id=started.migration_id, vm_id=started.vm_id, source_host="host-a",
+                                  target_host=started.target_host, status="rolled_back", created_at=1.0, updated_at=2.0))
+    m.ready = lambda: {"host-a": False, "host-b": False, "host-c": False}
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.vms[started.vm_id].state is VmState.PENDING, d.vms[started.vm_id]
+    m.ready = lambda: {"host-a": True, "host-b": True, "host-c": True}
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.vms[started.vm_id].state is VmState.QUEUED and d.vms[started.vm_id].attempt == 2

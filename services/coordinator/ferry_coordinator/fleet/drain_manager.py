@@ -263,6 +263,8 @@ class DrainManager:
             vm.reason = None if located else "no longer on any host"
             return
         movable, stuck = plan_drain(drain.host, [located[1]], view, parallel=1, exclude={vm.vm_id: vm.tried})
+        if stuck and not any(h.ready for name, h in view.hosts.items() if name != drain.host):
+            return  # every other host silent (the broker away, say): nothing to judge by yet, next pass
         if stuck:
             vm.state, vm.ended_at, vm.reason = (VmState.UNMOVABLE if not vm.tried else VmState.FAILED), now, stuck[0].reason
             return
