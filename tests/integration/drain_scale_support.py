@@ -31,6 +31,9 @@ LIMITS = Limits(cluster=5, outbound_per_host=2, inbound_per_host=2)
 # 256 MiB at 512 MiB/s: about half a second of pre-copy per VM
 MEMORY_MIB, BANDWIDTH_MIBPS = 256, 512
 SIDE = [("e-vm0", "host-c"), ("e-vm1", "host-d"), ("e-vm2", "host-c"), ("e-vm3", "host-d")]
+# a queued entry aimed at a host whose drain just began is placed again by its own drain's next
+# pass (every 0.2 s); until then the dispatcher may still claim it towards that host
+REPLACE_S = 1.0
 WITH_EVENTS = 4  # VMs of each drained host that get events before and after the drain
 
 
@@ -140,7 +143,8 @@ async def drain_two_hosts(c: Cluster, *, during: Callable[[], Awaitable[None]] |
     shifted = [dataclasses.replace(e, started_at=(e.started_at or 0.0) + slack_s) for e in entries if e.started_at is not None]
     assert exceeded(shifted, LIMITS) == [], (note, exceeded(shifted, LIMITS)[:5])
     claimed = {e.migration_id: e.started_at or 0.0 for e in entries}
-    assert moved_once(vms, await store.list(limit=10_000), claimed, await drain_starts(store)) == {}, note
+    wrong = moved_once(vms, await store.list(limit=10_000), claimed, await drain_starts(store))
+    assert wrong == {}, (note, wrong)
     for vm in with_events(vms):
         await c.send_events(vm, 3)  # acted on where the VM is now
     for vm in vms:
@@ -164,7 +168,8 @@ def moved_once(vms: list[str], records: list[SagaRecord], claimed: dict[str, flo
     migration may roll back under faults, so its VM moved at most once). One exception, not a
     fault: a VM whose migration was already under way to the other host when that host's
     drain began lands there and leaves again (twice, the first one claimed its slot before the
-    drain began: ``claimed``, per migration id)."""
+    drain began, or before its own drain's next pass placed it again: ``claimed``, per
+    migration id; the claim does not itself check cordons, see REPLACE_S)."""
     done: dict[str, list[SagaRecord]] = {}
     for rec in records:
         if rec.status == "completed":
@@ -174,7 +179,7 @@ def moved_once(vms: list[str], records: list[SagaRecord], claimed: dict[str, flo
         recs = sorted(done.get(vm, []), key=lambda r: r.created_at)
         first = recs[0] if recs else None
         landed = (len(recs) == 2 and first is not None and first.target_host in drains
-                  and claimed.get(first.migration_id, first.created_at) < drains[first.target_host])
+                  and claimed.get(first.migration_id, first.created_at) < drains[first.target_host] + REPLACE_S)
         if not (len(recs) == 1 or landed or (vm not in vms and not recs)):
             wrong[vm] = [f"{r.source_host}->{r.target_host} at {r.created_at:.3f}" for r in recs]
     return wrong
