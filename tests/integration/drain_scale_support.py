@@ -171,7 +171,10 @@ def moved_once(vms: list[str], records: list[SagaRecord], claimed: dict[str, flo
     drain began, or before its own drain's next pass placed it again: ``claimed``, per
     migration id; the claim does not itself check cordons, see REPLACE_S)."""
     done: dict[str, list[SagaRecord]] = {}
+    every: dict[str, list[str]] = {}
     for rec in records:
+        every.setdefault(rec.vm_id, []).append(
+            f"{rec.migration_id} {rec.status} {rec.step} {rec.source_host}->{rec.target_host} at {rec.created_at:.3f}")
         if rec.status == "completed":
             done.setdefault(rec.vm_id, []).append(rec)
     wrong = {}
@@ -181,7 +184,7 @@ def moved_once(vms: list[str], records: list[SagaRecord], claimed: dict[str, flo
         landed = (len(recs) == 2 and first is not None and first.target_host in drains
                   and claimed.get(first.migration_id, first.created_at) < drains[first.target_host] + REPLACE_S)
         if not (len(recs) == 1 or landed or (vm not in vms and not recs)):
-            wrong[vm] = [f"{r.source_host}->{r.target_host} at {r.created_at:.3f}" for r in recs]
+            wrong[vm] = every.get(vm, [])
     return wrong
 
 
