@@ -138,3 +138,22 @@ async def test_a_retry_waits_while_every_other_host_is_silent() -> None:
     await m.tick()
     d = await store.drains.get("d1")
     assert d is not None and d.vms[started.vm_id].state is VmState.QUEUED and d.vms[started.vm_id].attempt == 2
+
+
+async def test_a_rolled_back_vm_the_target_still_lists_is_not_taken_for_gone() -> None:
+    """After a rollback the target's inventory may list the VM a while longer; the drain host
+    still runs it, so it is retried, not counted as left (it would stay on a drained host)."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    started = await store.queue.claim_next("test", now=1.0)
+    assert started is not None and started.target_host is not None
+    await store.create(SagaRecord(migration_id=started.migration_id, vm_id=started.vm_id, source_host="host-a",
+                                  target_host=started.target_host, status="rolled_back", created_at=1.0, updated_at=2.0))
+    hosts.update(HostInventory(host=started.target_host, vms=[VmSpec(vm_id=started.vm_id, memory_mib=512)],
+                               capacity_mib=4096), 1.0)
+    hosts.hosts["host-a"] = hosts.hosts.pop("host-a")  # locate finds the target's listing first
+    assert hosts.locate(started.vm_id)[0] == started.target_host  # type: ignore[index]
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.vms[started.vm_id].state is VmState.QUEUED and d.vms[started.vm_id].attempt == 2

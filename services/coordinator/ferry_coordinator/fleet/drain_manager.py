@@ -257,6 +257,13 @@ class DrainManager:
         located = self.hosts.locate(vm.vm_id)
         if located is None and not self.hosts.known(drain.host):
             return  # the host's inventory has not arrived here yet: next pass
+        inv = self.hosts.hosts.get(drain.host)
+        here = next((v for v in inv.vms if v.vm_id == vm.vm_id), None) if inv is not None else None
+        hint = self.hosts.moved.get(vm.vm_id)
+        if here is not None and (hint is None or hint[0] == drain.host):
+            # the host still runs it and no saga moved it: after a rollback the target may list
+            # it a while longer, and locate could name the target, calling the VM gone
+            located = (drain.host, here)
         if located is None or located[0] != drain.host:
             # it left (or is gone) by other means: nothing for the drain to do
             vm.state, vm.ended_at, vm.target = VmState.DONE, now, located[0] if located else None
