@@ -144,7 +144,8 @@ async def drain_two_hosts(c: Cluster, *, during: Callable[[], Awaitable[None]] |
     assert exceeded(shifted, LIMITS) == [], (note, exceeded(shifted, LIMITS)[:5])
     claimed = {e.migration_id: e.started_at or 0.0 for e in entries}
     wrong = moved_once(vms, await store.list(limit=10_000), claimed, await drain_starts(store))
-    assert wrong == {}, (note, wrong)
+    where = {vm: {h: await c.host(h).adapter.driver.state(vm) for h in HOSTS} for vm in wrong}
+    assert wrong == {}, (note, wrong, "the drivers say:", where)
     for vm in with_events(vms):
         await c.send_events(vm, 3)  # acted on where the VM is now
     for vm in vms:
