@@ -129,3 +129,69 @@ async def test_a_drain_pre_empts_the_queued_automatic_moves_off_or_onto_its_host
     assert state["a0"] is state["a1"] is EntryState.CANCELLED  # automatic, off host-a or onto it
     assert state["a2"] is state["o1"] is EntryState.QUEUED  # elsewhere, or an operator's
     assert state["drain.d1.vm0.1"] is EntryState.QUEUED
+
+
+async def test_a_queued_entry_left_without_targets_is_placed_again() -> None:
+    """Placed while no host looked ready (a new replica before the inventories, the broker
+    down): once they are, the entry gets its targets back instead of waiting for ever."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    for e in await store.queue.entries():
+        await store.queue.update_queued(e.migration_id, candidates=(), placement_note="host-b: not ready")
+    await m.tick()
+    entries = await store.queue.entries()
+    assert len(entries) == 3 and all(e.candidates and "host-a" not in e.candidates for e in entries), entries
+
+
+async def test_a_vm_that_arrives_while_its_host_drains_leaves_too() -> None:
+    """Its migration was under way to host-a when the drain began (another drain's, say): it
+    lands after the plan, and the drain asks for its move too instead of ending without it."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    vms = [VmSpec(vm_id=f"vm{i}", memory_mib=512) for i in range(3)] + [VmSpec(vm_id="late", memory_mib=512)]
+    hosts.update(HostInventory(host="host-a", vms=vms, capacity_mib=8192), 1.0)
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.active and d.vms["late"].state is VmState.QUEUED
+    assert await store.queue.get("drain.d1.late.1") is not None
+
+
+async def test_a_retry_waits_while_every_other_host_is_silent() -> None:
+    """The broker away: every heartbeat lapses and a migration rolls back. Its retry finds no
+    ready host; that is no reason to fail the VM, whose next attempt goes once hosts are back."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    started = await store.queue.claim_next("test", now=1.0)
+    assert started is not None and started.target_host is not None
+    await store.create(SagaRecord(migration_id=started.migration_id, vm_id=started.vm_id, source_host="host-a",
+                                  target_host=started.target_host, status="rolled_back", created_at=1.0, updated_at=2.0))
+    m.ready = lambda: {"host-a": False, "host-b": False, "host-c": False}
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.vms[started.vm_id].state is VmState.PENDING, d.vms[started.vm_id]
+    m.ready = lambda: {"host-a": True, "host-b": True, "host-c": True}
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.vms[started.vm_id].state is VmState.QUEUED and d.vms[started.vm_id].attempt == 2
+
+
+async def test_a_rolled_back_vm_the_target_still_lists_is_not_taken_for_gone() -> None:
+    """After a rollback the target's inventory may list the VM a while longer; the drain host
+    still runs it, so it is retried, not counted as left (it would stay on a drained host)."""
+    store, hosts = MemorySagaStore(), registry()
+    m = manager(store, hosts, [])
+    await m.request(DrainRequest(host="host-a"), "d1", None)
+    started = await store.queue.claim_next("test", now=1.0)
+    assert started is not None and started.target_host is not None
+    await store.create(SagaRecord(migration_id=started.migration_id, vm_id=started.vm_id, source_host="host-a",
+                                  target_host=started.target_host, status="rolled_back", created_at=1.0, updated_at=2.0))
+    hosts.update(HostInventory(host=started.target_host, vms=[VmSpec(vm_id=started.vm_id, memory_mib=512)],
+                               capacity_mib=4096), 1.0)
+    hosts.hosts["host-a"] = hosts.hosts.pop("host-a")  # locate finds the target's listing first
+    assert hosts.locate(started.vm_id)[0] == started.target_host  # type: ignore[index]
+    await m.tick()
+    d = await store.drains.get("d1")
+    assert d is not None and d.vms[started.vm_id].state is VmState.QUEUED and d.vms[started.vm_id].attempt == 2

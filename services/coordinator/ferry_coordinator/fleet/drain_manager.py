@@ -216,6 +216,11 @@ class DrainManager:
         before = drain.to_dict()
         view: FleetView | None = None
         to_enqueue: list[DrainVm] = []
+        if drain.active and self.hosts.known(drain.host):
+            # a VM that arrived after the plan (its migration here was in flight when the drain
+            # began, e.g. another drain's) leaves too: a drained host keeps none
+            for vm_id in self.hosts.placement().get(drain.host, []):
+                drain.vms.setdefault(vm_id, DrainVm(vm_id))
         for vm in drain.vms.values():
             if vm.state in VM_ENDS:
                 continue
@@ -239,7 +244,9 @@ class DrainManager:
                                                    reason="deadline passed; still there: " + ", ".join(left))
             if ended is not None:
                 drain, before, to_enqueue = ended, ended.to_dict(), []
-        ending = drain.active and drain.finished_vms()
+        # and not while a migration into the host is still in flight: its VM would stay
+        ending = drain.active and drain.finished_vms() and not any(
+            e.target_host == drain.host for e in await self.store.queue.entries(states={EntryState.STARTED}))
         if ending:
             state, reason = drain.outcome()
             drain = drain.to(state, now=now, reason=reason)
@@ -277,12 +284,21 @@ class DrainManager:
         located = self.hosts.locate(vm.vm_id)
         if located is None and not self.hosts.known(drain.host):
             return  # the host's inventory has not arrived here yet: next pass
+        inv = self.hosts.hosts.get(drain.host)
+        here = next((v for v in inv.vms if v.vm_id == vm.vm_id), None) if inv is not None else None
+        hint = self.hosts.moved.get(vm.vm_id)
+        if here is not None and (hint is None or hint[0] == drain.host):
+            # the host still runs it and no saga moved it: after a rollback the target may list
+            # it a while longer, and locate could name the target, calling the VM gone
+            located = (drain.host, here)
         if located is None or located[0] != drain.host:
             # it left (or is gone) by other means: nothing for the drain to do
             vm.state, vm.ended_at, vm.target = VmState.DONE, now, located[0] if located else None
             vm.reason = None if located else "no longer on any host"
             return
         movable, stuck = plan_drain(drain.host, [located[1]], view, parallel=1, exclude={vm.vm_id: vm.tried})
+        if stuck and not any(h.ready for name, h in view.hosts.items() if name != drain.host):
+            return  # every other host silent (the broker away, say): nothing to judge by yet, next pass
         if stuck:
             vm.state, vm.ended_at, vm.reason = (VmState.UNMOVABLE if not vm.tried else VmState.FAILED), now, stuck[0].reason
             return
@@ -296,8 +312,10 @@ class DrainManager:
         out.append(vm)
 
     async def _refresh(self, drain: Drain, vm: DrainVm, entry: QueueEntry, view: FleetView) -> None:
-        """A queued entry's targets, again, if one of them was cordoned or drained since."""
-        if all(view.hosts[h].schedulable for h in entry.candidates if h in view.hosts):
+        """A queued entry's targets, again, if one of them was cordoned or drained since, or
+        if it has none (no host was ready when it was placed: a replica's first pass, before
+        the inventories came in, or the broker down); else it would wait for ever."""
+        if entry.candidates and all(view.hosts[h].schedulable for h in entry.candidates if h in view.hosts):
             return
         located = self.hosts.locate(vm.vm_id)
         if located is None:
