@@ -7,9 +7,10 @@ takes it over after a crash between the claim and the saga's creation, starts th
 
 A request for a VM or target host that no inventory shows is rejected (``unknown_vm``,
 ``unknown_host``) at once only while the coordinator's picture of the hosts is settled
-(fleet/settled.py). Before that (just started, or hosts just back after a broker outage) it
-waits in the queue without a source (``awaiting_inventory``) until an inventory shows it, and
-is rejected once the picture settles without it, or ``inventory_wait_s`` after it came.
+(fleet/settled.py) and no migration of the VM ended within its window. Otherwise (just
+started, hosts just back after a broker outage, a guest just resumed by a roll-back) it waits
+in the queue without a source (``awaiting_inventory``) until an inventory shows it, and is
+rejected once the picture settles without it, or ``inventory_wait_s`` after it came.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Requests:
         source = located[0] if located else ""
         verdict = self._judge(msg.vm_id, msg.target_host, located)
         note = None
-        if verdict is not None and verdict[0] in AWAITED and not self.settled.settled():
+        if verdict is not None and verdict[0] in AWAITED and await self._inventory_pending(msg.vm_id):
             verdict, source = None, ""  # queued without a source: awaiting inventory
             note = f"{verdict_text(msg.vm_id, msg.target_host, located)} yet; waiting for the hosts' inventories"
         candidates: tuple[str, ...] = (msg.target_host,) if msg.target_host else ()
@@ -151,6 +152,15 @@ class Requests:
         return None
 
     # ---- requests awaiting inventory ----------------------------------------------------
+    async def _inventory_pending(self, vm_id: str) -> bool:
+        """Whether an inventory may still show ``vm_id``: the hosts' picture is not settled, or
+        a migration of it ended within the settling window (a rolled-back guest is resumed on
+        its source, which the next inventory shows)."""
+        if not self.settled.settled():
+            return True
+        horizon = self.clock.now() - self.settled.window_s()
+        return any(r.status != "rejected" and r.updated_at > horizon for r in await self.store.list(vm_id=vm_id, limit=5))
+
     async def refresh_queued(self, queued: list[QueueEntry]) -> None:
         """The dispatcher's ``refresh``: entries awaiting inventory are given their source (or
         rejected), then placement runs again for the placed ones."""
@@ -167,8 +177,8 @@ class Requests:
         target: str | None = req.get("target_host")
         located = self.hosts.locate(e.vm_id)
         verdict = self._judge(e.vm_id, target, located)
-        if (verdict is not None and verdict[0] in AWAITED and not self.settled.settled()
-                and now < e.enqueued_at + self.timeouts.inventory_wait_s):
+        if (verdict is not None and verdict[0] in AWAITED and now < e.enqueued_at + self.timeouts.inventory_wait_s
+                and await self._inventory_pending(e.vm_id)):
             return  # still waiting
         candidates: tuple[str, ...] = (target,) if target else ()
         if verdict is None and target is None:
