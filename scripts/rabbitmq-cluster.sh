@@ -4,17 +4,20 @@
 # (wiped by stop: every start is a fresh cluster),
 # one Erlang cookie of its own. The machine's main broker (rabbit@HOST, 5672) is never touched.
 #   scripts/rabbitmq-cluster.sh start|stop|status|urls|kill NODE|restart NODE|ctl NODE ARGS  (NODE: 1-3)
+# FERRY_RMQ_CLUSTER_{DIR,PORT,NAME,NODES} make another one beside it, e.g. a single node of one's
+# own to restart (NAME=ferry-chaos NODES=1 PORT=5709: ferry-chaos1@localhost on 5710).
 set -euo pipefail
 
 BASE=${FERRY_RMQ_CLUSTER_DIR:-/tmp/ferry-rmq-cluster}
 PORT0=${FERRY_RMQ_CLUSTER_PORT:-5680}
-NODES=(1 2 3)
+NAME=${FERRY_RMQ_CLUSTER_NAME:-ferry-c}
+mapfile -t NODES < <(seq 1 "${FERRY_RMQ_CLUSTER_NODES:-3}")
 
 # the scripts themselves, not Debian's wrappers (those switch to the rabbitmq user and its HOME)
 BIN=/usr/lib/rabbitmq/bin
 [[ -x $BIN/rabbitmq-server ]] || BIN=$(dirname "$(command -v rabbitmq-server || echo /usr/sbin/x)")
 
-node_name() { echo "ferry-c$1@localhost"; }
+node_name() { echo "$NAME$1@localhost"; }
 amqp_port() { echo $((PORT0 + $1)); }
 
 # every rabbitmq command of a node runs with that node's environment and the cluster's cookie
@@ -73,8 +76,8 @@ start_node() {
 up() { ctl "$1" await_startup --timeout 5 >/dev/null 2>&1; }
 
 joined() {
-  ctl "$1" cluster_status --formatter json 2>/dev/null | python3 -c \
-    'import json,sys; sys.exit(0 if "ferry-c1@localhost" in json.load(sys.stdin)["running_nodes"] else 1)'
+  ctl "$1" cluster_status --formatter json 2>/dev/null | FIRST=$(node_name 1) python3 -c \
+    'import json,os,sys; sys.exit(0 if os.environ["FIRST"] in json.load(sys.stdin)["running_nodes"] else 1)'
 }
 
 cmd_start() {
@@ -86,7 +89,7 @@ cmd_start() {
     up "$i" || { start_node "$i" & pids+=($!); }
   done
   for i in "${pids[@]}"; do wait "$i"; done
-  for i in 2 3; do
+  for i in "${NODES[@]:1}"; do
     joined "$i" && continue
     ctl "$i" stop_app >/dev/null
     ctl "$i" reset >/dev/null
@@ -103,7 +106,7 @@ cmd_stop() {
   done
   for i in "${NODES[@]}"; do cmd_kill "$i"; done  # what did not stop in time
   # the cluster is for tests: each start is a fresh one
-  rm -rf "$BASE"/c[123]/mnesia
+  for i in "${NODES[@]}"; do rm -rf "$BASE/c$i/mnesia"; done
 }
 
 cmd_status() {
@@ -118,6 +121,8 @@ cmd_status() {
 cmd_kill() {
   local i=$1 pid
   pid=$(cat "$BASE/c$i/pid" 2>/dev/null || true)
+  # no pid file yet (a node still booting writes it late): ask the node itself
+  [[ -n "$pid" ]] || pid=$(ctl "$i" eval 'os:getpid().' 2>/dev/null | tr -dc 0-9 || true)
   [[ -n "$pid" ]] && kill -9 "$pid" 2>/dev/null || true
   rm -f "$BASE/c$i/pid"
 }

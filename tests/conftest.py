@@ -18,8 +18,10 @@ def _reachable(host: str, port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def rabbitmq_available() -> None:
-    if not _reachable("127.0.0.1", 5672):
-        pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672 (make test starts it; see README)")
+    from tests.harness import AMQP_PORT
+
+    if not _reachable("127.0.0.1", AMQP_PORT):
+        pytest.fail(f"RabbitMQ is not reachable on 127.0.0.1:{AMQP_PORT} (make test starts it; see README)")
 
 
 @pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])

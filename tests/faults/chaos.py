@@ -34,6 +34,7 @@ from tests.faults.cases import step_at
 from tests.faults.chaos_limits import limit_violations
 from tests.faults.procs import HOSTS, ProcCluster, Session
 from tests.faults.report import Case, Recorder
+from tests.harness import rabbitmqctl
 
 KINDS = ("kill", "cut", "stall", "duplicate", "broker-restart")
 
@@ -217,11 +218,11 @@ async def retry(call: Any, attempts: int = 150) -> Any:
 
 def broker_restart(down_s: float) -> None:
     try:
-        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run(rabbitmqctl("stop_app"), check=True, capture_output=True, timeout=120)
         time.sleep(down_s)
     finally:
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=False, capture_output=True, timeout=120)
-        subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", "60"], check=False, capture_output=True)
+        subprocess.run(rabbitmqctl("start_app"), check=False, capture_output=True, timeout=120)
+        subprocess.run(rabbitmqctl("await_startup", "--timeout", "60"), check=False, capture_output=True)
 
 
 async def chaos_run(seed: int, migrations: int, concurrency: int, *, broker_restarts: bool = True,

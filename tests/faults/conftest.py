@@ -15,7 +15,7 @@ from tests.faults import rmq_cluster as rmq_cluster_mod
 from tests.faults.procs import ProcCluster
 from tests.faults.report import RESULTS
 from tests.faults.rmq_cluster import RmqCluster
-from tests.harness import drop_vhost, make_vhost
+from tests.harness import drop_vhost, make_vhost, rabbitmqctl
 
 SOAK = os.environ.get("FERRY_SOAK") == "1"
 
@@ -30,15 +30,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def broker_running() -> bool:
-    r = subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", "5"], capture_output=True, check=False)
+    r = subprocess.run(rabbitmqctl("await_startup", "--timeout", "5"), capture_output=True, check=False)
     return r.returncode == 0
 
 
 def ensure_broker() -> None:
     """Whatever a test did, leave RabbitMQ's app running."""
     if not broker_running():
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], capture_output=True, check=False)
-        subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", "60"], capture_output=True, check=False)
+        subprocess.run(rabbitmqctl("start_app"), capture_output=True, check=False)
+        subprocess.run(rabbitmqctl("await_startup", "--timeout", "60"), capture_output=True, check=False)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from ferry_common.messages.public import MigrationStatusEvent, VmEvent
 from ferry_testing.sample import MODULES, graph, vm_spec
 from ferry_testing.verify import inspect_all, problems, replay, state_problems
 from tests.faults.proxy import ProxyThread
-from tests.harness import amqp_url
+from tests.harness import AMQP_PORT, amqp_url
 
 REPO = Path(__file__).resolve().parents[2]
 FERRY = str(Path(sys.executable).with_name("ferry"))
@@ -91,7 +91,7 @@ class ProcCluster:
         names = [("coordinator", ["service", "coordinator"])]
         names += [(f"{h}/{s}", ["service", s, "--host", h]) for h in self.hosts for s in SERVICES]
         for name, args in names:
-            port = self.proxies.add(name)
+            port = self.proxies.add(name, upstream_port=AMQP_PORT)
             env = {**base, "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{port}/{self.vhost}",
                    "FERRY_HEALTH_PORT": str(free_port())}
             log_path = self.root / "logs" / f"{name.replace('/', '-')}.log"

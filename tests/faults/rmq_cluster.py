@@ -33,7 +33,13 @@ class RmqCluster:
     """The running cluster; a private vhost per test keeps runs apart."""
 
     def start(self) -> None:
-        run("start")
+        # three Erlang VMs booting at once on a busy machine take a while; a start that failed
+        # (a node that did not come up in time) is tried once more from a clean slate
+        try:
+            run("start", timeout=400.0)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            run("stop")
+            run("start", timeout=400.0)
 
     def stop(self) -> None:
         run("stop")

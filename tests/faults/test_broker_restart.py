@@ -15,6 +15,7 @@ import pytest
 from tests.faults.cases import migration_case
 from tests.faults.conftest import ensure_broker
 from tests.faults.procs import ProcCluster, Session
+from tests.harness import rabbitmqctl
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.broker_restart]
 SOAK = os.environ.get("FERRY_SOAK") == "1"
@@ -30,7 +31,7 @@ async def sess(procs: ProcCluster) -> AsyncIterator[Session]:
 
 
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+    subprocess.run(rabbitmqctl(*args), check=True, capture_output=True, timeout=120)
 
 
 @pytest.mark.parametrize("step", STEPS)

@@ -9,7 +9,9 @@ import subprocess
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ferry_cli.client import STATUSES, FerryClient
 from ferry_cli.cluster import Host, HostOptions, build_coordinator, build_host
@@ -31,19 +33,31 @@ from .sample import MODULES, graph, vm_spec
 # the test process's settings, read once (tracing and the collector's thresholds as a service has them)
 SETTINGS: Settings = load_settings()
 AMQP_BASE = os.environ.get("FERRY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+AMQP_PORT = urlsplit(AMQP_BASE).port or 5672
 FAST = SagaTimeouts(reply_s=1.0, attempts=2, status_poll_s=0.5, forward_retry_s=0.05, forward_retry_max_s=0.5, lease_s=5.0)
+
+
+def rabbitmqctl(*args: str) -> list[str]:
+    """``rabbitmqctl -q ARGS`` for the test broker: the machine's, or the node of one's own that
+    ``RABBITMQ_NODENAME`` names (with ``FERRY_TEST_AMQP`` at its port and its cookie under
+    ``$HOME``), called without Debian's wrapper, which switches to the rabbitmq user's HOME."""
+    node = os.environ.get("RABBITMQ_NODENAME")
+    if not node:
+        return ["rabbitmqctl", "-q", *args]
+    direct = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+    return [str(direct) if direct.exists() else "rabbitmqctl", "-q", "-n", node, *args]
 
 
 def make_vhost() -> str:
     """A private RabbitMQ vhost, so runs and leftovers of earlier runs never meet."""
     name = f"ferry-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True, capture_output=True)
+    subprocess.run(rabbitmqctl("add_vhost", name), check=True, capture_output=True)
+    subprocess.run(rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*"), check=True, capture_output=True)
     return name
 
 
 def drop_vhost(name: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True)
+    subprocess.run(rabbitmqctl("delete_vhost", name), check=False, capture_output=True)
 
 
 def amqp_url(vhost: str) -> str:

@@ -4,6 +4,13 @@ Every request goes through the fleet queue in the store (``FleetQueue``), whatev
 priority: the queue applies the limits, and its claim is the only way a saga starts. The
 request itself is kept on the entry (``entry.request``), so whichever replica claims it, or
 takes it over after a crash between the claim and the saga's creation, starts the same saga.
+
+A request for a VM or target host that no inventory shows is rejected (``unknown_vm``,
+``unknown_host``) at once only while the coordinator's picture of the hosts is settled
+(fleet/settled.py) and no migration of the VM ended within its window. Otherwise (just
+started, hosts just back after a broker outage, a guest just resumed by a roll-back) it waits
+in the queue without a source (``awaiting_inventory``) until an inventory shows it, and is
+rejected once the picture settles without it, or ``inventory_wait_s`` after it came.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -29,7 +37,8 @@ from ferry_common.messages.public import MigrateRequest, MigrationCancel, Migrat
 
 from .fleet.dispatcher import Dispatcher
 from .fleet.fleetview import CoordinatorFleet
-from .fleet.queue import Decision, EntryState, Priority, QueueEntry, new_entry
+from .fleet.queue import Decision, EntryState, Priority, QueueEntry, Reason, new_entry
+from .fleet.settled import Settled
 from .hosts import HostRegistry
 from .saga.state import SagaState
 from .store import SagaRecord, SagaStore
@@ -42,6 +51,8 @@ _NAME: TypeAdapter[str] = TypeAdapter(Name)
 MAX_TARGETS = 3
 #: ranked targets kept on a queued entry: the claim takes the first whose inbound limit has room
 CANDIDATES = 5
+#: rejections that may only mean an inventory is not in yet
+AWAITED = ("unknown_vm", "unknown_host")
 
 
 def request_of(msg: MigrateRequest, requested_by: str | None) -> dict[str, Any]:
@@ -66,6 +77,7 @@ class Requests:
     store: SagaStore
     hosts: HostRegistry
     fleet: CoordinatorFleet
+    settled: Settled
     dispatcher: Dispatcher
     timeouts: SagaTimeouts
     owner: str
@@ -101,9 +113,13 @@ class Requests:
             return Done(detail={"migration_id": mid, "status": queued.state.value, "duplicate": True})
         located = self.hosts.locate(msg.vm_id)
         source = located[0] if located else ""
-        verdict = self._judge(msg, located)
+        verdict = self._judge(msg.vm_id, msg.target_host, located)
+        note = None
+        if verdict is not None and verdict[0] in AWAITED and await self._inventory_pending(msg.vm_id):
+            verdict, source = None, ""  # queued without a source: awaiting inventory
+            note = f"{verdict_text(msg.vm_id, msg.target_host, located)} yet; waiting for the hosts' inventories"
         candidates: tuple[str, ...] = (msg.target_host,) if msg.target_host else ()
-        if verdict is None and msg.target_host is None:
+        if verdict is None and msg.target_host is None and source:
             assert located is not None
             placement = await self.fleet.place(located[1], source, limit=CANDIDATES)
             candidates = placement.ranked
@@ -115,7 +131,7 @@ class Requests:
                                SagaState(params=dict(msg.params), requested_by=ctx.sender, reason_requested=msg.reason))
             return Done(detail={"migration_id": mid, "status": "rejected", "code": code, "reason": reason})
         entry = new_entry(mid, msg.vm_id, source, candidates, priority=Priority.OPERATOR, now=now,
-                          request=request_of(msg, ctx.sender))
+                          request=request_of(msg, ctx.sender), placement_note=note)
         stored, created = await self.store.queue.enqueue(entry)
         if not created:
             if stored.migration_id == mid:
@@ -126,14 +142,70 @@ class Requests:
         self.dispatcher.wake()
         return Done(detail={"migration_id": mid, "status": "queued"})
 
-    def _judge(self, msg: MigrateRequest, located: Any) -> tuple[str, str] | None:
-        if msg.target_host is not None and not self.hosts.known(msg.target_host):
-            return "unknown_host", f"target host {msg.target_host!r} is unknown"
+    def _judge(self, vm_id: str, target: str | None, located: Any) -> tuple[str, str] | None:
+        if target is not None and not self.hosts.known(target):
+            return "unknown_host", f"target host {target!r} is unknown"
         if located is None:
-            return "unknown_vm", f"vm {msg.vm_id!r} runs on no known host"
-        if located[0] == msg.target_host:
-            return "same_host", f"vm {msg.vm_id!r} already runs on {msg.target_host!r}"
+            return "unknown_vm", f"vm {vm_id!r} runs on no known host"
+        if located[0] == target:
+            return "same_host", f"vm {vm_id!r} already runs on {target!r}"
         return None
+
+    # ---- requests awaiting inventory ----------------------------------------------------
+    async def _inventory_pending(self, vm_id: str) -> bool:
+        """Whether an inventory may still show ``vm_id``: the hosts' picture is not settled, or
+        a migration of it ended within the settling window (a rolled-back guest is resumed on
+        its source, which the next inventory shows)."""
+        if not self.settled.settled():
+            return True
+        horizon = self.clock.now() - self.settled.window_s()
+        return any(r.status != "rejected" and r.updated_at > horizon for r in await self.store.list(vm_id=vm_id, limit=5))
+
+    async def refresh_queued(self, queued: list[QueueEntry]) -> None:
+        """The dispatcher's ``refresh``: entries awaiting inventory are given their source (or
+        rejected), then placement runs again for the placed ones."""
+        rest = []
+        for e in queued:
+            if e.awaiting_inventory:
+                await self._resolve(e)
+            else:
+                rest.append(e)
+        await self.fleet.refresh(rest)
+
+    async def _resolve(self, e: QueueEntry) -> None:
+        req, now = e.request, self.clock.now()
+        target: str | None = req.get("target_host")
+        located = self.hosts.locate(e.vm_id)
+        verdict = self._judge(e.vm_id, target, located)
+        if (verdict is not None and verdict[0] in AWAITED and now < e.enqueued_at + self.timeouts.inventory_wait_s
+                and await self._inventory_pending(e.vm_id)):
+            return  # still waiting
+        candidates: tuple[str, ...] = (target,) if target else ()
+        if verdict is None and target is None:
+            assert located is not None
+            placement = await self.fleet.place(located[1], located[0], limit=CANDIDATES)
+            candidates = placement.ranked
+            if not placement.fits:
+                verdict = "no_placement", f"no host fits vm {e.vm_id}: {placement.explanation()}"[:MAX_STRING]
+        if verdict is not None:
+            ended = await self.store.queue.cancel(e.migration_id, now=now)
+            if ended is not None and ended.state is EntryState.CANCELLED:
+                code, reason = verdict
+                state = SagaState(params=dict(req.get("params") or {}), requested_by=req.get("requested_by"),
+                                  reason_requested=req.get("reason"))
+                await self._reject(e.migration_id, e.vm_id, located[0] if located else "", target or "", code,
+                                   reason, state)
+            return
+        assert located is not None
+        source = located[0]
+
+        def located_at(x: QueueEntry) -> QueueEntry:
+            if not x.awaiting_inventory:  # another replica got there first
+                return x
+            # the group stays (the SQL stores index it): such entries share one fair-share group
+            return replace(x, source_host=source, candidates=candidates, placement_note=None)
+
+        await self.store.queue.change_queued(e.migration_id, located_at)
 
     # ---- from a claimed entry to a saga ---------------------------------------------------
     async def start_entry(self, entry: QueueEntry) -> None:
@@ -181,7 +253,8 @@ class Requests:
         """``migration.queued`` with what holds it (the dispatcher's ``announce``)."""
         e = d.entry
         assert d.reason is not None
-        reason = e.placement_note if d.reason.value == "no_capacity" and e.placement_note else None
+        noted = (Reason.NO_CAPACITY, Reason.AWAITING_INVENTORY)
+        reason = e.placement_note if d.reason in noted and e.placement_note else None
         await self._status(e.migration_id, e.vm_id, "queued", source=e.source_host, code=d.reason.value,
                            reason=reason or f"waiting: {d.reason.value.replace('_', ' ')}",
                            detail={"priority": e.priority.name.lower(), "candidates": list(e.candidates)})
@@ -260,6 +333,13 @@ class Requests:
             return
         await self._status(mid or new_id(), vm_id or "unknown", "rejected", reason=exc.reason[:MAX_STRING],
                            code="invalid_request")
+
+
+def verdict_text(vm_id: str, target: str | None, located: Any) -> str:
+    """What is not known yet of a request awaiting inventory."""
+    if located is None:
+        return f"vm {vm_id!r} runs on no host known"
+    return f"target host {target!r} is not known"
 
 
 def _salvage_ids(body: bytes) -> tuple[str | None, str | None] | None:

@@ -60,6 +60,7 @@ from .fleet.drain_manager import DrainManager
 from .fleet.fleetview import CoordinatorFleet
 from .fleet.liveness import LivenessTracker
 from .fleet.queue import EntryState
+from .fleet.settled import Settled
 from .hosts import HostRegistry
 from .requests import Requests
 from .saga import BusPort, MigrationSaga, SagaContext
@@ -86,8 +87,10 @@ class CoordinatorService(Requests):
         self.fleet = CoordinatorFleet(store, self.hosts.locate)
         self.liveness.subscribe(self.fleet.set_ready)
         self.liveness.subscribe(lambda host, ready: self.dispatcher.wake())
+        # whether "no host reports this VM" can be believed (requests.py's awaiting inventory)
+        self.settled = Settled(endpoint.clock, self.liveness, self.hosts)
         self.dispatcher = Dispatcher(store, endpoint.clock, self.owner, start=self.start_entry,
-                                     announce=self.announce_queued, refresh=self.fleet.refresh)
+                                     announce=self.announce_queued, refresh=self.refresh_queued)
         self._dispatch_task: asyncio.Task[None] | None = None
         self._liveness_task: asyncio.Task[None] | None = None
         self.running: dict[str, asyncio.Task[SagaRecord]] = {}
@@ -132,6 +135,7 @@ class CoordinatorService(Requests):
         # every saga step is a request: the replies' queue is there before the first one
         await self.endpoint.open_replies()
         # private first: inventory must be known before requests are judged
+        self.settled.restart()
         self._consumers.append(await self.endpoint.serve(private, self.private))
         self._consumers.append(await self.endpoint.serve(shared, self.router))
         self._lease_task = asyncio.create_task(self._lease_loop())

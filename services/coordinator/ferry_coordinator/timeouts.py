@@ -18,6 +18,9 @@ class SagaTimeouts:
     lease_s: float = 15.0  # a replica's hold on a saga
     max_module_rounds: int = 16
     ownership_lease_s: float = 10.0  # how long a host may dispatch a VM's events unrenewed
+    # a request for a VM (or host) no inventory shows yet waits at most this long in the queue
+    # while the hosts' inventories are not all in (fleet/settled.py), then is rejected
+    inventory_wait_s: float = 60.0
     # a migration's progress statuses go out at most once per this (the newest waits, an
     # outcome supersedes it; 0: at the start of every step). Followers are people and
     # dashboards, and every status is a broker publish: one per step cost a sixth of the

@@ -175,6 +175,14 @@ class MigrationSource:
 
     async def on_cleanup_source(self, msg: CleanupSource, ctx: Context) -> Done:
         out = self.svc.outgoing.get(msg.migration_id)
+        if out is None or (out.task is None and out.result is None):
+            # the saga gave up before the migration started here (this host was down): its
+            # PerformMigration, still queued behind this clean-up, must find it over
+            out = out or Outgoing(msg.migration_id, msg.vm_id, "", None)
+            out.result = VmMigrationFinished(migration_id=msg.migration_id, vm_id=msg.vm_id, outcome="failed",
+                                             reason="rolled back before the migration started")
+            self.svc.outgoing[msg.migration_id] = out
+            await self.save(out)
         if out is not None and out.postcopy_started:
             # the guest's memory is split between the hosts, the newest on the target: nothing
             # here may be cancelled or resumed (a resumed source would run stale memory)

@@ -38,7 +38,8 @@ StepName = Annotated[Name, WithJsonSchema({"type": "string", "enum": list(STEPS)
 CODES = """\
 Queued (held by a limit, see docs/operations.md): cluster_limit,
 source_outbound, target_inbound, no_capacity, policy_blocked,
-automatic_limit. Rejections: unknown_vm, unknown_host, same_host,
+automatic_limit, awaiting_inventory (its VM or target not known yet,
+right after a coordinator start or a broker outage). Rejections: unknown_vm, unknown_host, same_host,
 no_placement (no host fits; the reason names each host's), cancelled
 (cancelled while queued), already_migrating (with
 running_migration_id), source_not_allowed, insufficient_resources,

@@ -22,7 +22,7 @@ def _gauge(name: str, documentation: str, *labels: str) -> metrics.Gauge:
 QUEUE_DEPTH = _gauge(
     "ferry_fleet_queue_depth",
     "Migrations queued, by what holds them (cluster_limit, source_outbound, target_inbound, "
-    "no_capacity, policy_blocked, automatic_limit; 'none' for those about to start).",
+    "no_capacity, policy_blocked, automatic_limit, awaiting_inventory; 'none' for those about to start).",
     "reason",
 )
 QUEUE_OLDEST_SECONDS = _gauge(

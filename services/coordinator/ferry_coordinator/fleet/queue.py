@@ -41,6 +41,9 @@ class Reason(StrEnum):
     NO_CAPACITY = "no_capacity"
     POLICY_BLOCKED = "policy_blocked"
     AUTOMATIC_LIMIT = "automatic_limit"  # automatic (rebalancing) migrations already in flight
+    # its VM (or target) is on no host the coordinator knows yet, whose inventories are not all
+    # in (fleet/settled.py): it starts once they show it, or is rejected
+    AWAITING_INVENTORY = "awaiting_inventory"
 
 
 class EntryState(StrEnum):
@@ -121,6 +124,11 @@ class QueueEntry:
     @property
     def live(self) -> bool:
         return self.state in LIVE_STATES
+
+    @property
+    def awaiting_inventory(self) -> bool:
+        """Queued before any inventory showed its VM: no source yet (``Reason.AWAITING_INVENTORY``)."""
+        return not self.source_host
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as JSON values (the SQL stores keep it as a row's body)."""

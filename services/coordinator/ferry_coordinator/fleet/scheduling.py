@@ -57,6 +57,8 @@ class Usage:
 
     def check(self, entry: QueueEntry, limits: Limits) -> tuple[Reason | None, str | None]:
         """What holds ``entry`` now, or None and the target it would take."""
+        if entry.awaiting_inventory:
+            return Reason.AWAITING_INVENTORY, None
         if entry.policy_block is not None:
             return Reason.POLICY_BLOCKED, None
         if not entry.candidates:
