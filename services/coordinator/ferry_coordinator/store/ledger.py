@@ -81,7 +81,7 @@ class SqliteLedger:
                 cur = await self._conn.execute(
                     "UPDATE ferry_autonomic SET owner = ?, lease_until = ?, version = ?, body = ? "
                     "WHERE id = ? AND version = ?", (doc.owner, doc.lease_until, expect + 1, body, ROW, expect))
-            ok = cur.rowcount == 1
+            ok: bool = cur.rowcount == 1
         if ok:
             doc.version = expect + 1
         return ok
