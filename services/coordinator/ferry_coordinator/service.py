@@ -121,7 +121,7 @@ class CoordinatorService(Requests):
         # host drains: state in the store, advanced by every replica (fleet/drain_manager.py)
         self.drains = DrainManager(store, self.hosts, endpoint.clock, self._publish_any,
                                    ready=self.liveness.states, on_abort=self.cancels.__setitem__,
-                                   warmup_s=self.liveness.bound_s())
+                                   warmup_s=self.liveness.bound_s(), settled=self.settled)
         self._drain_task: asyncio.Task[None] | None = None
         drain_endpoint.DrainEndpoint(self.drains).install(self.router)
         self.private = Router()

@@ -38,6 +38,7 @@ from .drain import VM_ENDS, Drain, DrainState, DrainVm, VmState, migration_id
 from .drain_planner import plan_drain
 from .drain_trace import migration_roots, record_drain_trace
 from .queue import EntryState, Priority, QueueEntry, new_entry
+from .settled import Settled
 from .view import FleetView
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class DrainManager:
         on_abort: Callable[[str, str], None] = lambda mid, reason: None,
         interval_s: float = 0.2,
         warmup_s: float = 3.0,
+        settled: Settled | None = None,
     ) -> None:
         self.store = store
         self.hosts = hosts
@@ -64,6 +66,7 @@ class DrainManager:
         self.ready = ready
         self.on_abort = on_abort
         self.interval_s = interval_s
+        self.settled = settled  # whether "no host lists it" or a stale listing can be believed
         self._told: dict[str, tuple[Any, ...]] = {}  # drain id -> the last status published here
         self._candidates: dict[str, tuple[str, ...]] = {}  # migration id -> ranked targets, until enqueued
         # a replica that just started has not heard every host yet: placing then would call
@@ -281,6 +284,8 @@ class DrainManager:
                 log.info("drain %s pre-empts %s (%s)", drain.drain_id, e.migration_id, e.vm_id)
 
     def _place(self, drain: Drain, vm: DrainVm, view: FleetView, now: float, out: list[DrainVm]) -> None:
+        if self.settled is not None and vm.ended_at is not None and now - vm.ended_at < self.settled.window_s():
+            return  # its last attempt just rolled back: judge by inventories sent after it
         located = self.hosts.locate(vm.vm_id)
         if located is None and not self.hosts.known(drain.host):
             return  # the host's inventory has not arrived here yet: next pass
@@ -291,6 +296,10 @@ class DrainManager:
             # the host still runs it and no saga moved it: after a rollback the target may list
             # it a while longer, and locate could name the target, calling the VM gone
             located = (drain.host, here)
+        moved = located is not None and hint is not None and hint[0] == located[0]  # a saga's word
+        if (located is None or located[0] != drain.host) and not moved and self.settled is not None \
+                and not self.settled.settled():
+            return  # a host silent or just back (the broker away, say): its listing may be stale
         if located is None or located[0] != drain.host:
             # it left (or is gone) by other means: nothing for the drain to do
             vm.state, vm.ended_at, vm.target = VmState.DONE, now, located[0] if located else None
