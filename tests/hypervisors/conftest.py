@@ -124,14 +124,22 @@ def _kill_pid(pid: int | None) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-async def qemu_pair(guest_image: Path) -> AsyncIterator[Pair]:
+def require_qemu() -> None:
     require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
     require("qemu.qmp (pip)", _importable("qemu.qmp"))
+
+
+def short_dir(prefix: str) -> Path:
+    """A run directory under /tmp: QMP unix socket paths are limited to 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture
+async def qemu_pair(guest_image: Path) -> AsyncIterator[Pair]:
+    require_qemu()
     from ferry_hypervisor_adapter.drivers.qemu import QemuDriver
 
-    # short: QMP unix socket paths are limited to 107 bytes
-    base = Path(tempfile.mkdtemp(prefix="fq-", dir="/tmp"))
+    base = short_dir("fq-")
     source = QemuDriver("host-a", run_dir=base / "a", guest_image=guest_image)
     target = QemuDriver("host-b", run_dir=base / "b", guest_image=guest_image)
     await source.start()

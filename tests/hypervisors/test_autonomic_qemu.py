@@ -4,7 +4,6 @@ evacuates it through a drain; the guest lands on the other QEMU host with its pl
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,17 +15,16 @@ from ferry_coordinator.fleet.queue import Priority
 from tests.harness import Cluster, inspect_problems, until
 from tests.integration.autonomic_support import options
 
-from .conftest import _importable
-from .saga_support import host_options, require, saga_cluster, start_guest
+from .conftest import require_qemu, short_dir
+from .saga_support import host_options, saga_cluster, start_guest
 
 pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq]
 
 
 @pytest.fixture
 async def cluster(guest_image: Path, rabbitmq_available: None) -> AsyncIterator[Cluster]:
-    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
-    require("qemu.qmp (pip)", _importable("qemu.qmp"))
-    base = Path(tempfile.mkdtemp(prefix="fa-", dir="/tmp"))  # short: QMP socket paths
+    require_qemu()
+    base = short_dir("fa-")
     opts = host_options("qemu", {h: {"run_dir": str(base / h[-1]), "guest_image": str(guest_image)}
                                  for h in ("host-a", "host-b")})
     async with saga_cluster(opts) as c:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from ferry_hypervisor_adapter.drivers.base import MigrationParams, MigrationProg
 from ferry_hypervisor_adapter.drivers.qemu import QemuDriver, _process_alive, _read_pid
 from ferry_hypervisor_adapter.drivers.standby import Shape, StandbyPool, parse_shapes
 
-from .conftest import Pair, _importable, require
+from .conftest import Pair, require_qemu, short_dir
 
 
 def test_shapes_parse_and_refuse_nonsense() -> None:
@@ -44,8 +43,7 @@ async def _ready(driver: QemuDriver, shape: Shape, count: int = 1) -> list[str]:
 
 def _standby_pair(guest_image: Path, base: Path, refill_s: float) -> Pair:
     """A source keeping no standbys and a target keeping one 128 MiB process ready."""
-    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
-    require("qemu.qmp (pip)", _importable("qemu.qmp"))
+    require_qemu()
     source = QemuDriver("host-a", run_dir=base / "a", guest_image=guest_image)
     target = QemuDriver("host-b", run_dir=base / "b", guest_image=guest_image, standby="128",
                         standby_refill_s=refill_s)
@@ -57,7 +55,7 @@ async def _ignore(_: MigrationProgress) -> None:
 
 
 async def test_an_incoming_guest_of_a_kept_shape_lands_in_a_standby_process(guest_image: Path) -> None:
-    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    base = short_dir("fs-")
     pair = _standby_pair(guest_image, base, refill_s=0.2)
     source, target = pair.source, pair.target
     try:
@@ -99,7 +97,7 @@ async def test_an_incoming_guest_of_a_kept_shape_lands_in_a_standby_process(gues
 async def test_a_standby_whose_port_was_hit_while_waiting_is_not_taken(guest_image: Path) -> None:
     """A standby listens before it is taken; a stray connection that ends its wait leaves it
     unusable, and the incoming VM gets a fresh process instead."""
-    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    base = short_dir("fs-")
     pair = _standby_pair(guest_image, base, refill_s=60)
     source, target = pair.source, pair.target
     try:

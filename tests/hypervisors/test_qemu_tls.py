@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,16 +18,15 @@ from cryptography import x509
 from ferry_hypervisor_adapter.drivers.qemu import QemuDriver, _read_pid
 from tests.pki import cert_pem, new_ca, qemu_x509_dir
 
-from .conftest import Pair, _importable, require
+from .conftest import Pair, require_qemu, short_dir
 
 pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture
 async def base(guest_image: Path) -> AsyncIterator[Path]:
-    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
-    require("qemu.qmp (pip)", _importable("qemu.qmp"))
-    d = Path(tempfile.mkdtemp(prefix="ft-", dir="/tmp"))  # short: QMP socket paths
+    require_qemu()
+    d = short_dir("ft-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

@@ -16,14 +16,13 @@ import pytest
 from ferry_common.messages.public import MigrationStatusEvent
 from tests.harness import Cluster, inspect_problems
 
-from .conftest import _importable
+from .conftest import require_qemu
 from .saga_support import (
     STUCK_GUEST,
     Guest,
     assert_rolled_back,
     host_options,
     progress_events,
-    require,
     saga_cluster,
     start_guest,
 )
@@ -46,8 +45,7 @@ async def cluster(request: pytest.FixtureRequest, guest_image: Path, rabbitmq_av
     a: dict[str, Any] = {"run_dir": str(base / "a"), "guest_image": str(guest_image)}
     b: dict[str, Any] = {"run_dir": str(base / "b"), "guest_image": str(guest_image)}
     if request.param == "qemu":
-        require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
-        require("qemu.qmp (pip)", _importable("qemu.qmp"))
+        require_qemu()
         # a receiving process started before the VM's policy was known takes post-copy too
         b["standby"] = "128:2"
     else:

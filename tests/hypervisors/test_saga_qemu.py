@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ferry_common.messages.commands import FinishIncoming
 from ferry_hypervisor_adapter.drivers.qemu import _process_alive, _read_pid
 from tests.harness import Cluster, until
 
-from .conftest import _importable
+from .conftest import require_qemu, short_dir
 from .saga_support import (
     DIRTY_GUEST,
     Guest,
@@ -40,9 +39,8 @@ pytestmark = [pytest.mark.qemu, pytest.mark.rabbitmq]
 
 @pytest.fixture
 async def cluster(guest_image: Path, rabbitmq_available: None) -> AsyncIterator[Cluster]:
-    require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
-    require("qemu.qmp (pip)", _importable("qemu.qmp"))
-    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))  # short: QMP socket paths
+    require_qemu()
+    base = short_dir("fs-")
     opts = host_options(
         "qemu",
         {
@@ -99,7 +97,7 @@ async def test_a_denied_migration_gives_back_the_receiving_process_it_took(guest
     host-a as a source: the migration is rejected, the standby it took is gone with nothing
     left of the VM on host-b, and the guest runs on at host-a."""
     require("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None)
-    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    base = short_dir("fs-")
     opts = host_options(
         "qemu",
         {

@@ -8,30 +8,18 @@ from collections import Counter
 
 import pytest
 
-from ferry_cli.cluster import build_coordinator
 from ferry_coordinator.service import CoordinatorService
 from ferry_coordinator.store.postgres import PostgresSagaStore
 from ferry_coordinator.timeouts import SagaTimeouts
-from tests.harness import Cluster, check_invariants, make_cluster, new_bus, until
+from tests.harness import check_invariants, make_cluster, until
 from tests.postgres import fresh_schema
 
+from .drain_scale_support import replica
 from .drain_support import dispatcher, drain, fill, status, wait_end
 
 TIMEOUTS = SagaTimeouts(reply_s=2.0, attempts=2, status_poll_s=0.3, forward_retry_s=0.05,
                         forward_retry_max_s=0.3, lease_s=2.0)
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
-
-
-async def replica(c: Cluster, url: str) -> CoordinatorService:
-    bus = await new_bus("rabbitmq", c.vhost)
-    c.buses.append(bus)
-    r = build_coordinator(bus, await PostgresSagaStore.open(url), clock=c.clock, timeouts=TIMEOUTS)
-    await r.start()
-
-    async def known() -> bool:
-        return all(r.hosts.known(h) for h in c.hosts)
-    await until(known, 10, "the replica to know every host")
-    return r
 
 
 async def test_a_drain_survives_its_coordinator_killed(rabbitmq_available: None) -> None:
@@ -47,7 +35,7 @@ async def _drain_survives_its_coordinator_killed(url: str) -> None:
         vms = await fill(c, "host-a", 10)
         for vm in vms[:2]:
             await c.send_events(vm, 5)
-        extra.append(await replica(c, url))  # a second replica, there all along
+        extra.append(await replica(c, url, TIMEOUTS))  # a second replica, there all along
         async with dispatcher(c) as started:
             await drain(c, "host-a")
 
@@ -58,7 +46,7 @@ async def _drain_survives_its_coordinator_killed(url: str) -> None:
             for task in list(old.running.values()):
                 task.cancel()  # as kill -9: its sagas and its drain passes stop where they are
             await old.stop()
-            extra.append(await replica(c, url))  # a new coordinator on the same store
+            extra.append(await replica(c, url, TIMEOUTS))  # a new coordinator on the same store
             end = await wait_end(c, "host-a", timeout=90)
         assert (end.status, end.done, end.failed) == ("drained", 10, 0), end
         assert len(started) == len(set(started)) == 10  # no migration asked for twice

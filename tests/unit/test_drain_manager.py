@@ -15,7 +15,7 @@ from ferry_common.messages.public import HostInventory
 from ferry_common.messages.recommendations import MoveReason
 from ferry_coordinator.fleet.drain import DrainState, VmState
 from ferry_coordinator.fleet.drain_manager import DrainManager
-from ferry_coordinator.fleet.queue import EntryState, Priority, new_entry
+from ferry_coordinator.fleet.queue import EntryState, Priority, QueueEntry, new_entry
 from ferry_coordinator.hosts import HostRegistry
 from ferry_coordinator.store import MemorySagaStore, SagaRecord
 
@@ -158,9 +158,8 @@ async def test_a_vm_that_arrives_while_its_host_drains_leaves_too() -> None:
     assert await store.queue.get("drain.d1.late.1") is not None
 
 
-async def test_a_retry_waits_while_every_other_host_is_silent() -> None:
-    """The broker away: every heartbeat lapses and a migration rolls back. Its retry finds no
-    ready host; that is no reason to fail the VM, whose next attempt goes once hosts are back."""
+async def rolled_back_once() -> tuple[MemorySagaStore, HostRegistry, DrainManager, QueueEntry]:
+    """A drain of host-a whose first migration has rolled back."""
     store, hosts = MemorySagaStore(), registry()
     m = manager(store, hosts, [])
     await m.request(DrainRequest(host="host-a"), "d1", None)
@@ -168,6 +167,13 @@ async def test_a_retry_waits_while_every_other_host_is_silent() -> None:
     assert started is not None and started.target_host is not None
     await store.create(SagaRecord(migration_id=started.migration_id, vm_id=started.vm_id, source_host="host-a",
                                   target_host=started.target_host, status="rolled_back", created_at=1.0, updated_at=2.0))
+    return store, hosts, m, started
+
+
+async def test_a_retry_waits_while_every_other_host_is_silent() -> None:
+    """The broker away: every heartbeat lapses and a migration rolls back. Its retry finds no
+    ready host; that is no reason to fail the VM, whose next attempt goes once hosts are back."""
+    store, hosts, m, started = await rolled_back_once()
     m.ready = lambda: {"host-a": False, "host-b": False, "host-c": False}
     await m.tick()
     d = await store.drains.get("d1")
@@ -181,13 +187,7 @@ async def test_a_retry_waits_while_every_other_host_is_silent() -> None:
 async def test_a_rolled_back_vm_the_target_still_lists_is_not_taken_for_gone() -> None:
     """After a rollback the target's inventory may list the VM a while longer; the drain host
     still runs it, so it is retried, not counted as left (it would stay on a drained host)."""
-    store, hosts = MemorySagaStore(), registry()
-    m = manager(store, hosts, [])
-    await m.request(DrainRequest(host="host-a"), "d1", None)
-    started = await store.queue.claim_next("test", now=1.0)
-    assert started is not None and started.target_host is not None
-    await store.create(SagaRecord(migration_id=started.migration_id, vm_id=started.vm_id, source_host="host-a",
-                                  target_host=started.target_host, status="rolled_back", created_at=1.0, updated_at=2.0))
+    store, hosts, m, started = await rolled_back_once()
     hosts.update(HostInventory(host=started.target_host, vms=[VmSpec(vm_id=started.vm_id, memory_mib=512)],
                                capacity_mib=4096), 1.0)
     hosts.hosts["host-a"] = hosts.hosts.pop("host-a")  # locate finds the target's listing first

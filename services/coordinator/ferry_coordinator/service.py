@@ -14,6 +14,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from ferry_common.aio import cancel_and_wait
 from ferry_common.bus.interfaces import Consumer, QueueSpec
 from ferry_common.bus.topology import (
     COORDINATOR_QUERY,
@@ -146,11 +147,7 @@ class CoordinatorService(Requests):
 
     async def stop(self) -> None:
         await self.autonomic.stop()
-        for task in (self._dispatch_task, self._lease_task, self._liveness_task, self._drain_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._dispatch_task, self._lease_task, self._liveness_task, self._drain_task)
         for c in self._consumers:
             await c.cancel()
         self._consumers.clear()

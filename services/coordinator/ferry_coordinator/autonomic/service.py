@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ferry_common.aio import cancel_and_wait, one_pass
 from ferry_common.bus.interfaces import Consumer, QueueSpec
 from ferry_common.bus.topology import (
     AUTONOMIC_QUEUE,
@@ -134,11 +135,7 @@ class AutonomicService:
         self._renewal = asyncio.create_task(self._renew(), name=f"balancer-lease:{self.c.owner}")
 
     async def stop(self) -> None:
-        for task in (self._task, self._renewal):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._task, self._renewal)
         for c in self._consumers:
             await c.cancel()
         self._consumers.clear()
@@ -161,12 +158,7 @@ class AutonomicService:
         while True:
             await self._next_round()
             self._last_at = self.clock.monotonic()
-            try:
-                await self.round()
-            except FerryError as exc:
-                log.warning("balancer round: %s", exc.reason)
-            except Exception:
-                log.exception("balancer round failed")
+            await one_pass(self.round, log, "balancer round")
 
     async def _next_round(self) -> None:
         """Wait for the next round: ``interval_s`` after the last, or a poke once a third of

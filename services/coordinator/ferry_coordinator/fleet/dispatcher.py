@@ -17,7 +17,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from ferry_common.clock import Clock
+from ferry_common.aio import one_pass
+from ferry_common.clock import Clock, sleep_or_set
 
 from ..store import SagaStore
 from .metrics import observe_queue, observe_slots
@@ -63,19 +64,8 @@ class Dispatcher:
         """Passes until cancelled."""
         while True:
             self._wake.clear()
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("dispatcher pass failed")
-            sleeper = asyncio.ensure_future(self.clock.sleep(self.interval_s))
-            waiter = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (sleeper, waiter):
-                    t.cancel()  # not awaited: that could swallow a cancel of this loop
+            await one_pass(self.pass_once, log, "dispatcher pass")
+            await sleep_or_set(self.clock, self.interval_s, self._wake)
 
     async def pass_once(self) -> int:
         """Recover orphaned claims, start what may start, announce what holds the rest;

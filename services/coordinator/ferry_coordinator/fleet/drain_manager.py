@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from ferry_common.aio import one_pass
 from ferry_common.bus.topology import drain_status
 from ferry_common.clock import Clock
 from ferry_common.errors import Conflict, FerryError, InvalidMessage
@@ -200,12 +201,7 @@ class DrainManager:
             else:
                 await self.clock.sleep(0.1)
         while True:
-            try:
-                await self.tick()
-            except FerryError as exc:
-                log.warning("drain pass: %s", exc.reason)
-            except Exception:
-                log.exception("drain pass failed")
+            await one_pass(self.tick, log, "drain pass")
             await self.clock.sleep(self.interval_s)
 
     async def tick(self) -> None:
