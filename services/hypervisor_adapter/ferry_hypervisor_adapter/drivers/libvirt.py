@@ -102,8 +102,7 @@ class LibvirtDriver(MigrationSource, AdoptedDomains):
         capacity_mib: int | None = None,
     ) -> None:
         self.host = host
-        # memory offered to guests, in inventories (placement): the host's own unless told
-        self.capacity_mib = capacity_mib if capacity_mib is not None else telemetry.host_memory_mib()[0]
+        self.capacity_mib = telemetry.offered_mib(capacity_mib)
         self.tls = tls
         self.uri = uri
         self.peer_uri = peer_uri or uri

@@ -100,8 +100,7 @@ class QemuDriver(MigrationMixin, StandbyMixin):
         capacity_mib: int | None = None,
     ) -> None:
         self.host = host
-        # memory offered to guests, in inventories (placement): the host's own unless told
-        self.capacity_mib = capacity_mib if capacity_mib is not None else telemetry.host_memory_mib()[0]
+        self.capacity_mib = telemetry.offered_mib(capacity_mib)
         self.tls_dir = Path(tls_dir).resolve() if tls_dir else None  # QEMU runs from / once daemonized
         if self.tls_dir is not None and "," in str(self.tls_dir):
             raise ValueError(f"tls_dir {self.tls_dir} contains a comma, which QEMU's -object cannot carry")

@@ -66,6 +66,12 @@ def host_memory_mib(proc: Path = Path("/proc")) -> tuple[int, float]:
     return int(total), max(0.0, total - available)
 
 
+def offered_mib(given: int | None) -> int:
+    """Memory a real driver's host offers to guests (its inventory's capacity, which placement
+    uses): ``given`` (``FERRY_CAPACITY_MIB``), else the host's own."""
+    return given if given is not None else host_memory_mib()[0]
+
+
 def process_cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float | None:
     """utime + stime of a process (a QEMU guest), or None when it is gone."""
     try:
