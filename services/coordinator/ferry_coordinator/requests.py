@@ -120,11 +120,7 @@ class Requests:
             note = f"{verdict_text(msg.vm_id, msg.target_host, located)} yet; waiting for the hosts' inventories"
         candidates: tuple[str, ...] = (msg.target_host,) if msg.target_host else ()
         if verdict is None and msg.target_host is None and source:
-            assert located is not None
-            placement = await self.fleet.place(located[1], source, limit=CANDIDATES)
-            candidates = placement.ranked
-            if not placement.fits:
-                verdict = "no_placement", f"no host fits vm {msg.vm_id}: {placement.explanation()}"[:MAX_STRING]
+            candidates, verdict = await self._place(msg.vm_id, located)
         if verdict is not None:
             code, reason = verdict
             await self._reject(mid, msg.vm_id, source, msg.target_host or "", code, reason,
@@ -150,6 +146,14 @@ class Requests:
         if located[0] == target:
             return "same_host", f"vm {vm_id!r} already runs on {target!r}"
         return None
+
+    async def _place(self, vm_id: str, located: Any) -> tuple[tuple[str, ...], tuple[str, str] | None]:
+        """Placement's ranked targets for a request without one, or why none fits."""
+        assert located is not None
+        placement = await self.fleet.place(located[1], located[0], limit=CANDIDATES)
+        if placement.fits:
+            return placement.ranked, None
+        return placement.ranked, ("no_placement", f"no host fits vm {vm_id}: {placement.explanation()}"[:MAX_STRING])
 
     # ---- requests awaiting inventory ----------------------------------------------------
     async def _inventory_pending(self, vm_id: str) -> bool:
@@ -182,11 +186,7 @@ class Requests:
             return  # still waiting
         candidates: tuple[str, ...] = (target,) if target else ()
         if verdict is None and target is None:
-            assert located is not None
-            placement = await self.fleet.place(located[1], located[0], limit=CANDIDATES)
-            candidates = placement.ranked
-            if not placement.fits:
-                verdict = "no_placement", f"no host fits vm {e.vm_id}: {placement.explanation()}"[:MAX_STRING]
+            candidates, verdict = await self._place(e.vm_id, located)
         if verdict is not None:
             ended = await self.store.queue.cancel(e.migration_id, now=now)
             if ended is not None and ended.state is EntryState.CANCELLED:
